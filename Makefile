@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+SQLALCHEMY ?= 2.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-sa20 demo lint format bench clean
+
+setup: $(VENV)/.installed-$(SQLALCHEMY)
+
+$(VENV)/.installed-$(SQLALCHEMY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dashboard]' 'sqlalchemy~=$(SQLALCHEMY).0'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+## test: run the whole suite (SQLite, PostgreSQL, dashboard, browser) in its own venv
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-sa20: the same suite on SQLAlchemy 2.0.x, in a second venv
+test-sa20:
+	$(MAKE) test VENV=.venv-sa20 SQLALCHEMY=2.0
+
+## demo: run the sample app for ~30 s on SQLite, then open the dashboard
+demo: setup
+	$(PY) -m instrument demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) bench/overhead.py
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf .venv .venv-sa20 *.egg-info .pytest_cache

@@ -1,0 +1,608 @@
+"""The pool listeners and the :class:`Monitor` that ``attach()`` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, QueuePool
+
+from ._store import resolve_store_path
+from ._writer import MAX_QUEUE, Writer, get_writer
+
+logger = logging.getLogger("instrument")
+
+DEFAULT_LEAK_AFTER_SECONDS = 30.0
+
+_SECRET_QUERY_KEYS = ("password", "passwd", "secret", "token", "key", "sslpassword")
+
+# Per-process counters; a (process, pool, checkout id) triple identifies a checkout.
+_checkout_ids = itertools.count(1)
+_connection_ids = itertools.count(1)
+_pool_keys = itertools.count(1)
+_tokens = itertools.count(1)
+
+# Entry layout of Monitor._open values (a tuple, cheaper to build than an object).
+_CO_ID, _CO_AT, _CO_THREAD, _CO_STACK, _CO_FAIRY, _CO_TASK = range(6)
+
+
+class OpenCheckout(NamedTuple):
+    """A connection checked out right now, as :meth:`Monitor.open_checkouts` reports it."""
+
+    checkout_id: int
+    site: str
+    thread: str
+    task: str | None
+    held_s: float
+    checked_out_at: float
+    stack: list[str]
+
+
+def mask_url(url: Any) -> str:
+    """Render a SQLAlchemy URL with its password (and secret-looking query values) as ``***``."""
+    text = url.render_as_string(hide_password=True)
+    query = getattr(url, "query", None) or {}
+    for key in query:
+        if any(word in key.lower() for word in _SECRET_QUERY_KEYS):
+            values = query[key] if isinstance(query[key], tuple) else (query[key],)
+            for value in values:
+                text = text.replace(f"{key}={value}", f"{key}=***")
+    return text
+
+
+def _task_name() -> str | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return task.get_name() if task is not None else None
+
+
+def _no_task() -> None:
+    return None
+
+
+class Monitor:
+    """Records every event of one pool into a store. Made by :func:`instrument.attach`.
+
+    :param target: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
+    :param store: the SQLite store path. May be ``None`` for ``$POOLSCOPE_STORE``,
+        else ``./poolscope.db``.
+    :param leak_after: seconds a checkout may be held before the watchdog reports
+        it as a suspected leak.
+    :param name: the pool's name in reports. May be ``None`` for the database name.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        store: str | os.PathLike[str] | None = None,
+        leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
+        name: str | None = None,
+    ) -> None:
+        engine, pool = _engine_and_pool(target)
+        if isinstance(leak_after, bool) or not isinstance(leak_after, (int, float)):
+            raise ValueError(f"leak_after must be a number of seconds, not {leak_after!r}.")
+        if not leak_after > 0:
+            raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
+        self.leak_after = float(leak_after)
+        self.store: Path = resolve_store_path(store)
+        self._engine_ref = weakref.ref(engine) if engine is not None else None
+        self._event_target: Any = engine if engine is not None else pool
+        self._pool_box: list[Pool] = [pool]
+        self._wrapped_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        dialect = engine.dialect if engine is not None else getattr(pool, "_dialect", None)
+        self._is_async = bool(getattr(dialect, "is_async", False))
+        self.name = name or _default_name(engine, pool)
+        self.pool_key = next(_pool_keys)
+        self._created_at = time.time()
+        self._url = mask_url(engine.url) if engine is not None else f"<{type(pool).__name__}>"
+        self._dialect_name = engine.dialect.name if engine is not None else None
+
+        self._open: dict[Any, tuple[Any, ...]] = {}
+        self._waits: dict[Any, float] = {}
+        self._connect_times: dict[Any, float] = {}
+        self._connection_ids: dict[Any, int] = {}
+        self._detached_ids: dict[int, int] = {}
+        self._waiting: dict[int, None] = {}
+        self._suspected: dict[int, float] = {}
+        self._notices: deque[tuple[str, tuple[Any, ...], float]] = deque()
+        self._attached = False
+
+        self._writer: Writer = get_writer(self.store)
+        self._listeners = self._make_listeners()
+        self._install()
+
+    # -- public ---------------------------------------------------------------------
+
+    def open_checkouts(self) -> list[OpenCheckout]:
+        """Return the connections checked out right now, longest held first.
+
+        Each gives the site, thread, asyncio task, seconds held and stack.
+        """
+        now = time.time()
+        result = []
+        for entry in list(self._open.values()):
+            resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+            result.append(
+                OpenCheckout(
+                    checkout_id=entry[_CO_ID],
+                    site=resolved.site,
+                    thread=entry[_CO_THREAD],
+                    task=entry[_CO_TASK],
+                    held_s=now - entry[_CO_AT],
+                    checked_out_at=entry[_CO_AT],
+                    stack=list(resolved.frames),
+                )
+            )
+        result.sort(key=lambda c: c.held_s, reverse=True)
+        return result
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Block until everything recorded so far is on disk (or counted as dropped).
+
+        :param timeout: seconds to wait at most. May be ``None`` to wait without limit.
+        :returns: ``False`` if the timeout passed first.
+        """
+        return self._writer.flush(timeout)
+
+    def detach(self) -> None:
+        """Remove every listener and hook from the engine or pool; idempotent.
+
+        What was recorded stays queued and is still written.
+        """
+        if not self._attached:
+            return
+        self._attached = False
+        for name, fn in self._listeners.items():
+            target = self._engine_ref() if name == "engine_disposed" and self._engine_ref else None
+            target = target if target is not None else self._event_target
+            try:
+                if event.contains(target, name, fn):
+                    event.remove(target, name, fn)
+            except Exception:  # an engine already gone has no listeners left to remove
+                logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
+        for pool in list(self._wrapped_pools):
+            _unwrap_pool(pool)
+        self._wrapped_pools = weakref.WeakSet()
+        with _registry_lock:
+            if _monitors.get(self._event_target) is self:
+                del _monitors[self._event_target]
+
+    @property
+    def attached(self) -> bool:
+        """Whether the listeners are installed."""
+        return self._attached
+
+    @property
+    def dropped(self) -> int:
+        """Records this process's writer for this store has dropped so far."""
+        return self._writer.dropped_total + len(self._writer.drops)
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"<Monitor {self.name!r} {state} store={str(self.store)!r}>"
+
+    # -- used by the writer -----------------------------------------------------------
+
+    def pool_info(self) -> dict[str, Any]:
+        pool = self._pool_box[0]
+        is_queue = isinstance(pool, QueuePool)
+        return {
+            "name": self.name,
+            "url": self._url,
+            "dialect": self._dialect_name,
+            "pool_class": type(pool).__name__,
+            "pool_size": pool.size() if is_queue else None,
+            "max_overflow": getattr(pool, "_max_overflow", None) if is_queue else None,
+            "timeout_s": pool.timeout() if is_queue else None,
+            "recycle_s": getattr(pool, "_recycle", None),
+            "leak_after_s": self.leak_after,
+            "created_at": self._created_at,
+        }
+
+    def watch(self, now: float) -> None:
+        """Writer-thread duty: flag checkouts held past ``leak_after``; log notices."""
+        notices = self._notices
+        while notices:
+            kind, entry, held = notices.popleft()
+            resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+            if kind == "leak_cleared":
+                logger.info(
+                    "connection checked out at %s (thread %s) returned after %.1f s, "
+                    "past leak_after=%.1f s",
+                    resolved.site, entry[_CO_THREAD], held, self.leak_after,
+                )
+            else:
+                logger.warning(
+                    "connection checked out at %s (thread %s) was never closed: the garbage "
+                    "collector returned it after %.1f s. Close it, or use a with block.\n"
+                    "  checked out at:\n    %s",
+                    resolved.site, entry[_CO_THREAD], held, "\n    ".join(resolved.frames),
+                )
+        limit = self.leak_after
+        suspected = self._suspected
+        for entry in list(self._open.values()):
+            held = now - entry[_CO_AT]
+            if held > limit and entry[_CO_ID] not in suspected:
+                suspected[entry[_CO_ID]] = now
+                self._emit_about(entry, "leak_suspected", now, held)
+                resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+                logger.warning(
+                    "connection checked out at %s (thread %s) held for %.1f s, past "
+                    "leak_after=%.1f s; suspected leak\n  checked out at:\n    %s",
+                    resolved.site, entry[_CO_THREAD], held, limit,
+                    "\n    ".join(resolved.frames),
+                )
+
+    def _emit_about(self, entry: tuple[Any, ...], kind: str, at: float, held: float) -> None:
+        self._writer.emit(
+            (at, self.pool_key, kind, None, entry[_CO_ID], entry[_CO_THREAD], entry[_CO_TASK],
+             len(self._open), None, None, len(self._waiting), entry[_CO_STACK], None, None,
+             held, None)
+        )
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: the parent's checkouts and waiters are not ours."""
+        for table in (self._open, self._waits, self._connect_times, self._waiting,
+                      self._suspected):
+            table.clear()
+        self._notices.clear()
+
+    # -- installation -------------------------------------------------------------------
+
+    def _install(self) -> None:
+        for name, fn in self._listeners.items():
+            if name == "engine_disposed":
+                engine = self._engine_ref() if self._engine_ref else None
+                if engine is not None:
+                    event.listen(engine, name, fn)
+            else:
+                event.listen(self._event_target, name, fn)
+        self._wrap(self._pool_box[0])
+        self._attached = True
+        self._writer.monitors.add(self)
+
+    def _wrap(self, pool: Pool) -> None:
+        """Hook the pool's ``_do_get`` (waits, timeouts) and creator (connect time).
+
+        SQLAlchemy fires no event while a caller waits for the pool or times out,
+        so these two instance attributes are wrapped; ``_unwrap_pool`` restores them.
+        """
+        self._pool_box[0] = pool
+        if "_do_get" in vars(pool):  # already ours (or someone else's): leave it
+            return
+        pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
+        original_creator = pool._invoke_creator
+        pool._poolscope_creator = original_creator  # type: ignore[attr-defined]
+        pool._invoke_creator = self._make_creator(original_creator)
+        self._wrapped_pools.add(pool)
+
+    def _make_do_get(self, do_get: Callable[[], Any]) -> Callable[[], Any]:
+        perf = time.perf_counter
+        waiting = self._waiting
+        waits = self._waits
+        connect_times = self._connect_times
+        next_token = _tokens.__next__
+        on_timeout = self._on_timeout
+
+        def _do_get() -> Any:
+            token = next_token()
+            waiting[token] = None
+            t0 = perf()
+            try:
+                record = do_get()
+            except exc.TimeoutError:
+                waiting.pop(token, None)
+                on_timeout(perf() - t0)
+                raise
+            except BaseException:
+                waiting.pop(token, None)
+                raise
+            waited = perf() - t0
+            waiting.pop(token, None)
+            connecting = connect_times.get(record)
+            waits[record] = waited - connecting if connecting else waited
+            return record
+
+        _do_get.__wrapped__ = do_get  # type: ignore[attr-defined]
+        return _do_get
+
+    def _make_creator(self, creator: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        perf = time.perf_counter
+        connect_times = self._connect_times
+
+        def _invoke_creator(record: Any) -> Any:
+            t0 = perf()
+            connection = creator(record)
+            connect_times[record] = perf() - t0
+            return connection
+
+        return _invoke_creator
+
+    def _on_timeout(self, waited: float) -> None:
+        """Record a ``timeout``: the pool raised ``TimeoutError`` to a caller after ``waited`` s."""
+        capture = self._writer.stacks.capture_async if self._is_async else self._writer.stacks.capture
+        in_use = len(self._open)
+        size = self._size
+        self._writer.emit(
+            (time.time(), self.pool_key, "timeout", None, None, threading.current_thread().name,
+             _task_name() if self._is_async else None, in_use, self._idle(),
+             in_use - size if size is not None and in_use > size else 0, len(self._waiting),
+             capture(), waited, None, None, len(self._waiting) + 1)
+        )
+
+    def _on_engine_disposed(self, engine: Engine) -> None:
+        """``ConnectionEvents.engine_disposed``: re-hook the pool that replaced the old one."""
+        if self._attached:
+            self._wrap(engine.pool)
+
+    @property
+    def _size(self) -> int | None:
+        pool = self._pool_box[0]
+        return pool.size() if isinstance(pool, QueuePool) else None
+
+    def _idle(self) -> int:
+        pool = self._pool_box[0]
+        queue = getattr(pool, "_pool", None)
+        if queue is None:
+            return 0
+        inner = getattr(queue, "queue", None)
+        return len(inner) if inner is not None else queue.qsize()
+
+    def _make_listeners(self) -> dict[str, Callable[..., None]]:
+        """Build the listener closures; everything they touch is bound to a local."""
+        writer = self._writer
+        queue = writer.queue
+        drops = writer.drops
+        append = queue.append
+        drop = drops.append
+        max_queue = MAX_QUEUE
+        key = self.pool_key
+        open_ = self._open
+        waits = self._waits
+        connect_times = self._connect_times
+        connection_ids = self._connection_ids
+        detached_ids = self._detached_ids
+        waiting = self._waiting
+        suspected = self._suspected
+        notices = self._notices
+        now = time.time
+        current_thread = threading.current_thread
+        ref = weakref.ref
+        next_checkout = _checkout_ids.__next__
+        next_connection = _connection_ids.__next__
+        capture = writer.stacks.capture_async if self._is_async else writer.stacks.capture
+        task_name = _task_name if self._is_async else _no_task
+        pool_box = self._pool_box
+        first_pool = pool_box[0]
+        size = first_pool.size() if isinstance(first_pool, QueuePool) else None
+        if size is None:
+
+            def idle() -> int:
+                return 0
+
+        elif hasattr(getattr(first_pool, "_pool", None), "queue"):
+
+            def idle() -> int:
+                return len(pool_box[0]._pool.queue)  # type: ignore[attr-defined]
+
+        else:
+
+            def idle() -> int:
+                return pool_box[0]._pool.qsize()  # type: ignore[attr-defined]
+
+        big = size if size is not None else 1 << 62
+
+        def _on_connect(dbapi_connection: Any, record: Any) -> None:
+            """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
+            cid = connection_ids[record] = next_connection()
+            if len(queue) < max_queue:
+                in_use = len(open_)
+                append(
+                    (now(), key, "connect", cid, None, current_thread().name, task_name(),
+                     in_use, idle(), in_use - big if in_use > big else 0, len(waiting), None,
+                     None, connect_times.get(record), None, None)
+                )
+            else:
+                drop(1)
+
+        def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            """``PoolEvents.checkout``: ``record`` was handed to the application."""
+            t = now()
+            sid = capture()
+            checkout_id = next_checkout()
+            thread = current_thread().name
+            task = task_name()
+            open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
+            if len(queue) < max_queue:
+                in_use = len(open_)
+                append(
+                    (t, key, "checkout", connection_ids.get(record), checkout_id, thread, task,
+                     in_use, idle(), in_use - big if in_use > big else 0, len(waiting), sid,
+                     waits.pop(record, None), connect_times.pop(record, None), None, None)
+                )
+            else:
+                waits.pop(record, None)
+                connect_times.pop(record, None)
+                drop(1)
+
+        def _returned(record: Any, returning: bool) -> None:
+            t = now()
+            entry = open_.pop(record, None)
+            if entry is None:  # checked out before attach, or after a fork in the parent
+                return
+            kind = "checkin" if entry[4]() is not None else "gc_checkin"
+            held = t - entry[1]
+            if suspected and suspected.pop(entry[0], None) is not None:
+                notices.append(("leak_cleared", entry, held))
+                append(
+                    (t, key, "leak_cleared", connection_ids.get(record), entry[0], entry[2],
+                     entry[5], len(open_), None, None, len(waiting), entry[3], None, None, held,
+                     None)
+                )
+            if kind == "gc_checkin":
+                notices.append((kind, entry, held))
+            elif not returning:
+                kind = "detach"
+            if len(queue) < max_queue:
+                in_use = len(open_)
+                idle_after = idle() + 1 if returning else idle()
+                append(
+                    (t, key, kind, connection_ids.get(record), entry[0], current_thread().name,
+                     task_name(), in_use, idle_after if idle_after < big else big,
+                     in_use - big if in_use > big else 0, len(waiting), entry[3], None, None,
+                     held, None)
+                )
+            else:
+                drop(1)
+
+        def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+            """``PoolEvents.checkin``: ``record`` went back to the pool (by code or by the GC)."""
+            _returned(record, True)
+
+        def _on_detach(dbapi_connection: Any, record: Any) -> None:
+            """``PoolEvents.detach``: a connection left the pool for good; on async dialects
+            this is how the garbage collector returns a leaked checkout."""
+            cid = connection_ids.pop(record, None)
+            if cid is not None:
+                detached_ids[id(dbapi_connection)] = cid
+            if record in open_:
+                connection_ids[record] = cid  # for the record emitted below
+                _returned(record, False)
+                connection_ids.pop(record, None)
+
+        def _simple(kind: str) -> Callable[..., None]:
+            def _on_event(dbapi_connection: Any, record: Any, *args: Any) -> None:
+                entry = open_.get(record)
+                if len(queue) < max_queue:
+                    in_use = len(open_)
+                    append(
+                        (now(), key, kind, connection_ids.get(record),
+                         entry[0] if entry else None, current_thread().name, task_name(),
+                         in_use, idle(), in_use - big if in_use > big else 0, len(waiting),
+                         entry[3] if entry else None, None, None, None, None)
+                    )
+                else:
+                    drop(1)
+                if kind == "close":
+                    connection_ids.pop(record, None)
+
+            _on_event.__name__ = f"_on_{kind}"
+            _on_event.__doc__ = f"``PoolEvents.{kind}``: recorded with its checkout, if any."
+            return _on_event
+
+        def _on_close_detached(dbapi_connection: Any) -> None:
+            """``PoolEvents.close_detached``: a detached DBAPI connection was closed."""
+            if len(queue) < max_queue:
+                in_use = len(open_)
+                append(
+                    (now(), key, "close_detached", detached_ids.pop(id(dbapi_connection), None),
+                     None, current_thread().name, task_name(), in_use, idle(),
+                     in_use - big if in_use > big else 0, len(waiting), None, None, None, None,
+                     None)
+                )
+            else:
+                drop(1)
+
+        listeners: dict[str, Callable[..., None]] = {
+            "connect": _on_connect,
+            "checkout": _on_checkout,
+            "checkin": _on_checkin,
+            "invalidate": _simple("invalidate"),
+            "soft_invalidate": _simple("soft_invalidate"),
+            "close": _simple("close"),
+            "detach": _on_detach,
+            "close_detached": _on_close_detached,
+        }
+        if self._engine_ref is not None:
+            listeners["engine_disposed"] = self._on_engine_disposed
+        return listeners
+
+
+def _unwrap_pool(pool: Pool) -> None:
+    vars(pool).pop("_do_get", None)
+    creator = vars(pool).pop("_poolscope_creator", None)
+    if creator is not None:
+        pool._invoke_creator = creator
+
+
+def _engine_and_pool(target: Any) -> tuple[Engine | None, Pool]:
+    sync_engine = getattr(target, "sync_engine", None)  # AsyncEngine
+    if isinstance(sync_engine, Engine):
+        target = sync_engine
+    if isinstance(target, Engine):
+        return target, target.pool
+    if isinstance(target, Pool):
+        return None, target
+    raise TypeError(
+        f"attach() takes an Engine, an AsyncEngine or a Pool, not {type(target).__name__}."
+    )
+
+
+def _default_name(engine: Engine | None, pool: Pool) -> str:
+    if engine is None:
+        return type(pool).__name__
+    database = engine.url.database
+    if database and engine.dialect.name == "sqlite":
+        database = os.path.basename(database)
+    return database or engine.dialect.name
+
+
+_monitors: weakref.WeakKeyDictionary[Any, Monitor] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def attach(
+    engine: Any,
+    store: str | os.PathLike[str] | None = None,
+    leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
+    name: str | None = None,
+) -> Monitor:
+    """Start recording every pool event of ``engine`` into ``store``; return its monitor.
+
+    Attaching the same engine (or pool) again returns the monitor it already has.
+    Recording never raises into the application: a store that cannot be written
+    is reported once through ``logging`` and its events are dropped and counted.
+
+    :param engine: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
+    :param store: the SQLite store to write. May be ``None`` for ``$POOLSCOPE_STORE``,
+        else ``./poolscope.db``.
+    :param leak_after: seconds a checkout may be held before it is reported as a
+        suspected leak (one ``leak_suspected`` event and one WARNING on logger ``instrument``).
+    :param name: the pool's name in reports. May be ``None`` for the database name.
+    """
+    sync_engine = getattr(engine, "sync_engine", None)
+    key = sync_engine if isinstance(sync_engine, Engine) else engine
+    with _registry_lock:
+        try:
+            existing = _monitors.get(key)
+        except TypeError:
+            existing = None
+        if existing is not None and existing.attached:
+            return existing
+    monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)
+    with _registry_lock:
+        _monitors[monitor._event_target] = monitor
+    return monitor
+
+
+def _reinit_registry_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_registry_after_fork)

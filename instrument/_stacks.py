@@ -1,0 +1,231 @@
+"""Cheap stack capture on the hot path, and resolution to text once per distinct stack."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import sys
+import sysconfig
+from collections import deque
+from collections.abc import Callable
+from types import CodeType, FrameType
+
+MAX_FRAMES = 48
+"""Frames kept per stack, counted from the innermost; deeper callers are cut."""
+
+Frame = tuple[CodeType, int]
+"""A captured frame: its code object and the byte offset of the instruction running."""
+
+
+class ResolvedStack:
+    """A stack turned into text: its application site, its frames and a fingerprint."""
+
+    __slots__ = ("fingerprint", "frames", "site")
+
+    def __init__(self, site: str, frames: list[str], fingerprint: str) -> None:
+        self.site = site
+        self.frames = frames
+        self.fingerprint = fingerprint
+
+
+class StackTable:
+    """Interns captured stacks to small integer ids.
+
+    ``capture()`` runs in the application's thread: it walks frames, keys them by
+    code identity and instruction offset, and looks the key up in a dict. Only a
+    stack seen for the first time costs more: its code objects are kept (so their
+    ids stay unique) and queued for the writer, which resolves them to text.
+
+    ``capture_async()`` also walks the parent greenlet's frames: async SQLAlchemy
+    runs sync code inside a greenlet, and the caller's coroutine frames live in
+    the parent.
+
+    :param getframe: ``sys._getframe`` or a stand-in, so tests can inject frames.
+    """
+
+    def __init__(self, getframe: Callable[[int], FrameType] = sys._getframe) -> None:
+        self._getframe = getframe
+        self._ids: dict[tuple[int, ...], int] = {}
+        self._next_id = itertools.count(1)
+        self.frames: dict[int, list[Frame]] = {}
+        self.pending: deque[int] = deque()
+        self._resolved: dict[int, ResolvedStack] = {}
+
+    def capture(self) -> int:
+        """Return the id of the calling thread's current stack (hot path)."""
+        f: FrameType | None = self._getframe(1)
+        key: list[int] = []
+        append = key.append
+        n = 0
+        while f is not None and n < MAX_FRAMES:
+            append(id(f.f_code))
+            append(f.f_lasti)
+            f = f.f_back
+            n += 1
+        k = tuple(key)
+        sid = self._ids.get(k)
+        if sid is None:
+            sid = self._intern(k, self._getframe(1), None)
+        return sid
+
+    def capture_async(self) -> int:
+        """Like :meth:`capture`, continuing into the parent greenlet (hot path)."""
+        f: FrameType | None = self._getframe(1)
+        key: list[int] = []
+        append = key.append
+        n = 0
+        parent_frame = None
+        while n < MAX_FRAMES:
+            if f is None:
+                if parent_frame is not None:
+                    break
+                parent_frame = _parent_greenlet_frame()
+                if parent_frame is None:
+                    break
+                f = parent_frame
+            append(id(f.f_code))
+            append(f.f_lasti)
+            f = f.f_back
+            n += 1
+        k = tuple(key)
+        sid = self._ids.get(k)
+        if sid is None:
+            sid = self._intern(k, self._getframe(1), _parent_greenlet_frame())
+        return sid
+
+    def _intern(
+        self, key: tuple[int, ...], frame: FrameType | None, parent: FrameType | None
+    ) -> int:
+        frames: list[Frame] = []
+        while len(frames) < MAX_FRAMES:
+            if frame is None:
+                frame, parent = parent, None
+                if frame is None:
+                    break
+            frames.append((frame.f_code, frame.f_lasti))
+            frame = frame.f_back
+        sid = next(self._next_id)
+        self.frames[sid] = frames
+        self._ids[key] = sid
+        self.pending.append(sid)
+        return sid
+
+    def resolve(self, sid: int) -> ResolvedStack:
+        """Return the text form of stack ``sid``; computed once, then cached."""
+        resolved = self._resolved.get(sid)
+        if resolved is None:
+            resolved = self._resolved[sid] = resolve_frames(self.frames.get(sid, []))
+        return resolved
+
+
+def _parent_greenlet_frame() -> FrameType | None:
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return None
+    parent = greenlet.getcurrent().parent
+    return parent.gr_frame if parent is not None else None
+
+
+# ---- resolution (writer thread, or on demand) -------------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths.get("stdlib"), paths.get("platstdlib")}
+    return tuple(os.path.abspath(d) + os.sep for d in dirs if d)
+
+
+_STDLIB_DIRS = _stdlib_dirs()
+
+
+def _sqlalchemy_dir() -> str | None:
+    try:
+        import sqlalchemy
+    except ImportError:  # pragma: no cover - poolscope needs SQLAlchemy anyway
+        return None
+    return os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
+
+
+_SQLALCHEMY_DIR = _sqlalchemy_dir()
+
+
+def is_application_file(filename: str) -> bool:
+    """Tell whether a frame in ``filename`` counts as application code for the site.
+
+    Not application code: SQLAlchemy, poolscope itself, the standard library and
+    generated code (``<string>``, ``<frozen ...>``). Third-party packages count:
+    the site is where *some* code outside the pool machinery asked for a connection.
+    """
+    if not filename or filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    if path.startswith(_PACKAGE_DIR):
+        return False
+    if _SQLALCHEMY_DIR and path.startswith(_SQLALCHEMY_DIR):
+        return False
+    if "site-packages" in path or "dist-packages" in path:
+        return True
+    return not path.startswith(_STDLIB_DIRS)
+
+
+def display_path(filename: str) -> str:
+    """Write ``filename`` the way a user recognises it: relative to the working
+    directory when under it, else relative to the ``sys.path`` entry holding it."""
+    if filename.startswith("<"):
+        return filename
+    path = os.path.abspath(filename)
+    cwd = os.getcwd() + os.sep
+    if path.startswith(cwd):
+        return path[len(cwd) :]
+    best = ""
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".") + os.sep
+        if path.startswith(entry) and len(entry) > len(best):
+            best = entry
+    return path[len(best) :] if best else path
+
+
+def line_of(code: CodeType, offset: int) -> int:
+    """Return the source line of the instruction at byte ``offset`` in ``code``."""
+    line = code.co_firstlineno
+    for start, end, lineno in code.co_lines():
+        if start <= offset < end:
+            return lineno if lineno is not None else line
+        if lineno is not None:
+            line = lineno
+    return line
+
+
+def format_frame(code: CodeType, offset: int) -> str:
+    """Write one frame as ``path.py:42 in function``."""
+    return f"{display_path(code.co_filename)}:{line_of(code, offset)} in {code.co_name}"
+
+
+def resolve_frames(frames: list[Frame]) -> ResolvedStack:
+    """Turn captured frames (innermost first) into a :class:`ResolvedStack`.
+
+    The frames kept start at the site (the innermost application frame); the
+    SQLAlchemy and poolscope frames above it are dropped. A stack with no
+    application frame keeps its innermost non-poolscope frame as site.
+    """
+    start = None
+    for i, (code, _) in enumerate(frames):
+        if is_application_file(code.co_filename):
+            start = i
+            break
+    if start is None:
+        start = next(
+            (
+                i
+                for i, (code, _) in enumerate(frames)
+                if not os.path.abspath(code.co_filename).startswith(_PACKAGE_DIR)
+            ),
+            0,
+        )
+    text = [format_frame(code, offset) for code, offset in frames[start:]]
+    site = text[0] if text else "<unknown>"
+    fingerprint = hashlib.sha1("\n".join(text).encode()).hexdigest()[:16]
+    return ResolvedStack(site, text, fingerprint)

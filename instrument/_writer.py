@@ -1,0 +1,396 @@
+"""The background writer: one daemon thread per process and store, batching records into SQLite."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import logging
+import os
+import platform
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _store
+from ._stacks import StackTable
+
+if TYPE_CHECKING:
+    from ._hooks import Monitor
+
+logger = logging.getLogger("instrument")
+
+Record = tuple[Any, ...]
+"""One event as the hot path builds it: ``(at, pool_key, kind, connection_id,
+checkout_id, thread, task, in_use, idle, overflow, waiters, stack_local_id,
+wait_s, connect_s, hold_s, count)``."""
+
+MAX_QUEUE = 200_000
+"""Records held in memory before new ones are dropped (and counted)."""
+
+SCHEDULE_DELAY_SECONDS = 0.05
+HEARTBEAT_SECONDS = 2.0
+RETRY_OPEN_SECONDS = 5.0
+
+_INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _store.EVENT_COLUMNS)})"
+)
+
+
+class _FlushMarker:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class Writer:
+    """Owns the queue, the stack table and the SQLite connection for one store in one process.
+
+    Listeners call ``emit`` (bound as ``queue.append`` behind a length check); the
+    writer thread wakes every ``SCHEDULE_DELAY_SECONDS``, drains the queue, and writes
+    everything in one transaction. It never raises: a store it cannot open or
+    write is reported once through ``logging`` and its records are counted as dropped.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.queue: deque[Any] = deque()
+        self.drops: list[int] = []
+        self.stacks = StackTable()
+        self.monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+        self.process_id: int | None = None
+        self.parent_process_id: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._pool_ids: dict[int, int] = {}
+        self._stack_ids: dict[int, int] = {}
+        self._failed_at: float | None = None
+        self._reported_failure = False
+        self._pending_drops = 0
+        self._last_heartbeat = 0.0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.dropped_total = 0
+
+    # -- producer side ----------------------------------------------------------------
+
+    def emit(self, record: Record) -> None:
+        """Queue one record; drop and count it when the queue is full (never blocks)."""
+        if len(self.queue) < MAX_QUEUE:
+            self.queue.append(record)
+        else:
+            self.drops.append(1)
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name=f"poolscope-writer:{self.path.name}", daemon=True
+            )
+            self._thread.start()
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Block until every record queued before this call is written (or dropped)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._drain()
+            return True
+        marker = _FlushMarker()
+        self.queue.append(marker)
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    def shutdown(self, timeout: float = 10.0, reason: str | None = None) -> None:
+        """Stop the thread after draining everything; idempotent and bounded by ``timeout``."""
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._drain()
+            if reason is not None:
+                self._record_end(reason)
+            self._close()
+
+    # -- writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(SCHEDULE_DELAY_SECONDS)
+            self._wake.clear()
+            try:
+                self._drain()
+                self._watch()
+            except Exception:  # never let the thread die; the app must not notice
+                logger.exception("poolscope writer failed; continuing")
+
+    def _drain(self) -> None:
+        queue = self.queue
+        n = len(queue)
+        if not n and not self.drops and not self._due_heartbeat():
+            return
+        batch = [queue.popleft() for _ in range(n)]
+        markers = [r for r in batch if isinstance(r, _FlushMarker)]
+        if markers:
+            batch = [r for r in batch if not isinstance(r, _FlushMarker)]
+        ndrops = len(self.drops)
+        if ndrops:
+            del self.drops[:ndrops]
+        try:
+            self._write(batch, ndrops)
+        finally:
+            for marker in markers:
+                marker.done.set()
+
+    def _write(self, batch: list[Record], ndrops: int) -> None:
+        conn = self._connection()
+        if conn is None:
+            self._pending_drops += len(batch) + ndrops
+            self.dropped_total += len(batch) + ndrops
+            return
+        self.dropped_total += ndrops
+        dropped = self._pending_drops + ndrops
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_stacks(conn)
+            self._write_pools(conn)
+            pid = self.process_id
+            pools = self._pool_ids
+            stacks = self._stack_ids
+            rows = [
+                (r[0], pid, pools.get(r[1], 0), r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                 r[9], r[10], stacks.get(r[11]), r[12], r[13], r[14], r[15])
+                for r in batch
+            ]
+            conn.executemany(_INSERT_EVENT, rows)
+            now = time.time()
+            if dropped:
+                for key in self._pool_ids or {0: 0}:
+                    conn.execute(
+                        "INSERT INTO events (at, process_id, pool_id, kind, count) "
+                        "VALUES (?, ?, ?, 'dropped', ?)",
+                        (now, pid, self._pool_ids.get(key, 0), dropped),
+                    )
+                    break
+            conn.execute("UPDATE processes SET heartbeat_at = ? WHERE id = ?", (now, pid))
+            conn.execute("COMMIT")
+            self._last_heartbeat = now
+            self._pending_drops = 0
+            self.written += len(rows)
+        except (sqlite3.Error, OSError) as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._pending_drops += len(batch)
+            self.dropped_total += len(batch)
+            self._report_failure(exc)
+
+    def _due_heartbeat(self) -> bool:
+        return self._conn is not None and time.time() - self._last_heartbeat > HEARTBEAT_SECONDS
+
+    def _write_stacks(self, conn: sqlite3.Connection) -> None:
+        table = self.stacks
+        pending = table.pending
+        while pending:
+            local = pending.popleft()
+            resolved = table.resolve(local)
+            conn.execute(
+                "INSERT OR IGNORE INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)",
+                (resolved.fingerprint, resolved.site, json.dumps(resolved.frames)),
+            )
+            row = conn.execute(
+                "SELECT id FROM stacks WHERE fingerprint = ?", (resolved.fingerprint,)
+            ).fetchone()
+            self._stack_ids[local] = row[0]
+
+    def _write_pools(self, conn: sqlite3.Connection) -> None:
+        for monitor in list(self.monitors):
+            if monitor.pool_key in self._pool_ids:
+                continue
+            info = monitor.pool_info()
+            cur = conn.execute(
+                "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
+                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.process_id,
+                    info["name"],
+                    info["url"],
+                    info["dialect"],
+                    info["pool_class"],
+                    info["pool_size"],
+                    info["max_overflow"],
+                    info["timeout_s"],
+                    info["recycle_s"],
+                    info["leak_after_s"],
+                    info["created_at"],
+                ),
+            )
+            self._pool_ids[monitor.pool_key] = cur.lastrowid  # type: ignore[assignment]
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._conn is not None:
+            return self._conn
+        now = time.time()
+        if self._failed_at is not None and now - self._failed_at < RETRY_OPEN_SECONDS:
+            return None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _store.connect_for_writing(self.path)
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "INSERT INTO processes (pid, parent_id, host, argv, python, sqlalchemy, "
+                "poolscope, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    os.getpid(),
+                    self.parent_process_id,
+                    socket.gethostname(),
+                    json.dumps(sys.argv),
+                    platform.python_version(),
+                    _sqlalchemy_version(),
+                    _poolscope_version(),
+                    _process_start,
+                    now,
+                ),
+            )
+            conn.execute("COMMIT")
+        except Exception as exc:  # OSError, sqlite3.Error, StoreVersionError
+            self._failed_at = now
+            self._report_failure(exc)
+            return None
+        self.process_id = cur.lastrowid
+        self._conn = conn
+        self._failed_at = None
+        self._last_heartbeat = now
+        return conn
+
+    def _report_failure(self, exc: BaseException) -> None:
+        if not self._reported_failure:
+            self._reported_failure = True
+            logger.error(
+                "poolscope cannot write to its store %s (%s); events are dropped and "
+                "counted until it can. The application is not affected.",
+                self.path,
+                exc,
+            )
+
+    def _watch(self) -> None:
+        for monitor in list(self.monitors):
+            monitor.watch(time.time())
+
+    def _record_end(self, reason: str) -> None:
+        conn = self._conn
+        if conn is None or self.process_id is None:
+            return
+        try:
+            now = time.time()
+            conn.execute(
+                "UPDATE processes SET ended_at = ?, end_reason = ?, heartbeat_at = ? "
+                "WHERE id = ?",
+                (now, reason, now, self.process_id),
+            )
+        except sqlite3.Error as exc:
+            self._report_failure(exc)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    def reinit_after_fork(self) -> None:
+        """Forget the parent's thread, queue, connection and process row; start afresh."""
+        self.parent_process_id = self.process_id
+        self.process_id = None
+        # Cleared in place: the listeners hold these very objects.
+        self.queue.clear()
+        self.drops.clear()
+        self._conn = None  # the parent's handle is not ours to use or close
+        self._pool_ids = {}
+        self._stack_ids = {}
+        self.stacks.pending = deque(self.stacks.frames)
+        self._wake = threading.Event()
+        self._thread = None
+        self._stopping = False
+        self._failed_at = None
+        self._pending_drops = 0
+        self.written = 0
+        self.dropped_total = 0
+
+
+_process_start = time.time()
+_writers: dict[str, Writer] = {}
+_registry_lock = threading.Lock()
+
+
+def get_writer(path: Path) -> Writer:
+    """Return this process's writer for ``path``, creating and starting it once."""
+    key = os.path.abspath(path)
+    with _registry_lock:
+        writer = _writers.get(key)
+        if writer is None:
+            writer = _writers[key] = Writer(Path(key))
+        writer.start()
+        return writer
+
+
+def _sqlalchemy_version() -> str:
+    import sqlalchemy
+
+    return sqlalchemy.__version__
+
+
+def _poolscope_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _at_exit() -> None:
+    # Collect first so that a connection dropped without close is recorded as
+    # gc_checkin, not as never returned.
+    try:
+        gc.collect()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        shutdown_all(timeout=10.0, reason="exit")
+    except Exception:  # pragma: no cover
+        logger.exception("poolscope could not finish writing its store")
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock, _process_start
+    _registry_lock = threading.Lock()
+    _process_start = time.time()
+    for writer in _writers.values():
+        writer.reinit_after_fork()
+        for monitor in list(writer.monitors):
+            monitor.reinit_after_fork()
+        writer.start()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def shutdown_all(timeout: float = 10.0, reason: str | None = None) -> None:
+    """Drain and stop every writer of this process and forget them (tests, and exit)."""
+    with _registry_lock:
+        writers = list(_writers.values())
+        _writers.clear()
+    for writer in writers:
+        writer.shutdown(timeout=timeout, reason=reason)
