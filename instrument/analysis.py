@@ -1,0 +1,1124 @@
+"""Turns a store into answers: pandas frames of checkouts, utilization, percentiles, timeouts,
+leaks and call sites, plus pool sizing advice and the JSON report built from them.
+
+The report and the dashboard both read the store only through this module, so they agree.
+Times are unix seconds (float) in columns named ``*_at``; durations are seconds in ``*_s``.
+
+Heavy lifting happens in SQLite (pairing, bucketing) and in vectorised pandas on a few
+selected columns: no Python object is built per event row, so a store of a million events
+reports in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, _store
+
+__all__ = [
+    "CERTAINTY",
+    "LEAK_CLASSES",
+    "REPORT_SCHEMA",
+    "STALE_HEARTBEAT_S",
+    "WAITED_THRESHOLD_S",
+    "Filters",
+    "build_report",
+    "checkouts",
+    "leaks",
+    "open_store",
+    "percentiles",
+    "pools",
+    "processes",
+    "sites",
+    "sizing_advice",
+    "summary",
+    "timeouts",
+    "utilization",
+]
+
+REPORT_SCHEMA = "poolscope.report/1"
+"""The ``schema`` value of the JSON report this module builds."""
+
+STALE_HEARTBEAT_S = 10.0
+"""A process without a clean exit whose heartbeat is older than this many seconds has died."""
+
+WAITED_THRESHOLD_S = 0.001
+"""A checkout that waited longer than this for the pool counts as having waited."""
+
+LEAK_CLASSES = ("never_returned", "gc_reclaimed", "open_at_crash", "held_too_long", "open_now")
+"""The leak classes, in the order the report lists them."""
+
+CERTAINTY = {
+    "never_returned": "confirmed",
+    "gc_reclaimed": "confirmed",
+    "open_at_crash": "unknown",
+    "held_too_long": "suspected",
+    "open_now": "suspected",
+}
+"""How sure each leak class is: ``confirmed``, ``unknown`` or ``suspected``."""
+
+_CERTAINTY_ORDER = {"confirmed": 0, "unknown": 1, "suspected": 2}
+_RETURN_KINDS = ("checkin", "gc_checkin", "detach")
+
+_PROCESS_COLUMNS = [
+    "id", "pid", "host", "argv", "started_at", "heartbeat_at", "ended_at", "end_reason",
+    "state", "seen_until_at",
+]  # fmt: skip
+_POOL_COLUMNS = [
+    "id", "process_id", "name", "url", "dialect", "pool_class", "pool_size", "max_overflow",
+    "timeout_s", "recycle_s", "leak_after_s", "capacity",
+]  # fmt: skip
+_CHECKOUT_COLUMNS = [
+    "process_id", "pool_id", "pool", "checkout_id", "connection_id", "site", "stack_id",
+    "fingerprint", "thread", "task", "checked_out_at", "returned_at", "wait_s", "connect_s",
+    "hold_s", "outcome", "leak_after_s", "leak_class",
+]  # fmt: skip
+_UTILIZATION_COLUMNS = [
+    "at", "pool", "in_use", "idle", "overflow", "waiters", "pool_size", "capacity", "processes",
+]  # fmt: skip
+_PERCENTILE_COLUMNS = [
+    "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s",
+    "hold_p50_s", "hold_p95_s", "hold_p99_s", "hold_max_s",
+]  # fmt: skip
+_TIMEOUT_COLUMNS = [
+    "at", "pool", "process_id", "waited_s", "waiters", "site", "thread", "task", "holders",
+    "fingerprint", "stack", "in_use",
+]  # fmt: skip
+_LEAK_COLUMNS = [
+    "leak_class", "certainty", "site", "fingerprint", "pool", "count", "first_seen_at",
+    "last_seen_at", "max_held_s", "threads", "stack", "processes", "leak_after_s",
+]  # fmt: skip
+_SITE_COLUMNS = [
+    "site", "fingerprint", "checkouts", "total_hold_s", "hold_p95_s", "hold_max_s",
+    "wait_p95_s", "pool_time_share", "stack", "pool", "hold_mean_s", "open", "leaks",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What part of a store to analyse. Every field may be ``None`` for "no restriction".
+
+    :param pools: pool names to keep.
+    :param processes: ``processes.id`` values to keep.
+    :param since: keep what happened at or after this unix time (a checkout counts when
+        it was still held at ``since``).
+    :param until: keep what happened at or before this unix time.
+    :param leak_after: seconds after which a hold is a suspected leak; ``None`` uses
+        each pool's own ``leak_after_s`` (the value it was attached with).
+    """
+
+    pools: tuple[str, ...] | None = None
+    processes: tuple[int, ...] | None = None
+    since: float | None = None
+    until: float | None = None
+    leak_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.leak_after is not None and not self.leak_after > 0:
+            raise ValueError(f"leak_after must be more than 0 seconds, not {self.leak_after!r}.")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError("since must not be later than until.")
+
+
+def open_store(store: str | os.PathLike[str] | None) -> sqlite3.Connection:
+    """Open a store read-only after checking that it is a poolscope store this version reads.
+
+    :param store: path to the store. May be ``None`` for ``$POOLSCOPE_STORE``, else
+        ``./poolscope.db``.
+    :raises StoreNotFoundError: no file at that path.
+    :raises StoreCorruptError: not a SQLite file, or a damaged one.
+    :raises ForeignStoreError: an empty file, or a SQLite file of another application.
+    :raises StoreVersionError: written by a newer poolscope.
+    """
+    return _store.open_for_reading(store)
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """Everything loaded once for one set of filters; the public functions derive from it."""
+
+    conn: sqlite3.Connection
+    filters: Filters
+    now: float
+    processes: pd.DataFrame
+    pools: pd.DataFrame
+    pool_ids: list[int] | None  # None: no restriction
+    stacks: pd.DataFrame
+    _checkouts: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def checkouts(self) -> pd.DataFrame:
+        if self._checkouts is None:
+            self._checkouts = _load_checkouts(self)
+        return self._checkouts
+
+
+def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
+    now = time.time()
+    procs = _load_processes(conn, now)
+    all_pools = _load_pools(conn)
+    selected = all_pools
+    restricted = False
+    if filters.pools is not None:
+        selected = selected[selected["name"].isin(list(filters.pools))]
+        restricted = True
+    if filters.processes is not None:
+        selected = selected[selected["process_id"].isin(list(filters.processes))]
+        procs = procs[procs["id"].isin(list(filters.processes))].reset_index(drop=True)
+        restricted = True
+    pool_ids = [int(i) for i in selected["id"]] if restricted else None
+    stacks = pd.read_sql_query("SELECT id, fingerprint, site, frames FROM stacks", conn)
+    return _Data(conn, filters, now, procs, selected.reset_index(drop=True), pool_ids, stacks)
+
+
+def _load_processes(conn: sqlite3.Connection, now: float) -> pd.DataFrame:
+    df = pd.read_sql_query(
+        "SELECT id, pid, host, argv, started_at, heartbeat_at, ended_at, end_reason "
+        "FROM processes ORDER BY id",
+        conn,
+    )
+    if df.empty:
+        return pd.DataFrame(columns=_PROCESS_COLUMNS)
+    here = socket.gethostname()
+    states = []
+    seen = []
+    for pid, host, heartbeat, ended, reason in zip(
+        df["pid"], df["host"], df["heartbeat_at"], df["ended_at"], df["end_reason"], strict=True
+    ):  # one row per process, not per event
+        if reason == "exit" and pd.notna(ended):
+            states.append("exited")
+            seen.append(float(ended))
+        elif pd.notna(ended):
+            states.append("crashed")
+            seen.append(float(ended))
+        elif now - float(heartbeat) > STALE_HEARTBEAT_S or (
+            host == here and not _pid_alive(int(pid))
+        ):
+            states.append("crashed")
+            seen.append(float(heartbeat))
+        else:
+            states.append("running")
+            seen.append(now)
+    df["state"] = states
+    df["seen_until_at"] = seen
+    return df[_PROCESS_COLUMNS]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this machine (a dead writer's pid is gone)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
+    df = pd.read_sql_query(
+        "SELECT id, process_id, name, url, dialect, pool_class, pool_size, max_overflow, "
+        "timeout_s, recycle_s, leak_after_s FROM pools ORDER BY id",
+        conn,
+    )
+    size = pd.to_numeric(df["pool_size"], errors="coerce")
+    overflow = pd.to_numeric(df["max_overflow"], errors="coerce")
+    # max_overflow -1 means "no limit" in SQLAlchemy: no capacity then.
+    df["capacity"] = (size + overflow).where(overflow >= 0)
+    return df[_POOL_COLUMNS]
+
+
+def _in_list(column: str, values: list[int] | None) -> str:
+    if values is None:
+        return ""
+    if not values:
+        return " AND 0"
+    return f" AND {column} IN ({', '.join(str(int(v)) for v in values)})"
+
+
+def _event_filter(data: _Data, alias: str = "") -> tuple[str, list[Any]]:
+    """SQL conditions (starting with `` AND``) restricting events to the filters."""
+    prefix = f"{alias}." if alias else ""
+    sql = _in_list(f"{prefix}pool_id", data.pool_ids)
+    if data.filters.processes is not None:
+        sql += _in_list(f"{prefix}process_id", list(data.filters.processes))
+    params: list[Any] = []
+    if data.filters.since is not None:
+        sql += f" AND {prefix}at >= ?"
+        params.append(data.filters.since)
+    if data.filters.until is not None:
+        sql += f" AND {prefix}at <= ?"
+        params.append(data.filters.until)
+    return sql, params
+
+
+def _load_checkouts(data: _Data) -> pd.DataFrame:
+    f = data.filters
+    sql = (
+        "SELECT o.process_id, o.pool_id, o.checkout_id, o.connection_id, o.stack_id, "
+        "o.thread, o.task, o.at AS checked_out_at, r.at AS returned_at, o.wait_s, "
+        "o.connect_s, r.hold_s, r.kind AS outcome "
+        "FROM events AS o LEFT JOIN events AS r "
+        "ON r.process_id = o.process_id AND r.pool_id = o.pool_id "
+        "AND r.checkout_id = o.checkout_id AND r.kind IN ('checkin', 'gc_checkin', 'detach') "
+        "WHERE o.kind = 'checkout' AND o.checkout_id IS NOT NULL"
+    )
+    sql += _in_list("o.pool_id", data.pool_ids)
+    if f.processes is not None:
+        sql += _in_list("o.process_id", list(f.processes))
+    params: list[Any] = []
+    if f.until is not None:
+        sql += " AND o.at <= ?"
+        params.append(f.until)
+    if f.since is not None:
+        sql += " AND (r.at IS NULL OR r.at >= ?)"
+        params.append(f.since)
+    df = pd.read_sql_query(
+        sql,
+        data.conn,
+        params=params,
+        dtype={
+            "checked_out_at": "float64",
+            "returned_at": "float64",
+            "wait_s": "float64",
+            "connect_s": "float64",
+            "hold_s": "float64",
+        },
+    )
+    if df.empty:
+        return _empty(_CHECKOUT_COLUMNS)
+    df = df.drop_duplicates(["process_id", "pool_id", "checkout_id"], keep="first")
+    df["outcome"] = df["outcome"].fillna("open")
+    is_open = (df["outcome"] == "open").to_numpy()
+    if is_open.any():
+        seen = data.processes.set_index("id")["seen_until_at"]
+        until = df["process_id"].map(seen).fillna(data.now).to_numpy(dtype="float64")
+        held = np.maximum(until - df["checked_out_at"].to_numpy(), 0.0)
+        df["hold_s"] = np.where(is_open, held, df["hold_s"].to_numpy())
+    # Names, sites and stacks: small lookup tables mapped onto the frame as categoricals.
+    df["pool"] = df["pool_id"].map(_all_pool_names(data)).astype("category")
+    stacks = data.stacks.set_index("id")
+    df["site"] = df["stack_id"].map(stacks["site"]).fillna("<unknown>").astype("category")
+    df["fingerprint"] = df["stack_id"].map(stacks["fingerprint"]).fillna("").astype("category")
+    df["thread"] = df["thread"].astype("category")
+    leak_after = _leak_after_by_pool(data)
+    df["leak_after_s"] = df["pool_id"].map(leak_after).astype("float64")
+    df["leak_class"] = _classify(df, data.processes)
+    return df[_CHECKOUT_COLUMNS].reset_index(drop=True)
+
+
+def _all_pool_names(data: _Data) -> pd.Series:
+    rows = data.conn.execute("SELECT id, name FROM pools").fetchall()
+    return pd.Series({r[0]: r[1] for r in rows}, dtype="object")
+
+
+def _leak_after_by_pool(data: _Data) -> pd.Series:
+    rows = data.conn.execute("SELECT id, leak_after_s FROM pools").fetchall()
+    if data.filters.leak_after is not None:
+        return pd.Series({r[0]: data.filters.leak_after for r in rows}, dtype="float64")
+    return pd.Series({r[0]: r[1] for r in rows}, dtype="float64")
+
+
+def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
+    state = df["process_id"].map(procs.set_index("id")["state"]).fillna("running").to_numpy()
+    outcome = df["outcome"].to_numpy()
+    over = (df["hold_s"] > df["leak_after_s"]).to_numpy()
+    is_open = outcome == "open"
+    classes = np.select(
+        [
+            outcome == "gc_checkin",
+            is_open & (state == "exited"),
+            is_open & (state == "crashed"),
+            ((outcome == "checkin") | (outcome == "detach")) & over,
+            is_open & (state == "running") & over,
+        ],
+        ["gc_reclaimed", "never_returned", "open_at_crash", "held_too_long", "open_now"],
+        default="",
+    )
+    cat = pd.Categorical(classes, categories=list(LEAK_CLASSES))  # "" becomes NaN
+    return cat
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+
+
+# ---- public frames ---------------------------------------------------------------------------
+
+
+def processes(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """One row per recording process, with how it ended.
+
+    ``state`` is ``exited`` (clean interpreter exit), ``crashed`` (no clean exit and a
+    heartbeat older than :data:`STALE_HEARTBEAT_S`, or its pid is gone on this host) or
+    ``running``. ``seen_until_at`` is when it was last known alive.
+    """
+    return _load(conn, filters).processes
+
+
+def pools(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """One row per attached pool per process (``capacity`` = pool_size + max_overflow; NaN when
+    the pool has no size or no overflow limit)."""
+    return _load(conn, filters).pools
+
+
+def checkouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Every checkout paired with its return.
+
+    ``outcome`` is ``checkin``, ``gc_checkin`` (returned by the garbage collector),
+    ``detach`` or ``open`` (never returned as far as the store knows). ``hold_s`` of an open
+    checkout is the time held so far: until its process exited, was last seen alive, or now.
+    ``leak_class`` is one of :data:`LEAK_CLASSES` or NaN; ``leak_after_s`` is the threshold
+    used for it.
+    """
+    return _load(conn, filters).checkouts
+
+
+def _nice_interval(span: float, points: int = 300) -> float:
+    raw = max(span / points, 1e-3)
+    steps = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60,
+             120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400]  # fmt: skip
+    for step in steps:
+        if step >= raw:
+            return float(step)
+    return float(math.ceil(raw / 86400) * 86400)
+
+
+def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
+    cond, params = _event_filter(data)
+    lo, hi = data.conn.execute(
+        f"SELECT MIN(at), MAX(at) FROM events WHERE in_use IS NOT NULL {cond}", params
+    ).fetchone()
+    if lo is None:
+        return _empty(_UTILIZATION_COLUMNS)
+    if interval_s is not None and not interval_s > 0:
+        raise ValueError(f"interval_s must be more than 0 seconds, not {interval_s!r}.")
+    dt = float(interval_s) if interval_s else _nice_interval(hi - lo)
+    t0 = math.floor(lo / dt) * dt
+    base = (
+        f"FROM events WHERE in_use IS NOT NULL AND idle IS NOT NULL {cond} "
+        "GROUP BY process_id, pool_id, b"
+    )
+    bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
+    peaks = pd.read_sql_query(
+        f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
+        f"MAX(overflow) AS overflow, MAX(waiters) AS waiters {base}",
+        data.conn,
+        params=[t0, dt, *params],
+    )
+    # With a single MAX() aggregate, SQLite takes the bare columns from that (the last) row.
+    lasts = pd.read_sql_query(
+        f"SELECT process_id, pool_id, {bucket}, MAX(at) AS last_at, in_use, idle, overflow, "
+        f"waiters {base}",
+        data.conn,
+        params=[t0, dt, *params],
+    )
+    seen = data.processes.set_index("id")["seen_until_at"]
+    all_pools = _load_pools(data.conn).set_index("id")
+    end_bucket = int((hi - t0) // dt)
+    if data.filters.until is not None:
+        end_bucket = max(end_bucket, int((data.filters.until - t0) // dt))
+    frames = []
+    metrics = ["in_use", "idle", "overflow", "waiters"]
+    for (proc, pool_id), group in peaks.groupby(["process_id", "pool_id"], sort=False):
+        last = lasts[(lasts["process_id"] == proc) & (lasts["pool_id"] == pool_id)]
+        first_b = int(group["b"].min())
+        until_at = seen.get(proc, hi)
+        stop_b = int(min(max((until_at - t0) // dt, group["b"].max()), end_bucket))
+        index = pd.RangeIndex(first_b, stop_b + 1)
+        g = group.set_index("b")[metrics].reindex(index)
+        carried = last.set_index("b")[metrics].reindex(index).ffill().shift(1)
+        out = pd.DataFrame(index=index)
+        for m in ("in_use", "overflow", "waiters"):
+            out[m] = np.fmax(g[m].to_numpy(dtype="float64"), carried[m].to_numpy(dtype="float64"))
+        out["idle"] = np.fmin(g["idle"].to_numpy(dtype="float64"),
+                              carried["idle"].to_numpy(dtype="float64"))  # fmt: skip
+        out["pool"] = all_pools.at[pool_id, "name"] if pool_id in all_pools.index else "?"
+        out["pool_size"] = all_pools["pool_size"].get(pool_id, np.nan)
+        out["capacity"] = all_pools["capacity"].get(pool_id, np.nan)
+        out["processes"] = 1
+        frames.append(out.reset_index(names="b"))
+    if not frames:
+        return _empty(_UTILIZATION_COLUMNS)
+    long = pd.concat(frames, ignore_index=True)
+    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity", "processes"]
+    long[num] = long[num].astype("float64")
+    out = long.groupby(["pool", "b"], sort=True)[num].sum(min_count=1).reset_index()
+    out["at"] = t0 + out["b"] * dt
+    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
+        out[m] = out[m].fillna(0).astype("int64")
+    out["interval_s"] = dt
+    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+
+
+def utilization(
+    conn: sqlite3.Connection, filters: Filters = Filters(), interval_s: float | None = None
+) -> pd.DataFrame:
+    """Pool counts over time, one row per pool name and time bucket.
+
+    ``in_use``, ``overflow`` and ``waiters`` are the most seen at once in the bucket
+    (including what was carried in from before it), ``idle`` the fewest; ``at`` is the
+    bucket start. Pools of the same name in several processes are summed, as are their
+    ``pool_size`` and ``capacity``; ``processes`` says how many contributed.
+
+    :param interval_s: bucket width in seconds. May be ``None`` for about 300 buckets
+        over the recorded span, rounded to a readable width.
+    """
+    return _utilization(_load(conn, filters), interval_s)
+
+
+def _quantiles(values: np.ndarray) -> tuple[float, float, float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (math.nan,) * 4  # type: ignore[return-value]
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return float(p50), float(p95), float(p99), float(values.max())
+
+
+def _percentiles(co: pd.DataFrame, by: str | None) -> pd.DataFrame:
+    if by not in (None, "pool", "site"):
+        raise ValueError(f"by must be None, 'pool' or 'site', not {by!r}.")
+    if by is None:
+        w = _quantiles(co["wait_s"].to_numpy(dtype="float64"))
+        h = _quantiles(co["hold_s"].to_numpy(dtype="float64"))
+        return pd.DataFrame([[len(co), *w, *h]], columns=_PERCENTILE_COLUMNS)
+    if co.empty:
+        return _empty([by, *_PERCENTILE_COLUMNS])
+    grouped = co.groupby(by, observed=True, sort=True)
+    out = pd.DataFrame({"count": grouped.size()})
+    for col, prefix in (("wait_s", "wait"), ("hold_s", "hold")):
+        q = grouped[col].quantile([0.5, 0.95, 0.99]).unstack()
+        out[f"{prefix}_p50_s"] = q[0.5]
+        out[f"{prefix}_p95_s"] = q[0.95]
+        out[f"{prefix}_p99_s"] = q[0.99]
+        out[f"{prefix}_max_s"] = grouped[col].max()
+    out = out.reset_index()
+    out[by] = out[by].astype("object")
+    return out[[by, *_PERCENTILE_COLUMNS]]
+
+
+def percentiles(
+    conn: sqlite3.Connection, filters: Filters = Filters(), by: str | None = None
+) -> pd.DataFrame:
+    """Wait and hold percentiles (p50/p95/p99/max, linear interpolation) of checkouts.
+
+    Waits are the time spent waiting for the pool (connect time excluded). Holds include
+    checkouts still open, counted with the time held so far.
+
+    :param by: ``None`` for one overall row, ``"pool"`` per pool name, ``"site"`` per call site.
+    """
+    return _percentiles(_load(conn, filters).checkouts, by)
+
+
+def _timeouts(data: _Data) -> pd.DataFrame:
+    cond, params = _event_filter(data, "e")
+    df = pd.read_sql_query(
+        "SELECT e.at, e.process_id, e.pool_id, e.wait_s AS waited_s, e.count AS waiters, "
+        "e.stack_id, e.thread, e.task, e.in_use FROM events AS e "
+        f"WHERE e.kind = 'timeout' {cond} ORDER BY e.at",
+        data.conn,
+        params=params,
+    )
+    if df.empty:
+        return _empty(_TIMEOUT_COLUMNS)
+    stacks = data.stacks.set_index("id")
+    df["pool"] = df["pool_id"].map(_all_pool_names(data))
+    df["site"] = df["stack_id"].map(stacks["site"]).fillna("<unknown>")
+    df["fingerprint"] = df["stack_id"].map(stacks["fingerprint"]).fillna("")
+    df["stack"] = [json.loads(s) for s in df["stack_id"].map(stacks["frames"]).fillna("[]")]
+    df["holders"] = _holders(data.checkouts, df)
+    return df[_TIMEOUT_COLUMNS].reset_index(drop=True)
+
+
+def _holders(co: pd.DataFrame, to: pd.DataFrame) -> list[list[dict[str, Any]]]:
+    """For each timeout, the checkouts of its process and pool held at that moment.
+
+    Checkouts are sorted by start; short holds are found in the window ``[t - H, t]`` by
+    binary search and the few long holds (longer than ``H``, the p99 hold) are checked
+    directly, so each timeout costs a slice, not a scan of every checkout.
+    """
+    result: list[list[dict[str, Any]]] = [[] for _ in range(len(to))]
+    if co.empty:
+        return result
+    groups = co.groupby(["process_id", "pool_id"], sort=False).indices
+    for (proc, pool_id), rows in to.groupby(["process_id", "pool_id"], sort=False).indices.items():
+        idx = groups.get((proc, pool_id))
+        if idx is None:
+            continue
+        g = co.iloc[idx].sort_values("checked_out_at")
+        starts = g["checked_out_at"].to_numpy(dtype="float64")
+        ends = g["returned_at"].to_numpy(dtype="float64")
+        ends = np.where(np.isnan(ends), np.inf, ends)
+        spans = ends - starts
+        finite = spans[np.isfinite(spans)]
+        horizon = max(1.0, float(np.percentile(finite, 99))) if finite.size else 1.0
+        long_idx = np.nonzero(spans > horizon)[0]
+        sites = g["site"].astype("object").to_numpy()
+        threads = g["thread"].astype("object").to_numpy()
+        tasks = g["task"].astype("object").to_numpy()
+        ids = g["checkout_id"].to_numpy()
+        fps = g["fingerprint"].astype("object").to_numpy()
+        for row in rows:
+            t = float(to["at"].iat[row])
+            lo = int(np.searchsorted(starts, t - horizon, "left"))
+            hi = int(np.searchsorted(starts, t, "right"))
+            near = np.arange(lo, hi)[ends[lo:hi] > t]
+            far = long_idx[(starts[long_idx] <= t) & (ends[long_idx] > t)]
+            found = np.union1d(near, far)
+            holders = [
+                {
+                    "site": sites[i],
+                    "thread": threads[i],
+                    "task": None if _missing(tasks[i]) else tasks[i],
+                    "held_s": round(t - float(starts[i]), 6),
+                    "checkout_id": int(ids[i]),
+                    "fingerprint": fps[i],
+                    "checked_out_at": float(starts[i]),
+                }
+                for i in found
+            ]
+            holders.sort(key=lambda h: h["held_s"], reverse=True)
+            result[row] = holders
+    return result
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def timeouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Every pool timeout, with who held the pool at that moment.
+
+    ``site``/``thread``/``task`` are the caller that timed out; ``waiters`` counts the
+    callers waiting at that moment including it. ``holders`` is a list of dicts
+    ``{site, thread, task, held_s, checkout_id, fingerprint, checked_out_at}``, longest
+    held first: the checkouts of the same process and pool taken before the timeout and
+    not yet returned.
+    """
+    return _timeouts(_load(conn, filters))
+
+
+def _leaks(data: _Data) -> pd.DataFrame:
+    co = data.checkouts
+    leaked = co[co["leak_class"].notna()]
+    if leaked.empty:
+        return _empty(_LEAK_COLUMNS)
+    grouped = leaked.groupby(["leak_class", "pool", "fingerprint"], observed=True, sort=False)
+    out = grouped.agg(
+        site=("site", "first"),
+        count=("checkout_id", "size"),
+        first_seen_at=("checked_out_at", "min"),
+        last_seen_at=("checked_out_at", "max"),
+        max_held_s=("hold_s", "max"),
+        leak_after_s=("leak_after_s", "max"),
+    ).reset_index()
+    out["threads"] = [
+        sorted(str(t) for t in set(v)) for v in grouped["thread"].agg(lambda s: list(s.unique()))
+    ]
+    out["processes"] = [sorted(int(p) for p in v) for v in grouped["process_id"].unique()]
+    out["leak_class"] = out["leak_class"].astype("object")
+    out["pool"] = out["pool"].astype("object")
+    out["fingerprint"] = out["fingerprint"].astype("object")
+    out["site"] = out["site"].astype("object")
+    out["certainty"] = out["leak_class"].map(CERTAINTY)
+    frames = data.stacks.set_index("fingerprint")["frames"]
+    out["stack"] = [json.loads(frames.get(fp, "[]")) for fp in out["fingerprint"]]
+    out["_c"] = out["certainty"].map(_CERTAINTY_ORDER)
+    out["_k"] = out["leak_class"].map({c: i for i, c in enumerate(LEAK_CLASSES)})
+    out = out.sort_values(["_c", "_k", "count", "max_held_s"], ascending=[True, True, False, False])
+    return out[_LEAK_COLUMNS].reset_index(drop=True)
+
+
+def leaks(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Leaked checkouts grouped by class, pool and stack fingerprint; most certain first.
+
+    Classes (see :data:`LEAK_CLASSES`, :data:`CERTAINTY`):
+
+    - ``never_returned`` (confirmed): still open when its process exited cleanly.
+    - ``gc_reclaimed`` (confirmed): returned by the garbage collector, never by code.
+    - ``open_at_crash`` (unknown): still open when its process died without a clean exit.
+    - ``held_too_long`` (suspected): returned by code, but held longer than ``leak_after``.
+    - ``open_now`` (suspected): open longer than ``leak_after`` in a live process.
+
+    ``count`` is the number of checkouts; ``threads`` the threads that took them;
+    ``stack`` the frames, innermost (the site) first.
+    """
+    return _leaks(_load(conn, filters))
+
+
+def _sites(data: _Data) -> pd.DataFrame:
+    co = data.checkouts
+    if co.empty:
+        return _empty(_SITE_COLUMNS)
+    grouped = co.groupby(["pool", "fingerprint"], observed=True, sort=False)
+    out = grouped.agg(
+        site=("site", "first"),
+        checkouts=("checkout_id", "size"),
+        total_hold_s=("hold_s", "sum"),
+        hold_mean_s=("hold_s", "mean"),
+        hold_max_s=("hold_s", "max"),
+        open=("outcome", lambda s: int((s == "open").sum())),
+        leaks=("leak_class", "count"),
+    )
+    out["hold_p95_s"] = grouped["hold_s"].quantile(0.95)
+    out["wait_p95_s"] = grouped["wait_s"].quantile(0.95)
+    out = out.reset_index()
+    pool_total = out.groupby("pool", observed=True)["total_hold_s"].transform("sum")
+    out["pool_time_share"] = (out["total_hold_s"] / pool_total.replace(0, np.nan)).fillna(0.0)
+    for col in ("pool", "fingerprint", "site"):
+        out[col] = out[col].astype("object")
+    frames = data.stacks.set_index("fingerprint")["frames"]
+    out["stack"] = [json.loads(frames.get(fp, "[]")) for fp in out["fingerprint"]]
+    out = out.sort_values(["total_hold_s", "checkouts"], ascending=False)
+    return out[_SITE_COLUMNS].reset_index(drop=True)
+
+
+def sites(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Per call site (pool and stack fingerprint): checkouts, hold and wait statistics.
+
+    ``pool_time_share`` is the site's share of all connection-seconds held in its pool;
+    ``open`` counts checkouts never returned, ``leaks`` those in any leak class. Sorted by
+    ``total_hold_s``, biggest first.
+    """
+    return _sites(_load(conn, filters))
+
+
+# ---- sizing ----------------------------------------------------------------------------------
+
+
+def _pool_peaks(data: _Data) -> pd.DataFrame:
+    """Per (process, pool): event span, peak in use, peak waiting and peak demand."""
+    cond, params = _event_filter(data)
+    return pd.read_sql_query(
+        "SELECT process_id, pool_id, MIN(at) AS first_at, MAX(at) AS last_at, "
+        "MAX(in_use) AS peak_in_use, "
+        "MAX(CASE WHEN kind = 'timeout' THEN count ELSE waiters END) AS peak_waiting, "
+        "MAX(in_use + COALESCE(CASE WHEN kind = 'timeout' THEN count ELSE waiters END, 0)) "
+        "AS peak_demand, SUM(kind = 'timeout') AS timeouts "
+        f"FROM events WHERE in_use IS NOT NULL {cond} GROUP BY process_id, pool_id",
+        data.conn,
+        params=params,
+    )
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 100:
+        return f"{seconds:.0f} s"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _sizing(data: _Data) -> list[dict[str, Any]]:
+    co = data.checkouts
+    peaks = _pool_peaks(data)
+    if peaks.empty:
+        return []
+    all_pools = _load_pools(data.conn).set_index("id")
+    seen = data.processes.set_index("id")["seen_until_at"]
+    peaks["pool"] = peaks["pool_id"].map(all_pools["name"])
+    # The span a pool was observed: from its first event to its last (or its process's end).
+    end = peaks["process_id"].map(seen).fillna(peaks["last_at"])
+    if data.filters.until is not None:
+        end = end.clip(upper=data.filters.until)
+    peaks["span_s"] = np.maximum(end.to_numpy() - peaks["first_at"].to_numpy(), 0.0)
+    confirmed = co[co["leak_class"].isin(["never_returned", "gc_reclaimed"])]
+    advice = []
+    for name, group in peaks.groupby("pool", sort=True):
+        pool_rows = all_pools[all_pools["name"] == name]
+        pool_rows = pool_rows[pool_rows.index.isin(group["pool_id"])]
+        mine = co[co["pool"] == name]
+        n = len(mine)
+        span = float(group["span_s"].sum())
+        rate = n / span if span > 0 else math.nan
+        hold = float(mine["hold_s"].mean()) if n else math.nan
+        mean_in_use = rate * hold if n and span > 0 else math.nan
+        waited = int((mine["wait_s"] > WAITED_THRESHOLD_S).sum())
+        n_timeouts = int(group["timeouts"].sum())
+        peak = int(group["peak_in_use"].max())
+        peak_waiting = int(np.nan_to_num(group["peak_waiting"].max()))
+        demand = int(np.nan_to_num(group["peak_demand"].max()))
+        size = _first_number(pool_rows["pool_size"])
+        overflow = _first_number(pool_rows["max_overflow"])
+        capacity = _first_number(pool_rows["capacity"])
+        leaked = int((confirmed["pool"] == name).sum())
+        entry: dict[str, Any] = {
+            "pool": name,
+            "processes": int(group["process_id"].nunique()),
+            "checkouts": n,
+            "observed_s": span,
+            "arrival_rate_per_s": rate,
+            "mean_hold_s": hold,
+            "mean_in_use": mean_in_use,
+            "peak_in_use": peak,
+            "peak_waiting": peak_waiting,
+            "peak_demand": demand,
+            "waited_checkouts": waited,
+            "timeouts": n_timeouts,
+            "confirmed_leaks": leaked,
+            "pool_size": size,
+            "max_overflow": overflow,
+            "capacity": capacity,
+            "recommended_pool_size": None,
+            "recommended_max_overflow": None,
+            "verdict": "unbounded",
+            "advice": "",
+        }
+        little = (
+            f"{rate:.2f} checkouts/s × {_fmt_s(hold)} mean hold = {mean_in_use:.2f} connections "
+            f"in use on average per process (Little's law)"
+            if n and span > 0
+            else "no checkouts recorded"
+        )
+        observed = f"peak {peak} in use with {peak_waiting} waiting"
+        pressure = f"{waited} checkouts waited > {WAITED_THRESHOLD_S * 1000:g} ms, " + (
+            f"{n_timeouts} timed out"
+        )
+        if size is None or capacity is None:
+            entry["advice"] = (
+                f"{name}: {little}; {observed}. This pool class has no size limit "
+                f"(pool_size={size}, max_overflow={overflow}), so there is nothing to size."
+            )
+        else:
+            need_size = max(1, math.ceil(mean_in_use - 1e-9)) if n and span > 0 else 1
+            rec_size = max(need_size, 1)
+            starved = n_timeouts > 0 or waited > 0
+            rec_capacity = max(demand, rec_size) if starved else max(peak, rec_size)
+            if starved:
+                rec_size = max(rec_size, min(size, rec_capacity))
+            else:
+                rec_size = min(max(rec_size, 1), size)
+            rec_overflow = max(rec_capacity - rec_size, 0)
+            if not starved:
+                rec_overflow = max(rec_overflow, overflow if rec_size == size else 0)
+            entry["recommended_pool_size"] = rec_size
+            entry["recommended_max_overflow"] = rec_overflow
+            current = f"pool_size={size}, max_overflow={overflow} (capacity {capacity})"
+            if starved:
+                entry["verdict"] = "too_small"
+                text = (
+                    f"{name}: {little}; {observed}; {pressure}. {current} was too small at "
+                    f"the peak: pool_size={rec_size}, max_overflow={rec_overflow} "
+                    f"(capacity {rec_size + rec_overflow}) would have served all "
+                    f"{demand} concurrent requests without waiting."
+                )
+            else:
+                entry["verdict"] = "ok"
+                text = (
+                    f"{name}: {little}; {observed}; no waits or timeouts. {current} was large "
+                    f"enough (peak {peak} of {capacity})."
+                )
+            if leaked:
+                text += (
+                    f" {leaked} confirmed leaked checkouts held connections too: fix those "
+                    f"before growing the pool."
+                )
+            entry["advice"] = text
+        advice.append(entry)
+    return advice
+
+
+def _first_number(values: pd.Series) -> int | None:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return int(values.max()) if not values.empty else None
+
+
+def sizing_advice(conn: sqlite3.Connection, filters: Filters = Filters()) -> list[dict[str, Any]]:
+    """Pool sizing advice, one dict per pool name, with the numbers it came from.
+
+    By Little's law, arrival rate (checkouts per second per process) × mean hold = mean
+    connections in use. ``peak_demand`` is the most connections in use plus callers
+    waiting at one moment. When checkouts waited (> :data:`WAITED_THRESHOLD_S`) or timed
+    out, the recommended capacity is that peak demand, with ``pool_size`` covering the mean.
+    ``verdict`` is ``ok``, ``too_small`` or ``unbounded``; ``advice`` is one paragraph.
+    """
+    return _sizing(_load(conn, filters))
+
+
+# ---- summary and the JSON report -----------------------------------------------------------
+
+
+def _summary(data: _Data, leak_frame: pd.DataFrame, timeout_count: int) -> dict[str, Any]:
+    co = data.checkouts
+    cond, params = _event_filter(data)
+    n_events, first_at, last_at, dropped = data.conn.execute(
+        "SELECT COUNT(*), MIN(at), MAX(at), COALESCE(SUM(CASE WHEN kind = 'dropped' "
+        f"THEN count END), 0) FROM events WHERE 1 {cond}",
+        params,
+    ).fetchone()
+    peaks = _pool_peaks(data)
+    peak = 0
+    capacity = None
+    if not peaks.empty:
+        caps = _load_pools(data.conn).set_index("id")["capacity"]
+        top = peaks.sort_values("peak_in_use", ascending=False).iloc[0]
+        peak = int(top["peak_in_use"])
+        cap = caps.get(top["pool_id"], np.nan)
+        capacity = None if pd.isna(cap) else int(cap)
+    counts = {c: 0 for c in ("confirmed", "suspected", "unknown")}
+    if not leak_frame.empty:
+        for certainty, n in leak_frame.groupby("certainty")["count"].sum().items():
+            counts[str(certainty)] = int(n)
+    wait_p95 = _quantiles(co["wait_s"].to_numpy(dtype="float64"))[1] if len(co) else math.nan
+    states = data.processes["state"].value_counts()
+    return {
+        "processes": len(data.processes),
+        "crashed_processes": int(states.get("crashed", 0)),
+        "running_processes": int(states.get("running", 0)),
+        "pools": int(data.pools["name"].nunique()),
+        "events": int(n_events),
+        "first_event_at": first_at,
+        "last_event_at": last_at,
+        "checkouts": len(co),
+        "open_checkouts": int((co["outcome"] == "open").sum()) if len(co) else 0,
+        "peak_in_use": peak,
+        "capacity": capacity,
+        "wait_p95_s": wait_p95,
+        "timeouts": int(timeout_count),
+        "confirmed_leaks": counts["confirmed"],
+        "suspected_leaks": counts["suspected"],
+        "unknown_leaks": counts["unknown"],
+        "dropped": int(dropped or 0),
+    }
+
+
+def summary(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str, Any]:
+    """Headline numbers: processes, pools, events, checkouts, peak in use (of the busiest
+    pool in one process) and its capacity, overall p95 wait, timeouts, leaked checkouts by
+    certainty (``confirmed_leaks``, ``suspected_leaks``, ``unknown_leaks``) and records the
+    recorder dropped."""
+    data = _load(conn, filters)
+    n_timeouts = _count_timeouts(data)
+    return _summary(data, _leaks(data), n_timeouts)
+
+
+def _count_timeouts(data: _Data) -> int:
+    cond, params = _event_filter(data)
+    return int(
+        data.conn.execute(
+            f"SELECT COUNT(*) FROM events WHERE kind = 'timeout' {cond}", params
+        ).fetchone()[0]
+    )
+
+
+def iso(at: float | None) -> str | None:
+    """Write unix seconds as an ISO 8601 UTC time with milliseconds, e.g. ``...T12:00:01.250Z``."""
+    if at is None or (isinstance(at, float) and math.isnan(at)):
+        return None
+    moment = datetime.fromtimestamp(float(at), tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _clean(value: Any) -> Any:
+    """Make a value JSON-ready: numpy scalars to Python, NaN to ``None``."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if value is pd.NaT or value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value
+
+
+def _ms(p50: float, p95: float, p99: float, mx: float) -> dict[str, float | None]:
+    def conv(v: float) -> float | None:
+        return None if v is None or math.isnan(v) else round(v * 1000, 3)
+
+    return {"p50": conv(p50), "p95": conv(p95), "p99": conv(p99), "max": conv(mx)}
+
+
+def _store_path(conn: sqlite3.Connection) -> str:
+    for _, name, file in conn.execute("PRAGMA database_list").fetchall():
+        if name == "main":
+            return str(Path(file)) if file else ""
+    return ""
+
+
+def build_report(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str, Any]:
+    """Build the JSON report (schema :data:`REPORT_SCHEMA`) from a store.
+
+    Keys: ``schema``, ``generated_at``, ``poolscope``, ``store``, ``filters``, ``summary``,
+    ``processes``, ``pools``, ``leaks``, ``timeouts``, ``sites``. Times are ISO 8601 UTC
+    strings; ``*_ms`` objects hold p50/p95/p99/max in milliseconds. The shape is described
+    in ``instrument/report_schema.json`` and docs/report-json.md.
+    """
+    data = _load(conn, filters)
+    co = data.checkouts
+    leak_frame = _leaks(data)
+    timeout_frame = _timeouts(data)
+    site_frame = _sites(data)
+    sizing = {entry["pool"]: entry for entry in _sizing(data)}
+    by_pool = _percentiles(co, "pool").set_index("pool") if len(co) else pd.DataFrame()
+    peaks = _pool_peaks(data)
+    all_pools = _load_pools(data.conn).set_index("id")
+    peaks["pool"] = peaks["pool_id"].map(all_pools["name"])
+
+    pool_entries = []
+    for name, rows in data.pools.groupby("name", sort=True):
+        first = rows.iloc[0]
+        pct = by_pool.loc[name] if name in by_pool.index else None
+        mine = peaks[peaks["pool"] == name]
+        stats = [pct[c] for c in _PERCENTILE_COLUMNS[1:]] if pct is not None else [math.nan] * 8
+        pool_entries.append(
+            {
+                "name": name,
+                "url": first["url"],
+                "dialect": first["dialect"],
+                "pool_class": first["pool_class"],
+                "pool_size": _first_number(rows["pool_size"]),
+                "max_overflow": _first_number(rows["max_overflow"]),
+                "capacity": _first_number(rows["capacity"]),
+                "timeout_s": first["timeout_s"],
+                "leak_after_s": filters.leak_after or first["leak_after_s"],
+                "processes": sorted(int(p) for p in rows["process_id"].unique()),
+                "checkouts": int(pct["count"]) if pct is not None else 0,
+                "peak_in_use": int(mine["peak_in_use"].max()) if len(mine) else 0,
+                "timeouts": int(mine["timeouts"].sum()) if len(mine) else 0,
+                "wait_ms": _ms(*stats[:4]),
+                "hold_ms": _ms(*stats[4:]),
+                "sizing": sizing.get(name),
+            }
+        )
+
+    leak_entries = [
+        {
+            "class": r.leak_class,
+            "certainty": r.certainty,
+            "site": r.site,
+            "fingerprint": r.fingerprint,
+            "pool": r.pool,
+            "count": int(r.count),
+            "first_seen_at": iso(r.first_seen_at),
+            "last_seen_at": iso(r.last_seen_at),
+            "max_held_s": r.max_held_s,
+            "leak_after_s": r.leak_after_s,
+            "threads": list(r.threads),
+            "processes": list(r.processes),
+            "stack": list(r.stack),
+        }
+        for r in leak_frame.itertuples(index=False)
+    ]
+    timeout_entries = [
+        {
+            "at": iso(r.at),
+            "pool": r.pool,
+            "process_id": int(r.process_id),
+            "waited_s": r.waited_s,
+            "waiters": None if _missing(r.waiters) else int(r.waiters),
+            "in_use": None if _missing(r.in_use) else int(r.in_use),
+            "site": r.site,
+            "thread": r.thread,
+            "task": None if _missing(r.task) else r.task,
+            "stack": list(r.stack),
+            "holders": [
+                {
+                    "site": h["site"],
+                    "thread": h["thread"],
+                    "task": h["task"],
+                    "held_s": h["held_s"],
+                    "checkout_id": h["checkout_id"],
+                    "checked_out_at": iso(h["checked_out_at"]),
+                }
+                for h in r.holders
+            ],
+        }
+        for r in timeout_frame.itertuples(index=False)
+    ]
+    site_entries = [
+        {
+            "site": r.site,
+            "fingerprint": r.fingerprint,
+            "pool": r.pool,
+            "checkouts": int(r.checkouts),
+            "open": int(r.open),
+            "leaks": int(r.leaks),
+            "total_hold_s": r.total_hold_s,
+            "hold_ms": {
+                "mean": _round_ms(r.hold_mean_s),
+                "p95": _round_ms(r.hold_p95_s),
+                "max": _round_ms(r.hold_max_s),
+            },
+            "wait_ms": {"p95": _round_ms(r.wait_p95_s)},
+            "pool_time_share": r.pool_time_share,
+            "stack": list(r.stack),
+        }
+        for r in site_frame.itertuples(index=False)
+    ]
+    process_entries = [
+        {
+            "id": int(r.id),
+            "pid": int(r.pid),
+            "host": r.host,
+            "argv": _argv(r.argv),
+            "started_at": iso(r.started_at),
+            "last_seen_at": iso(r.seen_until_at),
+            "state": r.state,
+        }
+        for r in data.processes.itertuples(index=False)
+    ]
+    report = {
+        "schema": REPORT_SCHEMA,
+        "generated_at": iso(data.now),
+        "poolscope": __version__,
+        "store": _store_path(conn),
+        "filters": {
+            "pools": list(filters.pools) if filters.pools is not None else None,
+            "processes": list(filters.processes) if filters.processes is not None else None,
+            "since": iso(filters.since),
+            "until": iso(filters.until),
+            "leak_after_s": filters.leak_after,
+        },
+        "summary": _summary(data, leak_frame, len(timeout_frame)),
+        "processes": process_entries,
+        "pools": pool_entries,
+        "leaks": leak_entries,
+        "timeouts": timeout_entries,
+        "sites": site_entries,
+    }
+    summary_ = report["summary"]
+    summary_["first_event_at"] = iso(summary_["first_event_at"])
+    summary_["last_event_at"] = iso(summary_["last_event_at"])
+    return _clean(report)
+
+
+def _round_ms(seconds: float) -> float | None:
+    return None if seconds is None or math.isnan(seconds) else round(seconds * 1000, 3)
+
+
+def _argv(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return [str(text)]
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
