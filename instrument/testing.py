@@ -1,0 +1,152 @@
+"""Helpers for testing code that uses a pool: capture the pool events it causes.
+
+::
+
+    from instrument.testing import capture_events
+
+    with capture_events(engine) as events:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+
+The events are the rows poolscope would write to its store, as dicts, in the
+order they happened. Our own test suite uses this helper too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import _hooks, _store, _writer
+
+__all__ = ["EVENT_FIELDS", "capture_events"]
+
+EVENT_FIELDS = (
+    "at",
+    "kind",
+    "pool",
+    "connection_id",
+    "checkout_id",
+    "thread",
+    "task",
+    "in_use",
+    "idle",
+    "overflow",
+    "waiters",
+    "wait_s",
+    "connect_s",
+    "hold_s",
+    "count",
+    "site",
+    "stack",
+)
+"""Keys of every captured event dict.
+
+``pool`` is the pool's name, ``site`` the application line that caused the
+event (``None`` for events without a stack, such as ``connect``), ``stack`` its
+frames innermost first (an empty list without a stack); the other keys are the
+columns of the store's ``events`` table.
+"""
+
+_SELECT = """
+SELECT e.at, e.kind, p.name, e.connection_id, e.checkout_id, e.thread, e.task,
+       e.in_use, e.idle, e.overflow, e.waiters, e.wait_s, e.connect_s, e.hold_s, e.count,
+       s.site, s.frames
+FROM events AS e
+JOIN pools AS p ON p.id = e.pool_id
+LEFT JOIN stacks AS s ON s.id = e.stack_id
+WHERE e.process_id = ? AND e.pool_id = ? AND e.id > ?
+ORDER BY e.id
+"""
+
+
+@contextmanager
+def capture_events(
+    engine: Any, *, leak_after: float | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """Record the pool events of ``engine`` inside the block; fill the yielded list on exit.
+
+    An engine that is not attached yet is attached to a temporary store for the
+    block and detached afterwards. An engine that is already attached keeps its
+    monitor and store; only the events recorded during the block are returned.
+    The list stays empty inside the block: it is filled after everything has been
+    written, when the block ends (also when it raises).
+
+    Caveat: events the writer could not store (an unwritable store of an engine
+    attached earlier, or a full queue) are missing; a ``dropped`` event counts them.
+
+    :param engine: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
+    :param leak_after: seconds a checkout may be held before a ``leak_suspected``
+        event. May be ``None`` for the default. Ignored for an engine attached earlier.
+    """
+    events: list[dict[str, Any]] = []
+    sync_engine = getattr(engine, "sync_engine", None)
+    existing = _hooks._monitors.get(sync_engine if sync_engine is not None else engine)
+    if existing is not None and existing.attached:
+        existing.flush()
+        start = _last_event_id(existing.store)
+        try:
+            yield events
+        finally:
+            existing.flush()
+            events.extend(_read(existing, start))
+        return
+
+    directory = Path(tempfile.mkdtemp(prefix="poolscope-capture-"))
+    kwargs = {} if leak_after is None else {"leak_after": leak_after}
+    monitor = _hooks.attach(engine, store=directory / "capture.db", **kwargs)
+    try:
+        yield events
+    finally:
+        try:
+            monitor.flush()
+            events.extend(_read(monitor, 0))
+        finally:
+            monitor.detach()
+            _shutdown_writer(monitor.store)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _last_event_id(store: Path) -> int:
+    try:
+        conn = _store.open_for_reading(store)
+    except Exception:  # nothing written yet (or unwritable): every later event is new
+        return 0
+    try:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _read(monitor: _hooks.Monitor, after_id: int) -> list[dict[str, Any]]:
+    writer = monitor._writer
+    pool_id = writer._pool_ids.get(monitor.pool_key)
+    if writer.process_id is None or pool_id is None:
+        return []
+    conn = _store.open_for_reading(monitor.store)
+    try:
+        rows = conn.execute(_SELECT, (writer.process_id, pool_id, after_id)).fetchall()
+    finally:
+        conn.close()
+    events = []
+    for row in rows:
+        event = dict(zip(EVENT_FIELDS, row, strict=True))
+        event["stack"] = json.loads(event["stack"]) if event["stack"] else []
+        events.append(event)
+    return events
+
+
+def _shutdown_writer(store: Path) -> None:
+    """Stop the temporary store's writer thread; nothing else writes to that file."""
+    key = os.path.abspath(store)
+    with _writer._registry_lock:
+        writer = _writer._writers.pop(key, None)
+    if writer is not None:
+        writer.shutdown(timeout=10.0)

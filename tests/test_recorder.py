@@ -1,0 +1,612 @@
+"""Recording: every checkout from many threads, attach and detach, a broken store, privacy, and
+many processes writing one store."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import query, unique_table
+from sqlalchemy import event
+from sqlalchemy.pool import QueuePool
+
+import instrument
+from instrument import _hooks, _writer
+from instrument.testing import EVENT_FIELDS, capture_events
+
+ROOT = Path(__file__).resolve().parent.parent
+THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()
+
+POOL_EVENTS = (
+    "connect",
+    "first_connect",
+    "checkout",
+    "checkin",
+    "reset",
+    "invalidate",
+    "soft_invalidate",
+    "close",
+    "detach",
+    "close_detached",
+)
+
+POOL_SIZE = 3
+MAX_OVERFLOW = 2
+CAPACITY = POOL_SIZE + MAX_OVERFLOW
+THREADS = 6
+PER_THREAD = 10
+
+
+def site_of(func, marker: str) -> str:
+    """The site poolscope should record for the line of ``func`` holding ``marker``."""
+    lines, first = inspect.getsourcelines(func)
+    hits = [first + i for i, line in enumerate(lines) if marker in line]
+    assert len(hits) == 1, f"marker {marker!r} must appear once in {func.__name__}"
+    return f"{THIS_FILE}:{hits[0]} in {func.__name__}"
+
+
+def store_bytes(store: Path) -> bytes:
+    """The raw bytes of the store file and its -wal and -shm companions."""
+    return b"".join(p.read_bytes() for p in sorted(store.parent.glob(store.name + "*")))
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from the repository root, so sites read ``tests/test_recorder.py:N in f``."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
+
+
+def _hold_connections(engine: sa.Engine, index: int, sleep_s: float, log: list, gate) -> None:
+    """One holder thread: ``PER_THREAD`` checkouts, each held ``sleep_s`` seconds.
+
+    On its first checkout every thread waits until ``CAPACITY`` connections are held
+    at once, so the pool is driven into overflow on every run.
+    """
+    for seq in range(PER_THREAD):
+        t0 = time.perf_counter()
+        conn = engine.connect()  # <- checkout site
+        t1 = time.perf_counter()
+        conn.exec_driver_sql("select 1")
+        if seq == 0:
+            with gate:
+                gate.held += 1
+                gate.notify_all()
+                gate.wait_for(lambda: gate.held >= CAPACITY, timeout=30)
+        time.sleep(sleep_s)
+        t2 = time.perf_counter()
+        conn.close()
+        t3 = time.perf_counter()
+        log.append((threading.current_thread().name, seq, sleep_s, t2 - t1, t3 - t0))
+
+
+class TestThreadedCheckouts:
+    def test_every_checkout_is_paired_with_its_checkin(
+        self, make_engine, store_path: Path, in_repo_root: Path
+    ) -> None:
+        """N checkouts from M threads give exactly N checkouts and N checkins, paired by id,
+        with the hold time slept, the test's own line as site, and honest pool counts."""
+        engine = make_engine(pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_timeout=30)
+        monitor = instrument.attach(engine, store=store_path, name="threads")
+        log: list[tuple[str, int, float, float, float]] = []
+        gate = threading.Condition()
+        gate.held = 0  # type: ignore[attr-defined]
+        threads = [
+            threading.Thread(
+                target=_hold_connections,
+                args=(engine, i, 0.004 * (i + 1), log, gate),
+                name=f"holder-{i}",
+            )
+            for i in range(THREADS)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(log) == THREADS * PER_THREAD
+        assert monitor.flush() is True
+
+        (pool_id,) = query(store_path, "SELECT id FROM pools WHERE name = 'threads'")[0]
+        assert query(store_path, "SELECT pool_size, max_overflow FROM pools") == [
+            (POOL_SIZE, MAX_OVERFLOW)
+        ]
+        rows = query(
+            store_path,
+            "SELECT kind, checkout_id, thread, stack_id, hold_s, in_use, overflow, at "
+            "FROM events WHERE pool_id = ? AND kind IN ('checkout', 'checkin') ORDER BY id",
+            pool_id,
+        )
+        checkouts = {r[1]: r for r in rows if r[0] == "checkout"}
+        checkins = {r[1]: r for r in rows if r[0] == "checkin"}
+        n = THREADS * PER_THREAD
+        assert len([r for r in rows if r[0] == "checkout"]) == n
+        assert len([r for r in rows if r[0] == "checkin"]) == n
+        assert len(checkouts) == n and set(checkins) == set(checkouts)
+        for cid, out in checkouts.items():
+            back = checkins[cid]
+            assert back[2] == out[2], "checkin recorded on another thread than its checkout"
+            assert back[3] == out[3], "checkin does not carry its checkout's stack"
+            assert back[7] >= out[7]
+
+        # Hold times: at least what the thread held the connection, at most the whole turn.
+        by_thread = defaultdict(list)
+        for cid in sorted(checkouts):
+            by_thread[checkouts[cid][2]].append(cid)
+        assert sorted(by_thread) == [f"holder-{i}" for i in range(THREADS)]
+        eps = 0.002  # the recorder's wall clock against the test's perf_counter
+        for thread, seq, slept, inner, outer in log:
+            hold = checkins[by_thread[thread][seq]][4]
+            assert hold >= slept - eps
+            assert inner - eps <= hold <= outer + eps, (thread, seq, inner, hold, outer)
+
+        # Every checkout's site is the line in this file that called engine.connect().
+        expected_site = site_of(_hold_connections, "<- checkout site")
+        sites = query(
+            store_path,
+            "SELECT DISTINCT s.site FROM events e JOIN stacks s ON s.id = e.stack_id "
+            "WHERE e.kind IN ('checkout', 'checkin')",
+        )
+        assert sites == [(expected_site,)]
+
+        # Pool counts: never above capacity; overflow is exactly what exceeds pool_size.
+        counts = query(
+            store_path,
+            "SELECT kind, in_use, overflow FROM events WHERE pool_id = ? AND in_use IS NOT NULL",
+            pool_id,
+        )
+        assert max(r[1] for r in counts) == CAPACITY
+        for kind, in_use, overflow in counts:
+            assert 0 <= in_use <= CAPACITY
+            assert overflow == max(0, in_use - POOL_SIZE), (kind, in_use, overflow)
+        assert any(r[2] > 0 for r in counts)
+
+        paired = query(
+            store_path,
+            "SELECT returned_by, count(*) FROM checkouts WHERE pool_id = ? GROUP BY 1",
+            pool_id,
+        )
+        assert paired == [("checkin", n)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'dropped'") == [(0,)]
+
+    def test_counts_match_the_pool_at_every_event(self, make_engine, store_path: Path) -> None:
+        """in_use, idle and overflow at each checkout and checkin agree with the pool itself."""
+        engine = make_engine(pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+        monitor = instrument.attach(engine, store=store_path)
+        pool = engine.pool
+        expected = []
+        conns = []
+        for _ in range(CAPACITY):
+            conns.append(engine.connect())
+            expected.append(("checkout", pool.checkedout(), pool.checkedin(), pool.overflow()))
+        while conns:
+            conns.pop().close()
+            out = pool.checkedout()
+            expected.append(("checkin", out, pool.checkedin(), max(0, out - POOL_SIZE)))
+        assert max(e[3] for e in expected) == MAX_OVERFLOW
+        monitor.flush()
+        rows = query(
+            store_path,
+            "SELECT kind, in_use, idle, overflow FROM events "
+            "WHERE kind IN ('checkout', 'checkin') ORDER BY id",
+        )
+        assert rows == [(k, used, idle, max(0, over)) for k, used, idle, over in expected]
+
+
+class TestAttach:
+    def test_detach_leaves_nothing_behind(self, make_engine, store_path: Path) -> None:
+        """After detach() no poolscope listener or pool hook is left, and nothing more is
+        recorded."""
+        engine = make_engine()
+        pool = engine.pool
+        before = {name: len(getattr(pool.dispatch, name)) for name in POOL_EVENTS}
+        disposed_before = len(engine.dispatch.engine_disposed)
+        creator = vars(pool)["_invoke_creator"]
+
+        monitor = instrument.attach(engine, store=store_path)
+        listeners = dict(monitor._listeners)
+        assert all(event.contains(engine, n, fn) for n, fn in listeners.items())
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+        monitor.detach()
+
+        for name, fn in listeners.items():
+            assert not event.contains(engine, name, fn), name
+        assert {name: len(getattr(pool.dispatch, name)) for name in POOL_EVENTS} == before
+        assert len(engine.dispatch.engine_disposed) == disposed_before
+        assert "_do_get" not in vars(pool)
+        assert vars(pool)["_invoke_creator"] is creator
+        assert not monitor.attached
+
+        monitor.flush()
+        recorded = query(store_path, "SELECT count(*) FROM events")
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+        monitor.flush()
+        assert query(store_path, "SELECT count(*) FROM events") == recorded
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+    def test_detach_is_idempotent(self, make_engine, store_path: Path) -> None:
+        """A second detach() does nothing, and attaching again records again."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path)
+        monitor.detach()
+        monitor.detach()
+        assert not monitor.attached
+        again = instrument.attach(engine, store=store_path)
+        assert again is not monitor and again.attached
+        with engine.connect():
+            pass
+        again.flush()
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+    def test_attaching_twice_returns_the_same_monitor(self, make_engine, store_path: Path) -> None:
+        """attach() on an attached engine returns its monitor and adds no second listener."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path)
+        counts = {name: len(getattr(engine.pool.dispatch, name)) for name in POOL_EVENTS}
+        assert instrument.attach(engine, store=store_path) is monitor
+        assert instrument.attach(engine) is monitor
+        assert {name: len(getattr(engine.pool.dispatch, name)) for name in POOL_EVENTS} == counts
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+        monitor.flush()
+        rows = query(
+            store_path,
+            "SELECT kind, count(*) FROM events WHERE kind IN ('checkout', 'checkin') GROUP BY 1",
+        )
+        assert rows == [("checkin", 1), ("checkout", 1)]
+        assert query(store_path, "SELECT count(*) FROM pools") == [(1,)]
+
+    def test_async_engine(self, tmp_path: Path, store_path: Path, in_repo_root: Path) -> None:
+        """An AsyncEngine is attached through its sync engine; its task name and the
+        awaiting line are recorded."""
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+        monitor = instrument.attach(engine, store=store_path, name="async")
+        assert instrument.attach(engine.sync_engine) is monitor
+
+        async def use_connection() -> int:
+            async with engine.connect() as conn:  # <- async checkout
+                result = await conn.exec_driver_sql("select 7")
+                return result.scalar()
+
+        async def main() -> int:
+            try:
+                return await asyncio.create_task(use_connection(), name="order-task")
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(main()) == 7
+        monitor.flush()
+        rows = query(
+            store_path,
+            "SELECT e.kind, e.task, s.site FROM events e LEFT JOIN stacks s ON s.id = e.stack_id "
+            "WHERE e.kind IN ('checkout', 'checkin') ORDER BY e.id",
+        )
+        site = site_of(use_connection, "<- async checkout")
+        assert rows[0] == ("checkout", "order-task", site)
+        # SQLAlchemy closes an AsyncConnection in a task of its own (asyncio.shield).
+        assert rows[1][0] == "checkin" and rows[1][1] is not None and rows[1][2] == site
+        assert len(rows) == 2
+
+    def test_bare_pool(self, tmp_path: Path, store_path: Path) -> None:
+        """A Pool without an engine is recorded, with its class and size in ``pools``."""
+        database = tmp_path / "bare.db"
+        pool = QueuePool(lambda: sqlite3.connect(database), pool_size=2, max_overflow=1)
+        monitor = instrument.attach(pool, store=store_path, name="bare")
+        assert instrument.attach(pool) is monitor
+        conn = pool.connect()
+        conn.cursor().execute("select 1")
+        conn.close()
+        monitor.flush()
+        pool.dispose()
+        assert query(store_path, "SELECT kind FROM events ORDER BY id") == [
+            ("connect",),
+            ("checkout",),
+            ("checkin",),
+        ]
+        assert query(
+            store_path, "SELECT name, url, dialect, pool_class, pool_size, max_overflow FROM pools"
+        ) == [("bare", "<QueuePool>", None, "QueuePool", 2, 1)]
+
+    @pytest.mark.parametrize(
+        ("target", "kwargs", "error", "message"),
+        [
+            ("sqlite://", {}, TypeError, "attach() takes an Engine, an AsyncEngine or a Pool"),
+            (None, {"leak_after": 0}, ValueError, "leak_after must be more than 0 seconds"),
+            (None, {"leak_after": "5"}, ValueError, "leak_after must be a number of seconds"),
+        ],
+    )
+    def test_bad_arguments(self, sqlite_url, store_path, target, kwargs, error, message) -> None:
+        """attach() rejects what it cannot record with one plain sentence."""
+        engine = sa.create_engine(sqlite_url) if target is None else target
+        with pytest.raises(error) as info:
+            instrument.attach(engine, store=store_path, **kwargs)
+        assert str(info.value).startswith(message)
+        assert not store_path.exists()
+
+
+class TestBrokenStore:
+    @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
+    def test_unwritable_store_never_reaches_the_application(
+        self,
+        where: str,
+        tmp_path: Path,
+        sqlite_url: str,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Queries run normally, every event is counted as dropped, and one error is logged."""
+        if where == "in /proc":
+            store = Path(f"/proc/poolscope-{uuid.uuid4().hex[:8]}/poolscope.db")
+        else:
+            (tmp_path / "afile").write_text("a regular file, not a directory")
+            store = tmp_path / "afile" / "poolscope.db"
+        # Retry opening the store at every batch: the failure must still be reported once.
+        monkeypatch.setattr(_writer, "RETRY_OPEN_SECONDS", 0.0)
+        engine = sa.create_engine(sqlite_url)
+        caplog.set_level(logging.DEBUG, logger="instrument")
+        monitor = instrument.attach(engine, store=store)
+        for i in range(3):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql(f"select {i}").scalar() == i
+            assert monitor.flush() is True
+        # connect + 3 checkouts + 3 checkins, none stored, all counted.
+        assert monitor.dropped == 7
+        _writer.shutdown_all(timeout=10.0)
+        engine.dispose()
+        problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(problems) == 1, [r.getMessage() for r in problems]
+        assert problems[0].name == "instrument"
+        assert problems[0].levelno == logging.ERROR
+        assert str(store) in problems[0].getMessage()
+        assert not store.exists()
+
+    def test_missing_directory_is_created(self, tmp_path: Path, sqlite_url: str) -> None:
+        """A store in a directory that does not exist yet creates the directory."""
+        store = tmp_path / "not" / "yet" / "poolscope.db"
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store)
+        with engine.connect():
+            pass
+        monitor.flush()
+        assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+
+class TestPrivacy:
+    PASSWORD = "s3cr3t-pw"
+
+    def test_password_never_stored(self, pg_url: str, store_path: Path) -> None:
+        """The engine's password appears nowhere in the store's bytes; the URL shows ***."""
+        url = sa.make_url(pg_url).set(password=self.PASSWORD)
+        engine = sa.create_engine(url, pool_size=2)
+        try:
+            monitor = instrument.attach(engine, store=store_path)
+            with engine.connect() as conn:  # trust auth accepts any password
+                conn.exec_driver_sql("select 1")
+            conn = engine.connect()
+            conn.invalidate()
+            conn.close()
+            assert monitor.flush() is True
+            assert self.PASSWORD.encode() not in store_bytes(store_path)
+        finally:
+            engine.dispose()
+        _writer.shutdown_all(timeout=10.0, reason="exit")  # checkpoints the WAL into the file
+        assert self.PASSWORD.encode() not in store_bytes(store_path)
+        masked = url.render_as_string(hide_password=True)
+        assert "***" in masked
+        assert query(store_path, "SELECT url FROM pools") == [(masked,)]
+
+    def test_secret_query_values_are_masked(self) -> None:
+        """Secret-looking query values in a URL are masked like the password."""
+        url = sa.make_url("postgresql+psycopg://app:pw1@db/shop?sslpassword=pw2&sslmode=require")
+        masked = _hooks.mask_url(url)
+        assert "pw1" not in masked and "pw2" not in masked
+        assert masked.startswith("postgresql+psycopg://app:***@db/shop?")
+        assert "sslpassword=***" in masked and "sslmode=require" in masked
+
+    def test_sql_and_parameters_never_stored(self, make_engine, store_path: Path) -> None:
+        """Neither statements nor their bound parameters reach the store."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path)
+        table = unique_table()
+        secret = f"param-{uuid.uuid4().hex}"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE TABLE {table} (v VARCHAR(100))")
+            conn.execute(sa.text(f"INSERT INTO {table} (v) VALUES (:v)"), {"v": secret})
+            found = conn.execute(sa.text(f"SELECT v FROM {table} WHERE v = :v"), {"v": secret})
+            assert found.scalar() == secret
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        monitor.flush()
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+        data = store_bytes(store_path)
+        assert secret.encode() not in data
+        assert table.encode() not in data
+
+
+WORKER = """\
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+import instrument
+
+store, app_db, go, checkouts = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+engine = sa.create_engine(f"sqlite:///{app_db}", pool_size=2, max_overflow=0)
+instrument.attach(engine, store=store, name=f"proc-{os.getpid()}")
+print("ready", os.getpid(), flush=True)
+while not go.exists():
+    time.sleep(0.005)
+
+
+def work():
+    for _ in range(checkouts // 2):
+        with engine.connect() as conn:  # <- worker checkout
+            conn.exec_driver_sql("select 1")
+
+
+threads = [threading.Thread(target=work, name=f"w{i}") for i in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("connections", engine.pool.checkedin(), flush=True)
+"""
+
+
+class TestManyProcesses:
+    def test_four_processes_share_one_store(self, tmp_path: Path, store_path: Path) -> None:
+        """Four processes writing one store concurrently lose no event, each under its own
+        process row, ended cleanly."""
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER)
+        go = tmp_path / "go"
+        per_process = 2000
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    str(store_path),
+                    str(tmp_path / f"app{i}.db"),
+                    str(go),
+                    str(per_process),
+                ],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
+        try:
+            pids = []
+            for proc in procs:
+                word, pid = proc.stdout.readline().split()
+                assert word == "ready"
+                pids.append(int(pid))
+            go.touch()  # all four are attached: start together
+            connections = {}
+            for pid, proc in zip(pids, procs, strict=True):
+                out, err = proc.communicate(timeout=120)
+                assert proc.returncode == 0, err
+                assert "Traceback" not in err, err
+                word, n = out.split()
+                assert word == "connections"
+                connections[pid] = int(n)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+
+        processes = query(store_path, "SELECT id, pid, end_reason, ended_at FROM processes")
+        assert sorted(p[1] for p in processes) == sorted(pids)
+        assert all(p[2] == "exit" and p[3] is not None for p in processes)
+        assert query(store_path, "SELECT count(DISTINCT process_id), count(*) FROM pools") == [
+            (4, 4)
+        ]
+        for process_id, pid, _, _ in processes:
+            assert query(store_path, "SELECT name FROM pools WHERE process_id = ?", process_id) == [
+                (f"proc-{pid}",)
+            ]
+            kinds = dict(
+                query(
+                    store_path,
+                    "SELECT kind, count(*) FROM events WHERE process_id = ? GROUP BY kind",
+                    process_id,
+                )
+            )
+            (dropped,) = query(
+                store_path,
+                "SELECT coalesce(sum(count), 0) FROM events "
+                "WHERE process_id = ? AND kind = 'dropped'",
+                process_id,
+            )[0]
+            kinds.pop("dropped", None)
+            expected = {
+                "connect": connections[pid],
+                "checkout": per_process,
+                "checkin": per_process,
+            }
+            if dropped:  # each lost record is counted, none vanishes silently
+                assert sum(kinds.values()) + dropped == sum(expected.values())
+            else:
+                assert kinds == expected
+            (unpaired,) = query(
+                store_path,
+                "SELECT count(*) FROM checkouts WHERE process_id = ? AND returned_at IS NULL",
+                process_id,
+            )[0]
+            assert unpaired == 0 or dropped
+        # The same line in four processes is one stack: fingerprints are stable across them.
+        marker = next(i for i, line in enumerate(WORKER.splitlines(), 1) if "<- worker" in line)
+        assert query(
+            store_path,
+            "SELECT DISTINCT s.site FROM events e JOIN stacks s ON s.id = e.stack_id",
+        ) == [(f"worker.py:{marker} in work",)]
+        assert query(store_path, "SELECT count(*) FROM stacks") == [(1,)]
+
+
+class TestCaptureEvents:
+    def test_captures_the_blocks_events(self, sqlite_url: str, in_repo_root: Path) -> None:
+        """capture_events() fills its list on exit with the block's events, then detaches."""
+        engine = sa.create_engine(sqlite_url)
+        try:
+            with capture_events(engine) as events:
+                with engine.connect() as conn:  # <- captured
+                    conn.exec_driver_sql("select 1")
+                assert events == []
+            assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+            assert all(set(e) == set(EVENT_FIELDS) for e in events)
+            marker = "<- " + "captured"  # split, so only the comment above matches
+            site = site_of(TestCaptureEvents.test_captures_the_blocks_events, marker)
+            checkout, checkin = events[1], events[2]
+            assert checkout["site"] == checkin["site"] == site
+            assert checkout["stack"][0] == site
+            assert checkout["checkout_id"] == checkin["checkout_id"]
+            assert checkin["hold_s"] >= 0 and checkout["thread"] == "MainThread"
+            assert events[0]["site"] is None and events[0]["stack"] == []
+            assert _hooks._monitors.get(engine) is None
+            assert not any(t.name.startswith("poolscope-writer") for t in threading.enumerate())
+        finally:
+            engine.dispose()
+
+    def test_attached_engine_keeps_its_monitor(self, sqlite_url: str, store_path: Path) -> None:
+        """On an engine attached earlier, only the block's events are returned and the
+        monitor stays attached."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name="kept")
+        with engine.connect():
+            pass
+        with capture_events(engine) as events, engine.connect():
+            pass
+        assert [e["kind"] for e in events] == ["checkout", "checkin"]
+        assert {e["pool"] for e in events} == {"kept"}
+        assert monitor.attached
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(2,)]
+        engine.dispose()
+
+    def test_events_are_returned_when_the_block_raises(self, sqlite_url: str) -> None:
+        """An exception in the block propagates, and the events are still filled in."""
+        engine = sa.create_engine(sqlite_url)
+        with pytest.raises(ZeroDivisionError), capture_events(engine) as events, engine.connect():
+            1 / 0  # noqa: B018
+        assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+        engine.dispose()
