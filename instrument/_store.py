@@ -110,7 +110,7 @@ SELECT o.process_id, o.pool_id, o.checkout_id, o.connection_id,
 FROM events AS o
 LEFT JOIN events AS r
   ON r.process_id = o.process_id AND r.pool_id = o.pool_id
- AND r.checkout_id = o.checkout_id AND r.kind IN ('checkin', 'gc_checkin')
+ AND r.checkout_id = o.checkout_id AND r.kind IN ('checkin', 'gc_checkin', 'detach')
 WHERE o.kind = 'checkout';
 """
 
