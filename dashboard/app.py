@@ -1,0 +1,181 @@
+"""The poolscope dashboard's router: page config, the shared sidebar, then the chosen page.
+
+Run it with ``streamlit run dashboard/app.py [-- --store PATH]``. The store comes from
+``--store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``, and can be changed in the
+sidebar. The sidebar filters (process, pool, time window, leak threshold) apply to every
+page and are mirrored in the URL's query parameters, so a view can be shared as a link.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import streamlit as st
+
+# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repository root.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from dashboard import data, filters, ui  # noqa: E402
+from instrument import analysis  # noqa: E402
+from instrument.exceptions import StoreError  # noqa: E402
+
+_PAGES = Path(__file__).resolve().parent / "app_pages"
+
+
+def _to_datetime(at: float) -> datetime:
+    return datetime.fromtimestamp(at, tz=timezone.utc).replace(tzinfo=None)
+
+
+def _to_unix(moment: datetime) -> float:
+    return moment.replace(tzinfo=timezone.utc).timestamp()
+
+
+def render_store_picker() -> str:
+    """Draw the store input (seeded from ``--store`` / ``$POOLSCOPE_STORE``); return the path."""
+    if "store" not in st.session_state:
+        st.session_state["store"] = data.resolve_store(sys.argv[1:])
+    path = st.sidebar.text_input(
+        "Store", key="store", help="Path of the SQLite file poolscope recorded into."
+    )
+    return path.strip() or "poolscope.db"
+
+
+def _seed_from_query(first: float, last: float) -> None:
+    """On a session's first run, put the URL's filters into the sidebar widgets."""
+    if st.session_state.get("_seeded"):
+        return
+    st.session_state["_seeded"] = True
+    state = filters.from_query(st.query_params.to_dict() | _repeated_params())
+    if state.pools:
+        st.session_state["pools"] = list(state.pools)
+    if state.processes:
+        st.session_state["processes"] = list(state.processes)
+    if state.since is not None or state.until is not None:
+        since = first if state.since is None else state.since
+        until = last if state.until is None else state.until
+        st.session_state["window"] = (_to_datetime(since), _to_datetime(until))
+    if state.leak_after is not None:
+        st.session_state["leak_after"] = state.leak_after
+
+
+def _repeated_params() -> dict[str, list[str]]:
+    return {name: st.query_params.get_all(name) for name in ("pool", "process")}
+
+
+def _window_bounds(first: float, last: float) -> tuple[datetime, datetime]:
+    start = _to_datetime(first).replace(microsecond=0)
+    end = _to_datetime(last).replace(microsecond=0) + timedelta(seconds=1)
+    return start, max(end, start + timedelta(seconds=1))
+
+
+def render_filters(store: str) -> data.View:
+    """Draw the filters for ``store`` and return the view they select.
+
+    :raises StoreError: the store cannot be read.
+    """
+    token = data.store_token(store)
+    processes = data.load_processes(store, token)
+    pools = data.load_pools(store, token)
+    start, end = _window_bounds(*data.time_span(processes))
+    first, last = _to_unix(start), _to_unix(end)
+    _seed_from_query(first, last)
+
+    sidebar = st.sidebar
+    process_ids = [int(p) for p in processes["id"]]
+    labels = {
+        int(row.id): f"#{row.id} · pid {row.pid} · {row.state}" for row in processes.itertuples()
+    }
+    chosen_processes = sidebar.multiselect(
+        "Processes",
+        process_ids,
+        key="processes",
+        format_func=lambda pid: labels.get(pid, f"#{pid}"),
+        placeholder="all processes",
+    )
+    pool_names = sorted(set(pools["name"]))
+    chosen_pools = sidebar.multiselect("Pools", pool_names, key="pools", placeholder="all pools")
+
+    # Keep the chosen window inside the store's span; a window reaching the end follows a
+    # live store as it grows.
+    previous_end = st.session_state.get("_window_end")
+    window = st.session_state.get("window")
+    if window is not None:
+        lo, hi = window
+        if previous_end is not None and hi >= previous_end:
+            hi = end
+        lo = min(max(lo, start), end)
+        hi = min(max(hi, lo), end)
+        st.session_state["window"] = (lo, hi)
+    st.session_state["_window_end"] = end
+    lo, hi = sidebar.slider(
+        "Time window (UTC)",
+        min_value=start,
+        max_value=end,
+        value=None if window is not None else (start, end),
+        key="window",
+        step=timedelta(seconds=1),
+        format="HH:mm:ss",
+    )
+    leak_after = sidebar.number_input(
+        "Leak threshold (s)",
+        min_value=0.001,
+        value=None,
+        key="leak_after",
+        placeholder="each pool's leak_after",
+        help="Checkouts held longer than this count as suspected leaks. Empty: each pool "
+        "uses the leak_after it was attached with.",
+    )
+
+    since = None if lo <= start else _to_unix(lo)
+    until = None if hi >= end else _to_unix(hi)
+    state = filters.FilterState(
+        pools=tuple(chosen_pools),
+        processes=tuple(chosen_processes),
+        since=since,
+        until=until,
+        leak_after=leak_after,
+    )
+    st.query_params.from_dict(filters.to_query(state))
+    view_filters = analysis.Filters(
+        pools=state.pools or None,
+        processes=state.processes or None,
+        since=since,
+        until=until,
+        leak_after=leak_after,
+    )
+    if data.load_event_count(store, token) == 0:
+        raise _EmptyStore(
+            f"{store} holds no pool events yet: the app that attached poolscope has not "
+            "checked out a connection. Run it, then reload this page"
+        )
+    return data.View(store=store, token=token, filters=view_filters)
+
+
+class _EmptyStore(StoreError):
+    """A valid store in which nothing was recorded yet."""
+
+
+st.set_page_config(page_title="poolscope", page_icon="🔎", layout="wide")
+navigation = st.navigation(
+    [
+        st.Page(_PAGES / "overview.py", title="Overview", icon="📋", default=True),
+        st.Page(_PAGES / "utilization.py", title="Utilization", icon="📈"),
+        st.Page(_PAGES / "waits.py", title="Waits & timeouts", icon="⏳"),
+        st.Page(_PAGES / "sites.py", title="Call sites", icon="📍"),
+        st.Page(_PAGES / "leaks.py", title="Leaks", icon="💧"),
+        st.Page(_PAGES / "live.py", title="Live", icon="🔴"),
+    ]
+)
+st.sidebar.title("poolscope")
+store_path = render_store_picker()
+try:
+    view = render_filters(store_path)
+except StoreError as error:
+    ui.render_store_error(error)
+    st.stop()
+data.set_view(view)
+navigation.run()

@@ -1,0 +1,70 @@
+"""Leaks: checkouts that never came back or were held too long, by class and call site."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from dashboard import charts, data, ui
+
+view = data.current_view()
+leaks = data.leaks(view)
+summary = data.summary(view)
+
+st.title("Leaks")
+threshold = view.filters.leak_after
+st.caption(
+    "Leak threshold: "
+    + (f"{threshold:g} s (sidebar)" if threshold else "each pool's own leak_after")
+    + ". Confirmed leaks were certainly never closed by code; suspected ones were held past "
+    "the threshold; unknown ones were open when their process died."
+)
+cols = st.columns(3)
+cols[0].metric("Confirmed leaks", summary["confirmed_leaks"])
+cols[1].metric("Suspected leaks", summary["suspected_leaks"])
+cols[2].metric("Unknown (process died)", summary.get("unknown_leaks", 0))
+
+renderers = data.report_renderers()
+report = data.load_report(view.store, view.token, view.filters)
+buttons = st.columns(4)
+if "html" in renderers:
+    buttons[0].download_button(
+        "Download HTML report",
+        renderers["html"](report),
+        file_name="poolscope-report.html",
+        mime="text/html",
+    )
+json_text = renderers["json"](report) if "json" in renderers else json.dumps(report, indent=2)
+buttons[1].download_button(
+    "Download JSON report", json_text, file_name="poolscope-report.json", mime="application/json"
+)
+
+if leaks.empty:
+    st.success("No leaks in the chosen window and filters.")
+    st.stop()
+
+st.plotly_chart(charts.leaks_chart(leaks))
+
+for leak_class, meaning in ui.LEAK_CLASSES.items():
+    rows = leaks[leaks["leak_class"] == leak_class].sort_values("count", ascending=False)
+    if rows.empty:
+        continue
+    certainty = rows["certainty"].iloc[0]
+    st.header(f"{leak_class} · {certainty}")
+    st.caption(f"{meaning}. {int(rows['count'].sum())} checkouts at {len(rows)} sites.")
+    table = ui.with_times(rows, ["first_seen_at", "last_seen_at"])
+    st.dataframe(
+        table[["site", "pool", "count", "first_seen_at", "last_seen_at", "max_held_s", "threads"]],
+        hide_index=True,
+        column_config={
+            "count": st.column_config.NumberColumn("count", format="%d"),
+            "first_seen_at": st.column_config.DatetimeColumn("first seen (UTC)"),
+            "last_seen_at": st.column_config.DatetimeColumn("last seen (UTC)"),
+            "max_held_s": st.column_config.NumberColumn("max held (s)", format="%.3f"),
+        },
+        key=f"leaks-{leak_class}",
+    )
+    for row in rows.itertuples(index=False):
+        with st.expander(f"{row.site} · pool {row.pool} · {row.count}×"):
+            ui.render_stack(row.stack)

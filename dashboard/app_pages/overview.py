@@ -1,0 +1,64 @@
+"""Overview: the headline numbers of the store and a compact utilization timeline."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, data, ui
+
+view = data.current_view()
+summary = data.summary(view)
+util = data.utilization(view)
+advice = data.load_sizing_advice(view.store, view.token, view.filters)
+processes = data.load_processes(view.store, view.token)
+
+st.title("Overview")
+st.caption(f"Store `{view.store}` — times in UTC")
+ui.render_dropped(summary)
+
+row = st.columns(4)
+row[0].metric("Processes", summary["processes"])
+row[1].metric("Pools", summary["pools"])
+row[2].metric("Checkouts", f"{summary['checkouts']:,}")
+row[3].metric(
+    "Peak in use / capacity",
+    ui.fmt_peak(summary["peak_in_use"], summary["capacity"]),
+    help="Most connections checked out at once, against pool_size + max_overflow.",
+)
+row = st.columns(4)
+row[0].metric("p95 wait", ui.fmt_duration(summary["wait_p95_s"]))
+row[1].metric("Timeouts", summary["timeouts"])
+row[2].metric(
+    "Confirmed leaks",
+    summary["confirmed_leaks"],
+    help="never_returned and gc_reclaimed checkouts: certainly not closed by code.",
+)
+row[3].metric(
+    "Suspected leaks",
+    summary["suspected_leaks"],
+    help="held_too_long and open_now checkouts: held past the leak threshold.",
+)
+if summary.get("unknown_leaks"):
+    st.info(
+        f"{summary['unknown_leaks']} checkouts were still open when their process died "
+        "without a clean exit (open_at_crash): see the Leaks page."
+    )
+
+st.plotly_chart(charts.timeline_chart(util))
+
+if advice:
+    st.subheader("Sizing")
+    for item in advice:
+        verdict = item.get("verdict")
+        text = ui.advice_text(item)
+        if verdict == "too_small":
+            st.warning(text)
+        else:
+            st.info(text)
+
+st.subheader("Processes")
+st.dataframe(
+    ui.with_times(processes, ["started_at", "heartbeat_at", "ended_at"]),
+    hide_index=True,
+    width="stretch",
+)

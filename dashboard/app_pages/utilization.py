@@ -1,0 +1,34 @@
+"""Utilization: in use / idle / overflow over time against the pool's limits, per pool."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, data, ui
+
+view = data.current_view()
+util = data.utilization(view)
+timeouts = data.timeouts(view)
+percentiles = data.load_percentiles(view.store, view.token, view.filters, "pool")
+
+st.title("Utilization")
+st.caption(
+    "Connections checked out (within pool_size, then overflow) and idle, against pool_size "
+    "and pool_size + max_overflow; waiters and timeouts below on the same time axis. Drag "
+    "on a chart or use its range slider to zoom; the sidebar's time window narrows every page."
+)
+
+if util.empty:
+    st.info("No pool activity in the chosen window and filters.")
+for pool, rows in util.groupby("pool", sort=True):
+    pool_timeouts = timeouts[timeouts["pool"] == pool] if not timeouts.empty else timeouts
+    st.plotly_chart(charts.utilization_chart(rows, pool_timeouts, title=f"Pool {pool}"))
+    stats = percentiles[percentiles["pool"] == pool] if not percentiles.empty else percentiles
+    cols = st.columns(4)
+    cols[0].metric("Peak in use", int(rows["in_use"].max()))
+    capacity = rows["capacity"].dropna()
+    cols[1].metric("Capacity", int(capacity.max()) if not capacity.empty else "unbounded")
+    cols[2].metric("Most waiters", int(rows["waiters"].fillna(0).max()))
+    cols[3].metric(
+        "p95 hold", ui.fmt_duration(stats["hold_p95_s"].iloc[0]) if not stats.empty else "—"
+    )

@@ -1,0 +1,330 @@
+"""Cached loaders over :mod:`instrument.analysis`: the dashboard's only way to read a store.
+
+Every loader takes the store path and a *token* (sizes and modification times of the
+store and its WAL), so a finished store is read once while a store that a live process
+is writing is read again as soon as it changes. A connection is opened per load and
+closed after it: a read-only SQLite connection is cheap, and a fresh one always sees the
+newest committed events of a live writer.
+
+Frames that every page filters differently (checkouts) are cached whole and filtered
+here, outside the cache; analyses whose result depends on the filters themselves (leak
+classes depend on the threshold, resampling on the window) are cached per filter value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from instrument import analysis
+from instrument.exceptions import StoreCorruptError
+
+CACHE_TTL_S = 600
+"""How long a cached result may live; the token already invalidates it when the store changes."""
+
+LIVE_REFRESH_S = 3.0
+"""How often the Live page refreshes, in seconds."""
+
+LIVE_WINDOW_S = 300.0
+"""How much recent history the Live page draws, in seconds."""
+
+_VIEW_KEY = "poolscope.view"
+
+Token = tuple[int, ...]
+"""A cheap fingerprint of a store's files: changes whenever the store is written."""
+
+
+@dataclass(frozen=True)
+class View:
+    """What every page shows: which store, as of which token, through which filters."""
+
+    store: str
+    token: Token
+    filters: analysis.Filters
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def resolve_store(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    """Return the store to open first: ``--store PATH`` (after ``--`` on the streamlit
+    command line), else ``$POOLSCOPE_STORE``, else ``./poolscope.db``.
+
+    :param argv: the script's arguments. May be ``None`` for an empty list.
+    :param environ: the environment. May be ``None`` for ``os.environ``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store")
+    parser.add_argument("positional", nargs="?")
+    known, _ = parser.parse_known_args(list(argv or []))
+    environ = os.environ if environ is None else environ
+    return known.store or known.positional or environ.get("POOLSCOPE_STORE") or "poolscope.db"
+
+
+def store_token(store: str) -> Token:
+    """Fingerprint the store and its WAL file by size and modification time."""
+    token: list[int] = []
+    for suffix in ("", "-wal"):
+        try:
+            stat = os.stat(store + suffix)
+        except OSError:
+            token.extend((-1, -1))
+        else:
+            token.extend((stat.st_size, stat.st_mtime_ns))
+    return tuple(token)
+
+
+@contextmanager
+def _connection(store: str) -> Iterator[sqlite3.Connection]:
+    """Open the store read-only for one load; a damaged file becomes ``StoreCorruptError``."""
+    conn = analysis.open_store(store)
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorruptError(f"{store} could not be read ({exc})") from None
+    finally:
+        conn.close()
+
+
+def set_view(view: View) -> None:
+    """Make ``view`` the one the pages of this run show (called by the router)."""
+    st.session_state[_VIEW_KEY] = view
+
+
+def current_view() -> View:
+    """Return the view the router set up for this run."""
+    return st.session_state[_VIEW_KEY]
+
+
+def refreshed(view: View) -> View:
+    """Return ``view`` with the store's current token (for the Live page's reruns)."""
+    return replace(view, token=store_token(view.store))
+
+
+# -- cached loaders ----------------------------------------------------------------------
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=32, show_spinner=False)
+def load_processes(store: str, token: Token) -> pd.DataFrame:
+    """Every process that wrote the store (see :func:`instrument.analysis.processes`)."""
+    with _connection(store) as conn:
+        return analysis.processes(conn)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=32, show_spinner=False)
+def load_pools(store: str, token: Token) -> pd.DataFrame:
+    """Every pool of every process, unfiltered (see :func:`instrument.analysis.pools`)."""
+    with _connection(store) as conn:
+        return analysis.pools(conn)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=32, show_spinner=False)
+def load_event_count(store: str, token: Token) -> int:
+    """How many events the store holds (0 means nothing was recorded yet)."""
+    with _connection(store) as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_summary(store: str, token: Token, filters: analysis.Filters) -> dict[str, Any]:
+    """The headline numbers (see :func:`instrument.analysis.summary`)."""
+    with _connection(store) as conn:
+        return analysis.summary(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_sizing_advice(store: str, token: Token, filters: analysis.Filters) -> list[dict]:
+    """One piece of sizing advice per pool (see :func:`instrument.analysis.sizing_advice`)."""
+    with _connection(store) as conn:
+        return analysis.sizing_advice(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_utilization(
+    store: str, token: Token, filters: analysis.Filters, interval_s: float | None = None
+) -> pd.DataFrame:
+    """Pool counts over time (see :func:`instrument.analysis.utilization`)."""
+    with _connection(store) as conn:
+        return analysis.utilization(conn, filters, interval_s)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_timeouts(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
+    """Every timeout with its holders (see :func:`instrument.analysis.timeouts`)."""
+    with _connection(store) as conn:
+        return analysis.timeouts(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_percentiles(
+    store: str, token: Token, filters: analysis.Filters, by: str | None = None
+) -> pd.DataFrame:
+    """Wait and hold percentiles (see :func:`instrument.analysis.percentiles`)."""
+    with _connection(store) as conn:
+        return analysis.percentiles(conn, filters, by=by)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_sites(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
+    """Call sites by the pool time they hold (see :func:`instrument.analysis.sites`)."""
+    with _connection(store) as conn:
+        return analysis.sites(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_leaks(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
+    """Leaks by class and site (see :func:`instrument.analysis.leaks`)."""
+    with _connection(store) as conn:
+        return analysis.leaks(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=16, show_spinner=False)
+def load_checkouts(store: str, token: Token) -> pd.DataFrame:
+    """Every checkout of the store, unfiltered (filter with :func:`filter_checkouts`)."""
+    with _connection(store) as conn:
+        return analysis.checkouts(conn)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=16, show_spinner=False)
+def load_report(store: str, token: Token, filters: analysis.Filters) -> dict[str, Any]:
+    """The JSON report, as ``poolscope report --format json`` writes it."""
+    with _connection(store) as conn:
+        return analysis.build_report(conn, filters)
+
+
+def report_renderers() -> dict[str, Any]:
+    """Return the report renderers :mod:`instrument.report` offers, by format.
+
+    Looks for ``render_html`` and ``render_json`` (each taking the report dict and
+    returning text); a missing module or function is left out.
+    """
+    try:
+        report = importlib.import_module("instrument.report")
+    except ImportError:
+        return {}
+    found = {}
+    for fmt in ("html", "json"):
+        fn = getattr(report, f"render_{fmt}", None)
+        if callable(fn):
+            found[fmt] = fn
+    return found
+
+
+# -- shortcuts for pages -----------------------------------------------------------------
+
+
+def summary(view: View) -> dict[str, Any]:
+    """:func:`load_summary` for ``view``."""
+    return load_summary(view.store, view.token, view.filters)
+
+
+def utilization(view: View, interval_s: float | None = None) -> pd.DataFrame:
+    """:func:`load_utilization` for ``view``."""
+    return load_utilization(view.store, view.token, view.filters, interval_s)
+
+
+def timeouts(view: View) -> pd.DataFrame:
+    """:func:`load_timeouts` for ``view``."""
+    return load_timeouts(view.store, view.token, view.filters)
+
+
+def sites(view: View) -> pd.DataFrame:
+    """:func:`load_sites` for ``view``."""
+    return load_sites(view.store, view.token, view.filters)
+
+
+def leaks(view: View) -> pd.DataFrame:
+    """:func:`load_leaks` for ``view``."""
+    return load_leaks(view.store, view.token, view.filters)
+
+
+def checkouts(view: View) -> pd.DataFrame:
+    """The checkouts of ``view``: cached whole, filtered here by pool, process and window."""
+    return filter_checkouts(load_checkouts(view.store, view.token), view.filters)
+
+
+# -- derived frames (pure) ---------------------------------------------------------------
+
+
+def filter_checkouts(frame: pd.DataFrame, filters: analysis.Filters) -> pd.DataFrame:
+    """Keep the checkouts of the chosen pools and processes that overlap the time window.
+
+    Same rule as :mod:`instrument.analysis`: a checkout counts when it was taken at or
+    before ``until`` and returned at or after ``since`` (or not returned at all).
+    """
+    if frame.empty:
+        return frame
+    keep = pd.Series(True, index=frame.index)
+    if filters.pools:
+        keep &= frame["pool"].isin(filters.pools)
+    if filters.processes:
+        keep &= frame["process_id"].isin(filters.processes)
+    if filters.until is not None:
+        keep &= frame["checked_out_at"] <= filters.until
+    if filters.since is not None:
+        keep &= frame["returned_at"].isna() | (frame["returned_at"] >= filters.since)
+    return frame[keep]
+
+
+def wait_percentiles_over_time(checkouts: pd.DataFrame, buckets: int = 40) -> pd.DataFrame:
+    """Wait percentiles per pool per time bucket: the "is it getting worse?" view.
+
+    ``instrument.analysis.percentiles`` has no time dimension, so this derives it from
+    the checkouts: the span is cut into ``buckets`` equal intervals and each gets the
+    p50 / p95 / p99 / max of the waits of the checkouts taken in it.
+
+    :returns: columns ``at`` (bucket start), ``pool``, ``count``, ``wait_p50_s``,
+        ``wait_p95_s``, ``wait_p99_s``, ``wait_max_s``.
+    """
+    columns = ["at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]
+    waits = checkouts.dropna(subset=["wait_s"]) if not checkouts.empty else checkouts
+    if waits.empty:
+        return pd.DataFrame(columns=columns)
+    start = float(waits["checked_out_at"].min())
+    span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
+    width = span / max(buckets, 1)
+    index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
+    grouped = waits.assign(at=start + index * width).groupby(["at", "pool"])["wait_s"]
+    frame = grouped.agg(
+        count="count",
+        wait_p50_s=lambda s: s.quantile(0.50),
+        wait_p95_s=lambda s: s.quantile(0.95),
+        wait_p99_s=lambda s: s.quantile(0.99),
+        wait_max_s="max",
+    ).reset_index()
+    return frame[columns]
+
+
+def open_now(checkouts: pd.DataFrame, processes: pd.DataFrame) -> pd.DataFrame:
+    """The checkouts still open in processes that are running, longest held first."""
+    if checkouts.empty:
+        return checkouts
+    running = processes.loc[processes["state"] == "running", "id"]
+    rows = checkouts[(checkouts["outcome"] == "open") & checkouts["process_id"].isin(running)]
+    return rows.sort_values("hold_s", ascending=False)
+
+
+def time_span(processes: pd.DataFrame, now: float | None = None) -> tuple[float, float]:
+    """The recorded span of the store: first process start to last end or heartbeat.
+
+    :param now: unused unless no process row exists. May be ``None`` for the clock.
+    """
+    if processes.empty:
+        now = time.time() if now is None else now
+        return now, now
+    first = float(processes["started_at"].min())
+    if "seen_until_at" in processes:
+        last = float(processes["seen_until_at"].max())
+    else:
+        last = float(processes["ended_at"].fillna(processes["heartbeat_at"]).max())
+    return first, max(first, last)

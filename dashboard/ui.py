@@ -1,0 +1,116 @@
+"""Small UI blocks and number formats shared by the pages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from instrument.exceptions import StoreError
+
+LEAK_CLASSES: dict[str, str] = {
+    "never_returned": "still checked out when its process exited",
+    "gc_reclaimed": "returned only by the garbage collector, never closed by code",
+    "open_at_crash": "still checked out when its process died without a clean exit",
+    "held_too_long": "held past the leak threshold, returned later",
+    "open_now": "held past the leak threshold and still open in a running process",
+}
+"""Each leak class with the sentence DESIGN.md gives it, in the order pages show them."""
+
+HOW_TO_POINT = (
+    "Point the dashboard at a poolscope store: record one with "
+    "`instrument.attach(engine, store=PATH)`, then start the dashboard with "
+    "`POOLSCOPE_STORE=PATH streamlit run dashboard/app.py`, or "
+    "`streamlit run dashboard/app.py -- --store PATH`, or type the path in the sidebar."
+)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Write a duration the way people read it: ``42 µs``, ``12.3 ms``, ``1.50 s``, ``2.5 min``.
+
+    ``None`` or NaN is written as an em dash.
+    """
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "—"
+    seconds = float(seconds)
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def fmt_time(at: float | None) -> str:
+    """Write unix seconds as a UTC wall-clock time to the millisecond."""
+    if at is None or (isinstance(at, float) and math.isnan(at)):
+        return "—"
+    moment = datetime.fromtimestamp(float(at), tz=timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def with_times(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Return a copy of ``frame`` whose unix-seconds ``columns`` are UTC timestamps."""
+    frame = frame.copy()
+    for column in columns:
+        if column in frame:
+            frame[column] = pd.to_datetime(frame[column], unit="s")
+    return frame
+
+
+def render_store_error(error: StoreError | str) -> None:
+    """Show one ``st.error`` saying what is wrong with the store and what to do about it."""
+    st.error(f"**poolscope cannot show this store.** {error}.\n\n{HOW_TO_POINT}", icon="🚫")
+
+
+def render_stack(frames: Sequence[str] | None) -> None:
+    """Show a stack, innermost frame first, as a traceback-like code block."""
+    if frames is None or len(frames) == 0:
+        st.caption("no stack recorded")
+        return
+    st.code("\n".join(str(f) for f in frames), language="text", wrap_lines=True)
+
+
+def render_dropped(summary: dict[str, Any]) -> None:
+    """Warn when the recorder dropped records, since counts are then lower than reality."""
+    dropped = int(summary.get("dropped") or 0)
+    if dropped:
+        st.warning(
+            f"The recorder dropped {dropped:,} records (its queue was full or the store "
+            "could not be written); the counts here are lower than what happened."
+        )
+
+
+def fmt_peak(peak: int | None, capacity: int | None) -> str:
+    """Write peak use against capacity, e.g. ``15 / 15``; a pool without a size shows ``15``."""
+    peak_text = "—" if peak is None else f"{int(peak)}"
+    if capacity is None or (isinstance(capacity, float) and math.isnan(capacity)):
+        return peak_text
+    return f"{peak_text} / {int(capacity)}"
+
+
+def advice_text(item: dict[str, Any]) -> str:
+    """The paragraph of one sizing-advice item (``instrument.analysis.sizing_advice``)."""
+    return str(item.get("advice") or "")
+
+
+def site_labels(sites: pd.DataFrame) -> list[str]:
+    """Name each row of a sites frame (one row per pool and stack): the site, with its pool
+    when there are several pools, and the start of its fingerprint when one site is reached
+    through several stacks, so the choices stay distinct."""
+    several_pools = sites["pool"].nunique() > 1
+    repeated = sites.duplicated(["pool", "site"], keep=False)
+    labels = []
+    for site, pool, fp, twice in zip(
+        sites["site"], sites["pool"], sites["fingerprint"], repeated, strict=True
+    ):
+        label = f"{site} · pool {pool}" if several_pools else str(site)
+        labels.append(f"{label} [{str(fp)[:8]}]" if twice else label)
+    return labels
