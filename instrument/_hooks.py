@@ -460,9 +460,11 @@ class Monitor:
             if len(queue) < max_queue:
                 in_use = len(open_)
                 idle_after = idle() + 1 if returning else idle()
+                # The checkout's task: AsyncConnection.close() runs in a shielded task of
+                # its own, so the current task at checkin names nothing the user wrote.
                 append(
                     (t, key, kind, connection_ids.get(record), entry[0], current_thread().name,
-                     task_name(), in_use, idle_after if idle_after < big else big,
+                     entry[5], in_use, idle_after if idle_after < big else big,
                      in_use - big if in_use > big else 0, len(waiting), entry[3], None, None,
                      held, None)
                 )

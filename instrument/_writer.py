@@ -76,6 +76,9 @@ class Writer:
         self._pending_drops = 0
         self._last_heartbeat = 0.0
         self._wake = threading.Event()
+        # Held by the writer thread while it works in SQLite, and by fork() (see
+        # _before_fork): a child must not inherit a SQLite mutex held mid-write.
+        self._io_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.written = 0
@@ -127,11 +130,12 @@ class Writer:
         while not self._stopping:
             self._wake.wait(SCHEDULE_DELAY_SECONDS)
             self._wake.clear()
-            try:
-                self._drain()
-                self._watch()
-            except Exception:  # never let the thread die; the app must not notice
-                logger.exception("poolscope writer failed; continuing")
+            with self._io_lock:
+                try:
+                    self._drain()
+                    self._watch()
+                except Exception:  # never let the thread die; the app must not notice
+                    logger.exception("poolscope writer failed; continuing")
 
     def _drain(self) -> None:
         queue = self.queue
@@ -322,6 +326,7 @@ class Writer:
         self._stack_ids = {}
         self.stacks.pending = deque(self.stacks.frames)
         self._wake = threading.Event()
+        self._io_lock = threading.Lock()
         self._thread = None
         self._stopping = False
         self._failed_at = None
@@ -371,8 +376,35 @@ def _at_exit() -> None:
         logger.exception("poolscope could not finish writing its store")
 
 
+_forking: list[Writer] = []
+
+
+def _before_fork() -> None:
+    """Quiesce every writer before ``fork()`` copies the process.
+
+    A writer that has not written its process row yet writes it now, so that the
+    child can name its parent; then its I/O lock is taken, so that no SQLite call
+    is half-done in the copy. Both waits are bounded: fork is never held up long.
+    """
+    current = threading.current_thread()
+    for writer in list(_writers.values()):
+        thread = writer._thread
+        if thread is current:
+            continue
+        if writer.process_id is None and thread is not None and thread.is_alive():
+            writer.flush(timeout=1.0)
+        if writer._io_lock.acquire(timeout=2.0):
+            _forking.append(writer)
+
+
+def _after_fork_in_parent() -> None:
+    while _forking:
+        _forking.pop()._io_lock.release()
+
+
 def _after_fork_in_child() -> None:
     global _registry_lock, _process_start
+    _forking.clear()  # the child's writers get fresh locks below
     _registry_lock = threading.Lock()
     _process_start = time.time()
     for writer in _writers.values():
@@ -384,7 +416,11 @@ def _after_fork_in_child() -> None:
 
 atexit.register(_at_exit)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def shutdown_all(timeout: float = 10.0, reason: str | None = None) -> None:

@@ -1,0 +1,708 @@
+"""Runtime detection on real databases: waits and timeouts, GC-returned leaks, the live
+watchdog, forked and killed processes, and asyncio engines (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import query
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
+
+import instrument
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+
+TIMEOUT_PREFIX = "QueuePool limit of size 2 overflow 1 reached, connection timed out, timeout 0.50"
+
+
+def site_of(marker: str) -> str:
+    """Return the site poolscope should record for the line of this file tagged ``marker``."""
+    lines = HERE.read_text().splitlines()
+    hits = [n for n, line in enumerate(lines, 1) if line.rstrip().endswith(f"# {marker}")]
+    assert len(hits) == 1, f"marker {marker!r} must tag exactly one line"
+    lineno = hits[0]
+    func = None
+    for line in reversed(lines[: lineno - 1]):
+        m = re.match(r"\s*(?:async\s+)?def\s+(\w+)", line)
+        if m:
+            func = m.group(1)
+            break
+    rel = os.path.relpath(HERE, os.getcwd())
+    return f"{rel}:{lineno} in {func}"
+
+
+def events(store: Path, kind: str, *columns: str) -> list[tuple]:
+    """Rows of ``kind`` events in insertion order, with ``columns`` (default: everything)."""
+    cols = ", ".join(columns) if columns else "*"
+    return query(store, f"SELECT {cols} FROM events WHERE kind = ? ORDER BY id", kind)
+
+
+def site_of_stack(store: Path, stack_id: int | None) -> str | None:
+    rows = query(store, "SELECT site FROM stacks WHERE id = ?", stack_id)
+    return rows[0][0] if rows else None
+
+
+class Holders:
+    """Threads that each check out one connection and hold it until released."""
+
+    def __init__(self, engine: sa.Engine, count: int) -> None:
+        self._release = [threading.Event() for _ in range(count)]
+        self._ready = threading.Barrier(count + 1, timeout=10)
+        self._threads = [
+            threading.Thread(target=self._hold, args=(engine, ev), name=f"holder-{i}")
+            for i, ev in enumerate(self._release)
+        ]
+        for t in self._threads:
+            t.start()
+        self._ready.wait()
+
+    def _hold(self, engine: sa.Engine, release: threading.Event) -> None:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+            self._ready.wait()
+            release.wait(10)
+
+    def release_one(self, index: int = 0) -> None:
+        self._release[index].set()
+
+    def release_all(self) -> None:
+        for ev in self._release:
+            ev.set()
+        for t in self._threads:
+            t.join(10)
+
+
+@contextmanager
+def held(engine: sa.Engine, count: int) -> Iterator[Holders]:
+    holders = Holders(engine, count)
+    try:
+        yield holders
+    finally:
+        holders.release_all()
+
+
+def small_pool(make_engine: Callable[..., sa.Engine]) -> sa.Engine:
+    return make_engine(poolclass=QueuePool, pool_size=2, max_overflow=1, pool_timeout=0.5)
+
+
+# -------------------------------------------------------------------------------------------
+
+
+class TestTimeouts:
+    def _exhaust(self, engine: sa.Engine) -> sa_exc.TimeoutError:
+        """Three holders, then a fourth caller that times out; return what it got."""
+        with held(engine, 3), pytest.raises(sa_exc.TimeoutError) as info:
+            engine.connect()  # timeout-caller
+        return info.value
+
+    def _queue_behind(self, engine: sa.Engine) -> None:
+        """Three holders; one releases after 0.2 s and a fourth caller gets its connection."""
+        with held(engine, 3) as holders:
+            timer = threading.Timer(0.2, holders.release_one)
+            timer.start()
+            with engine.connect() as conn:  # queued-caller
+                conn.exec_driver_sql("select 1")
+            timer.join()
+
+    def test_fourth_caller_times_out_with_sqlalchemys_message(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """A caller that times out gets SQLAlchemy's own TimeoutError, and one timeout event
+        records its wait, its stack and the waiters, before and after engine.dispose()."""
+        engine = small_pool(make_engine)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        first = self._exhaust(engine)
+        engine.dispose()
+        second = self._exhaust(engine)
+        monitor.flush()
+
+        for error in (first, second):
+            assert type(error) is sa_exc.TimeoutError
+            assert str(error).startswith(TIMEOUT_PREFIX)
+        rows = events(store_path, "timeout", "wait_s", "count", "stack_id", "thread")
+        assert len(rows) == 2
+        for wait_s, count, stack_id, thread in rows:
+            assert 0.45 <= wait_s < 2.0
+            assert count == 1
+            assert thread == threading.current_thread().name
+            assert site_of_stack(store_path, stack_id) == site_of("timeout-caller")
+
+    def test_message_is_the_same_as_without_poolscope(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """The exception the application sees is identical with and without poolscope."""
+        bare = self._exhaust(small_pool(make_engine))
+        engine = small_pool(make_engine)
+        instrument.attach(engine, store=store_path)
+        hooked = self._exhaust(engine)
+        assert type(hooked) is type(bare)
+        assert str(hooked) == str(bare)
+        assert hooked.args == bare.args
+
+    def test_waits_recorded_on_queued_checkouts(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """A checkout that queued 0.2 s for a holder records wait_s of about 0.2 s, also after
+        engine.dispose(); checkouts served at once record almost no wait."""
+        engine = small_pool(make_engine)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        self._queue_behind(engine)
+        engine.dispose()
+        self._queue_behind(engine)
+        monitor.flush()
+
+        rows = query(
+            store_path,
+            "SELECT e.wait_s, s.site, e.waiters FROM events e JOIN stacks s ON s.id = e.stack_id "
+            "WHERE e.kind = 'checkout' ORDER BY e.id",
+        )
+        queued = [r for r in rows if r[1] == site_of("queued-caller")]
+        others = [r for r in rows if r[1] != site_of("queued-caller")]
+        assert len(queued) == 2
+        for wait_s, _, _ in queued:
+            assert 0.18 <= wait_s < 0.5
+        assert len(others) == 6
+        for wait_s, _, _ in others:
+            assert wait_s < 0.1
+        assert not events(store_path, "timeout")
+
+    def test_waiters_counted_while_queued(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """While callers queue for an exhausted pool, events report them as waiters."""
+        engine = small_pool(make_engine)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        with held(engine, 3) as holders:
+            timer = threading.Timer(0.2, holders.release_one)
+            timer.start()
+            with engine.connect():
+                pass
+            timer.join()
+        monitor.flush()
+        # The holder's checkin happened while the main thread was queued.
+        waiters = [w for (w,) in events(store_path, "checkin", "waiters")]
+        assert waiters[0] == 1
+        assert waiters[-1] == 0
+
+    def test_detach_restores_do_get(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """detach() takes poolscope's hook off the pool, also off the pool dispose() made."""
+        engine = small_pool(make_engine)
+        monitor = instrument.attach(engine, store=store_path)
+        assert "_do_get" in vars(engine.pool)
+        engine.dispose()
+        assert "_do_get" in vars(engine.pool)
+        with engine.connect():
+            pass
+        monitor.flush()
+        before = query(store_path, "SELECT count(*) FROM events")[0][0]
+        monitor.detach()
+        assert "_do_get" not in vars(engine.pool)
+        assert engine.pool._do_get.__func__ is QueuePool._do_get
+        self._exhaust(engine)
+        with engine.connect():
+            pass
+        monitor.flush()
+        assert query(store_path, "SELECT count(*) FROM events")[0][0] == before
+
+
+# -------------------------------------------------------------------------------------------
+
+
+def _leak_connection_in_cycle(engine: sa.Engine) -> None:
+    conn = engine.connect()  # leak-connection
+    conn.exec_driver_sql("select 1")
+    box: list[object] = [conn]
+    box.append(box)  # only the cycle collector can reclaim the connection now
+
+
+def _leak_raw_connection(engine: sa.Engine) -> None:
+    raw = engine.raw_connection()  # leak-raw
+    cursor = raw.cursor()
+    cursor.execute("select 1")
+    cursor.close()
+
+
+def _leak_session(engine: sa.Engine) -> None:
+    session = Session(engine)
+    session.execute(sa.text("select 1"))  # leak-session
+
+
+class TestGcCheckin:
+    @pytest.mark.parametrize(
+        ("leak", "marker"),
+        [
+            (_leak_connection_in_cycle, "leak-connection"),
+            (_leak_raw_connection, "leak-raw"),
+            (_leak_session, "leak-session"),
+        ],
+        ids=["connection-in-cycle", "raw-connection", "orm-session"],
+    )
+    def test_dropped_without_close_is_gc_checkin(
+        self,
+        make_engine: Callable[..., sa.Engine],
+        store_path: Path,
+        leak: Callable[[sa.Engine], None],
+        marker: str,
+    ) -> None:
+        """A checkout that only the garbage collector returns is recorded as gc_checkin, with
+        the leaking line as its site and the same checkout id as its checkout."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        with engine.connect() as conn:  # a proper one, for contrast
+            conn.exec_driver_sql("select 1")
+        leak(engine)
+        gc.collect()
+        monitor.flush()
+
+        rows = query(
+            store_path,
+            "SELECT c.checkout_id, s.site, c.returned_by, c.hold_s FROM checkouts c "
+            "JOIN stacks s ON s.id = c.stack_id ORDER BY c.checkout_id",
+        )
+        assert [r[2] for r in rows] == ["checkin", "gc_checkin"]
+        assert rows[1][1] == site_of(marker)
+        assert rows[1][3] >= 0
+        assert len(events(store_path, "gc_checkin")) == 1
+        assert not monitor.open_checkouts()
+
+    def test_gc_checkin_logs_a_warning_with_the_site(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A gc_checkin is also reported once on logger ``instrument``, naming the site."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        with caplog.at_level(logging.INFO, logger="instrument"):
+            _leak_raw_connection(engine)
+            gc.collect()
+            monitor.flush()
+            monitor.flush()  # the writer logs after the batch the first flush waited for
+        engine.dispose()
+        warnings_ = [r for r in caplog.records if r.name == "instrument"]
+        assert len(warnings_) == 1
+        assert warnings_[0].levelno == logging.WARNING
+        assert site_of("leak-raw") in warnings_[0].getMessage()
+
+    def test_no_false_positives_over_ten_thousand_checkouts(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """Connections closed by code, in every usual way, are never recorded as gc_checkin."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        text = sa.text("select 1")
+        for i in range(10_000):
+            way = i % 5
+            if way == 0:
+                with engine.connect() as conn:
+                    conn.execute(text)
+            elif way == 1:
+                with engine.begin() as conn:
+                    conn.execute(text)
+            elif way == 2:
+                raw = engine.raw_connection()
+                raw.close()
+            elif way == 3:
+                with Session(engine) as session:
+                    session.execute(text)
+            else:
+                conn = engine.connect()
+                conn.close()
+                del conn
+        gc.collect()
+        monitor.flush()
+        engine.dispose()
+
+        counts = dict(query(store_path, "SELECT kind, count(*) FROM events GROUP BY kind"))
+        assert counts.get("checkout") == 10_000
+        assert counts.get("checkin") == 10_000
+        assert "gc_checkin" not in counts
+        assert "dropped" not in counts
+
+
+# -------------------------------------------------------------------------------------------
+
+
+class TestInvalidate:
+    def test_terminated_backend_invalidates_the_right_checkout(
+        self, pg_url: str, store_path: Path
+    ) -> None:
+        """pg_terminate_backend on a checked-out connection, then a statement on it, records
+        invalidate events carrying that checkout's id."""
+        engine = sa.create_engine(pg_url, pool_size=2)
+        killer = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)  # not instrumented
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        try:
+            with engine.connect() as bystander:
+                bystander.exec_driver_sql("select 1")
+            victim = engine.connect()  # victim
+            pid = victim.exec_driver_sql("select pg_backend_pid()").scalar()
+            victim.commit()
+            (checkout,) = monitor.open_checkouts()
+            with killer.connect() as conn:
+                assert conn.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the backend goes away asynchronously
+                with killer.connect() as conn:
+                    gone = not conn.execute(
+                        sa.text("select count(*) from pg_stat_activity where pid = :p"),
+                        {"p": pid},
+                    ).scalar()
+                if gone:
+                    break
+                time.sleep(0.02)
+            with pytest.raises(sa_exc.OperationalError) as info:
+                victim.exec_driver_sql("select 1")
+            assert info.value.connection_invalidated
+            victim.close()
+            monitor.flush()
+        finally:
+            engine.dispose()
+            killer.dispose()
+
+        rows = events(store_path, "invalidate", "checkout_id", "stack_id")
+        assert rows
+        assert {r[0] for r in rows} == {checkout.checkout_id}
+        assert {site_of_stack(store_path, r[1]) for r in rows} == {site_of("victim")}
+        assert checkout.site == site_of("victim")
+        returned = query(
+            store_path,
+            "SELECT returned_by FROM checkouts WHERE checkout_id = ?",
+            checkout.checkout_id,
+        )
+        assert returned == [("checkin",)]
+
+
+# -------------------------------------------------------------------------------------------
+
+
+class TestWatchdog:
+    def test_suspected_then_cleared(
+        self,
+        make_engine: Callable[..., sa.Engine],
+        store_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A checkout held past leak_after gets one leak_suspected event and one WARNING naming
+        its site, thread, held seconds and stack; returning it gets leak_cleared and one INFO."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path, leak_after=0.3)
+        with caplog.at_level(logging.INFO, logger="instrument"):
+            conn = engine.connect()  # long-hold
+            conn.exec_driver_sql("select 1")
+            (checkout,) = monitor.open_checkouts()
+            time.sleep(0.8)
+            monitor.flush()
+            suspected = events(store_path, "leak_suspected", "checkout_id", "hold_s", "stack_id")
+            logged_while_held = [r for r in caplog.records if r.name == "instrument"]
+            conn.close()
+            monitor.flush()
+            monitor.flush()  # the writer logs after the batch the first flush waited for
+
+        assert len(suspected) == 1
+        checkout_id, hold_s, stack_id = suspected[0]
+        assert checkout_id == checkout.checkout_id
+        assert 0.3 <= hold_s < 0.8
+        assert site_of_stack(store_path, stack_id) == site_of("long-hold")
+
+        assert len(logged_while_held) == 1
+        warning = logged_while_held[0]
+        assert warning.levelno == logging.WARNING
+        text = warning.getMessage()
+        assert site_of("long-hold") in text
+        assert f"thread {threading.current_thread().name}" in text
+        held = float(re.search(r"held for (\d+\.\d+) s", text).group(1))
+        assert 0.3 <= held < 0.8
+        assert "test_runtime.py" in text.split("checked out at:")[1]  # the stack
+
+        cleared = events(store_path, "leak_cleared", "checkout_id", "hold_s")
+        assert len(cleared) == 1
+        assert cleared[0][0] == checkout.checkout_id
+        assert cleared[0][1] >= 0.8
+        records = [r for r in caplog.records if r.name == "instrument"]
+        assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
+        assert site_of("long-hold") in records[1].getMessage()
+        checkins = events(store_path, "checkin", "checkout_id")
+        assert checkins == [(checkout.checkout_id,)]
+
+    def test_short_holds_are_not_suspected(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Checkouts returned before leak_after never produce watchdog events or log lines."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=5)
+        with caplog.at_level(logging.INFO, logger="instrument"):
+            for _ in range(50):
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+            monitor.flush()
+            monitor.flush()
+        engine.dispose()
+        assert not events(store_path, "leak_suspected")
+        assert not events(store_path, "leak_cleared")
+        assert not [r for r in caplog.records if r.name == "instrument"]
+
+
+# -------------------------------------------------------------------------------------------
+
+
+def _run_forked_child(engine: sa.Engine, monitor: instrument.Monitor) -> dict:
+    """Fork; the child does what a gunicorn worker does and reports back as JSON."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: whatever happens, it must leave through os._exit
+        code = 1
+        try:
+            os.close(read_fd)
+            engine.dispose(close=False)
+            open_before = [c.checkout_id for c in monitor.open_checkouts()]
+            with engine.connect() as conn:  # child-checkout
+                conn.exec_driver_sql("select 1")
+            flushed = monitor.flush(timeout=10)
+            report = {"pid": os.getpid(), "open_before": open_before, "flushed": flushed}
+            os.write(write_fd, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(b"".join(chunks))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+class TestFork:
+    def test_child_records_under_its_own_process(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """A forked child records under its own process row (parent_id = the parent's row),
+        does not inherit the parent's open checkouts, and the parent keeps recording."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        held_conn = engine.connect()  # held-across-fork
+        held_conn.exec_driver_sql("select 1")
+        (parent_checkout,) = monitor.open_checkouts()
+
+        child = _run_forked_child(engine, monitor)
+
+        assert child["flushed"] is True
+        assert child["open_before"] == []
+        held_conn.close()
+        with engine.connect() as conn:  # parent-after-fork
+            conn.exec_driver_sql("select 1")
+        monitor.flush()
+
+        procs = query(store_path, "SELECT id, pid, parent_id FROM processes ORDER BY id")
+        by_pid = {pid: (row_id, parent_id) for row_id, pid, parent_id in procs}
+        assert set(by_pid) == {os.getpid(), child["pid"]}
+        parent_row, grandparent = by_pid[os.getpid()]
+        child_row, child_parent = by_pid[child["pid"]]
+        assert grandparent is None
+        assert child_parent == parent_row
+
+        sql = (
+            "SELECT s.site, c.returned_by FROM checkouts c JOIN stacks s ON s.id = c.stack_id "
+            "WHERE c.process_id = ? ORDER BY c.checkout_id"
+        )
+        assert query(store_path, sql, child_row) == [(site_of("child-checkout"), "checkin")]
+        assert query(store_path, sql, parent_row) == [
+            (site_of("held-across-fork"), "checkin"),
+            (site_of("parent-after-fork"), "checkin"),
+        ]
+        child_kinds = {
+            k
+            for (k,) in query(store_path, "SELECT kind FROM events WHERE process_id = ?", child_row)
+        }
+        assert child_kinds <= {"connect", "checkout", "checkin"}
+        pools = query(store_path, "SELECT process_id FROM pools ORDER BY id")
+        assert sorted(p for (p,) in pools) == sorted([parent_row, child_row])
+
+
+# -------------------------------------------------------------------------------------------
+
+_CHILD_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import sqlalchemy as sa
+    import instrument
+
+    engine = sa.create_engine(sys.argv[1])
+    monitor = instrument.attach(engine, store=sys.argv[2], leak_after=60)
+    with engine.connect() as closed:
+        closed.exec_driver_sql("select 1")
+    parked = engine.connect()  # parked in a global: never returned
+    parked.exec_driver_sql("select 1")
+    monitor.flush()
+    print("ready", flush=True)
+    if sys.argv[3] == "hold":
+        time.sleep(60)
+    """
+)
+
+
+def _start_child(db_url: str, store_path: Path, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_SCRIPT, db_url, str(store_path), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+class TestProcessEnd:
+    def test_killed_child_leaves_its_checkout_open_and_its_end_unknown(
+        self, db_url: str, store_path: Path
+    ) -> None:
+        """A SIGKILLed process has no end time and its held checkout has no return: it can
+        only be classified as open at crash."""
+        proc = _start_child(db_url, store_path, "hold")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+
+        ((pid, ended_at, end_reason),) = query(
+            store_path, "SELECT pid, ended_at, end_reason FROM processes"
+        )
+        assert pid == proc.pid
+        assert ended_at is None
+        assert end_reason is None
+        returns = [
+            r
+            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
+        ]
+        assert returns == ["checkin", None]
+
+    def test_clean_exit_records_the_end_and_the_never_returned_checkout(
+        self, db_url: str, store_path: Path
+    ) -> None:
+        """A process that exits cleanly records end_reason 'exit'; a connection it parked in a
+        global stays without a return (never returned), and no gc_checkin is invented."""
+        proc = _start_child(db_url, store_path, "exit")
+        assert proc.wait(20) == 0
+
+        ((ended_at, end_reason, heartbeat_at),) = query(
+            store_path, "SELECT ended_at, end_reason, heartbeat_at FROM processes"
+        )
+        assert end_reason == "exit"
+        assert ended_at is not None
+        assert ended_at >= heartbeat_at - 1e-6
+        returns = [
+            r
+            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
+        ]
+        assert returns == ["checkin", None]
+        assert not events(store_path, "gc_checkin")
+
+
+# -------------------------------------------------------------------------------------------
+
+
+def _async_url(db_url: str) -> str:
+    """The async driver URL for the same database: aiosqlite, or psycopg (async mode)."""
+    if db_url.startswith("sqlite:"):
+        return db_url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    return db_url
+
+
+async def _async_work(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:  # async-checkout
+        await conn.execute(sa.text("select 1"))
+
+
+async def _async_leak(engine: AsyncEngine) -> None:
+    conn = await engine.connect()  # async-leak
+    await conn.execute(sa.text("select 1"))
+
+
+class TestAsync:
+    def test_checkouts_carry_the_task_name_and_the_coroutine_site(
+        self, db_url: str, store_path: Path
+    ) -> None:
+        """On an AsyncEngine, checkouts and checkins record the asyncio task's name, and the
+        site is the application's coroutine line."""
+
+        async def main() -> instrument.Monitor:
+            engine = create_async_engine(_async_url(db_url))
+            monitor = instrument.attach(engine, store=store_path, leak_after=60)
+            try:
+                await asyncio.gather(
+                    asyncio.create_task(_async_work(engine), name="worker-7"),
+                    asyncio.create_task(_async_work(engine), name="worker-8"),
+                )
+            finally:
+                await engine.dispose()
+            return monitor
+
+        asyncio.run(main()).flush()
+
+        rows = query(
+            store_path,
+            "SELECT c.task, s.site, c.returned_by, r.task FROM checkouts c "
+            "JOIN stacks s ON s.id = c.stack_id JOIN events r ON r.process_id = c.process_id "
+            "AND r.checkout_id = c.checkout_id AND r.kind = c.returned_by ORDER BY c.task",
+        )
+        site = site_of("async-checkout")
+        assert rows == [
+            ("worker-7", site, "checkin", "worker-7"),
+            ("worker-8", site, "checkin", "worker-8"),
+        ]
+        assert not events(store_path, "gc_checkin")
+
+    @pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
+    def test_async_connection_never_closed_is_gc_checkin(
+        self, db_url: str, store_path: Path
+    ) -> None:
+        """An AsyncConnection dropped without close is recorded as gc_checkin when the
+        garbage collector reclaims it (SQLAlchemy detaches it rather than checking it in)."""
+
+        async def main() -> instrument.Monitor:
+            engine = create_async_engine(_async_url(db_url))
+            monitor = instrument.attach(engine, store=store_path, leak_after=60)
+            try:
+                await asyncio.create_task(_async_work(engine), name="closer")
+                await asyncio.create_task(_async_leak(engine), name="leaker")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    gc.collect()
+            finally:
+                await engine.dispose()
+            return monitor
+
+        asyncio.run(main()).flush()
+
+        rows = query(
+            store_path,
+            "SELECT c.task, s.site, c.returned_by FROM checkouts c "
+            "JOIN stacks s ON s.id = c.stack_id ORDER BY c.checkout_id",
+        )
+        assert rows == [
+            ("closer", site_of("async-checkout"), "checkin"),
+            ("leaker", site_of("async-leak"), "gc_checkin"),
+        ]
