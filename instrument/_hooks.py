@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -18,6 +19,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._stacks import MAX_FRAMES, stack_key
 from ._store import resolve_store_path
 from ._writer import MAX_QUEUE, Writer, get_writer
 
@@ -31,7 +33,6 @@ _SECRET_QUERY_KEYS = ("password", "passwd", "secret", "token", "key", "sslpasswo
 _checkout_ids = itertools.count(1)
 _connection_ids = itertools.count(1)
 _pool_keys = itertools.count(1)
-_tokens = itertools.count(1)
 
 # Entry layout of Monitor._open values (a tuple, cheaper to build than an object).
 _CO_ID, _CO_AT, _CO_THREAD, _CO_STACK, _CO_FAIRY, _CO_TASK = range(6)
@@ -69,10 +70,6 @@ def _task_name() -> str | None:
     return task.get_name() if task is not None else None
 
 
-def _no_task() -> None:
-    return None
-
-
 class Monitor:
     """Records every event of one pool into a store. Made by :func:`instrument.attach`.
 
@@ -101,7 +98,7 @@ class Monitor:
         self.store: Path = resolve_store_path(store)
         self._engine_ref = weakref.ref(engine) if engine is not None else None
         self._event_target: Any = engine if engine is not None else pool
-        self._pool_box: list[Pool] = [pool]
+        self._state: list[Any] = _pool_state(pool)
         self._wrapped_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
         dialect = engine.dialect if engine is not None else getattr(pool, "_dialect", None)
         self._is_async = bool(getattr(dialect, "is_async", False))
@@ -116,7 +113,6 @@ class Monitor:
         self._connect_times: dict[Any, float] = {}
         self._connection_ids: dict[Any, int] = {}
         self._detached_ids: dict[int, int] = {}
-        self._waiting: dict[int, None] = {}
         self._suspected: dict[int, float] = {}
         self._notices: deque[tuple[str, tuple[Any, ...], float]] = deque()
         self._attached = False
@@ -166,9 +162,8 @@ class Monitor:
         if not self._attached:
             return
         self._attached = False
+        target = self._event_target
         for name, fn in self._listeners.items():
-            target = self._engine_ref() if name == "engine_disposed" and self._engine_ref else None
-            target = target if target is not None else self._event_target
             try:
                 if event.contains(target, name, fn):
                     event.remove(target, name, fn)
@@ -198,7 +193,7 @@ class Monitor:
     # -- used by the writer -----------------------------------------------------------
 
     def pool_info(self) -> dict[str, Any]:
-        pool = self._pool_box[0]
+        pool = self._state[0]
         is_queue = isinstance(pool, QueuePool)
         return {
             "name": self.name,
@@ -208,7 +203,7 @@ class Monitor:
             "pool_size": pool.size() if is_queue else None,
             "max_overflow": getattr(pool, "_max_overflow", None) if is_queue else None,
             "timeout_s": pool.timeout() if is_queue else None,
-            "recycle_s": getattr(pool, "_recycle", None),
+            "recycle_s": _recycle_seconds(pool),
             "leak_after_s": self.leak_after,
             "created_at": self._created_at,
         }
@@ -223,14 +218,20 @@ class Monitor:
                 logger.info(
                     "connection checked out at %s (thread %s) returned after %.1f s, "
                     "past leak_after=%.1f s",
-                    resolved.site, entry[_CO_THREAD], held, self.leak_after,
+                    resolved.site,
+                    entry[_CO_THREAD],
+                    held,
+                    self.leak_after,
                 )
             else:
                 logger.warning(
                     "connection checked out at %s (thread %s) was never closed: the garbage "
                     "collector returned it after %.1f s. Close it, or use a with block.\n"
                     "  checked out at:\n    %s",
-                    resolved.site, entry[_CO_THREAD], held, "\n    ".join(resolved.frames),
+                    resolved.site,
+                    entry[_CO_THREAD],
+                    held,
+                    "\n    ".join(resolved.frames),
                 )
         limit = self.leak_after
         suspected = self._suspected
@@ -243,21 +244,38 @@ class Monitor:
                 logger.warning(
                     "connection checked out at %s (thread %s) held for %.1f s, past "
                     "leak_after=%.1f s; suspected leak\n  checked out at:\n    %s",
-                    resolved.site, entry[_CO_THREAD], held, limit,
+                    resolved.site,
+                    entry[_CO_THREAD],
+                    held,
+                    limit,
                     "\n    ".join(resolved.frames),
                 )
 
     def _emit_about(self, entry: tuple[Any, ...], kind: str, at: float, held: float) -> None:
         self._writer.emit(
-            (at, self.pool_key, kind, None, entry[_CO_ID], entry[_CO_THREAD], entry[_CO_TASK],
-             len(self._open), None, None, len(self._waiting), entry[_CO_STACK], None, None,
-             held, None)
+            (
+                at,
+                self.pool_key,
+                kind,
+                None,
+                entry[_CO_ID],
+                entry[_CO_THREAD],
+                entry[_CO_TASK],
+                len(self._open),
+                None,
+                None,
+                len(self._state[2]),
+                entry[_CO_STACK],
+                None,
+                None,
+                held,
+                None,
+            )
         )
 
     def reinit_after_fork(self) -> None:
         """In a forked child: the parent's checkouts and waiters are not ours."""
-        for table in (self._open, self._waits, self._connect_times, self._waiting,
-                      self._suspected):
+        for table in (self._open, self._waits, self._connect_times, self._suspected):
             table.clear()
         self._notices.clear()
 
@@ -265,54 +283,52 @@ class Monitor:
 
     def _install(self) -> None:
         for name, fn in self._listeners.items():
-            if name == "engine_disposed":
-                engine = self._engine_ref() if self._engine_ref else None
-                if engine is not None:
-                    event.listen(engine, name, fn)
-            else:
-                event.listen(self._event_target, name, fn)
-        self._wrap(self._pool_box[0])
+            event.listen(self._event_target, name, fn)
+        self._wrap(self._state[0])
         self._attached = True
         self._writer.monitors.add(self)
 
     def _wrap(self, pool: Pool) -> None:
-        """Hook the pool's ``_do_get`` (waits, timeouts) and creator (connect time).
+        """Hook the pool's ``_do_get`` (waits, timeouts), creator (connect time) and ``recreate``.
 
         SQLAlchemy fires no event while a caller waits for the pool or times out,
-        so these two instance attributes are wrapped; ``_unwrap_pool`` restores them.
+        so these instance attributes are wrapped; ``_unwrap_pool`` restores them.
+        ``recreate`` is how ``engine.dispose()`` replaces the pool: the new pool is
+        hooked too. (A ``ConnectionEvents.engine_disposed`` listener would do it,
+        but any engine-level listener slows every statement the engine runs.)
         """
-        self._pool_box[0] = pool
+        self._state[:] = _pool_state(pool)
         if "_do_get" in vars(pool):  # already ours (or someone else's): leave it
             return
         pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
         original_creator = pool._invoke_creator
         pool._poolscope_creator = original_creator  # type: ignore[attr-defined]
         pool._invoke_creator = self._make_creator(original_creator)
+        recreate = pool.recreate
+
+        def _recreate() -> Pool:
+            new_pool = recreate()
+            if self._attached:
+                self._wrap(new_pool)
+            return new_pool
+
+        pool.recreate = _recreate  # type: ignore[method-assign]
         self._wrapped_pools.add(pool)
 
     def _make_do_get(self, do_get: Callable[[], Any]) -> Callable[[], Any]:
         perf = time.perf_counter
-        waiting = self._waiting
         waits = self._waits
         connect_times = self._connect_times
-        next_token = _tokens.__next__
         on_timeout = self._on_timeout
 
         def _do_get() -> Any:
-            token = next_token()
-            waiting[token] = None
             t0 = perf()
             try:
                 record = do_get()
             except exc.TimeoutError:
-                waiting.pop(token, None)
                 on_timeout(perf() - t0)
                 raise
-            except BaseException:
-                waiting.pop(token, None)
-                raise
             waited = perf() - t0
-            waiting.pop(token, None)
             connecting = connect_times.get(record)
             waits[record] = waited - connecting if connecting else waited
             return record
@@ -334,41 +350,41 @@ class Monitor:
 
     def _on_timeout(self, waited: float) -> None:
         """Record a ``timeout``: the pool raised ``TimeoutError`` to a caller after ``waited`` s."""
-        capture = self._writer.stacks.capture_async if self._is_async else self._writer.stacks.capture
+        stacks = self._writer.stacks
+        sid = stacks.capture_async() if self._is_async else stacks.capture()
         in_use = len(self._open)
-        size = self._size
+        _, idle, waiters, size = self._state
         self._writer.emit(
-            (time.time(), self.pool_key, "timeout", None, None, threading.current_thread().name,
-             _task_name() if self._is_async else None, in_use, self._idle(),
-             in_use - size if size is not None and in_use > size else 0, len(self._waiting),
-             capture(), waited, None, None, len(self._waiting) + 1)
+            (
+                time.time(),
+                self.pool_key,
+                "timeout",
+                None,
+                None,
+                threading.current_thread().name,
+                _task_name() if self._is_async else None,
+                in_use,
+                len(idle),
+                in_use - size if in_use > size else 0,
+                len(waiters),
+                sid,
+                waited,
+                None,
+                None,
+                len(waiters) + 1,
+            )
         )
 
-    def _on_engine_disposed(self, engine: Engine) -> None:
-        """``ConnectionEvents.engine_disposed``: re-hook the pool that replaced the old one."""
-        if self._attached:
-            self._wrap(engine.pool)
-
-    @property
-    def _size(self) -> int | None:
-        pool = self._pool_box[0]
-        return pool.size() if isinstance(pool, QueuePool) else None
-
-    def _idle(self) -> int:
-        pool = self._pool_box[0]
-        queue = getattr(pool, "_pool", None)
-        if queue is None:
-            return 0
-        inner = getattr(queue, "queue", None)
-        return len(inner) if inner is not None else queue.qsize()
-
     def _make_listeners(self) -> dict[str, Callable[..., None]]:
-        """Build the listener closures; everything they touch is bound to a local."""
+        """Build the listener closures; everything they touch is bound to a local.
+
+        The pool-dependent parts (idle queue, waiter list, size) live in ``state``,
+        updated in place when ``engine.dispose()`` replaces the pool.
+        """
         writer = self._writer
         queue = writer.queue
-        drops = writer.drops
         append = queue.append
-        drop = drops.append
+        drop = writer.drops.append
         max_queue = MAX_QUEUE
         key = self.pool_key
         open_ = self._open
@@ -376,45 +392,54 @@ class Monitor:
         connect_times = self._connect_times
         connection_ids = self._connection_ids
         detached_ids = self._detached_ids
-        waiting = self._waiting
         suspected = self._suspected
         notices = self._notices
+        state = self._state
         now = time.time
-        current_thread = threading.current_thread
         ref = weakref.ref
         next_checkout = _checkout_ids.__next__
         next_connection = _connection_ids.__next__
-        capture = writer.stacks.capture_async if self._is_async else writer.stacks.capture
-        task_name = _task_name if self._is_async else _no_task
-        pool_box = self._pool_box
-        first_pool = pool_box[0]
-        size = first_pool.size() if isinstance(first_pool, QueuePool) else None
-        if size is None:
+        stacks = writer.stacks
+        stack_ids = stacks.ids
+        intern = stacks.intern
+        getframe = sys._getframe
+        capture_async = stacks.capture_async
+        is_async = self._is_async
+        task_name = _task_name if is_async else None
+        local = _thread_names
 
-            def idle() -> int:
-                return 0
-
-        elif hasattr(getattr(first_pool, "_pool", None), "queue"):
-
-            def idle() -> int:
-                return len(pool_box[0]._pool.queue)  # type: ignore[attr-defined]
-
-        else:
-
-            def idle() -> int:
-                return pool_box[0]._pool.qsize()  # type: ignore[attr-defined]
-
-        big = size if size is not None else 1 << 62
+        def _thread() -> str:
+            try:
+                return local.name  # type: ignore[no-any-return]
+            except AttributeError:
+                name = local.name = threading.current_thread().name
+                return name
 
         def _on_connect(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
             cid = connection_ids[record] = next_connection()
             if len(queue) < max_queue:
                 in_use = len(open_)
+                _, idle, waiters, size = state
                 append(
-                    (now(), key, "connect", cid, None, current_thread().name, task_name(),
-                     in_use, idle(), in_use - big if in_use > big else 0, len(waiting), None,
-                     None, connect_times.get(record), None, None)
+                    (
+                        now(),
+                        key,
+                        "connect",
+                        cid,
+                        None,
+                        _thread(),
+                        task_name() if task_name else None,
+                        in_use,
+                        len(idle),
+                        in_use - size if in_use > size else 0,
+                        len(waiters),
+                        None,
+                        None,
+                        connect_times.get(record),
+                        None,
+                        None,
+                    )
                 )
             else:
                 drop(1)
@@ -422,17 +447,42 @@ class Monitor:
         def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """``PoolEvents.checkout``: ``record`` was handed to the application."""
             t = now()
-            sid = capture()
+            if is_async:
+                sid = capture_async()
+            else:
+                k = stack_key(1, MAX_FRAMES)
+                sid = stack_ids.get(k)
+                if sid is None:
+                    sid = intern(k, getframe(1))
             checkout_id = next_checkout()
-            thread = current_thread().name
-            task = task_name()
+            try:
+                thread = local.name
+            except AttributeError:
+                thread = _thread()
+            task = task_name() if task_name else None
             open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
             if len(queue) < max_queue:
                 in_use = len(open_)
+                _, idle, waiters, size = state
                 append(
-                    (t, key, "checkout", connection_ids.get(record), checkout_id, thread, task,
-                     in_use, idle(), in_use - big if in_use > big else 0, len(waiting), sid,
-                     waits.pop(record, None), connect_times.pop(record, None), None, None)
+                    (
+                        t,
+                        key,
+                        "checkout",
+                        connection_ids.get(record),
+                        checkout_id,
+                        thread,
+                        task,
+                        in_use,
+                        len(idle),
+                        in_use - size if in_use > size else 0,
+                        len(waiters),
+                        sid,
+                        waits.pop(record, None),
+                        connect_times.pop(record, None),
+                        None,
+                        None,
+                    )
                 )
             else:
                 waits.pop(record, None)
@@ -442,31 +492,65 @@ class Monitor:
         def _returned(record: Any, returning: bool) -> None:
             t = now()
             entry = open_.pop(record, None)
-            if entry is None:  # checked out before attach, or after a fork in the parent
+            if entry is None:  # checked out before attach, or by the parent before a fork
                 return
-            kind = "checkin" if entry[4]() is not None else "gc_checkin"
             held = t - entry[1]
             if suspected and suspected.pop(entry[0], None) is not None:
                 notices.append(("leak_cleared", entry, held))
                 append(
-                    (t, key, "leak_cleared", connection_ids.get(record), entry[0], entry[2],
-                     entry[5], len(open_), None, None, len(waiting), entry[3], None, None, held,
-                     None)
+                    (
+                        t,
+                        key,
+                        "leak_cleared",
+                        connection_ids.get(record),
+                        entry[0],
+                        entry[2],
+                        entry[5],
+                        len(open_),
+                        None,
+                        None,
+                        None,
+                        entry[3],
+                        None,
+                        None,
+                        held,
+                        None,
+                    )
                 )
-            if kind == "gc_checkin":
+            if entry[4]() is None:
+                kind = "gc_checkin"
                 notices.append((kind, entry, held))
-            elif not returning:
-                kind = "detach"
+            else:
+                kind = "checkin" if returning else "detach"
             if len(queue) < max_queue:
                 in_use = len(open_)
-                idle_after = idle() + 1 if returning else idle()
+                _, idle, waiters, size = state
+                n_idle = len(idle) + 1 if returning else len(idle)
+                try:
+                    thread = local.name
+                except AttributeError:
+                    thread = _thread()
                 # The checkout's task: AsyncConnection.close() runs in a shielded task of
                 # its own, so the current task at checkin names nothing the user wrote.
                 append(
-                    (t, key, kind, connection_ids.get(record), entry[0], current_thread().name,
-                     entry[5], in_use, idle_after if idle_after < big else big,
-                     in_use - big if in_use > big else 0, len(waiting), entry[3], None, None,
-                     held, None)
+                    (
+                        t,
+                        key,
+                        kind,
+                        connection_ids.get(record),
+                        entry[0],
+                        thread,
+                        entry[5],
+                        in_use,
+                        n_idle if n_idle < size else size,
+                        in_use - size if in_use > size else 0,
+                        len(waiters),
+                        entry[3],
+                        None,
+                        None,
+                        held,
+                        None,
+                    )
                 )
             else:
                 drop(1)
@@ -478,24 +562,38 @@ class Monitor:
         def _on_detach(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.detach``: a connection left the pool for good; on async dialects
             this is how the garbage collector returns a leaked checkout."""
-            cid = connection_ids.pop(record, None)
+            cid = connection_ids.get(record)
+            if record in open_:
+                _returned(record, False)
+            connection_ids.pop(record, None)
             if cid is not None:
                 detached_ids[id(dbapi_connection)] = cid
-            if record in open_:
-                connection_ids[record] = cid  # for the record emitted below
-                _returned(record, False)
-                connection_ids.pop(record, None)
 
         def _simple(kind: str) -> Callable[..., None]:
             def _on_event(dbapi_connection: Any, record: Any, *args: Any) -> None:
                 entry = open_.get(record)
                 if len(queue) < max_queue:
                     in_use = len(open_)
+                    _, idle, waiters, size = state
                     append(
-                        (now(), key, kind, connection_ids.get(record),
-                         entry[0] if entry else None, current_thread().name, task_name(),
-                         in_use, idle(), in_use - big if in_use > big else 0, len(waiting),
-                         entry[3] if entry else None, None, None, None, None)
+                        (
+                            now(),
+                            key,
+                            kind,
+                            connection_ids.get(record),
+                            entry[0] if entry else None,
+                            _thread(),
+                            task_name() if task_name else None,
+                            in_use,
+                            len(idle),
+                            in_use - size if in_use > size else 0,
+                            len(waiters),
+                            entry[3] if entry else None,
+                            None,
+                            None,
+                            None,
+                            None,
+                        )
                     )
                 else:
                     drop(1)
@@ -510,11 +608,26 @@ class Monitor:
             """``PoolEvents.close_detached``: a detached DBAPI connection was closed."""
             if len(queue) < max_queue:
                 in_use = len(open_)
+                _, idle, waiters, size = state
                 append(
-                    (now(), key, "close_detached", detached_ids.pop(id(dbapi_connection), None),
-                     None, current_thread().name, task_name(), in_use, idle(),
-                     in_use - big if in_use > big else 0, len(waiting), None, None, None, None,
-                     None)
+                    (
+                        now(),
+                        key,
+                        "close_detached",
+                        detached_ids.pop(id(dbapi_connection), None),
+                        None,
+                        _thread(),
+                        task_name() if task_name else None,
+                        in_use,
+                        len(idle),
+                        in_use - size if in_use > size else 0,
+                        len(waiters),
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
                 )
             else:
                 drop(1)
@@ -529,13 +642,39 @@ class Monitor:
             "detach": _on_detach,
             "close_detached": _on_close_detached,
         }
-        if self._engine_ref is not None:
-            listeners["engine_disposed"] = self._on_engine_disposed
         return listeners
+
+
+_NO_SIZE = 1 << 62
+"""Stands for "no size" so that ``in_use > size`` is simply false for unsized pools."""
+
+_thread_names = threading.local()
+"""Per-thread cache of the thread's name: ``current_thread().name`` costs a lookup per event."""
+
+
+def _pool_state(pool: Pool) -> list[Any]:
+    """Return ``[pool, idle_queue, waiter_list, size]`` read by the listeners with ``len()``.
+
+    For a ``QueuePool`` these are the pool's own deques (no lock taken to read a
+    length); other pool classes have no idle queue or waiters worth counting.
+    """
+    if isinstance(pool, QueuePool):
+        inner = pool._pool
+        if hasattr(inner, "not_empty"):  # threading queue
+            return [pool, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
+        aio = inner._queue  # type: ignore[attr-defined]  # AsyncAdaptedQueue
+        return [pool, aio._queue, aio._getters, pool.size()]
+    return [pool, (), (), _NO_SIZE]
+
+
+def _recycle_seconds(pool: Pool) -> float | None:
+    recycle = getattr(pool, "_recycle", -1)
+    return float(recycle) if recycle is not None and recycle >= 0 else None
 
 
 def _unwrap_pool(pool: Pool) -> None:
     vars(pool).pop("_do_get", None)
+    vars(pool).pop("recreate", None)
     creator = vars(pool).pop("_poolscope_creator", None)
     if creator is not None:
         pool._invoke_creator = creator

@@ -46,27 +46,21 @@ class StackTable:
 
     def __init__(self, getframe: Callable[[int], FrameType] = sys._getframe) -> None:
         self._getframe = getframe
-        self._ids: dict[tuple[int, ...], int] = {}
+        self.ids: dict[int, int] = {}
         self._next_id = itertools.count(1)
         self.frames: dict[int, list[Frame]] = {}
         self.pending: deque[int] = deque()
         self._resolved: dict[int, ResolvedStack] = {}
 
     def capture(self) -> int:
-        """Return the id of the calling thread's current stack (hot path)."""
-        f: FrameType | None = self._getframe(1)
-        key: list[int] = []
-        append = key.append
-        n = 0
-        while f is not None and n < MAX_FRAMES:
-            append(id(f.f_code))
-            append(f.f_lasti)
-            f = f.f_back
-            n += 1
-        k = tuple(key)
-        sid = self._ids.get(k)
+        """Return the id of the calling thread's current stack (hot path).
+
+        The listeners inline this (``stack_key`` then ``ids.get``) to save a call.
+        """
+        key = stack_key(1, MAX_FRAMES)
+        sid = self.ids.get(key)
         if sid is None:
-            sid = self._intern(k, self._getframe(1), None)
+            sid = self.intern(key, self._getframe(1))
         return sid
 
     def capture_async(self) -> int:
@@ -89,14 +83,15 @@ class StackTable:
             f = f.f_back
             n += 1
         k = tuple(key)
-        sid = self._ids.get(k)
+        sid = self.ids.get(k)
         if sid is None:
-            sid = self._intern(k, self._getframe(1), _parent_greenlet_frame())
+            sid = self.intern(k, self._getframe(1), _parent_greenlet_frame())
         return sid
 
-    def _intern(
-        self, key: tuple[int, ...], frame: FrameType | None, parent: FrameType | None
+    def intern(
+        self, key: int | tuple[int, ...], frame: FrameType | None, parent: FrameType | None = None
     ) -> int:
+        """Give a new id to the stack ``key`` starting at ``frame``; queue it for the writer."""
         frames: list[Frame] = []
         while len(frames) < MAX_FRAMES:
             if frame is None:
@@ -107,7 +102,7 @@ class StackTable:
             frame = frame.f_back
         sid = next(self._next_id)
         self.frames[sid] = frames
-        self._ids[key] = sid
+        self.ids[key] = sid
         self.pending.append(sid)
         return sid
 
@@ -117,6 +112,27 @@ class StackTable:
         if resolved is None:
             resolved = self._resolved[sid] = resolve_frames(self.frames.get(sid, []))
         return resolved
+
+
+def _py_stack_key(skip: int, max_frames: int) -> int:
+    """Pure-Python ``stack_key``: a hash of ``(id(code), lasti)`` per frame, innermost
+    first, starting ``skip`` frames above the caller."""
+    f: FrameType | None = sys._getframe(skip + 1)
+    key: list[int] = []
+    append = key.append
+    n = 0
+    while f is not None and n < max_frames:
+        append(id(f.f_code))
+        append(f.f_lasti)
+        f = f.f_back
+        n += 1
+    return hash(tuple(key))
+
+
+try:
+    from ._speedups import stack_key
+except ImportError:  # built without a C compiler: same behaviour, a few µs slower
+    stack_key = _py_stack_key
 
 
 def _parent_greenlet_frame() -> FrameType | None:

@@ -41,7 +41,7 @@ EVENT_COLUMNS = (
 )
 """Columns of ``events`` in the order the writer inserts them."""
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -132,8 +132,9 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
 
     Raises ``sqlite3.Error`` or ``OSError``; the writer catches and counts them.
     """
-    conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        str(path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         for pragma in _PRAGMAS:
@@ -184,7 +185,9 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
     """
     path = resolve_store_path(store)
     if not path.exists():
-        raise StoreNotFoundError(f"no store at {path} (attach poolscope to an engine to create one)")
+        raise StoreNotFoundError(
+            f"no store at {path} (attach poolscope to an engine to create one)"
+        )
     if path.is_dir():
         raise StoreCorruptError(f"{path} is a directory, not a poolscope store")
     if path.stat().st_size == 0:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import itertools
 import json
 import logging
 import os
@@ -38,10 +40,14 @@ SCHEDULE_DELAY_SECONDS = 0.05
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
 
-_INSERT_EVENT = (
-    f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _store.EVENT_COLUMNS)})"
-)
+ROWS_PER_STATEMENT = 100
+"""Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
+
+_ROW = "(" + ", ".join("?" for _ in _store.EVENT_COLUMNS) + ")"
+_INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
+_INSERT_ONE = _INSERT_PREFIX + _ROW
+_INSERT_MANY = _INSERT_PREFIX + ", ".join([_ROW] * ROWS_PER_STATEMENT)
+_WIDTH = len(_store.EVENT_COLUMNS) * ROWS_PER_STATEMENT
 
 
 class _FlushMarker:
@@ -171,11 +177,28 @@ class Writer:
             pools = self._pool_ids
             stacks = self._stack_ids
             rows = [
-                (r[0], pid, pools.get(r[1], 0), r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                 r[9], r[10], stacks.get(r[11]), r[12], r[13], r[14], r[15])
+                (
+                    r[0],
+                    pid,
+                    pools.get(r[1], 0),
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    r[10],
+                    stacks.get(r[11]),
+                    r[12],
+                    r[13],
+                    r[14],
+                    r[15],
+                )
                 for r in batch
             ]
-            conn.executemany(_INSERT_EVENT, rows)
+            _insert_events(conn, rows)
             now = time.time()
             if dropped:
                 for key in self._pool_ids or {0: 0}:
@@ -191,10 +214,8 @@ class Writer:
             self._pending_drops = 0
             self.written += len(rows)
         except (sqlite3.Error, OSError) as exc:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             self._pending_drops += len(batch)
             self.dropped_total += len(batch)
             self._report_failure(exc)
@@ -299,8 +320,7 @@ class Writer:
         try:
             now = time.time()
             conn.execute(
-                "UPDATE processes SET ended_at = ?, end_reason = ?, heartbeat_at = ? "
-                "WHERE id = ?",
+                "UPDATE processes SET ended_at = ?, end_reason = ?, heartbeat_at = ? WHERE id = ?",
                 (now, reason, now, self.process_id),
             )
         except sqlite3.Error as exc:
@@ -308,10 +328,8 @@ class Writer:
 
     def _close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
-            except sqlite3.Error:
-                pass
             self._conn = None
 
     def reinit_after_fork(self) -> None:
@@ -333,6 +351,16 @@ class Writer:
         self._pending_drops = 0
         self.written = 0
         self.dropped_total = 0
+
+
+def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert rows in statements of ``ROWS_PER_STATEMENT`` rows, the rest one by one."""
+    full = len(rows) - len(rows) % ROWS_PER_STATEMENT
+    if full:
+        flat = list(itertools.chain.from_iterable(rows[:full]))
+        conn.executemany(_INSERT_MANY, (flat[i : i + _WIDTH] for i in range(0, len(flat), _WIDTH)))
+    if full < len(rows):
+        conn.executemany(_INSERT_ONE, rows[full:])
 
 
 _process_start = time.time()
@@ -366,10 +394,8 @@ def _poolscope_version() -> str:
 def _at_exit() -> None:
     # Collect first so that a connection dropped without close is recorded as
     # gc_checkin, not as never returned.
-    try:
+    with contextlib.suppress(Exception):
         gc.collect()
-    except Exception:  # pragma: no cover
-        pass
     try:
         shutdown_all(timeout=10.0, reason="exit")
     except Exception:  # pragma: no cover

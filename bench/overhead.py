@@ -1,0 +1,92 @@
+"""Hot-path overhead: the same checkout loop bare, attached-then-detached, and fully on.
+
+Each variant has its own engine on the same database; rounds of the three are
+interleaved so that machine noise hits them alike. Prints throughput ratios
+against the bare loop (higher is better; 1.0 means no cost).
+
+    python bench/overhead.py [--seconds 20] [--postgres-url URL] [--sqlite-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+import instrument
+from instrument import _writer
+
+ROUND = 500  # loop iterations per variant per round
+
+
+def _loop(engine: sa.Engine, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with engine.connect() as c:
+            c.exec_driver_sql("select 1")
+    return time.perf_counter() - t0
+
+
+def measure(url: str, seconds: float, store: Path) -> dict[str, float]:
+    """Return iterations per second for each variant, interleaved for ``seconds``."""
+    bare = sa.create_engine(url)
+    detached = sa.create_engine(url)
+    full = sa.create_engine(url)
+    instrument.attach(detached, store=store, name="detached").detach()
+    monitor = instrument.attach(full, store=store, name="full")
+    engines = {"bare": bare, "detached": detached, "full": full}
+    for engine in engines.values():  # warm up: connections made, stacks interned
+        _loop(engine, 200)
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for name, engine in engines.items():
+            rates[name].append(ROUND / _loop(engine, ROUND))
+    monitor.flush()
+    checkouts = monitor._writer.written
+    dropped = monitor.dropped
+    for engine in engines.values():
+        engine.dispose()
+    result = {name: statistics.median(r) for name, r in rates.items()}
+    result["events_written"] = checkouts
+    result["dropped"] = dropped
+    return result
+
+
+def report(label: str, r: dict[str, float]) -> None:
+    bare = r["bare"]
+    print(f"{label}: bare {bare:,.0f} it/s ({1e6 / bare:.1f} µs/it)")
+    for name in ("detached", "full"):
+        cost_us = 1e6 / r[name] - 1e6 / bare
+        print(
+            f"  {name:9s} {r[name]:,.0f} it/s  ratio {r[name] / bare:.3f}  (+{cost_us:.2f} µs/it)"
+        )
+    print(f"  events written {int(r['events_written']):,}, dropped {int(r['dropped'])}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per database")
+    parser.add_argument(
+        "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    parser.add_argument("--sqlite-only", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "bench.db"
+        r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store)
+        report("SQLite", r)
+        if not args.sqlite_only:
+            r = measure(args.postgres_url, args.seconds, store)
+            report("PostgreSQL", r)
+        _writer.shutdown_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
