@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .app import Options, run
+from .app import Options, run, show_poolscope_warnings
 from .db import DEFAULT_SCHEMA
 
 
@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         options.validate()
-        return run(options)
     except ValueError as exc:
         print(f"sample_app: {exc}", file=sys.stderr)
         return 2
+    show_poolscope_warnings(sys.stdout)
+    try:
+        return run(options)
     except sa_errors() as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sample_app: cannot use the database: {first}", file=sys.stderr)

@@ -102,7 +102,12 @@ class _FirstWarningPerSite(logging.Filter):
         return True
 
 
-def _show_poolscope_warnings(out: TextIO) -> None:
+def show_poolscope_warnings(out: TextIO) -> None:
+    """Print poolscope's live warnings to ``out``: the first of each kind per site, one line.
+
+    Changes process-wide logging and warning filters, so the command line calls it,
+    not :func:`run`.
+    """
     handler = logging.StreamHandler(out)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("  poolscope %(levelname)s: %(message)s"))
@@ -139,7 +144,6 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
-    _show_poolscope_warnings(out)
     url = options.url or _default_url()
     pool_timeout = options.effective_pool_timeout
     engine, bound = db.make_engine(
