@@ -21,7 +21,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._stacks import MAX_FRAMES, stack_key
 from ._store import resolve_store_path
-from ._writer import MAX_QUEUE, Writer, get_writer
+from ._writer import MAX_QUEUE_VALUES, Writer, get_writer
 
 logger = logging.getLogger("instrument")
 
@@ -383,9 +383,9 @@ class Monitor:
         """
         writer = self._writer
         queue = writer.queue
-        append = queue.append
+        append = queue.extend  # flat queue: a record is RECORD_WIDTH values
         drop = writer.drops.append
-        max_queue = MAX_QUEUE
+        max_queue = MAX_QUEUE_VALUES
         key = self.pool_key
         open_ = self._open
         waits = self._waits

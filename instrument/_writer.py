@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import itertools
 import json
 import logging
 import os
@@ -33,21 +32,32 @@ Record = tuple[Any, ...]
 checkout_id, thread, task, in_use, idle, overflow, waiters, stack_local_id,
 wait_s, connect_s, hold_s, count)``."""
 
+RECORD_WIDTH = 16
+"""Values per record: listeners ``extend`` the flat queue by exactly this many."""
+
 MAX_QUEUE = 200_000
 """Records held in memory before new ones are dropped (and counted)."""
+
+MAX_QUEUE_VALUES = MAX_QUEUE * RECORD_WIDTH
 
 SCHEDULE_DELAY_SECONDS = 0.05
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
 
-ROWS_PER_STATEMENT = 100
+ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
 
-_ROW = "(" + ", ".join("?" for _ in _store.EVENT_COLUMNS) + ")"
+# A record's pool key and stack id are this process's own numbers; the store's ids
+# are looked up by SQLite itself (temp tables), so no Python code touches each row.
+_ROW = (
+    "(?, {pid}, (SELECT id FROM temp.pool_map WHERE k = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "(SELECT id FROM temp.stack_map WHERE k = ?), ?, ?, ?, ?)"
+)
 _INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
-_INSERT_ONE = _INSERT_PREFIX + _ROW
-_INSERT_MANY = _INSERT_PREFIX + ", ".join([_ROW] * ROWS_PER_STATEMENT)
-_WIDTH = len(_store.EVENT_COLUMNS) * ROWS_PER_STATEMENT
+_TEMP_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS pool_map (k INTEGER PRIMARY KEY, id INTEGER NOT NULL)",
+    "CREATE TEMP TABLE IF NOT EXISTS stack_map (k INTEGER PRIMARY KEY, id INTEGER NOT NULL)",
+)
 
 
 class _FlushMarker:
@@ -68,8 +78,13 @@ class Writer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.queue: deque[Any] = deque()
+        # Flat: each record is RECORD_WIDTH consecutive values. list.extend and the
+        # writer's slice-then-delete are each atomic under the GIL, and need no lock.
+        self.queue: list[Any] = []
         self.drops: list[int] = []
+        self._markers: list[_FlushMarker] = []
+        self._insert_one = ""
+        self._insert_many = ""
         self.stacks = StackTable()
         self.monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
         self.process_id: int | None = None
@@ -94,8 +109,8 @@ class Writer:
 
     def emit(self, record: Record) -> None:
         """Queue one record; drop and count it when the queue is full (never blocks)."""
-        if len(self.queue) < MAX_QUEUE:
-            self.queue.append(record)
+        if len(self.queue) < MAX_QUEUE_VALUES:
+            self.queue.extend(record)
         else:
             self.drops.append(1)
 
@@ -113,7 +128,7 @@ class Writer:
             self._drain()
             return True
         marker = _FlushMarker()
-        self.queue.append(marker)
+        self._markers.append(marker)
         self._wake.set()
         return marker.done.wait(timeout)
 
@@ -144,80 +159,67 @@ class Writer:
                     logger.exception("poolscope writer failed; continuing")
 
     def _drain(self) -> None:
-        queue = self.queue
-        n = len(queue)
-        if not n and not self.drops and not self._due_heartbeat():
-            return
-        batch = [queue.popleft() for _ in range(n)]
-        markers = [r for r in batch if isinstance(r, _FlushMarker)]
+        markers = self._markers[:]
         if markers:
-            batch = [r for r in batch if not isinstance(r, _FlushMarker)]
+            del self._markers[: len(markers)]
+        queue = self.queue  # taken after the markers: all they wait for is in it
+        n = len(queue)
+        n -= n % RECORD_WIDTH
+        if not n and not self.drops and not markers and not self._due_heartbeat():
+            return
+        flat = queue[:n]
+        del queue[:n]
         ndrops = len(self.drops)
         if ndrops:
             del self.drops[:ndrops]
         try:
-            self._write(batch, ndrops)
+            self._write(flat, ndrops)
         finally:
             for marker in markers:
                 marker.done.set()
 
-    def _write(self, batch: list[Record], ndrops: int) -> None:
+    def _write(self, flat: list[Any], ndrops: int) -> None:
+        nrecords = len(flat) // RECORD_WIDTH
         conn = self._connection()
         if conn is None:
-            self._pending_drops += len(batch) + ndrops
-            self.dropped_total += len(batch) + ndrops
+            self._pending_drops += nrecords + ndrops
+            self.dropped_total += nrecords + ndrops
             return
         self.dropped_total += ndrops
         dropped = self._pending_drops + ndrops
+        pid = self.process_id
         try:
             conn.execute("BEGIN IMMEDIATE")
             self._write_stacks(conn)
             self._write_pools(conn)
-            pid = self.process_id
-            pools = self._pool_ids
-            stacks = self._stack_ids
-            rows = [
-                (
-                    r[0],
-                    pid,
-                    pools.get(r[1], 0),
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    r[7],
-                    r[8],
-                    r[9],
-                    r[10],
-                    stacks.get(r[11]),
-                    r[12],
-                    r[13],
-                    r[14],
-                    r[15],
+            width = RECORD_WIDTH * ROWS_PER_STATEMENT
+            whole = len(flat) - len(flat) % width
+            if whole:
+                conn.executemany(
+                    self._insert_many, (flat[i : i + width] for i in range(0, whole, width))
                 )
-                for r in batch
-            ]
-            _insert_events(conn, rows)
+            if whole < len(flat):
+                conn.executemany(
+                    self._insert_one,
+                    (flat[i : i + RECORD_WIDTH] for i in range(whole, len(flat), RECORD_WIDTH)),
+                )
             now = time.time()
             if dropped:
-                for key in self._pool_ids or {0: 0}:
-                    conn.execute(
-                        "INSERT INTO events (at, process_id, pool_id, kind, count) "
-                        "VALUES (?, ?, ?, 'dropped', ?)",
-                        (now, pid, self._pool_ids.get(key, 0), dropped),
-                    )
-                    break
+                conn.execute(
+                    "INSERT INTO events (at, process_id, pool_id, kind, count) "
+                    "VALUES (?, ?, ?, 'dropped', ?)",
+                    (now, pid, next(iter(self._pool_ids.values()), 0), dropped),
+                )
             conn.execute("UPDATE processes SET heartbeat_at = ? WHERE id = ?", (now, pid))
             conn.execute("COMMIT")
             self._last_heartbeat = now
             self._pending_drops = 0
-            self.written += len(rows)
+            self.written += nrecords
         except (sqlite3.Error, OSError) as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            self._pending_drops += len(batch)
-            self.dropped_total += len(batch)
+            self._pending_drops += nrecords
+            self.dropped_total += nrecords
             self._report_failure(exc)
 
     def _due_heartbeat(self) -> bool:
@@ -237,6 +239,7 @@ class Writer:
                 "SELECT id FROM stacks WHERE fingerprint = ?", (resolved.fingerprint,)
             ).fetchone()
             self._stack_ids[local] = row[0]
+            conn.execute("INSERT OR REPLACE INTO temp.stack_map VALUES (?, ?)", (local, row[0]))
 
     def _write_pools(self, conn: sqlite3.Connection) -> None:
         for monitor in list(self.monitors):
@@ -262,6 +265,10 @@ class Writer:
                 ),
             )
             self._pool_ids[monitor.pool_key] = cur.lastrowid  # type: ignore[assignment]
+            conn.execute(
+                "INSERT OR REPLACE INTO temp.pool_map VALUES (?, ?)",
+                (monitor.pool_key, cur.lastrowid),
+            )
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is not None:
@@ -289,11 +296,16 @@ class Writer:
                 ),
             )
             conn.execute("COMMIT")
+            for statement in _TEMP_TABLES:
+                conn.execute(statement)
         except Exception as exc:  # OSError, sqlite3.Error, StoreVersionError
             self._failed_at = now
             self._report_failure(exc)
             return None
         self.process_id = cur.lastrowid
+        row = _ROW.format(pid=int(cur.lastrowid))  # type: ignore[arg-type]
+        self._insert_one = _INSERT_PREFIX + row
+        self._insert_many = _INSERT_PREFIX + ", ".join([row] * ROWS_PER_STATEMENT)
         self._conn = conn
         self._failed_at = None
         self._last_heartbeat = now
@@ -339,6 +351,7 @@ class Writer:
         # Cleared in place: the listeners hold these very objects.
         self.queue.clear()
         self.drops.clear()
+        self._markers = []
         self._conn = None  # the parent's handle is not ours to use or close
         self._pool_ids = {}
         self._stack_ids = {}
@@ -351,16 +364,6 @@ class Writer:
         self._pending_drops = 0
         self.written = 0
         self.dropped_total = 0
-
-
-def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert rows in statements of ``ROWS_PER_STATEMENT`` rows, the rest one by one."""
-    full = len(rows) - len(rows) % ROWS_PER_STATEMENT
-    if full:
-        flat = list(itertools.chain.from_iterable(rows[:full]))
-        conn.executemany(_INSERT_MANY, (flat[i : i + _WIDTH] for i in range(0, len(flat), _WIDTH)))
-    if full < len(rows):
-        conn.executemany(_INSERT_ONE, rows[full:])
 
 
 _process_start = time.time()
