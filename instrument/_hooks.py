@@ -28,6 +28,7 @@ logger = logging.getLogger("instrument")
 DEFAULT_LEAK_AFTER_SECONDS = 30.0
 
 _SECRET_QUERY_KEYS = ("password", "passwd", "secret", "token", "key", "sslpassword")
+_MASK = "POOLSCOPE_MASKED"  # survives URL quoting unchanged
 
 # Per-process counters; a (process, pool, checkout id) triple identifies a checkout.
 _checkout_ids = itertools.count(1)
@@ -52,14 +53,18 @@ class OpenCheckout(NamedTuple):
 
 def mask_url(url: Any) -> str:
     """Render a SQLAlchemy URL with its password (and secret-looking query values) as ``***``."""
-    text = url.render_as_string(hide_password=True)
     query = getattr(url, "query", None) or {}
-    for key in query:
-        if any(word in key.lower() for word in _SECRET_QUERY_KEYS):
-            values = query[key] if isinstance(query[key], tuple) else (query[key],)
-            for value in values:
-                text = text.replace(f"{key}={value}", f"{key}=***")
-    return text
+    secret = {
+        key: (_MASK,) * len(value) if isinstance(value, tuple) else _MASK
+        for key, value in query.items()
+        if any(word in key.lower() for word in _SECRET_QUERY_KEYS)
+    }
+    if secret:
+        # Replace the values before rendering: rendered values are URL-quoted, so a
+        # search for the raw value would miss one holding '/', '&' or a space.
+        url = url.update_query_dict(secret)
+    text = url.render_as_string(hide_password=True)
+    return text.replace(f"={_MASK}", "=***") if secret else text
 
 
 def _task_name() -> str | None:
