@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
 import click
 
 from . import __version__
+from .exceptions import PoolscopeError
+
+_DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def _fail(message: str) -> NoReturn:
+    """Print ``poolscope: <message>`` on stderr and exit 2: the input is unusable."""
+    click.echo(f"poolscope: {message}", err=True)
+    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,6 +27,103 @@ from . import __version__
 def cli() -> None:
     """poolscope: who held your SQLAlchemy pool's connections, for how long, and which never
     came back."""
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json", "html"]),
+    default="text",
+    show_default=True,
+    help="Output format: text for a terminal, markdown, json (schema poolscope.report/1) "
+    "or one self-contained html page.",
+)
+@click.option("--output", "-o", metavar="FILE", help="Write the report to FILE, not stdout.")
+@click.option(
+    "--leak-after",
+    type=float,
+    metavar="S",
+    help="Seconds a hold may last before it is a suspected leak (default: the leak_after "
+    "each pool was attached with).",
+)
+@click.option("--since", metavar="TIME", help="Only what happened from TIME (ISO or unix s).")
+@click.option("--until", metavar="TIME", help="Only what happened up to TIME (ISO or unix s).")
+@click.option("--pool", "pools", multiple=True, metavar="NAME", help="Only this pool (repeatable).")
+@click.option(
+    "--fail-on-leak", is_flag=True, help="Exit with status 1 when any confirmed leak is found."
+)
+def report(
+    store: str | None,
+    fmt: str,
+    output: str | None,
+    leak_after: float | None,
+    since: str | None,
+    until: str | None,
+    pools: tuple[str, ...],
+    fail_on_leak: bool,
+) -> None:
+    """Report leaks, timeouts with their holders, percentiles and sizing advice from STORE.
+
+    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db. Exit status: 0 fine, 1 confirmed
+    leaks with --fail-on-leak, 2 unusable input.
+    """
+    from . import analysis
+    from .report import make_report
+
+    try:
+        filters = analysis.Filters(
+            pools=pools or None,
+            since=analysis.parse_time(since) if since is not None else None,
+            until=analysis.parse_time(until) if until is not None else None,
+            leak_after=leak_after,
+        )
+        text, data = make_report(store, filters, fmt)
+    except (PoolscopeError, ValueError) as exc:
+        _fail(str(exc))
+    if output:
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(f"cannot write {output}: {exc.strerror or exc}")
+    else:
+        click.echo(text, nl=False)
+    if fail_on_leak and data["summary"]["confirmed_leaks"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True,
+              help="Port to serve the dashboard on (bound to 127.0.0.1).")  # fmt: skip
+def dashboard(store: str | None, port: int) -> None:
+    """Open the Streamlit dashboard on STORE at http://127.0.0.1:PORT.
+
+    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db.
+    """
+    from . import analysis
+    from ._store import resolve_store_path
+
+    if importlib.util.find_spec("streamlit") is None:
+        _fail("the dashboard needs Streamlit: pip install 'poolscope[dashboard]'")
+    if not _DASHBOARD_APP.is_file():
+        _fail(f"the dashboard app is missing ({_DASHBOARD_APP}); reinstall poolscope")
+    path = resolve_store_path(store)
+    try:
+        analysis.open_store(path).close()
+    except PoolscopeError as exc:
+        _fail(str(exc))
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(_DASHBOARD_APP),
+        "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--", "--store", str(path.resolve()),
+    ]  # fmt: skip
+    click.echo(f"poolscope dashboard: http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 @cli.command()
