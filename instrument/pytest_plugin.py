@@ -264,7 +264,9 @@ class _LeakCheck:
         open_ = self.open
         returned = self.returned
         budget = self.budget
-        capture = self.stacks.capture_async  # also walks the caller's greenlet on async engines
+        capture = self.stacks.capture
+        capture_async = self.stacks.capture_async
+        modules = sys.modules
         next_seq = self._next_seq
         now = time.time
         current_thread = threading.current_thread
@@ -272,7 +274,13 @@ class _LeakCheck:
 
         def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """``PoolEvents.checkout``: remember who took ``record``, and from where."""
-            open_[record] = (next_seq(), now(), current_thread().name, capture(), ref(proxy))
+            # Async engines run this inside a greenlet: the caller's frames are in its parent.
+            greenlet = modules.get("greenlet")
+            if greenlet is not None and greenlet.getcurrent().parent is not None:
+                sid = capture_async()
+            else:
+                sid = capture()
+            open_[record] = (next_seq(), now(), current_thread().name, sid, ref(proxy))
 
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.checkin``: by code if the proxy still exists, else by the GC."""
