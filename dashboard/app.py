@@ -159,15 +159,19 @@ class _EmptyStore(StoreError):
     """A valid store in which nothing was recorded yet."""
 
 
-st.set_page_config(page_title="poolscope", page_icon="🔎", layout="wide")
+st.set_page_config(page_title="poolscope", page_icon=":material/database:", layout="wide")
 navigation = st.navigation(
     [
-        st.Page(_PAGES / "overview.py", title="Overview", icon="📋", default=True),
-        st.Page(_PAGES / "utilization.py", title="Utilization", icon="📈"),
-        st.Page(_PAGES / "waits.py", title="Waits & timeouts", icon="⏳"),
-        st.Page(_PAGES / "sites.py", title="Call sites", icon="📍"),
-        st.Page(_PAGES / "leaks.py", title="Leaks", icon="💧"),
-        st.Page(_PAGES / "live.py", title="Live", icon="🔴"),
+        st.Page(
+            _PAGES / "overview.py", title="Overview", icon=":material/dashboard:", default=True
+        ),
+        st.Page(
+            _PAGES / "utilization.py", title="Utilization", icon=":material/stacked_line_chart:"
+        ),
+        st.Page(_PAGES / "waits.py", title="Waits & timeouts", icon=":material/hourglass_top:"),
+        st.Page(_PAGES / "sites.py", title="Call sites", icon=":material/location_on:"),
+        st.Page(_PAGES / "leaks.py", title="Leaks", icon=":material/water_drop:"),
+        st.Page(_PAGES / "live.py", title="Live", icon=":material/sensors:"),
     ]
 )
 st.sidebar.title("poolscope")

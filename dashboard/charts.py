@@ -152,11 +152,11 @@ def utilization_chart(
     fig.update_yaxes(title_text="waiters", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(rangeslider={"visible": True, "thickness": 0.06}, row=2, col=1)
     fig.update_layout(
-        title=title,
-        height=520,
-        margin=_MARGIN,
+        title={"text": title, "y": 0.98, "yanchor": "top"},
+        height=540,
+        margin={**_MARGIN, "t": 80},
         hovermode="x unified",
-        legend={"orientation": "h", "y": 1.08, "x": 0},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.01, "x": 0},
     )
     return fig
 
@@ -213,7 +213,6 @@ def wait_histogram_chart(
         yaxis_title="checkouts",
     )
     fig.update_traces(opacity=0.75)
-    fig.update_yaxes(type="log")
     return fig
 
 
@@ -318,11 +317,12 @@ def sites_chart(
     """
     if sites.empty:
         return _empty(title, "no checkouts in this window")
+    sites = sites.assign(label=site_labels(sites))
     rows = sites.sort_values("pool_time_share", ascending=False).head(top).iloc[::-1]
     fig = go.Figure(
         go.Bar(
             x=rows["pool_time_share"] * 100.0,
-            y=rows["site"],
+            y=rows["label"],
             orientation="h",
             name="pool time",
             marker_color=IN_USE_COLOR,
@@ -408,3 +408,18 @@ def open_checkouts_chart(open_now: pd.DataFrame, *, title: str = "Open checkouts
         title=title, height=120 + 28 * len(rows), margin=_MARGIN, xaxis_title="held so far (s)"
     )
     return fig
+
+
+def site_labels(sites: pd.DataFrame) -> list[str]:
+    """Name each row of a sites frame (one row per pool and stack): the site, with its pool
+    when there are several pools, and the start of its fingerprint when one site is reached
+    through several stacks, so the choices stay distinct."""
+    several_pools = sites["pool"].nunique() > 1
+    repeated = sites.duplicated(["pool", "site"], keep=False)
+    labels = []
+    for site, pool, fp, twice in zip(
+        sites["site"], sites["pool"], sites["fingerprint"], repeated, strict=True
+    ):
+        label = f"{site} · pool {pool}" if several_pools else str(site)
+        labels.append(f"{label} [{str(fp)[:8]}]" if twice else label)
+    return labels

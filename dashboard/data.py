@@ -65,10 +65,9 @@ def resolve_store(argv: Sequence[str] | None = None, environ: dict[str, str] | N
     """
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--store")
-    parser.add_argument("positional", nargs="?")
     known, _ = parser.parse_known_args(list(argv or []))
     environ = os.environ if environ is None else environ
-    return known.store or known.positional or environ.get("POOLSCOPE_STORE") or "poolscope.db"
+    return known.store or environ.get("POOLSCOPE_STORE") or "poolscope.db"
 
 
 def store_token(store: str) -> Token:

@@ -67,7 +67,9 @@ def with_times(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 def render_store_error(error: StoreError | str) -> None:
     """Show one ``st.error`` saying what is wrong with the store and what to do about it."""
-    st.error(f"**poolscope cannot show this store.** {error}.\n\n{HOW_TO_POINT}", icon="🚫")
+    st.error(
+        f"**poolscope cannot show this store.** {error}.\n\n{HOW_TO_POINT}", icon=":material/error:"
+    )
 
 
 def render_stack(frames: Sequence[str] | None) -> None:
@@ -99,18 +101,3 @@ def fmt_peak(peak: int | None, capacity: int | None) -> str:
 def advice_text(item: dict[str, Any]) -> str:
     """The paragraph of one sizing-advice item (``instrument.analysis.sizing_advice``)."""
     return str(item.get("advice") or "")
-
-
-def site_labels(sites: pd.DataFrame) -> list[str]:
-    """Name each row of a sites frame (one row per pool and stack): the site, with its pool
-    when there are several pools, and the start of its fingerprint when one site is reached
-    through several stacks, so the choices stay distinct."""
-    several_pools = sites["pool"].nunique() > 1
-    repeated = sites.duplicated(["pool", "site"], keep=False)
-    labels = []
-    for site, pool, fp, twice in zip(
-        sites["site"], sites["pool"], sites["fingerprint"], repeated, strict=True
-    ):
-        label = f"{site} · pool {pool}" if several_pools else str(site)
-        labels.append(f"{label} [{str(fp)[:8]}]" if twice else label)
-    return labels

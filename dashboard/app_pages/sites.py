@@ -47,7 +47,7 @@ st.dataframe(
     },
 )
 
-labels = ui.site_labels(sites)
+labels = charts.site_labels(sites)
 choice = st.selectbox("Site", range(len(sites)), format_func=labels.__getitem__, key="site")
 site = sites.iloc[choice]
 

@@ -1,0 +1,577 @@
+"""The Streamlit dashboard, driven through AppTest on stores recorded from real workloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from instrument import _store, analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dashboard import charts, data, filters, ui  # noqa: E402
+
+APP = ROOT / "dashboard" / "app.py"
+PAGES = ["overview", "utilization", "waits", "sites", "leaks", "live"]
+
+WORKLOAD = '''
+"""Two pools: quick orders, slow reports that exhaust the pool, a timeout, a connection only
+the garbage collector returns, and one kept until exit; billing just charges."""
+import gc
+import sys
+import threading
+import time
+
+import sqlalchemy as sa
+
+import instrument
+
+KEEP = []
+
+
+def place_order(engine):
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+
+
+def slow_report(engine, barrier):
+    with engine.connect() as conn:
+        barrier.wait()
+        time.sleep(0.6)
+        conn.exec_driver_sql("select 1")
+
+
+def export(engine):
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    except sa.exc.TimeoutError:
+        return "timeout"
+    return "ok"
+
+
+def forget_connection(engine):
+    conn = engine.connect()
+    conn.exec_driver_sql("select 1")
+
+
+def keep_forever(engine):
+    KEEP.append(engine.connect())
+
+
+def charge(engine):
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+
+
+def main(store, app_db):
+    orders = sa.create_engine(f"sqlite:///{app_db}", poolclass=sa.pool.QueuePool,
+                              pool_size=2, max_overflow=1, pool_timeout=0.3)
+    billing = sa.create_engine(f"sqlite:///{app_db}", poolclass=sa.pool.QueuePool,
+                               pool_size=1, max_overflow=0)
+    instrument.attach(orders, store=store, leak_after=0.25, name="orders")
+    instrument.attach(billing, store=store, leak_after=30.0, name="billing")
+    for _ in range(40):
+        place_order(orders)
+    for _ in range(7):
+        charge(billing)
+    barrier = threading.Barrier(4)
+    threads = [threading.Thread(target=slow_report, args=(orders, barrier), name=f"report-{i}")
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    assert export(orders) == "timeout"
+    for t in threads:
+        t.join()
+    for _ in range(2):
+        forget_connection(orders)
+        gc.collect()
+    keep_forever(orders)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+'''
+
+LIVE = '''
+"""Holds one connection open and keeps running until its stdin closes."""
+import sys
+
+import sqlalchemy as sa
+
+import instrument
+
+
+def hold_open(engine):
+    return engine.connect()
+
+
+engine = sa.create_engine(f"sqlite:///{sys.argv[2]}", pool_size=2, max_overflow=0)
+monitor = instrument.attach(engine, store=sys.argv[1], leak_after=30.0, name="live")
+conn = hold_open(engine)
+monitor.flush()
+print("ready", flush=True)
+sys.stdin.read()
+'''
+
+
+def _run_workload(directory: Path, source: str, name: str) -> Path:
+    """Write ``source`` as ``shop/<name>.py`` and run it to completion; return its store."""
+    package = directory / "shop"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / f"{name}.py").write_text(textwrap.dedent(source))
+    store = directory / f"{name}.db"
+    subprocess.run(
+        [sys.executable, "-m", f"shop.{name}", str(store), str(directory / f"{name}-app.db")],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(directory)},
+    )
+    return store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store recorded by a real workload that exited cleanly (see ``WORKLOAD``)."""
+    return _run_workload(tmp_path_factory.mktemp("workload"), WORKLOAD, "work")
+
+
+@pytest.fixture
+def live_store(tmp_path: Path) -> Iterator[Path]:
+    """A store that a running process is writing, with one connection checked out."""
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "live.py").write_text(textwrap.dedent(LIVE))
+    store = tmp_path / "live.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shop.live", str(store), str(tmp_path / "live-app.db")],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield store
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+NO_FILTERS = analysis.Filters()
+
+
+def _summary(store: Path, filters_: analysis.Filters = NO_FILTERS) -> dict:
+    conn = analysis.open_store(store)
+    try:
+        return analysis.summary(conn, filters_)
+    finally:
+        conn.close()
+
+
+def _frame(store: Path, name: str, filters_: analysis.Filters = NO_FILTERS) -> pd.DataFrame:
+    conn = analysis.open_store(store)
+    try:
+        return getattr(analysis, name)(conn, filters_)
+    finally:
+        conn.close()
+
+
+def _app(store: Path | str, monkeypatch: pytest.MonkeyPatch, page: str = "overview") -> AppTest:
+    """Run the dashboard on ``store`` (via ``$POOLSCOPE_STORE``) and open ``page``."""
+    monkeypatch.setenv("POOLSCOPE_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    if page != "overview":
+        at.switch_page(f"app_pages/{page}.py").run()
+    return at
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _figures(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def _trace_names(figure: dict) -> list[str]:
+    return [trace.get("name") for trace in figure["data"]]
+
+
+def _leak_tables(at: AppTest) -> dict[str, pd.DataFrame]:
+    """The Leaks page's tables by the leak class in the header above each."""
+    classes = [h.value.split(" · ")[0] for h in at.header]
+    return dict(zip(classes, (df.value for df in at.dataframe), strict=True))
+
+
+def _expected_kpis(summary: dict) -> dict[str, str]:
+    return {
+        "Processes": str(summary["processes"]),
+        "Pools": str(summary["pools"]),
+        "Checkouts": f"{summary['checkouts']:,}",
+        "Peak in use / capacity": ui.fmt_peak(summary["peak_in_use"], summary["capacity"]),
+        "p95 wait": ui.fmt_duration(summary["wait_p95_s"]),
+        "Timeouts": str(summary["timeouts"]),
+        "Confirmed leaks": str(summary["confirmed_leaks"]),
+        "Suspected leaks": str(summary["suspected_leaks"]),
+    }
+
+
+class TestPages:
+    @pytest.mark.parametrize("page", PAGES)
+    def test_every_page_runs_without_exception_or_error(self, store, monkeypatch, page):
+        """Each page renders its charts on a real store, with no exception and no error box."""
+        at = _app(store, monkeypatch, page)
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        assert at.get("plotly_chart"), f"{page} shows no chart"
+        assert at.title[0].value
+
+    def test_overview_kpis_equal_analysis_summary(self, store, monkeypatch):
+        """The Overview's KPIs are exactly instrument.analysis.summary's numbers."""
+        summary = _summary(store)
+        at = _app(store, monkeypatch)
+        assert _metrics(at) == _expected_kpis(summary)
+        # The workload's facts, so the equality above is not vacuous.
+        assert summary["pools"] == 2
+        assert summary["timeouts"] == 1
+        assert summary["peak_in_use"] == 3 and summary["capacity"] == 3
+        assert summary["confirmed_leaks"] == 3  # 2 gc_reclaimed + 1 never_returned
+        assert summary["suspected_leaks"] == 3  # the three slow reports
+
+    def test_overview_timeline_has_each_pool(self, store, monkeypatch):
+        """The compact timeline draws in-use and capacity lines for both pools."""
+        at = _app(store, monkeypatch)
+        names = _trace_names(_figures(at)[0])
+        assert {"orders in use", "orders capacity", "billing in use", "billing capacity"} <= set(
+            names
+        )
+
+    def test_utilization_stacks_counts_with_limits_waiters_and_timeouts(self, store, monkeypatch):
+        """One utilization chart per pool; the orders pool's carries its timeout marker."""
+        at = _app(store, monkeypatch, "utilization")
+        figures = {fig["layout"]["title"]["text"]: fig for fig in _figures(at)}
+        assert set(figures) == {"Pool billing", "Pool orders"}
+        names = _trace_names(figures["Pool orders"])
+        assert names == [
+            "in use",
+            "overflow",
+            "idle",
+            "pool_size",
+            "pool_size + max_overflow",
+            "waiters",
+            "timeout",
+        ]
+        assert "timeout" not in _trace_names(figures["Pool billing"])
+        assert _metrics(at)["Peak in use"] == "3"
+
+    def test_waits_page_names_the_holders_of_the_timeout(self, store, monkeypatch):
+        """For the timeout, the page lists the three slow reports that held the pool."""
+        at = _app(store, monkeypatch, "waits")
+        assert any(h.value == "Timeouts (1)" for h in at.header)
+        holders = next(df.value for df in at.dataframe if "held_s" in df.value.columns)
+        assert list(holders["site"].str.endswith("in slow_report")) == [True] * 3
+        assert sorted(holders["thread"]) == ["report-0", "report-1", "report-2"]
+        assert (holders["held_s"] > 0).all()
+        expander = at.expander[0]
+        assert "in export" in expander.label and "3 holders" in expander.label
+
+    def test_sites_table_holds_every_site_and_shows_the_chosen_stack(self, store, monkeypatch):
+        """The sites table lists every call site; choosing one shows its stack."""
+        expected = _frame(store, "sites")
+        at = _app(store, monkeypatch, "sites")
+        table = at.dataframe[0].value
+        functions = {s.rsplit(" in ", 1)[1] for s in table["site"]}
+        assert functions == {
+            "place_order",
+            "slow_report",
+            "export",
+            "forget_connection",
+            "keep_forever",
+            "charge",
+        } - {"export"}  # the timed-out caller never got a connection
+        assert sorted(table["checkouts"]) == sorted(expected["checkouts"])
+        box = at.selectbox(key="site")
+        index = next(i for i, label in enumerate(box.options) if "forget_connection" in label)
+        box.set_value(index).run()
+        assert not at.exception
+        assert "in forget_connection" in at.subheader[0].value
+        assert at.code[0].value.splitlines()[0].endswith("in forget_connection")
+        assert _metrics(at)["Checkouts"] == "2"
+
+    def test_leaks_page_groups_by_class_and_site(self, store, monkeypatch):
+        """Each leak class has its table with the leaking sites and counts, and stacks."""
+        at = _app(store, monkeypatch, "leaks")
+        tables = _leak_tables(at)
+        assert list(tables) == ["never_returned", "gc_reclaimed", "held_too_long"]
+        gc_rows = tables["gc_reclaimed"]
+        assert list(gc_rows["count"]) == [2]
+        assert gc_rows["site"].iloc[0].endswith("in forget_connection")
+        assert tables["never_returned"]["site"].iloc[0].endswith("in keep_forever")
+        assert tables["held_too_long"]["count"].sum() == 3
+        assert any("in keep_forever" in c.value for c in at.code)
+        labels = {b.label for b in at.get("download_button")}
+        assert "Download JSON report" in labels
+
+    def test_leak_threshold_filter_changes_leaks_and_url(self, store, monkeypatch):
+        """A leak threshold typed in the sidebar re-classifies leaks and lands in the URL."""
+        at = _app(store, monkeypatch, "leaks")
+        at.number_input(key="leak_after").set_value(100.0).run()
+        assert at.query_params["leak_after"] == "100"
+        expected = _summary(store, analysis.Filters(leak_after=100.0))
+        assert expected["suspected_leaks"] == 0
+        assert _metrics(at)["Suspected leaks"] == "0"
+        assert list(_leak_tables(at)) == ["never_returned", "gc_reclaimed"]
+
+    def test_filters_come_from_the_url(self, store, monkeypatch):
+        """A shared link with ?pool=billing opens the Overview for that pool only."""
+        monkeypatch.setenv("POOLSCOPE_STORE", str(store))
+        at = AppTest.from_file(str(APP), default_timeout=60)
+        at.query_params["pool"] = "billing"
+        at.run()
+        expected = _summary(store, analysis.Filters(pools=("billing",)))
+        assert expected["checkouts"] == 7
+        assert _metrics(at) == _expected_kpis(expected)
+        assert at.multiselect(key="pools").value == ["billing"]
+        assert at.query_params["pool"] == "billing"
+
+    def test_process_and_window_filters(self, store, monkeypatch):
+        """Narrowing the time window to the first instant leaves no timeout in view."""
+        at = _app(store, monkeypatch)
+        slider = at.slider(key="window")
+        start, end = slider.value
+        at.slider(key="window").set_range(start, start).run()
+        assert "until" in at.query_params and "since" not in at.query_params
+        assert _metrics(at)["Timeouts"] == "0"
+        at.multiselect(key="processes").set_value([1]).run()
+        assert at.query_params["process"] == "1"
+        assert not at.exception
+
+    def test_live_page_shows_open_checkouts_of_a_running_process(self, live_store, monkeypatch):
+        """With a live process holding a connection, Live shows it with its site."""
+        at = _app(live_store, monkeypatch, "live")
+        assert not at.exception
+        metrics = _metrics(at)
+        assert metrics["Running processes"] == "1"
+        assert metrics["Checked out now"] == "1"
+        table = at.dataframe[0].value
+        assert table["site"].iloc[0].endswith("in hold_open")
+        assert at.toggle(key="live_paused").value is False
+        at.toggle(key="live_paused").set_value(True).run()
+        assert not at.exception
+        assert "paused" in at.caption[-1].value
+
+
+class TestBadInput:
+    def _only_error(self, at: AppTest) -> str:
+        assert not at.exception, [e.value for e in at.exception]
+        assert len(at.error) == 1
+        assert not at.metric and not at.get("plotly_chart")
+        message = at.error[0].value
+        assert "Point the dashboard at a poolscope store" in message
+        return message
+
+    def test_missing_store(self, tmp_path, monkeypatch):
+        """A path with no file says there is no store there."""
+        message = self._only_error(_app(tmp_path / "nope.db", monkeypatch))
+        assert "no store at" in message and "nope.db" in message
+
+    def test_corrupt_store(self, tmp_path, monkeypatch):
+        """A file that is not SQLite is named as such."""
+        path = tmp_path / "junk.db"
+        path.write_bytes(b"this is not a database at all\n" * 100)
+        assert "not a SQLite file" in self._only_error(_app(path, monkeypatch))
+
+    def test_damaged_sqlite_store(self, tmp_path, monkeypatch, store):
+        """A SQLite file with a valid header and garbage after it is called damaged."""
+        path = tmp_path / "damaged.db"
+        content = bytearray(store.read_bytes())
+        content[100:] = b"\xff" * (len(content) - 100)
+        path.write_bytes(bytes(content))
+        message = self._only_error(_app(path, monkeypatch))
+        assert "damaged" in message or "not a poolscope store" in message
+
+    def test_foreign_store(self, tmp_path, monkeypatch):
+        """Another application's SQLite database is refused as foreign."""
+        path = tmp_path / "other.db"
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+        conn.commit()
+        conn.close()
+        assert "another application" in self._only_error(_app(path, monkeypatch))
+
+    def test_empty_file(self, tmp_path, monkeypatch):
+        """A zero-byte file is refused as empty."""
+        path = tmp_path / "empty.db"
+        path.touch()
+        assert "is empty" in self._only_error(_app(path, monkeypatch))
+
+    def test_store_without_events(self, tmp_path, monkeypatch):
+        """A valid store in which nothing was recorded yet says to run the app first."""
+        path = tmp_path / "fresh.db"
+        _store.connect_for_writing(path).close()
+        assert "holds no pool events yet" in self._only_error(_app(path, monkeypatch))
+
+    def test_newer_store(self, tmp_path, monkeypatch):
+        """A store from a newer poolscope says to upgrade."""
+        path = tmp_path / "newer.db"
+        conn = _store.connect_for_writing(path)
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        conn.close()
+        assert "upgrade poolscope" in self._only_error(_app(path, monkeypatch))
+
+    def test_fixing_the_path_in_the_sidebar_recovers(self, tmp_path, monkeypatch, store):
+        """After an error, typing a good path in the sidebar shows the dashboard."""
+        at = _app(tmp_path / "nope.db", monkeypatch)
+        assert at.error
+        at.text_input(key="store").set_value(str(store)).run()
+        assert not at.error and not at.exception
+        assert _metrics(at) == _expected_kpis(_summary(store))
+
+
+class TestCharts:
+    def test_utilization_chart_traces(self, store):
+        """One pool's utilization: stacked counts, both limits, waiters and timeouts."""
+        util = _frame(store, "utilization")
+        timeouts = _frame(store, "timeouts")
+        orders = util[util["pool"] == "orders"]
+        fig = charts.utilization_chart(orders, timeouts[timeouts["pool"] == "orders"])
+        names = [t.name for t in fig.data]
+        assert names[:3] == ["in use", "overflow", "idle"]
+        assert {"pool_size", "pool_size + max_overflow", "waiters", "timeout"} <= set(names)
+        stacked = [t for t in fig.data if t.stackgroup == "conns"]
+        assert len(stacked) == 3
+        in_use = next(t for t in fig.data if t.name == "in use")
+        overflow = next(t for t in fig.data if t.name == "overflow")
+        assert max(a + b for a, b in zip(in_use.y, overflow.y, strict=True)) == 3
+        assert fig.layout.xaxis2.rangeslider.visible
+
+    def test_charts_on_real_frames(self, store):
+        """Each builder returns a figure with its expected traces on the workload's frames."""
+        co = _frame(store, "checkouts")
+        sites = _frame(store, "sites")
+        leaks = _frame(store, "leaks")
+        timeouts = _frame(store, "timeouts")
+        holders = pd.DataFrame(timeouts["holders"].iloc[0])
+        assert {t.name for t in charts.wait_histogram_chart(co).data} == {"orders", "billing"}
+        over_time = data.wait_percentiles_over_time(co[co["pool"] == "orders"])
+        assert [t.name for t in charts.wait_percentiles_chart(over_time).data] == [
+            "p50",
+            "p95",
+            "p99",
+            "max",
+        ]
+        assert len(charts.holders_chart(holders).data[0].y) == 3
+        assert charts.timeouts_chart(timeouts).data[0].name == "orders"
+        bar = charts.sites_chart(sites).data[0]
+        assert len(set(bar.y)) == len(bar.y) == len(sites)  # place_order twice, told apart
+        leak_fig = charts.leaks_chart(leaks)
+        assert {t.name for t in leak_fig.data} == {"confirmed", "suspected"}
+        assert sum(sum(t.y) for t in leak_fig.data) == 6
+        holds = co[co["site"].astype(str).str.endswith("in slow_report")]
+        assert sum(len(t.x) for t in charts.hold_histogram_chart(holds).data) == 3
+
+    @pytest.mark.parametrize(
+        "builder",
+        [
+            charts.utilization_chart,
+            charts.timeline_chart,
+            charts.wait_histogram_chart,
+            charts.timeouts_chart,
+            charts.leaks_chart,
+            charts.open_checkouts_chart,
+        ],
+    )
+    def test_empty_frames_give_a_message_not_an_error(self, store, builder):
+        """With nothing in the window a chart says so instead of failing."""
+        source = {
+            charts.utilization_chart: "utilization",
+            charts.timeline_chart: "utilization",
+            charts.wait_histogram_chart: "checkouts",
+            charts.timeouts_chart: "timeouts",
+            charts.leaks_chart: "leaks",
+            charts.open_checkouts_chart: "checkouts",
+        }[builder]
+        frame = _frame(store, source).iloc[0:0]
+        fig = builder(frame)
+        assert not fig.data
+        assert fig.layout.annotations[0].text.startswith("no")
+
+
+class TestData:
+    def test_resolve_store_order(self):
+        """--store wins over $POOLSCOPE_STORE, which wins over ./poolscope.db."""
+        env = {"POOLSCOPE_STORE": "env.db"}
+        assert data.resolve_store(["--store", "arg.db"], env) == "arg.db"
+        assert data.resolve_store([], env) == "env.db"
+        assert data.resolve_store([], {}) == "poolscope.db"
+
+    @pytest.mark.parametrize(
+        "chosen",
+        [
+            analysis.Filters(pools=("billing",)),
+            analysis.Filters(processes=(1,)),
+            analysis.Filters(since=0.0, until=0.0),
+        ],
+    )
+    def test_filtering_outside_the_cache_agrees_with_analysis(self, store, chosen):
+        """Checkouts filtered by the dashboard equal analysis.checkouts with the same filters."""
+        everything = _frame(store, "checkouts")
+        ours = data.filter_checkouts(everything, chosen)
+        theirs = _frame(store, "checkouts", chosen)
+        key = ["process_id", "pool_id", "checkout_id"]
+        assert ours[key].sort_values(key).values.tolist() == (
+            theirs[key].sort_values(key).values.tolist()
+        )
+
+    def test_filtering_by_window_agrees_with_analysis(self, store):
+        """A window in the middle keeps the same checkouts the analysis keeps."""
+        everything = _frame(store, "checkouts")
+        middle = float(everything["checked_out_at"].median())
+        chosen = analysis.Filters(since=middle, until=middle + 0.3)
+        ours = data.filter_checkouts(everything, chosen)
+        theirs = _frame(store, "checkouts", chosen)
+        assert 0 < len(ours) < len(everything)
+        assert sorted(ours["checkout_id"]) == sorted(theirs["checkout_id"])
+
+
+class TestQueryFilters:
+    def test_round_trip(self):
+        """Filters written to the URL read back the same."""
+        state = filters.FilterState(
+            pools=("orders", "billing"), processes=(1, 3), since=1795784812.0,
+            until=1795784900.0, leak_after=2.5,
+        )  # fmt: skip
+        query = filters.to_query(state)
+        assert query["since"] == "2026-11-27T13:06:52Z"
+        assert filters.from_query(query) == state
+
+    def test_defaults_leave_the_url_clean(self):
+        """Filters at their defaults write no query parameters."""
+        assert filters.to_query(filters.FilterState()) == {}
+
+    def test_bad_values_are_ignored(self):
+        """A hand-edited link with nonsense values still opens, unfiltered."""
+        state = filters.from_query(
+            {"process": ["x", "2"], "since": "yesterday", "leak_after": "-3", "pool": ""}
+        )
+        assert state == filters.FilterState(processes=(2,))
