@@ -127,9 +127,34 @@ def dashboard(store: str | None, port: int) -> None:
 
 
 @cli.command()
-def demo() -> None:
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds the sample app runs.",
+)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    default="poolscope-demo.db",
+    show_default=True,
+    help="Store to record into; a previous demo store there is replaced.",
+)
+@click.option("--no-dashboard", is_flag=True, help="Stop after printing the report.")
+def demo(duration: float, store: str, no_dashboard: bool) -> None:
     """Run the sample app for about half a minute on SQLite, then open the dashboard."""
-    click.echo("poolscope demo: coming soon")
+    from sample_app.demo import run_demo
+
+    code = run_demo(
+        Path(store),
+        duration=duration,
+        dashboard=not no_dashboard,
+        commands=set(cli.commands),
+        echo=click.echo,
+    )
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:
