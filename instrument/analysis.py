@@ -37,7 +37,9 @@ __all__ = [
     "build_report",
     "checkouts",
     "leaks",
+    "iso",
     "open_store",
+    "parse_time",
     "percentiles",
     "pools",
     "processes",
@@ -83,7 +85,12 @@ _POOL_COLUMNS = [
 _CHECKOUT_COLUMNS = [
     "process_id", "pool_id", "pool", "checkout_id", "connection_id", "site", "stack_id",
     "fingerprint", "thread", "task", "checked_out_at", "returned_at", "wait_s", "connect_s",
-    "hold_s", "outcome", "leak_after_s", "leak_class",
+    "hold_s", "outcome", "leak_after_s", "leak_class", "in_use", "waiters",
+]  # fmt: skip
+_CORE_COLUMNS = [
+    "process_id", "pool_id", "pool", "checkout_id", "site", "stack_id", "fingerprint",
+    "checked_out_at", "returned_at", "wait_s", "hold_s", "outcome", "leak_after_s",
+    "leak_class", "in_use", "waiters",
 ]  # fmt: skip
 _UTILIZATION_COLUMNS = [
     "at", "pool", "in_use", "idle", "overflow", "waiters", "pool_size", "capacity", "processes",
@@ -160,12 +167,24 @@ class _Data:
     pool_ids: list[int] | None  # None: no restriction
     stacks: pd.DataFrame
     _checkouts: pd.DataFrame | None = field(default=None, repr=False)
+    _core: pd.DataFrame | None = field(default=None, repr=False)
+    _peaks: pd.DataFrame | None = field(default=None, repr=False)
+    _timeouts: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def checkouts(self) -> pd.DataFrame:
+        """Every paired checkout with all columns (thread and task included)."""
         if self._checkouts is None:
-            self._checkouts = _load_checkouts(self)
+            self._checkouts = _load_checkouts(self, full=True)
+            self._core = self._checkouts
         return self._checkouts
+
+    @property
+    def core(self) -> pd.DataFrame:
+        """Paired checkouts without the string columns: what the report needs for all rows."""
+        if self._core is None:
+            self._core = _load_checkouts(self, full=False)
+        return self._core
 
 
 def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
@@ -269,13 +288,51 @@ def _event_filter(data: _Data, alias: str = "") -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _load_checkouts(data: _Data) -> pd.DataFrame:
+_OUTCOMES = ["checkin", "gc_checkin", "detach", "open"]
+
+_FETCH_CHUNK = 65_536
+"""Rows fetched at a time: memory stays bounded by one chunk of Python tuples."""
+
+
+def _fetch_columns(
+    conn: sqlite3.Connection, sql: str, params: list[Any], spec: list[tuple[str, str]]
+) -> dict[str, np.ndarray]:
+    """Run ``sql`` and return its columns as numpy arrays, fetched a chunk at a time.
+
+    ``spec`` gives each column's name and kind: ``"f"`` (float64, NULL as NaN), ``"i"``
+    (int64, NULL as -1) or ``"o"`` (object).
+    """
+    cursor = conn.execute(sql, params)
+    parts: list[list[np.ndarray]] = [[] for _ in spec]
+    while True:
+        rows = cursor.fetchmany(_FETCH_CHUNK)
+        if not rows:
+            break
+        for i, column in enumerate(zip(*rows, strict=True)):
+            kind = spec[i][1]
+            if kind == "o":
+                parts[i].append(np.array(column, dtype=object))
+            else:
+                values = np.array(column, dtype="float64")
+                if kind == "i":
+                    values = np.nan_to_num(values, nan=-1).astype("int64")
+                parts[i].append(values)
+        del rows
+    out = {}
+    for (name, kind), chunks in zip(spec, parts, strict=True):
+        if chunks:
+            out[name] = np.concatenate(chunks)
+        else:
+            out[name] = np.array(
+                [], dtype=object if kind == "o" else ("int64" if kind == "i" else "float64")
+            )
+    return out
+
+
+def _checkout_sql(data: _Data, select: str) -> tuple[str, list[Any]]:
     f = data.filters
     sql = (
-        "SELECT o.process_id, o.pool_id, o.checkout_id, o.connection_id, o.stack_id, "
-        "o.thread, o.task, o.at AS checked_out_at, r.at AS returned_at, o.wait_s, "
-        "o.connect_s, r.hold_s, r.kind AS outcome "
-        "FROM events AS o LEFT JOIN events AS r "
+        f"SELECT {select} FROM events AS o LEFT JOIN events AS r "
         "ON r.process_id = o.process_id AND r.pool_id = o.pool_id "
         "AND r.checkout_id = o.checkout_id AND r.kind IN ('checkin', 'gc_checkin', 'detach') "
         "WHERE o.kind = 'checkout' AND o.checkout_id IS NOT NULL"
@@ -290,38 +347,86 @@ def _load_checkouts(data: _Data) -> pd.DataFrame:
     if f.since is not None:
         sql += " AND (r.at IS NULL OR r.at >= ?)"
         params.append(f.since)
-    df = pd.read_sql_query(
-        sql,
-        data.conn,
-        params=params,
-        dtype={
-            "checked_out_at": "float64",
-            "returned_at": "float64",
-            "wait_s": "float64",
-            "connect_s": "float64",
-            "hold_s": "float64",
-        },
+    return sql, params
+
+
+def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
+    """Pair checkouts with their returns in SQL; build the frame column by column.
+
+    The lean frame (``full=False``) leaves out the string columns (thread, task) and
+    the rarely used ones, which cost the most to fetch; the report looks those up only
+    for the few rows it shows (:func:`_lookup_threads`).
+    """
+    spec = [
+        ("process_id", "i"),
+        ("pool_id", "i"),
+        ("checkout_id", "i"),
+        ("stack_id", "i"),
+        ("checked_out_at", "f"),
+        ("wait_s", "f"),
+        ("hold_s", "f"),
+        ("outcome_code", "i"),
+        ("in_use", "i"),
+        ("waiters", "i"),
+    ]
+    select = (
+        "o.process_id, o.pool_id, o.checkout_id, o.stack_id, o.at, o.wait_s, r.hold_s, "
+        "CASE r.kind WHEN 'checkin' THEN 0 WHEN 'gc_checkin' THEN 1 WHEN 'detach' THEN 2 "
+        "ELSE 3 END, o.in_use, o.waiters"
     )
-    if df.empty:
-        return _empty(_CHECKOUT_COLUMNS)
-    df = df.drop_duplicates(["process_id", "pool_id", "checkout_id"], keep="first")
-    df["outcome"] = df["outcome"].fillna("open")
-    is_open = (df["outcome"] == "open").to_numpy()
+    if full:
+        spec += [("connection_id", "f"), ("thread", "o"), ("task", "o"), ("connect_s", "f")]
+        select += ", o.connection_id, o.thread, o.task, o.connect_s"
+    sql, params = _checkout_sql(data, select)
+    columns = _fetch_columns(data.conn, sql, params, spec)
+    if not len(columns["checkout_id"]):
+        return _empty(_CHECKOUT_COLUMNS if full else _CORE_COLUMNS)
+    df = pd.DataFrame(columns)
+    if df.duplicated(["process_id", "pool_id", "checkout_id"]).any():
+        df = df.drop_duplicates(["process_id", "pool_id", "checkout_id"], keep="first")
+    df["outcome"] = pd.Categorical.from_codes(df.pop("outcome_code").to_numpy(), _OUTCOMES)
+    is_open = df["outcome"].to_numpy() == "open"
+    hold = df["hold_s"].to_numpy()
+    start = df["checked_out_at"].to_numpy()
+    # A return's time is its checkout time plus the hold it carries.
+    df["returned_at"] = np.where(is_open, np.nan, start + hold)
     if is_open.any():
         seen = data.processes.set_index("id")["seen_until_at"]
         until = df["process_id"].map(seen).fillna(data.now).to_numpy(dtype="float64")
-        held = np.maximum(until - df["checked_out_at"].to_numpy(), 0.0)
-        df["hold_s"] = np.where(is_open, held, df["hold_s"].to_numpy())
+        df["hold_s"] = np.where(is_open, np.maximum(until - start, 0.0), hold)
     # Names, sites and stacks: small lookup tables mapped onto the frame as categoricals.
     df["pool"] = df["pool_id"].map(_all_pool_names(data)).astype("category")
     stacks = data.stacks.set_index("id")
-    df["site"] = df["stack_id"].map(stacks["site"]).fillna("<unknown>").astype("category")
-    df["fingerprint"] = df["stack_id"].map(stacks["fingerprint"]).fillna("").astype("category")
-    df["thread"] = df["thread"].astype("category")
-    leak_after = _leak_after_by_pool(data)
-    df["leak_after_s"] = df["pool_id"].map(leak_after).astype("float64")
+    codes = df["stack_id"]
+    df["site"] = codes.map(stacks["site"]).fillna("<unknown>").astype("category")
+    df["fingerprint"] = codes.map(stacks["fingerprint"]).fillna("").astype("category")
+    df["stack_id"] = df["stack_id"].where(df["stack_id"] >= 0)
+    df["leak_after_s"] = df["pool_id"].map(_leak_after_by_pool(data)).astype("float64")
     df["leak_class"] = _classify(df, data.processes)
-    return df[_CHECKOUT_COLUMNS].reset_index(drop=True)
+    if full:
+        df["thread"] = df["thread"].astype("category")
+        df["connection_id"] = df["connection_id"].astype("Int64")
+        df["stack_id"] = df["stack_id"].astype("Int64")
+        return df[_CHECKOUT_COLUMNS].reset_index(drop=True)
+    return df[_CORE_COLUMNS].reset_index(drop=True)
+
+
+def _lookup_threads(data: _Data, keys: pd.DataFrame) -> pd.DataFrame:
+    """Thread and task of the checkouts in ``keys`` (process_id, pool_id, checkout_id)."""
+    found = []
+    for (proc, pool_id), group in keys.groupby(["process_id", "pool_id"], sort=False):
+        ids = sorted({int(i) for i in group["checkout_id"]})
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found += data.conn.execute(
+                "SELECT process_id, pool_id, checkout_id, thread, task FROM events "
+                "WHERE process_id = ? AND pool_id = ? AND kind = 'checkout' "
+                f"AND checkout_id IN ({', '.join(str(i) for i in chunk)})",
+                (int(proc), int(pool_id)),
+            ).fetchall()
+    return pd.DataFrame(
+        found, columns=["process_id", "pool_id", "checkout_id", "thread", "task"]
+    ).drop_duplicates(["process_id", "pool_id", "checkout_id"])
 
 
 def _all_pool_names(data: _Data) -> pd.Series:
@@ -524,10 +629,12 @@ def percentiles(
 
     :param by: ``None`` for one overall row, ``"pool"`` per pool name, ``"site"`` per call site.
     """
-    return _percentiles(_load(conn, filters).checkouts, by)
+    return _percentiles(_load(conn, filters).core, by)
 
 
 def _timeouts(data: _Data) -> pd.DataFrame:
+    if data._timeouts is not None:
+        return data._timeouts
     cond, params = _event_filter(data, "e")
     df = pd.read_sql_query(
         "SELECT e.at, e.process_id, e.pool_id, e.wait_s AS waited_s, e.count AS waiters, "
@@ -537,65 +644,74 @@ def _timeouts(data: _Data) -> pd.DataFrame:
         params=params,
     )
     if df.empty:
-        return _empty(_TIMEOUT_COLUMNS)
+        data._timeouts = _empty(_TIMEOUT_COLUMNS + ["pool_id"])
+        return data._timeouts
     stacks = data.stacks.set_index("id")
     df["pool"] = df["pool_id"].map(_all_pool_names(data))
     df["site"] = df["stack_id"].map(stacks["site"]).fillna("<unknown>")
     df["fingerprint"] = df["stack_id"].map(stacks["fingerprint"]).fillna("")
     df["stack"] = [json.loads(s) for s in df["stack_id"].map(stacks["frames"]).fillna("[]")]
-    df["holders"] = _holders(data.checkouts, df)
-    return df[_TIMEOUT_COLUMNS].reset_index(drop=True)
+    df["holders"] = _holders(data, df)
+    data._timeouts = df[_TIMEOUT_COLUMNS + ["pool_id"]].reset_index(drop=True)
+    return data._timeouts
 
 
-def _holders(co: pd.DataFrame, to: pd.DataFrame) -> list[list[dict[str, Any]]]:
+def _holders(data: _Data, to: pd.DataFrame) -> list[list[dict[str, Any]]]:
     """For each timeout, the checkouts of its process and pool held at that moment.
 
     Checkouts are sorted by start; short holds are found in the window ``[t - H, t]`` by
     binary search and the few long holds (longer than ``H``, the p99 hold) are checked
     directly, so each timeout costs a slice, not a scan of every checkout.
     """
+    co = data.core
     result: list[list[dict[str, Any]]] = [[] for _ in range(len(to))]
     if co.empty:
         return result
     groups = co.groupby(["process_id", "pool_id"], sort=False).indices
+    pairs: list[tuple[int, int, float]] = []  # (timeout row, checkout row in co, held_s)
     for (proc, pool_id), rows in to.groupby(["process_id", "pool_id"], sort=False).indices.items():
         idx = groups.get((proc, pool_id))
         if idx is None:
             continue
-        g = co.iloc[idx].sort_values("checked_out_at")
-        starts = g["checked_out_at"].to_numpy(dtype="float64")
-        ends = g["returned_at"].to_numpy(dtype="float64")
+        starts_all = co["checked_out_at"].to_numpy()[idx]
+        order = np.argsort(starts_all, kind="stable")
+        idx = idx[order]
+        starts = starts_all[order]
+        ends = co["returned_at"].to_numpy()[idx]
         ends = np.where(np.isnan(ends), np.inf, ends)
         spans = ends - starts
         finite = spans[np.isfinite(spans)]
         horizon = max(1.0, float(np.percentile(finite, 99))) if finite.size else 1.0
         long_idx = np.nonzero(spans > horizon)[0]
-        sites = g["site"].astype("object").to_numpy()
-        threads = g["thread"].astype("object").to_numpy()
-        tasks = g["task"].astype("object").to_numpy()
-        ids = g["checkout_id"].to_numpy()
-        fps = g["fingerprint"].astype("object").to_numpy()
         for row in rows:
             t = float(to["at"].iat[row])
             lo = int(np.searchsorted(starts, t - horizon, "left"))
             hi = int(np.searchsorted(starts, t, "right"))
             near = np.arange(lo, hi)[ends[lo:hi] > t]
             far = long_idx[(starts[long_idx] <= t) & (ends[long_idx] > t)]
-            found = np.union1d(near, far)
-            holders = [
-                {
-                    "site": sites[i],
-                    "thread": threads[i],
-                    "task": None if _missing(tasks[i]) else tasks[i],
-                    "held_s": round(t - float(starts[i]), 6),
-                    "checkout_id": int(ids[i]),
-                    "fingerprint": fps[i],
-                    "checked_out_at": float(starts[i]),
-                }
-                for i in found
-            ]
-            holders.sort(key=lambda h: h["held_s"], reverse=True)
-            result[row] = holders
+            for i in np.union1d(near, far):
+                pairs.append((int(row), int(idx[i]), t - float(starts[i])))
+    if not pairs:
+        return result
+    found = co.iloc[[p[1] for p in pairs]]
+    names = _lookup_threads(data, found[["process_id", "pool_id", "checkout_id"]])
+    found = found.drop(columns=["thread", "task"], errors="ignore").merge(
+        names, how="left", on=["process_id", "pool_id", "checkout_id"]
+    )
+    for (row, _, held), h in zip(pairs, found.itertuples(index=False), strict=True):
+        result[row].append(
+            {
+                "site": str(h.site),
+                "thread": None if _missing(h.thread) else str(h.thread),
+                "task": None if _missing(h.task) else str(h.task),
+                "held_s": round(held, 6),
+                "checkout_id": int(h.checkout_id),
+                "fingerprint": str(h.fingerprint),
+                "checked_out_at": float(h.checked_out_at),
+            }
+        )
+    for holders in result:
+        holders.sort(key=lambda h: h["held_s"], reverse=True)
     return result
 
 
@@ -612,14 +728,19 @@ def timeouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataF
     held first: the checkouts of the same process and pool taken before the timeout and
     not yet returned.
     """
-    return _timeouts(_load(conn, filters))
+    return _timeouts(_load(conn, filters)).drop(columns=["pool_id"])
 
 
 def _leaks(data: _Data) -> pd.DataFrame:
-    co = data.checkouts
+    co = data.core
     leaked = co[co["leak_class"].notna()]
     if leaked.empty:
         return _empty(_LEAK_COLUMNS)
+    names = _lookup_threads(data, leaked[["process_id", "pool_id", "checkout_id"]])
+    leaked = leaked.drop(columns=["thread", "task"], errors="ignore").merge(
+        names, how="left", on=["process_id", "pool_id", "checkout_id"]
+    )
+    leaked["thread"] = leaked["thread"].fillna("?").astype(str)
     grouped = leaked.groupby(["leak_class", "pool", "fingerprint"], observed=True, sort=False)
     out = grouped.agg(
         site=("site", "first"),
@@ -629,14 +750,10 @@ def _leaks(data: _Data) -> pd.DataFrame:
         max_held_s=("hold_s", "max"),
         leak_after_s=("leak_after_s", "max"),
     ).reset_index()
-    out["threads"] = [
-        sorted(str(t) for t in set(v)) for v in grouped["thread"].agg(lambda s: list(s.unique()))
-    ]
-    out["processes"] = [sorted(int(p) for p in v) for v in grouped["process_id"].unique()]
-    out["leak_class"] = out["leak_class"].astype("object")
-    out["pool"] = out["pool"].astype("object")
-    out["fingerprint"] = out["fingerprint"].astype("object")
-    out["site"] = out["site"].astype("object")
+    out["threads"] = [sorted(set(v)) for v in grouped["thread"].agg(list)]
+    out["processes"] = [sorted(int(p) for p in set(v)) for v in grouped["process_id"].agg(list)]
+    for col in ("leak_class", "pool", "fingerprint", "site"):
+        out[col] = out[col].astype("object")
     out["certainty"] = out["leak_class"].map(CERTAINTY)
     frames = data.stacks.set_index("fingerprint")["frames"]
     out["stack"] = [json.loads(frames.get(fp, "[]")) for fp in out["fingerprint"]]
@@ -658,15 +775,19 @@ def leaks(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFram
     - ``open_now`` (suspected): open longer than ``leak_after`` in a live process.
 
     ``count`` is the number of checkouts; ``threads`` the threads that took them;
-    ``stack`` the frames, innermost (the site) first.
+    ``processes`` the ``processes.id`` values; ``stack`` the frames, innermost (the site)
+    first; ``leak_after_s`` the threshold that applied.
     """
     return _leaks(_load(conn, filters))
 
 
 def _sites(data: _Data) -> pd.DataFrame:
-    co = data.checkouts
+    co = data.core
     if co.empty:
         return _empty(_SITE_COLUMNS)
+    co = co.assign(
+        _open=(co["outcome"] == "open").to_numpy(), _leak=co["leak_class"].notna().to_numpy()
+    )
     grouped = co.groupby(["pool", "fingerprint"], observed=True, sort=False)
     out = grouped.agg(
         site=("site", "first"),
@@ -674,8 +795,8 @@ def _sites(data: _Data) -> pd.DataFrame:
         total_hold_s=("hold_s", "sum"),
         hold_mean_s=("hold_s", "mean"),
         hold_max_s=("hold_s", "max"),
-        open=("outcome", lambda s: int((s == "open").sum())),
-        leaks=("leak_class", "count"),
+        open=("_open", "sum"),
+        leaks=("_leak", "sum"),
     )
     out["hold_p95_s"] = grouped["hold_s"].quantile(0.95)
     out["wait_p95_s"] = grouped["wait_s"].quantile(0.95)
@@ -704,18 +825,76 @@ def sites(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFram
 
 
 def _pool_peaks(data: _Data) -> pd.DataFrame:
-    """Per (process, pool): event span, peak in use, peak waiting and peak demand."""
-    cond, params = _event_filter(data)
-    return pd.read_sql_query(
-        "SELECT process_id, pool_id, MIN(at) AS first_at, MAX(at) AS last_at, "
-        "MAX(in_use) AS peak_in_use, "
-        "MAX(CASE WHEN kind = 'timeout' THEN count ELSE waiters END) AS peak_waiting, "
-        "MAX(in_use + COALESCE(CASE WHEN kind = 'timeout' THEN count ELSE waiters END, 0)) "
-        "AS peak_demand, SUM(kind = 'timeout') AS timeouts "
-        f"FROM events WHERE in_use IS NOT NULL {cond} GROUP BY process_id, pool_id",
-        data.conn,
-        params=params,
+    """Per (process, pool): first and last moment seen, peak in use, peak waiting, peak
+    demand (in use + waiting at one moment) and timeouts, from checkouts and timeouts.
+
+    In-use only rises at a checkout, so the checkout rows' counts hold every peak.
+    """
+    if data._peaks is not None:
+        return data._peaks
+    co = data.core
+    to = _timeouts(data)
+    parts = []
+    if len(co):
+        ends = co["returned_at"].fillna(co["checked_out_at"])
+        parts.append(
+            pd.DataFrame(
+                {
+                    "process_id": co["process_id"].to_numpy(),
+                    "pool_id": co["pool_id"].to_numpy(),
+                    "first_at": co["checked_out_at"].to_numpy(),
+                    "last_at": ends.to_numpy(),
+                    "in_use": co["in_use"].to_numpy(dtype="float64"),
+                    "waiting": np.maximum(co["waiters"].to_numpy(dtype="float64"), 0),
+                    "timeout": 0,
+                }
+            )
+        )
+    if len(to):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "process_id": to["process_id"].to_numpy(),
+                    "pool_id": to["pool_id"].to_numpy(),
+                    "first_at": to["at"].to_numpy(dtype="float64"),
+                    "last_at": to["at"].to_numpy(dtype="float64"),
+                    "in_use": to["in_use"].to_numpy(dtype="float64"),
+                    "waiting": to["waiters"].to_numpy(dtype="float64"),
+                    "timeout": 1,
+                }
+            )
+        )
+    if not parts:
+        data._peaks = _empty(
+            [
+                "process_id",
+                "pool_id",
+                "first_at",
+                "last_at",
+                "peak_in_use",
+                "peak_waiting",
+                "peak_demand",
+                "timeouts",
+            ]  # fmt: skip
+        )
+        return data._peaks
+    rows = pd.concat(parts, ignore_index=True)
+    rows["in_use"] = rows["in_use"].where(rows["in_use"] >= 0)
+    rows["demand"] = rows["in_use"].fillna(0) + rows["waiting"].fillna(0)
+    out = (
+        rows.groupby(["process_id", "pool_id"], sort=True)
+        .agg(
+            first_at=("first_at", "min"),
+            last_at=("last_at", "max"),
+            peak_in_use=("in_use", "max"),
+            peak_waiting=("waiting", "max"),
+            peak_demand=("demand", "max"),
+            timeouts=("timeout", "sum"),
+        )
+        .reset_index()
     )
+    data._peaks = out
+    return out
 
 
 def _fmt_s(seconds: float) -> str:
@@ -727,8 +906,8 @@ def _fmt_s(seconds: float) -> str:
 
 
 def _sizing(data: _Data) -> list[dict[str, Any]]:
-    co = data.checkouts
-    peaks = _pool_peaks(data)
+    co = data.core
+    peaks = _pool_peaks(data).copy()
     if peaks.empty:
         return []
     all_pools = _load_pools(data.conn).set_index("id")
@@ -856,14 +1035,14 @@ def sizing_advice(conn: sqlite3.Connection, filters: Filters = Filters()) -> lis
 
 
 def _summary(data: _Data, leak_frame: pd.DataFrame, timeout_count: int) -> dict[str, Any]:
-    co = data.checkouts
+    co = data.core
     cond, params = _event_filter(data)
     n_events, first_at, last_at, dropped = data.conn.execute(
         "SELECT COUNT(*), MIN(at), MAX(at), COALESCE(SUM(CASE WHEN kind = 'dropped' "
         f"THEN count END), 0) FROM events WHERE 1 {cond}",
         params,
     ).fetchone()
-    peaks = _pool_peaks(data)
+    peaks = _pool_peaks(data).copy()
     peak = 0
     capacity = None
     if not peaks.empty:
@@ -916,6 +1095,30 @@ def _count_timeouts(data: _Data) -> int:
             f"SELECT COUNT(*) FROM events WHERE kind = 'timeout' {cond}", params
         ).fetchone()[0]
     )
+
+
+def parse_time(text: str) -> float:
+    """Read a time given on the command line: unix seconds (``1764246000.5``) or ISO 8601
+    (``2026-11-27T13:00:00``, ``2026-11-27 13:00:00+01:00``, ``...Z``); without an offset,
+    UTC.
+
+    :raises ValueError: neither form.
+    """
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"cannot read {text!r} as a time; give unix seconds or an ISO 8601 time such as "
+            "2026-11-27T13:00:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def iso(at: float | None) -> str | None:
@@ -974,13 +1177,13 @@ def build_report(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict
     in ``instrument/report_schema.json`` and docs/report-json.md.
     """
     data = _load(conn, filters)
-    co = data.checkouts
+    co = data.core
     leak_frame = _leaks(data)
     timeout_frame = _timeouts(data)
     site_frame = _sites(data)
     sizing = {entry["pool"]: entry for entry in _sizing(data)}
     by_pool = _percentiles(co, "pool").set_index("pool") if len(co) else pd.DataFrame()
-    peaks = _pool_peaks(data)
+    peaks = _pool_peaks(data).copy()
     all_pools = _load_pools(data.conn).set_index("id")
     peaks["pool"] = peaks["pool_id"].map(all_pools["name"])
 

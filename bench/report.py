@@ -1,0 +1,188 @@
+"""Time ``poolscope report --format json`` on a store of 1,000,000 synthetic events.
+
+The store is written with poolscope's own schema (``instrument._store``), rows inserted
+directly with ``executemany``: 8 processes × 3 pools, 8 threads each, 30 call sites,
+lognormal hold times, pool counts computed from the overlapping checkouts, a few
+timeouts, leaks of every class (gc-reclaimed, never returned at a clean exit, open at a
+crash) and dropped records. The report runs in a subprocess; its wall time and peak RSS
+(``resource.getrusage(RUSAGE_CHILDREN)``) are printed.
+
+Usage::
+
+    .venv/bin/python bench/report.py [--events 1000000] [--store PATH] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from instrument import _store
+
+PROCESSES = 8
+POOLS = ("orders", "users", "reports")
+THREADS = 8
+SITES = 30
+POOL_SIZE = 5
+MAX_OVERFLOW = 10
+SPAN_S = 3600.0
+
+
+def _stacks() -> list[tuple[str, str, str]]:
+    rows = []
+    for i in range(SITES):
+        module = ("orders", "users", "reports", "billing", "search")[i % 5]
+        site = f"app/{module}.py:{10 + i * 7} in handler_{i}"
+        frames = [site, f"app/api.py:{100 + i} in route_{i}", "app/server.py:12 in dispatch"]
+        rows.append((f"{i:016x}", site, json.dumps(frames)))
+    return rows
+
+
+def generate(path: Path, events: int, seed: int = 7) -> dict[str, int]:
+    """Write a store with about ``events`` event rows at ``path``; return counts by kind."""
+    rng = np.random.default_rng(seed)
+    conn = _store.connect_for_writing(path)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)", _stacks())
+    t_start = 1_700_000_000.0
+    n_groups = PROCESSES * len(POOLS)
+    # Each checkout gives a checkout and a return; about 1 in 20 also opens a connection.
+    per_group = int(events / n_groups / 2.05)
+    counts: dict[str, int] = {}
+    pool_id = 0
+    for proc in range(1, PROCESSES + 1):
+        crashed = proc == PROCESSES  # the last process dies without a clean exit
+        ended = None if crashed else t_start + SPAN_S + 1
+        conn.execute(
+            "INSERT INTO processes (id, pid, host, argv, python, sqlalchemy, poolscope, "
+            "started_at, heartbeat_at, ended_at, end_reason) VALUES (?, ?, 'bench', ?, "
+            "'3.12', '2.1', '0.1.0', ?, ?, ?, ?)",
+            (proc, 1000 + proc, json.dumps(["app.py"]), t_start, t_start + SPAN_S,
+             ended, None if crashed else "exit"),
+        )  # fmt: skip
+        for name in POOLS:
+            pool_id += 1
+            conn.execute(
+                "INSERT INTO pools (id, process_id, name, url, dialect, pool_class, pool_size, "
+                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) VALUES "
+                "(?, ?, ?, ?, 'postgresql', 'QueuePool', ?, ?, 30.0, -1, 30.0, ?)",
+                (pool_id, proc, name, f"postgresql+psycopg://app:***@db/{name}", POOL_SIZE,
+                 MAX_OVERFLOW, t_start),
+            )  # fmt: skip
+            _group(conn, rng, proc, pool_id, per_group, t_start, counts)
+    conn.execute("COMMIT")
+    conn.close()
+    return counts
+
+
+def _group(conn, rng, proc: int, pool_id: int, n: int, t0: float, counts: dict[str, int]) -> None:
+    starts = np.sort(rng.uniform(t0, t0 + SPAN_S, n))
+    holds = rng.lognormal(mean=-3.0, sigma=1.0, size=n)  # median ~50 ms
+    slow = rng.random(n) < 0.001
+    holds[slow] += rng.uniform(30, 90, slow.sum())  # held_too_long
+    ends = starts + holds
+    kinds = np.full(n, "checkin", dtype=object)
+    kinds[rng.random(n) < 0.0005] = "gc_checkin"
+    is_open = np.zeros(n, dtype=bool)
+    is_open[rng.choice(n, 3, replace=False)] = True  # never returned / open at crash
+    ends[is_open] = np.inf
+    waits = np.where(rng.random(n) < 0.02, rng.exponential(0.2, n), rng.exponential(5e-5, n))
+    stack = rng.integers(1, SITES + 1, n)
+    threads = np.array([f"worker-{i}" for i in range(THREADS)], dtype=object)[
+        rng.integers(0, THREADS, n)
+    ]
+    ids = np.arange(1, n + 1)
+    # Pool counts: in use after each event = running sum of +1 (checkout) / -1 (return).
+    times = np.concatenate([starts, ends[~is_open]])
+    delta = np.concatenate([np.ones(n, dtype=np.int64), -np.ones((~is_open).sum(), np.int64)])
+    order = np.argsort(times, kind="stable")
+    in_use_sorted = np.cumsum(delta[order])
+    in_use = np.empty_like(in_use_sorted)
+    in_use[order] = in_use_sorted
+    co_in_use, ret_in_use = in_use[:n], in_use[n:]
+    connects = rng.random(n) < 0.05
+
+    def counts_of(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.maximum(POOL_SIZE - u, 0), np.maximum(u - POOL_SIZE, 0)
+
+    idle, over = counts_of(co_in_use)
+    rows = []
+    cid = 0
+    for i in range(n):  # the synthetic workload, not the code under test
+        if connects[i]:
+            cid += 1
+            rows.append((starts[i], proc, pool_id, "connect", cid, None, threads[i], None,
+                         int(co_in_use[i]) - 1, int(idle[i]), int(over[i]), 0, None, None,
+                         0.004, None, None))  # fmt: skip
+        rows.append((starts[i], proc, pool_id, "checkout", cid or 1, int(ids[i]), threads[i],
+                     None, int(co_in_use[i]), int(idle[i]), int(over[i]), 0, int(stack[i]),
+                     float(waits[i]), 0.004 if connects[i] else None, None, None))  # fmt: skip
+    ridx = np.nonzero(~is_open)[0]
+    r_idle, r_over = counts_of(ret_in_use)
+    for j, i in enumerate(ridx):
+        rows.append((ends[i], proc, pool_id, kinds[i], 1, int(ids[i]), threads[i], None,
+                     int(ret_in_use[j]), int(r_idle[j]), int(r_over[j]), 0, int(stack[i]),
+                     None, None, float(holds[i]), None))  # fmt: skip
+    # Timeouts at the busiest moments, and a dropped-records marker.
+    busiest = np.argsort(co_in_use)[-5:]
+    for i in busiest:
+        rows.append((starts[i] + 0.001, proc, pool_id, "timeout", None, None, "worker-0", None,
+                     int(co_in_use[i]), 0, int(over[i]), 1, int(stack[i]), 30.0, None, None,
+                     2))  # fmt: skip
+    rows.append((t0 + SPAN_S / 2, proc, pool_id, "dropped", None, None, None, None, None, None,
+                 None, None, None, None, None, None, 17))  # fmt: skip
+    rows.sort(key=lambda r: r[0])
+    conn.executemany(
+        f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
+        f"({', '.join('?' * len(_store.EVENT_COLUMNS))})",
+        rows,
+    )
+    for r in rows:
+        counts[r[3]] = counts.get(r[3], 0) + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the generated store")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="poolscope-bench-")
+    store = args.store or Path(tmp) / "bench.db"
+    if store.exists():
+        store.unlink()
+    t = time.perf_counter()
+    counts = generate(store, args.events)
+    total = sum(counts.values())
+    print(f"generated {total:,} events in {time.perf_counter() - t:.1f} s: {store}")
+    print("  " + ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())))
+    print(f"  store size {store.stat().st_size / 1e6:.0f} MB")
+    command = [sys.executable, "-m", "instrument", "report", str(store), "--format", "json",
+               "--output", os.devnull]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"report failed with exit code {proc.returncode}")
+    print(f"poolscope report --format json: {elapsed:.2f} s, peak RSS {rss_mb:.0f} MB")
+    if not args.keep and args.store is None:
+        store.unlink()
+        for suffix in ("-wal", "-shm"):
+            Path(str(store) + suffix).unlink(missing_ok=True)
+        os.rmdir(tmp)
+
+
+if __name__ == "__main__":
+    main()

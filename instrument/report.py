@@ -1,0 +1,619 @@
+"""The post-mortem report: one store read into text, markdown, JSON or a self-contained HTML page.
+
+Every format is rendered from the same JSON report that
+:func:`instrument.analysis.build_report` builds (schema ``poolscope.report/1``), so they
+never disagree::
+
+    from instrument.report import make_report
+    text, report = make_report("poolscope.db", fmt="text")
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import sqlite3
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from . import analysis
+from ._store import resolve_store_path
+from .exceptions import StoreCorruptError
+
+__all__ = [
+    "FORMATS",
+    "make_report",
+    "render",
+    "render_html",
+    "render_json",
+    "render_markdown",
+    "render_text",
+]
+
+FORMATS = ("text", "markdown", "json", "html")
+"""The formats :func:`render` writes."""
+
+_MAX_SITES = 15
+_MAX_TIMEOUTS = 20
+_MAX_HOLDERS = 10
+_WIDTH = 100
+
+
+def make_report(
+    store: str | os.PathLike[str] | None,
+    filters: analysis.Filters | None = None,
+    fmt: str = "text",
+) -> tuple[str, dict[str, Any]]:
+    """Open ``store``, build its report and render it; return ``(rendered text, report)``.
+
+    :param store: the store path. May be ``None`` for ``$POOLSCOPE_STORE``, else
+        ``./poolscope.db``.
+    :param filters: what part of the store to report. May be ``None`` for everything.
+    :param fmt: one of :data:`FORMATS`.
+    :raises StoreError: the store cannot be read (missing, not SQLite, foreign, newer, damaged).
+    :raises ValueError: ``fmt`` is unknown, or ``filters`` names a pool the store lacks.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    filters = filters or analysis.Filters()
+    conn = analysis.open_store(store)
+    try:
+        if filters.pools is not None:
+            known = {row[0] for row in conn.execute("SELECT DISTINCT name FROM pools")}
+            unknown = [name for name in filters.pools if name not in known]
+            if unknown:
+                choices = ", ".join(sorted(known)) or "none recorded"
+                raise ValueError(f"no pool named {unknown[0]!r} in the store (pools: {choices})")
+        report = analysis.build_report(conn, filters)
+    except sqlite3.DatabaseError as exc:
+        path = resolve_store_path(store)
+        raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
+    finally:
+        conn.close()
+    return render(report, fmt), report
+
+
+def render(report: dict[str, Any], fmt: str = "text") -> str:
+    """Render a report dict (from :func:`instrument.analysis.build_report`) as ``fmt``."""
+    renderers: dict[str, Callable[[dict[str, Any]], str]] = {
+        "text": render_text,
+        "markdown": render_markdown,
+        "json": render_json,
+        "html": render_html,
+    }
+    try:
+        return renderers[fmt](report)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+def render_json(report: dict[str, Any]) -> str:
+    """The report as indented JSON (schema ``poolscope.report/1``), ending with a newline."""
+    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+
+# ---- shared formatting ---------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str:
+    """Write a duration the way people read it: ``85 µs``, ``40.1 ms``, ``1.25 s``, ``3m 05s``."""
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else duration(value / 1000)
+
+
+def _when(iso: str | None) -> str:
+    """``2026-11-27T13:09:17.346Z`` → ``2026-11-27 13:09:17.346Z``."""
+    return "-" if not iso else iso.replace("T", " ")
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _quartet(stats: dict[str, float | None]) -> str:
+    return " / ".join(_ms(stats.get(k)) for k in ("p50", "p95", "p99", "max"))
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    s = report["summary"]
+    states = []
+    if s["running_processes"]:
+        states.append(f"{s['running_processes']} running")
+    if s["crashed_processes"]:
+        states.append(f"{s['crashed_processes']} crashed")
+    exited = s["processes"] - s["running_processes"] - s["crashed_processes"]
+    if exited:
+        states.append(f"{exited} exited")
+    procs = _plural(s["processes"], "process", "processes")
+    if states:
+        procs += f" ({', '.join(states)})"
+    lines = [
+        f"{procs}, {_plural(s['pools'], 'pool')}, {_plural(s['checkouts'], 'checkout')} "
+        f"from {_when(s['first_event_at'])} to {_when(s['last_event_at'])}",
+        f"leaks: {s['confirmed_leaks']} confirmed, {s['suspected_leaks']} suspected, "
+        f"{s['unknown_leaks']} unknown (open at a crash) · timeouts: {s['timeouts']} · "
+        f"p95 wait: {duration(s['wait_p95_s'])} · peak in use: {s['peak_in_use']}"
+        + (f" of {s['capacity']}" if s["capacity"] is not None else ""),
+    ]
+    if s["dropped"]:
+        lines.append(
+            f"warning: the recorder dropped {s['dropped']} records (its queue was full or the "
+            "store could not be written); counts may be low"
+        )
+    f = report["filters"]
+    active = [
+        f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
+        for k, v in f.items()
+        if v is not None
+    ]
+    if active:
+        lines.append("filters: " + " ".join(active))
+    return lines
+
+
+_CLASS_MEANING = {
+    "never_returned": "still checked out when its process exited",
+    "gc_reclaimed": "returned by the garbage collector, never closed by code",
+    "open_at_crash": "still checked out when its process died",
+    "held_too_long": "held past leak_after, returned later",
+    "open_now": "held past leak_after, still open in a live process",
+}
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+
+def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Lay ``rows`` (the first is the header) out in aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report for a terminal: summary, leak sites with their stacks, timeouts with their
+    holders, per-pool percentiles, the busiest call sites and sizing advice."""
+    lines = [f"poolscope report: {report['store']}", *_headline(report), ""]
+
+    lines.append("LEAKS")
+    if not report["leaks"]:
+        lines.append("  none found")
+    else:
+        rows = [["class", "certainty", "count", "max held", "pool", "site"]]
+        rows += [
+            [
+                leak["class"],
+                leak["certainty"],
+                str(leak["count"]),
+                duration(leak["max_held_s"]),
+                leak["pool"],
+                leak["site"],
+            ]
+            for leak in report["leaks"]
+        ]
+        lines += _table(rows, right={2, 3})
+        for leak in report["leaks"]:
+            lines.append("")
+            lines.append(
+                f"  {leak['class']} × {leak['count']} at {leak['site']} "
+                f"({_CLASS_MEANING[leak['class']]}; pool {leak['pool']}; "
+                f"threads {', '.join(leak['threads'])})"
+            )
+            lines += [f"      {frame}" for frame in leak["stack"]]
+    lines.append("")
+
+    lines.append("TIMEOUTS")
+    if not report["timeouts"]:
+        lines.append("  none")
+    for t in report["timeouts"][:_MAX_TIMEOUTS]:
+        who = f"thread {t['thread']}" + (f", task {t['task']}" if t["task"] else "")
+        lines.append(
+            f"  {_when(t['at'])}  pool {t['pool']}: {t['site']} ({who}) gave up after "
+            f"{duration(t['waited_s'])}, {_plural(t['waiters'] or 1, 'caller')} waiting"
+        )
+        holders = t["holders"]
+        if holders:
+            lines.append(f"    held by {_plural(len(holders), 'checkout')} at that moment:")
+            for h in holders[:_MAX_HOLDERS]:
+                lines.append(
+                    f"      {duration(h['held_s']):>9}  {h['site']}  (thread {h['thread']})"
+                )
+            if len(holders) > _MAX_HOLDERS:
+                lines.append(f"      … and {len(holders) - _MAX_HOLDERS} more")
+        else:
+            lines.append("    no recorded checkout held the pool (checked out before attach?)")
+    if len(report["timeouts"]) > _MAX_TIMEOUTS:
+        lines.append(f"  … and {len(report['timeouts']) - _MAX_TIMEOUTS} more timeouts")
+    lines.append("")
+
+    lines.append("POOLS (wait and hold: p50 / p95 / p99 / max)")
+    if not report["pools"]:
+        lines.append("  none recorded")
+    else:
+        rows = [["pool", "class", "size", "overflow", "peak", "checkouts", "timeouts", "wait",
+                 "hold"]]  # fmt: skip
+        for p in report["pools"]:
+            rows.append(
+                [
+                    p["name"],
+                    p["pool_class"],
+                    _opt(p["pool_size"]),
+                    _opt(p["max_overflow"]),
+                    str(p["peak_in_use"]),
+                    str(p["checkouts"]),
+                    str(p["timeouts"]),
+                    _quartet(p["wait_ms"]),
+                    _quartet(p["hold_ms"]),
+                ]
+            )
+        lines += _table(rows, right={2, 3, 4, 5, 6})
+    lines.append("")
+
+    lines.append("SITES (by share of pool time held)")
+    if not report["sites"]:
+        lines.append("  none")
+    else:
+        rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
+        for site in report["sites"][:_MAX_SITES]:
+            rows.append(
+                [
+                    f"{site['pool_time_share'] * 100:.1f}%",
+                    str(site["checkouts"]),
+                    duration(site["total_hold_s"]),
+                    _ms(site["hold_ms"]["p95"]),
+                    _ms(site["hold_ms"]["max"]),
+                    site["pool"],
+                    site["site"],
+                ]
+            )
+        lines += _table(rows, right={0, 1, 2, 3, 4})
+        if len(report["sites"]) > _MAX_SITES:
+            lines.append(f"  … and {len(report['sites']) - _MAX_SITES} more sites")
+    lines.append("")
+
+    lines.append("SIZING")
+    sized = [p["sizing"] for p in report["pools"] if p.get("sizing")]
+    if not sized:
+        lines.append("  no pool activity to size")
+    for advice in sized:
+        lines += textwrap.wrap(
+            advice["advice"], _WIDTH, initial_indent="  ", subsequent_indent="    "
+        )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _opt(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+# ---- markdown ------------------------------------------------------------------------------
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    head = "| " + " | ".join(_md(c) for c in rows[0]) + " |"
+    rule = "|" + "|".join(" ---: " if i in right else " --- " for i in range(len(rows[0]))) + "|"
+    body = ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows[1:]]
+    return [head, rule, *body]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as GitHub-flavoured markdown, for an issue, a wiki page or a CI summary."""
+    out = [f"# poolscope report: `{report['store']}`", ""]
+    out += [f"- {line}" for line in _headline(report)]
+    out += ["", "## Leaks", ""]
+    if not report["leaks"]:
+        out.append("None found.")
+    else:
+        rows = [["class", "certainty", "count", "max held", "pool", "site"]]
+        rows += [
+            [
+                leak["class"],
+                leak["certainty"],
+                str(leak["count"]),
+                duration(leak["max_held_s"]),
+                leak["pool"],
+                f"`{leak['site']}`",
+            ]  # fmt: skip
+            for leak in report["leaks"]
+        ]
+        out += _md_table(rows, right={2, 3})
+        for leak in report["leaks"]:
+            out += [
+                "",
+                f"### `{leak['class']}` × {leak['count']} at `{leak['site']}`",
+                "",
+                f"{_CLASS_MEANING[leak['class']].capitalize()}. Pool `{leak['pool']}`, "
+                f"threads {', '.join(f'`{t}`' for t in leak['threads'])}, "
+                f"held up to {duration(leak['max_held_s'])}.",
+                "",
+                "```",
+                *leak["stack"],
+                "```",
+            ]
+    out += ["", "## Timeouts", ""]
+    if not report["timeouts"]:
+        out.append("None.")
+    for t in report["timeouts"][:_MAX_TIMEOUTS]:
+        out.append(
+            f"- **{_when(t['at'])}**, pool `{t['pool']}`: `{t['site']}` (thread `{t['thread']}`) "
+            f"gave up after {duration(t['waited_s'])}; held by:"
+        )
+        for h in t["holders"][:_MAX_HOLDERS]:
+            out.append(f"  - {duration(h['held_s'])} `{h['site']}` (thread `{h['thread']}`)")
+        if not t["holders"]:
+            out.append("  - no recorded checkout")
+    if len(report["timeouts"]) > _MAX_TIMEOUTS:
+        out.append(f"- … and {len(report['timeouts']) - _MAX_TIMEOUTS} more")
+    out += ["", "## Pools", ""]
+    if report["pools"]:
+        rows = [["pool", "class", "size", "overflow", "peak", "checkouts", "timeouts",
+                 "wait p50/p95/p99/max", "hold p50/p95/p99/max"]]  # fmt: skip
+        rows += [
+            [
+                f"`{p['name']}`",
+                p["pool_class"],
+                _opt(p["pool_size"]),
+                _opt(p["max_overflow"]),
+                str(p["peak_in_use"]),
+                str(p["checkouts"]),
+                str(p["timeouts"]),
+                _quartet(p["wait_ms"]),
+                _quartet(p["hold_ms"]),
+            ]  # fmt: skip
+            for p in report["pools"]
+        ]
+        out += _md_table(rows, right={2, 3, 4, 5, 6})
+    else:
+        out.append("None recorded.")
+    out += ["", "## Sites", ""]
+    if report["sites"]:
+        rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
+        rows += [
+            [
+                f"{s['pool_time_share'] * 100:.1f}%",
+                str(s["checkouts"]),
+                duration(s["total_hold_s"]),
+                _ms(s["hold_ms"]["p95"]),
+                _ms(s["hold_ms"]["max"]),
+                f"`{s['pool']}`",
+                f"`{s['site']}`",
+            ]  # fmt: skip
+            for s in report["sites"][:_MAX_SITES]
+        ]
+        out += _md_table(rows, right={0, 1, 2, 3, 4})
+    else:
+        out.append("None.")
+    out += ["", "## Sizing", ""]
+    for p in report["pools"]:
+        if p.get("sizing"):
+            out.append(f"- {p['sizing']['advice']}")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---- html --------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;
+padding:0 1rem;color:#1d2733;background:#fff}
+h1{font-size:1.5rem;margin-bottom:.25rem}h2{margin-top:2rem;border-bottom:1px solid #dde3ea;
+padding-bottom:.25rem}code,pre{font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
+pre{background:#f5f7fa;padding:.6rem .8rem;border-radius:6px;overflow-x:auto;margin:.3rem 0}
+table{border-collapse:collapse;width:100%;margin:.5rem 0}th,td{text-align:left;padding:.3rem .5rem;
+border-bottom:1px solid #eef1f5;vertical-align:top}th{background:#f5f7fa;font-weight:600}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#5b6775}
+.cards{display:flex;flex-wrap:wrap;gap:.75rem;margin:1rem 0}.card{border:1px solid #dde3ea;
+border-radius:8px;padding:.6rem .9rem;min-width:8rem}.card b{display:block;font-size:1.4rem}
+.confirmed{color:#b42318}.suspected{color:#b54708}.unknown{color:#475467}
+.bar{background:#e4e9f0;border-radius:3px;height:.6rem;width:8rem;display:inline-block}
+.bar i{display:block;height:100%;background:#2e6fd8;border-radius:3px}details{margin:.2rem 0}
+.warn{background:#fff4e5;border:1px solid #f5c07a;border-radius:6px;padding:.5rem .8rem}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _html_table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
+    th = "".join(f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>"
+                 for i, h in enumerate(head))  # fmt: skip
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
+            for i, c in enumerate(row)
+        )  # fmt: skip
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _stack_html(stack: list[str]) -> str:
+    return f"<pre>{_e(chr(10).join(stack))}</pre>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The report as one self-contained HTML page (inline CSS, no scripts, no external
+    assets) to attach to an incident ticket."""
+    s = report["summary"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>poolscope report: {_e(report['store'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>poolscope report</h1>",
+        f'<p class="muted"><code>{_e(report["store"])}</code> · generated '
+        f"{_e(_when(report['generated_at']))} by poolscope {_e(report['poolscope'])}</p>",
+        f"<p>{'<br>'.join(_e(line) for line in _headline(report)[:1])}</p>",
+        '<div class="cards">',
+    ]
+    cards = [
+        ("confirmed leaks", s["confirmed_leaks"], "confirmed"),
+        ("suspected leaks", s["suspected_leaks"], "suspected"),
+        ("unknown (crash)", s["unknown_leaks"], "unknown"),
+        ("timeouts", s["timeouts"], ""),
+        ("p95 wait", duration(s["wait_p95_s"]), ""),
+        ("peak in use", f"{s['peak_in_use']}" + (f" / {s['capacity']}" if s["capacity"] else ""),
+         ""),
+    ]  # fmt: skip
+    parts += [
+        f'<div class="card"><b class="{cls}">{_e(v)}</b>{_e(label)}</div>'
+        for label, v, cls in cards
+    ]
+    parts.append("</div>")
+    if s["dropped"]:
+        parts.append(
+            f'<p class="warn">The recorder dropped {s["dropped"]} records; counts may be low.</p>'
+        )
+
+    parts.append("<h2>Leaks</h2>")
+    if not report["leaks"]:
+        parts.append("<p>None found.</p>")
+    else:
+        rows = []
+        for leak in report["leaks"]:
+            rows.append(
+                [
+                    f"<code>{_e(leak['class'])}</code>",
+                    f'<span class="{_e(leak["certainty"])}">{_e(leak["certainty"])}</span>',
+                    _e(leak["count"]),
+                    _e(duration(leak["max_held_s"])),
+                    _e(leak["pool"]),
+                    f"<details><summary><code>{_e(leak['site'])}</code> "
+                    f'<span class="muted">threads {_e(", ".join(leak["threads"]))}</span>'
+                    f"</summary>{_stack_html(leak['stack'])}</details>",
+                ]
+            )
+        parts.append(
+            _html_table(
+                ["class", "certainty", "count", "max held", "pool", "site and stack"], rows, {2, 3}
+            )  # fmt: skip
+        )
+
+    parts.append("<h2>Timeouts</h2>")
+    if not report["timeouts"]:
+        parts.append("<p>None.</p>")
+    else:
+        rows = []
+        for t in report["timeouts"]:
+            holders = "".join(
+                f"<li>{_e(duration(h['held_s']))} <code>{_e(h['site'])}</code> "
+                f'<span class="muted">thread {_e(h["thread"])}</span></li>'
+                for h in t["holders"]
+            )
+            rows.append(
+                [
+                    _e(_when(t["at"])),
+                    _e(t["pool"]),
+                    f"<code>{_e(t['site'])}</code><br>"
+                    f'<span class="muted">thread {_e(t["thread"])}</span>',
+                    _e(duration(t["waited_s"])),
+                    f"<ul>{holders}</ul>" if holders else '<span class="muted">none</span>',
+                ]
+            )
+        parts.append(_html_table(["at (UTC)", "pool", "caller", "waited", "held by"], rows, {3}))
+
+    parts.append("<h2>Pools</h2>")
+    if report["pools"]:
+        rows = [
+            [
+                f"<b>{_e(p['name'])}</b><br><span class='muted'>{_e(p['url'])}</span>",
+                _e(p["pool_class"]),
+                _e(_opt(p["pool_size"])),
+                _e(_opt(p["max_overflow"])),
+                _e(p["peak_in_use"]),
+                _e(p["checkouts"]),
+                _e(p["timeouts"]),
+                _e(_quartet(p["wait_ms"])),
+                _e(_quartet(p["hold_ms"])),
+            ]  # fmt: skip
+            for p in report["pools"]
+        ]
+        parts.append(
+            _html_table(
+                [
+                    "pool",
+                    "class",
+                    "size",
+                    "overflow",
+                    "peak",
+                    "checkouts",
+                    "timeouts",
+                    "wait p50/p95/p99/max",
+                    "hold p50/p95/p99/max",
+                ],
+                rows,
+                {2, 3, 4, 5, 6},
+            )  # fmt: skip
+        )
+    else:
+        parts.append("<p>None recorded.</p>")
+
+    parts.append("<h2>Sites</h2>")
+    if report["sites"]:
+        rows = []
+        for site in report["sites"]:
+            share = site["pool_time_share"]
+            rows.append(
+                [
+                    f'<span class="bar"><i style="width:{share * 100:.1f}%"></i></span> '
+                    f"{share * 100:.1f}%",
+                    _e(site["checkouts"]),
+                    _e(duration(site["total_hold_s"])),
+                    _e(_ms(site["hold_ms"]["p95"])),
+                    _e(_ms(site["hold_ms"]["max"])),
+                    _e(site["pool"]),
+                    f"<details><summary><code>{_e(site['site'])}</code></summary>"
+                    f"{_stack_html(site['stack'])}</details>",
+                ]
+            )
+        parts.append(
+            _html_table(
+                [
+                    "share of pool time",
+                    "checkouts",
+                    "held total",
+                    "p95 hold",
+                    "max hold",
+                    "pool",
+                    "site",
+                ],
+                rows,
+                {1, 2, 3, 4},
+            )  # fmt: skip
+        )
+    else:
+        parts.append("<p>None.</p>")
+
+    parts.append("<h2>Sizing</h2>")
+    advice = [p["sizing"]["advice"] for p in report["pools"] if p.get("sizing")]
+    parts += [f"<p>{_e(a)}</p>" for a in advice] or ["<p>No pool activity to size.</p>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
