@@ -494,7 +494,7 @@ class Monitor:
                 connect_times.pop(record, None)
                 drop(1)
 
-        def _returned(record: Any, returning: bool) -> None:
+        def _returned(record: Any, returning: bool | None) -> None:
             t = now()
             entry = open_.pop(record, None)
             if entry is None:  # checked out before attach, or by the parent before a fork
@@ -526,7 +526,7 @@ class Monitor:
                 kind = "gc_checkin"
                 notices.append((kind, entry, held))
             else:
-                kind = "checkin" if returning else "detach"
+                kind = "detach" if returning is False else "checkin"
             if len(queue) < max_queue:
                 in_use = len(open_)
                 _, idle, waiters, size = state
@@ -609,6 +609,21 @@ class Monitor:
             _on_event.__doc__ = f"``PoolEvents.{kind}``: recorded with its checkout, if any."
             return _on_event
 
+        record_invalidate = _simple("invalidate")
+        disconnection = exc.DisconnectionError
+
+        def _on_invalidate(dbapi_connection: Any, record: Any, exception: Any = None) -> None:
+            """``PoolEvents.invalidate``: recorded with its checkout, if any.
+
+            A ``DisconnectionError`` while ``record`` is checked out means a checkout
+            listener refused the connection and SQLAlchemy retries the checkout with a
+            new one, firing ``checkout`` again. The refused checkout never reached the
+            application: it is closed here as a ``checkin``, or it would stay open forever.
+            """
+            record_invalidate(dbapi_connection, record, exception)
+            if isinstance(exception, disconnection) and record in open_:
+                _returned(record, None)
+
         def _on_close_detached(dbapi_connection: Any) -> None:
             """``PoolEvents.close_detached``: a detached DBAPI connection was closed."""
             if len(queue) < max_queue:
@@ -641,7 +656,7 @@ class Monitor:
             "connect": _on_connect,
             "checkout": _on_checkout,
             "checkin": _on_checkin,
-            "invalidate": _simple("invalidate"),
+            "invalidate": _on_invalidate,
             "soft_invalidate": _simple("soft_invalidate"),
             "close": _simple("close"),
             "detach": _on_detach,

@@ -203,6 +203,35 @@ class TestThreadedCheckouts:
         assert rows == [(k, used, idle, max(0, over)) for k, used, idle, over in expected]
 
 
+class TestRefusedCheckout:
+    def test_checkout_refused_by_a_listener_is_not_left_open(
+        self, make_engine, store_path: Path
+    ) -> None:
+        """A checkout a later listener refuses (DisconnectionError, then SQLAlchemy retries
+        with a new connection) is closed, so it never looks like a leak."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path)
+        refusals = []
+
+        @event.listens_for(engine, "checkout")
+        def refuse_once(dbapi_connection, record, proxy) -> None:
+            if not refusals:
+                refusals.append(record)
+                raise sa.exc.DisconnectionError("stale connection")
+
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select 3").scalar() == 3
+        event.remove(engine, "checkout", refuse_once)
+        monitor.flush()
+        assert refusals
+        assert query(store_path, "SELECT count(*) FROM checkouts WHERE returned_at IS NULL") == [
+            (0,)
+        ]
+        kinds = [r[0] for r in query(store_path, "SELECT kind FROM events ORDER BY id")]
+        assert kinds.count("checkout") == kinds.count("checkin") == 2
+        assert "invalidate" in kinds
+
+
 class TestAttach:
     def test_detach_leaves_nothing_behind(self, make_engine, store_path: Path) -> None:
         """After detach() no poolscope listener or pool hook is left, and nothing more is
@@ -224,7 +253,7 @@ class TestAttach:
             assert not event.contains(engine, name, fn), name
         assert {name: len(getattr(pool.dispatch, name)) for name in POOL_EVENTS} == before
         assert len(engine.dispatch.engine_disposed) == disposed_before
-        assert "_do_get" not in vars(pool)
+        assert "_do_get" not in vars(pool) and "recreate" not in vars(pool)
         assert vars(pool)["_invoke_creator"] is creator
         assert not monitor.attached
 
@@ -236,6 +265,29 @@ class TestAttach:
         monitor.flush()
         assert query(store_path, "SELECT count(*) FROM events") == recorded
         assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+    def test_detach_after_dispose_leaves_nothing_behind(
+        self, make_engine, store_path: Path
+    ) -> None:
+        """The pool that engine.dispose() puts in place is unhooked by detach() too."""
+        engine = make_engine()
+        before = {name: len(getattr(engine.pool.dispatch, name)) for name in POOL_EVENTS}
+        monitor = instrument.attach(engine, store=store_path)
+        old_pool = engine.pool
+        with engine.connect():
+            pass
+        engine.dispose()
+        assert engine.pool is not old_pool
+        with engine.connect():
+            pass
+        monitor.detach()
+        for pool in (old_pool, engine.pool):
+            assert {name: len(getattr(pool.dispatch, name)) for name in POOL_EVENTS} == before
+            assert not {"_do_get", "recreate", "_poolscope_creator"} & set(vars(pool))
+        with engine.connect():
+            pass
+        monitor.flush()
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(2,)]
 
     def test_detach_is_idempotent(self, make_engine, store_path: Path) -> None:
         """A second detach() does nothing, and attaching again records again."""
