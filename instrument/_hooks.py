@@ -116,6 +116,7 @@ class Monitor:
         self._open: dict[Any, tuple[Any, ...]] = {}
         self._waits: dict[Any, float] = {}
         self._connect_times: dict[Any, float] = {}
+        self._connect_starts: dict[Any, float] = {}
         self._connection_ids: dict[Any, int] = {}
         self._detached_ids: dict[int, int] = {}
         self._suspected: dict[int, float] = {}
@@ -324,6 +325,7 @@ class Monitor:
         perf = time.perf_counter
         waits = self._waits
         connect_times = self._connect_times
+        connect_starts = self._connect_starts
         on_timeout = self._on_timeout
 
         def _do_get() -> Any:
@@ -333,9 +335,15 @@ class Monitor:
             except exc.TimeoutError:
                 on_timeout(perf() - t0)
                 raise
-            waited = perf() - t0
-            connecting = connect_times.get(record)
-            waits[record] = waited - connecting if connecting else waited
+            t1 = perf()
+            started = connect_starts.pop(record, None)
+            if started is not None and started >= t0:
+                # A new connection was opened in do_get(): the DBAPI connect, the dialect's
+                # first-connect setup and the app's connect listeners are connect time.
+                connect_times[record] = t1 - started
+                waits[record] = started - t0
+            else:
+                waits[record] = t1 - t0
             return record
 
         _do_get.__wrapped__ = do_get  # type: ignore[attr-defined]
@@ -344,9 +352,10 @@ class Monitor:
     def _make_creator(self, creator: Callable[[Any], Any]) -> Callable[[Any], Any]:
         perf = time.perf_counter
         connect_times = self._connect_times
+        connect_starts = self._connect_starts
 
         def _invoke_creator(record: Any) -> Any:
-            t0 = perf()
+            t0 = connect_starts[record] = perf()
             connection = creator(record)
             connect_times[record] = perf() - t0
             return connection
