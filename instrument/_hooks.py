@@ -292,6 +292,7 @@ class Monitor:
             event.listen(self._event_target, name, fn)
         self._wrap(self._state[0])
         self._attached = True
+        self._writer.pools[self.pool_key] = self.pool_info()
         self._writer.monitors.add(self)
 
     def _wrap(self, pool: Pool) -> None:

@@ -47,17 +47,13 @@ RETRY_OPEN_SECONDS = 5.0
 ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
 
-# A record's pool key and stack id are this process's own numbers; the store's ids
-# are looked up by SQLite itself (temp tables), so no Python code touches each row.
-_ROW = (
-    "(?, {pid}, (SELECT id FROM temp.pool_map WHERE k = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-    "(SELECT id FROM temp.stack_map WHERE k = ?), ?, ?, ?, ?)"
-)
+# A record is the events row without process_id (a literal in the statement); its
+# pool key and stack id are this process's own numbers, mapped to the store's ids
+# column-wise (map over a slice) rather than row by row.
+_ROW = "(?, {pid}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
-_TEMP_TABLES = (
-    "CREATE TEMP TABLE IF NOT EXISTS pool_map (k INTEGER PRIMARY KEY, id INTEGER NOT NULL)",
-    "CREATE TEMP TABLE IF NOT EXISTS stack_map (k INTEGER PRIMARY KEY, id INTEGER NOT NULL)",
-)
+_POOL_AT = 1
+_STACK_AT = 11
 
 
 class _FlushMarker:
@@ -87,6 +83,9 @@ class Writer:
         self._insert_many = ""
         self.stacks = StackTable()
         self.monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+        # Pool rows to write, by pool key; kept after a monitor is gone, since its
+        # queued events still need their pool row.
+        self.pools: dict[int, dict[str, Any]] = {}
         self.process_id: int | None = None
         self.parent_process_id: int | None = None
         self._conn: sqlite3.Connection | None = None
@@ -192,6 +191,8 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
             self._write_stacks(conn)
             self._write_pools(conn)
+            flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
+            flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
             width = RECORD_WIDTH * ROWS_PER_STATEMENT
             whole = len(flat) - len(flat) % width
             if whole:
@@ -239,13 +240,11 @@ class Writer:
                 "SELECT id FROM stacks WHERE fingerprint = ?", (resolved.fingerprint,)
             ).fetchone()
             self._stack_ids[local] = row[0]
-            conn.execute("INSERT OR REPLACE INTO temp.stack_map VALUES (?, ?)", (local, row[0]))
 
     def _write_pools(self, conn: sqlite3.Connection) -> None:
-        for monitor in list(self.monitors):
-            if monitor.pool_key in self._pool_ids:
+        for pool_key, info in list(self.pools.items()):
+            if pool_key in self._pool_ids:
                 continue
-            info = monitor.pool_info()
             cur = conn.execute(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
                 "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
@@ -264,11 +263,7 @@ class Writer:
                     info["created_at"],
                 ),
             )
-            self._pool_ids[monitor.pool_key] = cur.lastrowid  # type: ignore[assignment]
-            conn.execute(
-                "INSERT OR REPLACE INTO temp.pool_map VALUES (?, ?)",
-                (monitor.pool_key, cur.lastrowid),
-            )
+            self._pool_ids[pool_key] = cur.lastrowid  # type: ignore[assignment]
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is not None:
@@ -296,8 +291,6 @@ class Writer:
                 ),
             )
             conn.execute("COMMIT")
-            for statement in _TEMP_TABLES:
-                conn.execute(statement)
         except Exception as exc:  # OSError, sqlite3.Error, StoreVersionError
             self._failed_at = now
             self._report_failure(exc)
