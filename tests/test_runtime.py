@@ -224,6 +224,29 @@ class TestTimeouts:
         assert waiters[0] == 1
         assert waiters[-1] == 0
 
+    def test_checkout_held_across_dispose_is_returned(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """A connection checked out before engine.dispose() and closed after it is recorded as
+        a normal checkin of its own checkout, not as a leak."""
+        engine = small_pool(make_engine)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        conn = engine.connect()  # held-across-dispose
+        conn.exec_driver_sql("select 1")
+        engine.dispose()
+        with engine.connect() as other:
+            other.exec_driver_sql("select 1")
+        conn.close()
+        monitor.flush()
+        rows = query(
+            store_path,
+            "SELECT s.site, c.returned_by FROM checkouts c JOIN stacks s ON s.id = c.stack_id "
+            "ORDER BY c.checkout_id",
+        )
+        assert rows[0] == (site_of("held-across-dispose"), "checkin")
+        assert [r[1] for r in rows] == ["checkin", "checkin"]
+        assert not monitor.open_checkouts()
+
     def test_detach_restores_do_get(
         self, make_engine: Callable[..., sa.Engine], store_path: Path
     ) -> None:
@@ -323,6 +346,50 @@ class TestGcCheckin:
         assert len(warnings_) == 1
         assert warnings_[0].levelno == logging.WARNING
         assert site_of("leak-raw") in warnings_[0].getMessage()
+
+    def test_collector_on_another_thread(self, sqlite_url: str, store_path: Path) -> None:
+        """When the garbage collector runs on another thread, the gc_checkin is recorded
+        there, with the leaking line as site."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        _leak_connection_in_cycle(engine)
+        collector = threading.Thread(target=gc.collect, name="collector")
+        collector.start()
+        collector.join(10)
+        monitor.flush()
+        engine.dispose()
+        ((thread, stack_id),) = events(store_path, "gc_checkin", "thread", "stack_id")
+        assert thread == "collector"
+        assert site_of_stack(store_path, stack_id) == site_of("leak-connection")
+
+    def test_collector_running_anywhere(self, sqlite_url: str, store_path: Path) -> None:
+        """With the collector running at almost every allocation (inside listeners, inside
+        SQLAlchemy, on poolscope's writer thread), every leak is recorded exactly once."""
+        engine = sa.create_engine(sqlite_url, poolclass=QueuePool, pool_size=5, max_overflow=-1)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        threshold = gc.get_threshold()
+
+        def leak_many() -> None:
+            for _ in range(100):
+                _leak_connection_in_cycle(engine)
+
+        gc.set_threshold(5, 1, 1)
+        try:
+            workers = [threading.Thread(target=leak_many, name=f"w{i}") for i in range(2)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(30)
+        finally:
+            gc.set_threshold(*threshold)
+        gc.collect()
+        monitor.flush()
+        engine.dispose()
+        counts = dict(query(store_path, "SELECT kind, count(*) FROM events GROUP BY kind"))
+        assert counts.get("checkout") == 200
+        assert counts.get("gc_checkin") == 200
+        assert "checkin" not in counts
+        assert not monitor.open_checkouts()
 
     def test_no_false_positives_over_ten_thousand_checkouts(
         self, sqlite_url: str, store_path: Path
@@ -701,6 +768,51 @@ class TestAsync:
             ("worker-8", site, "checkin", "worker-8"),
         ]
         assert not events(store_path, "gc_checkin")
+
+    def test_async_timeout_keeps_sqlalchemys_error_and_records_the_task(
+        self, db_url: str, store_path: Path
+    ) -> None:
+        """On an AsyncEngine, a caller that times out still gets SQLAlchemy's TimeoutError, and
+        the timeout event names its task and its coroutine line."""
+
+        async def hold(engine: AsyncEngine, release: asyncio.Event) -> None:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("select 1"))
+                await release.wait()
+
+        async def late(engine: AsyncEngine) -> None:
+            async with engine.connect():  # async-timeout
+                pass
+
+        async def main() -> tuple[instrument.Monitor, BaseException | None]:
+            engine = create_async_engine(
+                _async_url(db_url), pool_size=1, max_overflow=0, pool_timeout=0.3
+            )
+            monitor = instrument.attach(engine, store=store_path, leak_after=60)
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(engine, release), name="holder")
+            while not monitor.open_checkouts():
+                await asyncio.sleep(0.01)
+            error = None
+            try:
+                await asyncio.create_task(late(engine), name="late-3")
+            except sa_exc.TimeoutError as exc:
+                error = exc
+            release.set()
+            await holder
+            await engine.dispose()
+            return monitor, error
+
+        monitor, error = asyncio.run(main())
+        monitor.flush()
+        assert type(error) is sa_exc.TimeoutError
+        assert str(error).startswith(
+            "QueuePool limit of size 1 overflow 0 reached, connection timed out, timeout 0.30"
+        )
+        ((task, wait_s, stack_id),) = events(store_path, "timeout", "task", "wait_s", "stack_id")
+        assert task == "late-3"
+        assert 0.27 <= wait_s < 2.0
+        assert site_of_stack(store_path, stack_id) == site_of("async-timeout")
 
     @pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
     # aiosqlite's worker thread of the leaked connection may answer after the loop closed.
