@@ -203,6 +203,43 @@ class TestThreadedCheckouts:
         assert rows == [(k, used, idle, max(0, over)) for k, used, idle, over in expected]
 
 
+class TestOpenCheckouts:
+    def test_lists_who_holds_connections_now(self, make_engine, store_path, in_repo_root) -> None:
+        """open_checkouts() names each held connection's site, thread and stack, longest
+        held first, and forgets it once returned."""
+        engine = make_engine(pool_size=2, max_overflow=0)
+        monitor = instrument.attach(engine, store=store_path)
+        first = engine.connect()  # <- first holder
+        held = threading.Event()
+        release = threading.Event()
+
+        def second_holder() -> None:
+            with engine.connect():  # <- second holder
+                held.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=second_holder, name="second-holder")
+        thread.start()
+        try:
+            assert held.wait(30)
+            now = monitor.open_checkouts()
+        finally:
+            release.set()
+            thread.join(30)
+        this_test = TestOpenCheckouts.test_lists_who_holds_connections_now
+        assert [(c.site, c.thread) for c in now] == [
+            (site_of(this_test, "<- " + "first holder"), "MainThread"),
+            (site_of(second_holder, "<- " + "second holder"), "second-holder"),
+        ]
+        assert now[0].held_s >= now[1].held_s > 0
+        assert now[0].checked_out_at <= now[1].checked_out_at
+        assert now[0].stack[0] == now[0].site and now[0].task is None
+        assert now[1].stack[0] == now[1].site
+        assert [c.checkout_id for c in monitor.open_checkouts()] == [now[0].checkout_id]
+        first.close()
+        assert monitor.open_checkouts() == []
+
+
 class TestRefusedCheckout:
     def test_checkout_refused_by_a_listener_is_not_left_open(
         self, make_engine, store_path: Path
