@@ -119,14 +119,14 @@ def pool_leaks(request: pytest.FixtureRequest) -> PoolLeaks:
 
 
 def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
-    # ``-p instrument.pytest_plugin`` registers this module under its dotted name; keep
-    # the ``poolscope`` entry point from registering it again (pluggy would refuse).
-    if (
-        plugin is sys.modules[__name__]
-        and manager.get_name(plugin) != "poolscope"
-        and manager.get_plugin("poolscope") is None
-    ):
-        manager.set_blocked("poolscope")
+    # This module may be named twice: by the ``poolscope`` entry point and by
+    # ``-p instrument.pytest_plugin``, ``PYTEST_PLUGINS`` or a conftest's ``pytest_plugins``.
+    # pluggy refuses one module under two names, so the second name is blocked (skipped).
+    if plugin is sys.modules[__name__]:
+        name = manager.get_name(plugin)
+        for other in ("poolscope", __name__):
+            if other != name and manager.get_plugin(other) is None:
+                manager.set_blocked(other)
 
 
 @pytest.hookimpl(optionalhook=True)

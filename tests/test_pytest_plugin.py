@@ -193,12 +193,18 @@ class TestOptIn:
         result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
         assert teardown_errors(result) == ["test_leaky"]
 
-    def test_with_p_option_and_entry_point_both(
-        self, pytester: pytest.Pytester, sqlite_url: str
+    @pytest.mark.parametrize("how", ["-p", "conftest"])
+    def test_named_explicitly_as_well_as_by_the_entry_point(
+        self, pytester: pytest.Pytester, sqlite_url: str, how: str
     ) -> None:
-        """``-p instrument.pytest_plugin`` works even though the entry point loads it too."""
+        """``-p instrument.pytest_plugin`` or a conftest's ``pytest_plugins`` naming the
+        plugin works even though the installed entry point loads it too."""
         write_suite(pytester, sqlite_url, LEAKS["global"])
-        result = run(pytester, "-p", "instrument.pytest_plugin", "--pool-leaks")
+        if how == "-p":
+            result = run(pytester, "-p", "instrument.pytest_plugin", "--pool-leaks")
+        else:
+            pytester.makeconftest('pytest_plugins = ["instrument.pytest_plugin"]\n')
+            result = run(pytester, "--pool-leaks")
         result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
 
     def test_bad_max_hold_is_a_usage_error(self, pytester: pytest.Pytester) -> None:
