@@ -303,11 +303,23 @@ def _fetch_columns(
     (int64, NULL as -1) or ``"o"`` (object).
     """
     cursor = conn.execute(sql, params)
+    empty = {"o": object, "i": "int64", "f": "float64"}
+    if all(kind != "o" for _, kind in spec):
+        # All numeric: one C-level conversion of each chunk into a 2-D float array.
+        blocks = []
+        while rows := cursor.fetchmany(_FETCH_CHUNK):
+            blocks.append(np.array(rows, dtype="float64"))
+            del rows
+        if not blocks:
+            return {name: np.array([], dtype=empty[kind]) for name, kind in spec}
+        table = np.concatenate(blocks)
+        out = {}
+        for i, (name, kind) in enumerate(spec):
+            column = table[:, i]
+            out[name] = np.nan_to_num(column, nan=-1).astype("int64") if kind == "i" else column
+        return out
     parts: list[list[np.ndarray]] = [[] for _ in spec]
-    while True:
-        rows = cursor.fetchmany(_FETCH_CHUNK)
-        if not rows:
-            break
+    while rows := cursor.fetchmany(_FETCH_CHUNK):
         for i, column in enumerate(zip(*rows, strict=True)):
             kind = spec[i][1]
             if kind == "o":
@@ -318,15 +330,10 @@ def _fetch_columns(
                     values = np.nan_to_num(values, nan=-1).astype("int64")
                 parts[i].append(values)
         del rows
-    out = {}
-    for (name, kind), chunks in zip(spec, parts, strict=True):
-        if chunks:
-            out[name] = np.concatenate(chunks)
-        else:
-            out[name] = np.array(
-                [], dtype=object if kind == "o" else ("int64" if kind == "i" else "float64")
-            )
-    return out
+    return {
+        name: np.concatenate(chunks) if chunks else np.array([], dtype=empty[kind])
+        for (name, kind), chunks in zip(spec, parts, strict=True)
+    }
 
 
 def _checkout_sql(data: _Data, select: str) -> tuple[str, list[Any]]:
@@ -358,7 +365,6 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     for the few rows it shows (:func:`_lookup_threads`).
     """
     spec = [
-        ("process_id", "i"),
         ("pool_id", "i"),
         ("checkout_id", "i"),
         ("stack_id", "i"),
@@ -370,7 +376,7 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
         ("waiters", "i"),
     ]
     select = (
-        "o.process_id, o.pool_id, o.checkout_id, o.stack_id, o.at, o.wait_s, r.hold_s, "
+        "o.pool_id, o.checkout_id, o.stack_id, o.at, o.wait_s, r.hold_s, "
         "CASE r.kind WHEN 'checkin' THEN 0 WHEN 'gc_checkin' THEN 1 WHEN 'detach' THEN 2 "
         "ELSE 3 END, o.in_use, o.waiters"
     )
@@ -382,6 +388,9 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     if not len(columns["checkout_id"]):
         return _empty(_CHECKOUT_COLUMNS if full else _CORE_COLUMNS)
     df = pd.DataFrame(columns)
+    # Pools belong to one process each, so the pool id gives the process.
+    owners = dict(data.conn.execute("SELECT id, process_id FROM pools").fetchall())
+    df.insert(0, "process_id", df["pool_id"].map(owners).fillna(-1).astype("int64"))
     if df.duplicated(["process_id", "pool_id", "checkout_id"]).any():
         df = df.drop_duplicates(["process_id", "pool_id", "checkout_id"], keep="first")
     df["outcome"] = pd.Categorical.from_codes(df.pop("outcome_code").to_numpy(), _OUTCOMES)
@@ -976,34 +985,43 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
                 f"(pool_size={size}, max_overflow={overflow}), so there is nothing to size."
             )
         else:
-            need_size = max(1, math.ceil(mean_in_use - 1e-9)) if n and span > 0 else 1
-            rec_size = max(need_size, 1)
-            starved = n_timeouts > 0 or waited > 0
-            rec_capacity = max(demand, rec_size) if starved else max(peak, rec_size)
-            if starved:
-                rec_size = max(rec_size, min(size, rec_capacity))
-            else:
-                rec_size = min(max(rec_size, 1), size)
-            rec_overflow = max(rec_capacity - rec_size, 0)
-            if not starved:
-                rec_overflow = max(rec_overflow, overflow if rec_size == size else 0)
-            entry["recommended_pool_size"] = rec_size
-            entry["recommended_max_overflow"] = rec_overflow
+            # pool_size should cover the mean concurrency, so overflow only serves bursts.
+            mean_needed = max(1, math.ceil(mean_in_use - 1e-9)) if n and span > 0 else 1
+            pressured = n_timeouts > 0 or waited > 0
             current = f"pool_size={size}, max_overflow={overflow} (capacity {capacity})"
-            if starved:
+            if pressured and demand > capacity:
+                rec_size = min(max(size, mean_needed), demand)
+                rec_overflow = demand - rec_size
                 entry["verdict"] = "too_small"
                 text = (
                     f"{name}: {little}; {observed}; {pressure}. {current} was too small at "
                     f"the peak: pool_size={rec_size}, max_overflow={rec_overflow} "
-                    f"(capacity {rec_size + rec_overflow}) would have served all "
-                    f"{demand} concurrent requests without waiting."
+                    f"(capacity {demand}) would have served all {demand} callers that "
+                    "wanted a connection at once without waiting."
                 )
             else:
+                rec_size = max(size, mean_needed)
+                rec_overflow = max(capacity - rec_size, 0)
                 entry["verdict"] = "ok"
-                text = (
-                    f"{name}: {little}; {observed}; no waits or timeouts. {current} was large "
-                    f"enough (peak {peak} of {capacity})."
-                )
+                if pressured:
+                    text = (
+                        f"{name}: {little}; {observed}; {pressure}, although at most {demand} "
+                        f"callers wanted a connection at once, within {current}: the pool's "
+                        "size was not the cause (look at lock contention or connect time)."
+                    )
+                else:
+                    text = (
+                        f"{name}: {little}; {observed}; no waits or timeouts. {current} was "
+                        f"large enough (peak {peak} of {capacity})."
+                    )
+                if rec_size > size:
+                    text += (
+                        f" pool_size is below the mean concurrency, so overflow connections "
+                        f"are opened and closed all the time: pool_size={rec_size}, "
+                        f"max_overflow={rec_overflow} keeps the capacity and stops that churn."
+                    )
+            entry["recommended_pool_size"] = rec_size
+            entry["recommended_max_overflow"] = rec_overflow
             if leaked:
                 text += (
                     f" {leaked} confirmed leaked checkouts held connections too: fix those "
