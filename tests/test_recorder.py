@@ -4,6 +4,7 @@ many processes writing one store."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import sqlite3
@@ -22,7 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import QueuePool
 
 import instrument
-from instrument import _hooks, _writer
+from instrument import _hooks, _store, _writer
 from instrument.testing import EVENT_FIELDS, capture_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,6 +464,46 @@ class TestBrokenStore:
         assert problems[0].levelno == logging.ERROR
         assert str(store) in problems[0].getMessage()
         assert not store.exists()
+
+    def test_locked_store_loses_nothing_silently(
+        self,
+        sqlite_url: str,
+        store_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """While another process locks the store, batches are dropped and counted; once it is
+        free again, a ``dropped`` event tells how many were lost."""
+        monkeypatch.setattr(
+            _store,
+            "connect_for_writing",
+            functools.partial(_store.connect_for_writing, busy_timeout_ms=100),
+        )
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        with engine.connect():
+            pass
+        monitor.flush()
+        locker = sqlite3.connect(str(store_path), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            for _ in range(3):
+                with engine.connect() as conn:
+                    assert conn.exec_driver_sql("select 1").scalar() == 1
+            assert monitor.flush() is True
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert monitor.dropped == 6
+        with engine.connect():
+            pass
+        monitor.flush()
+        engine.dispose()
+        kinds = query(store_path, "SELECT kind, count FROM events ORDER BY id")
+        assert [k for k, _ in kinds if k in ("checkout", "checkin")] == ["checkout", "checkin"] * 2
+        assert [c for k, c in kinds if k == "dropped"] == [6]
+        assert len(caplog.records) == 1 and "locked" in caplog.records[0].getMessage()
 
     def test_missing_directory_is_created(self, tmp_path: Path, sqlite_url: str) -> None:
         """A store in a directory that does not exist yet creates the directory."""
