@@ -371,6 +371,7 @@ def get_writer(path: Path) -> Writer:
         writer = _writers.get(key)
         if writer is None:
             writer = _writers[key] = Writer(Path(key))
+            _hook_multiprocessing_exit()
         writer.start()
         return writer
 
@@ -396,6 +397,25 @@ def _at_exit() -> None:
         shutdown_all(timeout=10.0, reason="exit")
     except Exception:  # pragma: no cover
         logger.exception("poolscope could not finish writing its store")
+
+
+_multiprocessing_hooked = False
+
+
+def _hook_multiprocessing_exit(_: object = None) -> None:
+    """In a multiprocessing child, run ``_at_exit`` from multiprocessing's exit hooks.
+
+    Such a child leaves through ``os._exit()``, which skips ``atexit``: without this
+    its last records are lost and it looks as if it had crashed.
+    """
+    global _multiprocessing_hooked
+    process = sys.modules.get("multiprocessing.process")
+    util = sys.modules.get("multiprocessing.util")
+    if _multiprocessing_hooked or process is None or util is None:
+        return
+    if process.parent_process() is not None:  # None in the main process
+        _multiprocessing_hooked = True
+        util.Finalize(None, _at_exit, exitpriority=-100)
 
 
 _forking: list[Writer] = []
@@ -425,7 +445,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock, _process_start
+    global _registry_lock, _process_start, _multiprocessing_hooked
     _forking.clear()  # the child's writers get fresh locks below
     _registry_lock = threading.Lock()
     _process_start = time.time()
@@ -434,6 +454,12 @@ def _after_fork_in_child() -> None:
         for monitor in list(writer.monitors):
             monitor.reinit_after_fork()
         writer.start()
+    _multiprocessing_hooked = False
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # If this is a multiprocessing child, its exit hooks are reset after this
+        # runs, and its after-fork callbacks run after that reset.
+        util.register_after_fork(_at_exit, _hook_multiprocessing_exit)
 
 
 atexit.register(_at_exit)

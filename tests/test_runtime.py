@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -581,6 +582,19 @@ def _run_forked_child(engine: sa.Engine, monitor: instrument.Monitor) -> dict:
     return json.loads(b"".join(chunks))
 
 
+def _multiprocessing_child(engine: sa.Engine) -> None:
+    engine.dispose(close=False)
+    with engine.connect() as conn:  # mp-child-checkout
+        conn.exec_driver_sql("select 1")
+
+
+def _multiprocessing_own_engine(url: str, store: str) -> None:
+    engine = sa.create_engine(url)
+    instrument.attach(engine, store=store, leak_after=60)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
 class TestFork:
     def test_child_records_under_its_own_process(
@@ -627,6 +641,86 @@ class TestFork:
         assert child_kinds <= {"connect", "checkout", "checkin"}
         pools = query(store_path, "SELECT process_id FROM pools ORDER BY id")
         assert sorted(p for (p,) in pools) == sorted([parent_row, child_row])
+
+    def test_multiprocessing_child_records_and_ends_cleanly(
+        self, make_engine: Callable[..., sa.Engine], store_path: Path
+    ) -> None:
+        """A multiprocessing child (fork start method) ends with os._exit(), skipping atexit:
+        its records are still written, with end_reason 'exit', without any flush()."""
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+        child = multiprocessing.get_context("fork").Process(
+            target=_multiprocessing_child, args=(engine,)
+        )
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+        monitor.flush()
+
+        procs = query(
+            store_path, "SELECT id, pid, parent_id, end_reason FROM processes ORDER BY id"
+        )
+        by_pid = {pid: (row_id, parent_id, reason) for row_id, pid, parent_id, reason in procs}
+        parent_row = by_pid[os.getpid()][0]
+        child_row, child_parent, child_reason = by_pid[child.pid]
+        assert child_parent == parent_row
+        assert child_reason == "exit"
+        sql = (
+            "SELECT s.site, c.returned_by FROM checkouts c JOIN stacks s ON s.id = c.stack_id "
+            "WHERE c.process_id = ?"
+        )
+        assert query(store_path, sql, child_row) == [(site_of("mp-child-checkout"), "checkin")]
+
+    def test_multiprocessing_child_attaching_its_own_engine(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A multiprocessing child that creates and attaches its own engine also records its
+        checkouts and its clean end, without any flush()."""
+        child = multiprocessing.get_context("fork").Process(
+            target=_multiprocessing_own_engine, args=(sqlite_url, str(store_path))
+        )
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+        assert query(store_path, "SELECT pid, end_reason FROM processes") == [(child.pid, "exit")]
+        assert query(store_path, "SELECT returned_by FROM checkouts") == [("checkin",)]
+
+    def test_multiprocessing_child_importing_poolscope_itself(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A multiprocessing child of a parent that never imported poolscope records its
+        checkouts and its clean end too."""
+        script = textwrap.dedent(
+            """
+            import multiprocessing, sys
+
+            def work(url, store):
+                import sqlalchemy as sa
+                import instrument
+
+                engine = sa.create_engine(url)
+                instrument.attach(engine, store=store, leak_after=60)
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+
+            if __name__ == "__main__":
+                assert "instrument" not in sys.modules
+                child = multiprocessing.get_context("fork").Process(
+                    target=work, args=sys.argv[1:3]
+                )
+                child.start()
+                child.join(20)
+                sys.exit(child.exitcode)
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, sqlite_url, str(store_path)], cwd=REPO, timeout=60
+        )
+        assert done.returncode == 0
+        assert query(store_path, "SELECT end_reason FROM processes") == [("exit",)]
+        assert query(store_path, "SELECT returned_by FROM checkouts") == [("checkin",)]
 
 
 # -------------------------------------------------------------------------------------------
