@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import sqlite3
 import sys
@@ -282,7 +283,7 @@ class Writer:
                     os.getpid(),
                     self.parent_process_id,
                     socket.gethostname(),
-                    json.dumps(sys.argv),
+                    json.dumps(masked_argv(sys.argv)),
                     platform.python_version(),
                     _sqlalchemy_version(),
                     _poolscope_version(),
@@ -374,6 +375,29 @@ def get_writer(path: Path) -> Writer:
             _hook_multiprocessing_exit()
         writer.start()
         return writer
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/:@\s]*:)[^\s/]*(?=@)")
+_SECRET_VALUE = re.compile(r"(?i)(?P<head>[\w-]*(?:password|passwd|secret|token)[\w-]*=)[^&\s]*")
+_SECRET_FLAG = re.compile(r"(?i)--?[\w-]*(?:password|passwd|secret|token)[\w-]*")
+
+
+def masked_argv(argv: list[str]) -> list[str]:
+    """Return ``argv`` with secrets as ``***``: URL passwords (``postgresql://u:***@h/db``),
+    ``name=value`` pairs whose name says password, secret or token, and the argument
+    after a flag such as ``--password``. A command line often carries the database URL."""
+    masked: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            masked.append("***")
+            hide_next = False
+            continue
+        arg = _URL_PASSWORD.sub(r"\g<head>***", arg)
+        arg = _SECRET_VALUE.sub(r"\g<head>***", arg)
+        hide_next = _SECRET_FLAG.fullmatch(arg) is not None
+        masked.append(arg)
+    return masked
 
 
 def _sqlalchemy_version() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import sqlite3
 import subprocess
@@ -552,6 +553,54 @@ class TestPrivacy:
             "postgresql+psycopg://app:***@db/shop"
             "?api_token=***&api_token=***&sslmode=require&sslpassword=***"
         )
+
+    def test_password_on_the_command_line_never_stored(
+        self, tmp_path: Path, store_path: Path
+    ) -> None:
+        """A database URL or --password given on the command line is masked in ``processes``."""
+        script = tmp_path / "app.py"
+        script.write_text(
+            "import sys, sqlalchemy as sa, instrument\n"
+            f"engine = sa.create_engine('sqlite:///{tmp_path / 'app.db'}')\n"
+            f"instrument.attach(engine, store={str(store_path)!r})\n"
+            "with engine.connect():\n"
+            "    pass\n"
+        )
+        argv = [
+            str(script),
+            f"--db=postgresql+psycopg://app:{self.PASSWORD}@db/shop",
+            "--password",
+            self.PASSWORD,
+            f"PGPASSWORD={self.PASSWORD}",
+        ]
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert self.PASSWORD.encode() not in store_bytes(store_path)
+        ((stored,),) = query(store_path, "SELECT argv FROM processes")
+        assert json.loads(stored) == [
+            str(script),
+            "--db=postgresql+psycopg://app:***@db/shop",
+            "--password",
+            "***",
+            "PGPASSWORD=***",
+        ]
+
+    @pytest.mark.parametrize(
+        ("argv", "expected"),
+        [
+            (["run", "postgresql://u:p@ss@h/db"], ["run", "postgresql://u:***@h/db"]),
+            (
+                ["x", "mysql://u:pw@h/d?ssl_key=k&api_token=t"],
+                ["x", "mysql://u:***@h/d?ssl_key=k&api_token=***"],
+            ),
+            (["x", "--db-password", "pw", "next"], ["x", "--db-password", "***", "next"]),
+            (["x", "--secret=pw", "-v"], ["x", "--secret=***", "-v"]),
+            (["x", "user@example.com", "http://h/a@b"], ["x", "user@example.com", "http://h/a@b"]),
+        ],
+    )
+    def test_argv_masking(self, argv: list[str], expected: list[str]) -> None:
+        """Secrets in a command line are masked; everything else is kept as it was."""
+        assert _writer.masked_argv(argv) == expected
 
     def test_sql_and_parameters_never_stored(self, make_engine, store_path: Path) -> None:
         """Neither statements nor their bound parameters reach the store."""
