@@ -101,7 +101,11 @@ def capture_events(
 
     directory = Path(tempfile.mkdtemp(prefix="poolscope-capture-"))
     kwargs = {} if leak_after is None else {"leak_after": leak_after}
-    monitor = _hooks.attach(engine, store=directory / "capture.db", **kwargs)
+    try:
+        monitor = _hooks.attach(engine, store=directory / "capture.db", **kwargs)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     try:
         yield events
     finally:
