@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 import instrument
+from instrument import analysis
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -62,6 +63,15 @@ def events(store: Path, kind: str, *columns: str) -> list[tuple]:
 def site_of_stack(store: Path, stack_id: int | None) -> str | None:
     rows = query(store, "SELECT site FROM stacks WHERE id = ?", stack_id)
     return rows[0][0] if rows else None
+
+
+def leak_classes(store: Path) -> list[str]:
+    """The leak classes the analysis (shared by report and dashboard) finds in ``store``."""
+    conn = analysis.open_store(store)
+    try:
+        return sorted(analysis.leaks(conn)["leak_class"].astype(str))
+    finally:
+        conn.close()
 
 
 class Holders:
@@ -727,7 +737,7 @@ class TestFork:
 
 _CHILD_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import gc, sys, time
     import sqlalchemy as sa
     import instrument
 
@@ -741,6 +751,12 @@ _CHILD_SCRIPT = textwrap.dedent(
     print("ready", flush=True)
     if sys.argv[3] == "hold":
         time.sleep(60)
+    if sys.argv[3] == "exit-with-cycle":
+        gc.disable()  # so that only poolscope's collection at exit can reclaim it
+        leaked = engine.connect()
+        leaked.exec_driver_sql("select 1")
+        leaked.cycle = [leaked]
+        del leaked
     """
 )
 
@@ -786,6 +802,7 @@ class TestProcessEnd:
             for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
         ]
         assert returns == ["checkin", None]
+        assert leak_classes(store_path) == ["open_at_crash"]
 
     def test_clean_exit_records_the_end_and_the_never_returned_checkout(
         self, db_url: str, store_path: Path
@@ -807,6 +824,20 @@ class TestProcessEnd:
         ]
         assert returns == ["checkin", None]
         assert not events(store_path, "gc_checkin")
+        assert leak_classes(store_path) == ["never_returned"]
+
+    def test_clean_exit_collects_before_ending(self, sqlite_url: str, store_path: Path) -> None:
+        """At a clean exit, a connection left in a reference cycle is first reclaimed by the
+        collector and recorded as gc_checkin, not as never returned."""
+        _, code = _run_child(sqlite_url, store_path, "exit-with-cycle")
+        assert code == 0
+        assert query(store_path, "SELECT end_reason FROM processes") == [("exit",)]
+        returns = [
+            r
+            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
+        ]
+        assert returns == ["checkin", None, "gc_checkin"]
+        assert leak_classes(store_path) == ["gc_reclaimed", "never_returned"]
 
 
 # -------------------------------------------------------------------------------------------
