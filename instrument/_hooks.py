@@ -425,10 +425,10 @@ class Monitor:
 
         def _thread() -> str:
             try:
-                return local.name  # type: ignore[no-any-return]
+                return local.thread._name  # type: ignore[no-any-return]
             except AttributeError:
-                name = local.name = threading.current_thread().name
-                return name
+                thread = local.thread = threading.current_thread()
+                return thread.name
 
         def _on_connect(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
@@ -471,7 +471,7 @@ class Monitor:
                     sid = intern(k, getframe(1))
             checkout_id = next_checkout()
             try:
-                thread = local.name
+                thread = local.thread._name
             except AttributeError:
                 thread = _thread()
             task = task_name() if task_name else None
@@ -542,7 +542,7 @@ class Monitor:
                 _, idle, waiters, size = state
                 n_idle = len(idle) + 1 if returning else len(idle)
                 try:
-                    thread = local.name
+                    thread = local.thread._name
                 except AttributeError:
                     thread = _thread()
                 # The checkout's task: AsyncConnection.close() runs in a shielded task of
@@ -679,7 +679,11 @@ _NO_SIZE = 1 << 62
 """Stands for "no size" so that ``in_use > size`` is simply false for unsized pools."""
 
 _thread_names = threading.local()
-"""Per-thread cache of the thread's name: ``current_thread().name`` costs a lookup per event."""
+"""Per-thread cache of the ``Thread`` object: ``current_thread()`` costs a lookup per event.
+
+Its name is read at each event (``_name``, the attribute behind ``Thread.name``), not
+cached, so a thread renamed after its first checkout is recorded under its new name.
+"""
 
 
 def _pool_state(pool: Pool) -> list[Any]:

@@ -206,6 +206,38 @@ class TestThreadedCheckouts:
         assert rows == [(k, used, idle, max(0, over)) for k, used, idle, over in expected]
 
 
+class TestThreadNames:
+    def test_a_renamed_thread_is_recorded_under_its_new_name(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """Events name the thread as it is called at that moment."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+
+        def work() -> None:
+            with engine.connect():
+                pass
+            threading.current_thread().name = "job-42"
+            with engine.connect():
+                pass
+
+        thread = threading.Thread(target=work, name="worker")
+        thread.start()
+        thread.join(30)
+        monitor.flush()
+        engine.dispose()
+        rows = query(
+            store_path,
+            "SELECT kind, thread FROM events WHERE kind IN ('checkout', 'checkin') ORDER BY id",
+        )
+        assert rows == [
+            ("checkout", "worker"),
+            ("checkin", "worker"),
+            ("checkout", "job-42"),
+            ("checkin", "job-42"),
+        ]
+
+
 class TestOpenCheckouts:
     def test_lists_who_holds_connections_now(self, make_engine, store_path, in_repo_root) -> None:
         """open_checkouts() names each held connection's site, thread and stack, longest
