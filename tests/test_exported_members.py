@@ -14,13 +14,16 @@ from instrument import exceptions
 
 
 def _public_names(module) -> list[str]:
-    """Names a user of ``module`` may rely on: no underscore, no submodule, no future flag."""
+    """Names a user of ``module`` may rely on: no underscore, no submodule, no future flag.
+
+    ``dir()`` rather than ``vars()``: ``instrument`` loads the recorder lazily.
+    """
     return sorted(
         name
-        for name, value in vars(module).items()
+        for name in dir(module)
         if (not name.startswith("_") or name == "__version__")
-        and not inspect.ismodule(value)
-        and not isinstance(value, __future__._Feature)
+        and not inspect.ismodule(getattr(module, name))
+        and not isinstance(getattr(module, name), __future__._Feature)
     )
 
 
