@@ -425,6 +425,33 @@ class TestAttach:
         # in a shielded task of its own.
         assert rows == [("checkout", "order-task", site), ("checkin", "order-task", site)]
 
+    @pytest.mark.parametrize(
+        "pool_class",
+        [sa.pool.NullPool, sa.pool.StaticPool, sa.pool.SingletonThreadPool, sa.pool.AssertionPool],
+    )
+    def test_other_pool_classes(self, pool_class, sqlite_url: str, store_path: Path) -> None:
+        """Pools other than QueuePool are recorded too, with no size or overflow in ``pools``."""
+        engine = sa.create_engine(sqlite_url, poolclass=pool_class)
+        monitor = instrument.attach(engine, store=store_path)
+        for _ in range(2):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+        monitor.flush()
+        engine.dispose()
+        rows = query(
+            store_path,
+            "SELECT kind, checkout_id, in_use, overflow FROM events "
+            "WHERE kind IN ('checkout', 'checkin') ORDER BY id",
+        )
+        assert [(k, used, over) for k, _, used, over in rows] == [
+            ("checkout", 1, 0),
+            ("checkin", 0, 0),
+        ] * 2
+        assert rows[0][1] == rows[1][1] != rows[2][1] == rows[3][1]
+        assert query(store_path, "SELECT pool_class, pool_size, max_overflow FROM pools") == [
+            (pool_class.__name__, None, None)
+        ]
+
     def test_bare_pool(self, tmp_path: Path, store_path: Path) -> None:
         """A Pool without an engine is recorded, with its class and size in ``pools``."""
         database = tmp_path / "bare.db"
