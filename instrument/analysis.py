@@ -402,6 +402,8 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     if is_open.any():
         seen = data.processes.set_index("id")["seen_until_at"]
         until = df["process_id"].map(seen).fillna(data.now).to_numpy(dtype="float64")
+        if data.filters.until is not None:  # held "so far" as of the end of the window
+            until = np.minimum(until, data.filters.until)
         df["hold_s"] = np.where(is_open, np.maximum(until - start, 0.0), hold)
     # Names, sites and stacks: small lookup tables mapped onto the frame as categoricals.
     df["pool"] = df["pool_id"].map(_all_pool_names(data)).astype("category")
@@ -464,10 +466,9 @@ def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
             is_open & (state == "running") & over,
         ],
         ["gc_reclaimed", "never_returned", "open_at_crash", "held_too_long", "open_now"],
-        default="",
+        default=None,
     )
-    cat = pd.Categorical(classes, categories=list(LEAK_CLASSES))  # "" becomes NaN
-    return cat
+    return pd.Categorical(classes, categories=list(LEAK_CLASSES))  # None becomes NaN
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -498,7 +499,8 @@ def checkouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.Data
 
     ``outcome`` is ``checkin``, ``gc_checkin`` (returned by the garbage collector),
     ``detach`` or ``open`` (never returned as far as the store knows). ``hold_s`` of an open
-    checkout is the time held so far: until its process exited, was last seen alive, or now.
+    checkout is the time held so far: until its process exited, was last seen alive, or now
+    (or ``filters.until``, when earlier).
     ``leak_class`` is one of :data:`LEAK_CLASSES` or NaN; ``leak_after_s`` is the threshold
     used for it.
     """
