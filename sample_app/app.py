@@ -141,8 +141,12 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
     :returns: the process exit code (0).
     """
 
+    lock = threading.Lock()
+
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        with lock:  # workers report errors while the main thread prints progress
+            out.write(text + "\n")
+            out.flush()
 
     url = options.url or _default_url()
     pool_timeout = options.effective_pool_timeout

@@ -70,12 +70,19 @@ class Stats:
 
     def error(self, exc: BaseException) -> bool:
         """Count an unexpected error; return True the first time this kind is seen."""
-        key = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        key = describe(exc)
         with self.lock:
             self.counts["errors"] += 1
             first = key not in self.errors_seen
             self.errors_seen[key] = self.errors_seen.get(key, 0) + 1
         return first
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an error: the driver's own error for a SQLAlchemy ``DBAPIError``."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def _basket(rng: random.Random) -> list[tuple[int, int]]:
@@ -143,7 +150,7 @@ def worker(
             stats.add("out_of_stock")
         except Exception as exc:  # a real service logs and answers 500; so do we
             if stats.error(exc):
-                report_error(f"{kind}: {type(exc).__name__}: {exc}".splitlines()[0])
+                report_error(f"{kind}: {describe(exc)}")
         else:
             stats.add("requests")
         stop.wait(rng.uniform(0.005, 0.04))
