@@ -238,11 +238,6 @@ class TestOffCostsNothing:
         result.assert_outcomes(passed=CLEAN_TESTS, failed=1)
         result.stdout.fnmatch_lines(["*a checkout listener is installed*"])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="instrument/__init__.py imports the recorder (SQLAlchemy, asyncio, the writer's "
-        "atexit hook) eagerly, so loading the plugin does too; a lazy __init__ fixes it",
-    )
     def test_off_does_not_import_the_recorder(self, pytester: pytest.Pytester) -> None:
         """Loaded but off, the plugin imports neither the recorder nor SQLAlchemy."""
         pytester.makepyfile(
@@ -275,7 +270,36 @@ class TestHoldBudget:
                 f"checked out at test_app.py:{line} in test_slow (thread MainThread)",
             ]
         )
-        result.stdout.fnmatch_lines(["poolscope: * 0 leaks found (1 held past --pool-max-hold)"])
+        result.stdout.fnmatch_lines(["poolscope: * 0 leaks found (1 held past the hold budget)"])
+
+    def test_marker_sets_the_budget_of_one_test(
+        self, pytester: pytest.Pytester, sqlite_url: str
+    ) -> None:
+        """@pytest.mark.pool_leaks(max_hold=S) sets that test's budget; a budget that is not
+        a positive number errors in one line."""
+        leaky = """
+            @pytest.mark.pool_leaks(max_hold=0.3)
+            def test_slow():
+                with engine.connect() as conn:  # leak
+                    time.sleep(0.6)
+
+
+            @pytest.mark.pool_leaks(max_hold="soon")
+            def test_bad_budget():
+                pass
+            """
+        line = write_suite(pytester, sqlite_url, leaky)
+        result = run(pytester)
+        result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=2)
+        assert teardown_errors(result) == ["test_slow"]
+        result.stdout.fnmatch_lines(
+            [
+                "poolscope: test_slow held a connection * s, over pool_leaks(max_hold=0.3); "
+                f"checked out at test_app.py:{line} in test_slow (thread MainThread)",
+                "*ERROR at setup of test_bad_budget*",
+                "pool_leaks(max_hold=...) takes a number of seconds above 0, not 'soon'",
+            ]
+        )
 
 
 class TestXdist:
