@@ -14,17 +14,20 @@ classes depend on the threshold, resampling on the window) are cached per filter
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from instrument import analysis
 from instrument.exceptions import StoreCorruptError
@@ -196,27 +199,43 @@ def load_checkouts(store: str, token: Token) -> pd.DataFrame:
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=16, show_spinner=False)
 def load_report(store: str, token: Token, filters: analysis.Filters) -> dict[str, Any]:
-    """The JSON report, as ``poolscope report --format json`` writes it."""
+    """The report dict (schema ``poolscope.report/1``), as ``poolscope report`` builds it."""
     with _connection(store) as conn:
         return analysis.build_report(conn, filters)
 
 
-def report_renderers() -> dict[str, Any]:
-    """Return the report renderers :mod:`instrument.report` offers, by format.
-
-    Looks for ``render_html`` and ``render_json`` (each taking the report dict and
-    returning text); a missing module or function is left out.
-    """
+def render_report(view: View, fmt: str) -> str:
+    """Render the report of ``view`` as ``fmt`` (``html`` or ``json``) with
+    :mod:`instrument.report`, or plain JSON where that module is not installed."""
+    report = load_report(view.store, view.token, view.filters)
     try:
-        report = importlib.import_module("instrument.report")
-    except ImportError:
-        return {}
-    found = {}
-    for fmt in ("html", "json"):
-        fn = getattr(report, f"render_{fmt}", None)
-        if callable(fn):
-            found[fmt] = fn
-    return found
+        from instrument.report import render
+    except ImportError:  # the report module is optional for the dashboard
+        if fmt != "json":
+            raise
+        return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    return render(report, fmt)
+
+
+def load_together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent loads on threads at once and return their results in order.
+
+    SQLite releases the GIL while it reads, so two cold analyses of a big store finish
+    sooner side by side than one after the other. Each thread carries the script's run
+    context, so the cached loaders behave exactly as on the script thread.
+    """
+    if len(calls) < 2:
+        return [call() for call in calls]
+    ctx = get_script_run_ctx()
+
+    def run(call: Callable[[], Any]) -> Any:
+        if ctx is not None:
+            add_script_run_ctx(threading.current_thread(), ctx)
+        return call()
+
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="poolscope-load") as pool:
+        futures = [pool.submit(run, call) for call in calls]
+        return [future.result() for future in futures]
 
 
 # -- shortcuts for pages -----------------------------------------------------------------

@@ -62,6 +62,7 @@ class PageResult:
     exceptions: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     screenshot: Path | None = None
+    final_url: str = ""
 
 
 def free_port() -> int:
@@ -174,6 +175,7 @@ def visit(
                 metrics=page.locator('[data-testid="stMetric"]').count(),
                 exceptions=page.locator('[data-testid="stException"]').all_inner_texts(),
                 errors=page.locator('[data-testid="stAlertContentError"]').all_inner_texts(),
+                final_url=page.url,
             )
             if out_dir is not None:
                 out_dir.mkdir(parents=True, exist_ok=True)

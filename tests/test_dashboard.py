@@ -135,14 +135,15 @@ def _run_workload(directory: Path, source: str, name: str) -> Path:
     (package / "__init__.py").write_text("")
     (package / f"{name}.py").write_text(textwrap.dedent(source))
     store = directory / f"{name}.db"
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", f"shop.{name}", str(store), str(directory / f"{name}-app.db")],
         cwd=directory,
-        check=True,
         capture_output=True,
+        text=True,
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(directory)},
     )
+    assert done.returncode == 0, done.stderr
     return store
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import streamlit as st
 
 from dashboard import charts, data, ui
 
 view = data.current_view()
-leaks = data.leaks(view)
-summary = data.summary(view)
+leaks, summary = data.load_together(lambda: data.leaks(view), lambda: data.summary(view))
 
 st.title("Leaks")
 threshold = view.filters.leak_after
@@ -25,19 +22,21 @@ cols[0].metric("Confirmed leaks", summary["confirmed_leaks"])
 cols[1].metric("Suspected leaks", summary["suspected_leaks"])
 cols[2].metric("Unknown (process died)", summary.get("unknown_leaks", 0))
 
-renderers = data.report_renderers()
-report = data.load_report(view.store, view.token, view.filters)
+# The report is built only when a button is clicked: on a big store it takes seconds.
 buttons = st.columns(4)
-if "html" in renderers:
-    buttons[0].download_button(
-        "Download HTML report",
-        renderers["html"](report),
-        file_name="poolscope-report.html",
-        mime="text/html",
-    )
-json_text = renderers["json"](report) if "json" in renderers else json.dumps(report, indent=2)
+buttons[0].download_button(
+    "Download HTML report",
+    lambda: data.render_report(view, "html"),
+    file_name="poolscope-report.html",
+    mime="text/html",
+    on_click="ignore",
+)
 buttons[1].download_button(
-    "Download JSON report", json_text, file_name="poolscope-report.json", mime="application/json"
+    "Download JSON report",
+    lambda: data.render_report(view, "json"),
+    file_name="poolscope-report.json",
+    mime="application/json",
+    on_click="ignore",
 )
 
 if leaks.empty:

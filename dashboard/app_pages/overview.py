@@ -7,9 +7,7 @@ import streamlit as st
 from dashboard import charts, data, ui
 
 view = data.current_view()
-summary = data.summary(view)
-util = data.utilization(view)
-advice = data.load_sizing_advice(view.store, view.token, view.filters)
+summary, util = data.load_together(lambda: data.summary(view), lambda: data.utilization(view))
 processes = data.load_processes(view.store, view.token)
 
 st.title("Overview")
@@ -46,15 +44,11 @@ if summary.get("unknown_leaks"):
 
 st.plotly_chart(charts.timeline_chart(util))
 
-if advice:
-    st.subheader("Sizing")
-    for item in advice:
-        verdict = item.get("verdict")
-        text = ui.advice_text(item)
-        if verdict == "too_small":
-            st.warning(text)
-        else:
-            st.info(text)
+st.page_link(
+    "app_pages/utilization.py",
+    label="Was the pool too small? Sizing advice per pool on Utilization",
+    icon=":material/arrow_forward:",
+)
 
 st.subheader("Processes")
 st.dataframe(

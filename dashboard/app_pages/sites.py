@@ -7,8 +7,7 @@ import streamlit as st
 from dashboard import charts, data, ui
 
 view = data.current_view()
-sites = data.sites(view)
-checkouts = data.checkouts(view)
+sites, checkouts = data.load_together(lambda: data.sites(view), lambda: data.checkouts(view))
 
 st.title("Call sites")
 st.caption(

@@ -7,9 +7,13 @@ import streamlit as st
 from dashboard import charts, data, ui
 
 view = data.current_view()
-util = data.utilization(view)
-timeouts = data.timeouts(view)
-percentiles = data.load_percentiles(view.store, view.token, view.filters, "pool")
+util, timeouts, percentiles, sizing = data.load_together(
+    lambda: data.utilization(view),
+    lambda: data.timeouts(view),
+    lambda: data.load_percentiles(view.store, view.token, view.filters, "pool"),
+    lambda: data.load_sizing_advice(view.store, view.token, view.filters),
+)
+advice = {a["pool"]: a for a in sizing}
 
 st.title("Utilization")
 st.caption(
@@ -32,3 +36,6 @@ for pool, rows in util.groupby("pool", sort=True):
     cols[3].metric(
         "p95 hold", ui.fmt_duration(stats["hold_p95_s"].iloc[0]) if not stats.empty else "—"
     )
+    if pool in advice:
+        text = ui.advice_text(advice[pool])
+        (st.warning if advice[pool].get("verdict") == "too_small" else st.info)(text)

@@ -10,13 +10,22 @@ from dashboard import charts, data, ui
 MAX_TIMEOUTS_SHOWN = 50
 
 view = data.current_view()
-checkouts = data.checkouts(view)
-percentiles = data.load_percentiles(view.store, view.token, view.filters, "pool")
-timeouts = data.timeouts(view)
+checkouts, percentiles, overall, timeouts = data.load_together(
+    lambda: data.checkouts(view),
+    lambda: data.load_percentiles(view.store, view.token, view.filters, "pool"),
+    lambda: data.load_percentiles(view.store, view.token, view.filters, None).iloc[0],
+    lambda: data.timeouts(view),
+)
 over_time = data.wait_percentiles_over_time(checkouts)
 
 st.title("Waits & timeouts")
 st.caption("Wait = time a checkout spent waiting for the pool, not counting connect time.")
+
+cols = st.columns(4)
+cols[0].metric("p50 wait", ui.fmt_duration(overall["wait_p50_s"]))
+cols[1].metric("p95 wait", ui.fmt_duration(overall["wait_p95_s"]))
+cols[2].metric("Max wait", ui.fmt_duration(overall["wait_max_s"]))
+cols[3].metric("Timeouts", len(timeouts))
 
 if not percentiles.empty:
     table = percentiles[["pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]]

@@ -1,0 +1,87 @@
+"""The dashboard in a real headless Chromium: every page finishes running and draws its
+charts and metrics, with no exception box. Screenshots land in test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dashboard import screenshots  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+
+EXPECTED_CHARTS = {
+    "overview": 1,
+    "utilization": 2,
+    "waits": 4,
+    "sites": 2,
+    "leaks": 1,
+    "live": 2,
+}
+"""Charts each page draws on the workload's store (two pools, one timeout, three leak classes)."""
+
+
+def _require_chromium() -> None:
+    """Skip without Chromium or Playwright; under CI (``CI=true``) fail instead."""
+    missing = []
+    if not os.access(screenshots.CHROMIUM, os.X_OK):
+        missing.append(f"Chromium at {screenshots.CHROMIUM}")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright package")
+    if missing:
+        message = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI requires it", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The dashboard served by ``streamlit run`` on a free port, on a real workload's store."""
+    _require_chromium()
+    from test_dashboard import WORKLOAD, _run_workload
+
+    store = _run_workload(tmp_path_factory.mktemp("browser"), WORKLOAD, "work")
+    with screenshots.serve(store) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(base_url: str) -> Iterator[object]:
+    """Headless Chromium driven by Playwright."""
+    with screenshots.chromium() as chromium:
+        yield chromium
+
+
+@pytest.mark.parametrize("page", list(screenshots.PAGES))
+def test_page_renders_charts_and_metrics(browser, base_url, page):
+    """The page finishes running, draws every chart and metric, and shows no exception."""
+    (result,) = screenshots.visit(
+        browser, base_url, ARTIFACTS, pages={page: screenshots.PAGES[page]}
+    )
+    assert result.screenshot is not None and result.screenshot.stat().st_size > 0
+    assert result.exceptions == []
+    assert result.errors == []
+    assert result.charts == EXPECTED_CHARTS[page]
+    assert result.metrics >= 3
+
+
+def test_filters_travel_in_the_url(browser, base_url):
+    """A shared link with ?pool=billing opens the page for that pool, and keeps the filter."""
+    (result,) = screenshots.visit(
+        browser, base_url, None, pages={"utilization": "utilization?pool=billing&leak_after=5"}
+    )
+    assert result.exceptions == [] and result.errors == []
+    assert result.charts == 1  # one utilization chart: billing only
+    assert "pool=billing" in result.final_url and "leak_after=5" in result.final_url
