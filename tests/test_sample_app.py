@@ -148,6 +148,11 @@ class TestOutput:
         assert f"poolscope report {run.store}" in run.stdout
         assert f"poolscope dashboard {run.store}" in run.stdout
 
+    def test_no_request_failed_except_by_the_bugs(self, run: Run) -> None:
+        """Apart from 503s and rejected coupons, every request succeeded."""
+        done = [line for line in run.stdout.splitlines() if line.startswith("done after")]
+        assert len(done) == 1 and done[0].endswith(", 0 errors"), run.stdout
+
     @pytest.mark.parametrize(
         ("argv", "message"),
         [
