@@ -114,7 +114,9 @@ def pytest_collection_modifyitems(
 def pool_leaks(request: pytest.FixtureRequest) -> PoolLeaks:
     """Check this test for leaked pooled connections; returns a :class:`PoolLeaks` handle."""
     check = _LeakCheck.ensure(request.config, everywhere=False)
-    check.begin(request.node)
+    error = check.begin(request.node)
+    if error:
+        pytest.fail(error, pytrace=False)
     return PoolLeaks(check)
 
 
@@ -154,7 +156,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if totals["allowed"]:
         extras.append(f"{totals['allowed']} allowed")
     if totals["over_budget"]:
-        extras.append(f"{totals['over_budget']} held past --pool-max-hold")
+        extras.append(f"{totals['over_budget']} held past the hold budget")
     if extras:
         line += f" ({', '.join(extras)})"
     bad = leaks - totals["allowed"] + totals["over_budget"]
@@ -165,13 +167,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 @dataclass(frozen=True)
-class LeakedCheckout:
-    """One problem found after a test: a connection leaked, or held past the budget.
+class CheckoutReport:
+    """One checkout the check reports: leaked, held past the budget, or held right now.
 
-    ``how`` is ``"open"`` (still checked out after the test), ``"gc"`` (returned only
-    by the garbage collector) or ``"held"`` (returned by code, but held past the
-    hold budget). ``stack`` lists ``(frame, source line)`` pairs, outermost first,
-    ending at ``site``.
+    ``how`` is ``"open"`` (still checked out), ``"gc"`` (returned only by the garbage
+    collector) or ``"held"`` (returned by code, but held past the hold budget).
+    ``stack`` lists ``(frame, source line)`` pairs, outermost first, ending at ``site``.
     """
 
     how: str
@@ -187,7 +188,7 @@ class PoolLeaks:
     def __init__(self, check: _LeakCheck) -> None:
         self._check = check
 
-    def open_checkouts(self) -> list[LeakedCheckout]:
+    def open_checkouts(self) -> list[CheckoutReport]:
         """Connections checked out during this test and still checked out now, oldest first."""
         return self._check.still_open()
 
@@ -328,29 +329,29 @@ class _LeakCheck:
             or "pool_leaks" in getattr(item, "fixturenames", ())
         )
 
-    def begin(self, item: pytest.Item) -> None:
-        """Start the window of ``item``: checkouts from now on are its own (idempotent)."""
+    def begin(self, item: pytest.Item) -> str | None:
+        """Start the window of ``item``: checkouts from now on are its own (idempotent).
+
+        :returns: an error message if the test's ``pool_leaks`` marker is malformed.
+        """
         if self._item is item:
-            return
+            return None
         self._install()
         self._item = item
         self._start = self._mark()
         self._marks = 0
         self._exempt = []
         del self.returned[:]
-        self.budget[0] = self._budget_for(item)
-
-    def _budget_for(self, item: pytest.Item) -> float:
+        default = self.max_hold if self.max_hold is not None else float("inf")
         marker = item.get_closest_marker("pool_leaks")
         value: Any = marker.kwargs.get("max_hold") if marker is not None else None
+        self.budget[0] = default
         if value is None:
-            return self.max_hold if self.max_hold is not None else float("inf")
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            pytest.fail(
-                f"pool_leaks(max_hold=...) takes a number of seconds above 0, not {value!r}",
-                pytrace=False,
-            )
-        return float(value)
+            return f"pool_leaks(max_hold=...) takes a number of seconds above 0, not {value!r}"
+        self.budget[0] = float(value)
+        return None
 
     def _mark(self) -> int:
         """Take a sequence number to mark a point in time (checkouts take the others)."""
@@ -368,7 +369,7 @@ class _LeakCheck:
                 continue
             return sorted((e for e in entries if self._mine(e[_SEQ])), key=lambda e: e[_SEQ])
 
-    def still_open(self) -> list[LeakedCheckout]:
+    def still_open(self) -> list[CheckoutReport]:
         if self._item is None:
             return []
         t = time.time()
@@ -377,7 +378,7 @@ class _LeakCheck:
     def checkouts_so_far(self) -> int:
         return self._mark() - self._start - self._marks if self._item is not None else 0
 
-    def finish(self) -> tuple[list[LeakedCheckout], list[LeakedCheckout]]:
+    def finish(self) -> tuple[list[CheckoutReport], list[CheckoutReport]]:
         """End the window: return (leaks, connections held past the budget)."""
         item = self._item
         if item is None:
@@ -407,17 +408,19 @@ class _LeakCheck:
         self.totals["over_budget"] += len(held)
         return ([] if allowed else leaks), held
 
-    def _describe(self, how: str, entry: tuple[Any, ...], held_s: float) -> LeakedCheckout:
+    def _describe(self, how: str, entry: tuple[Any, ...], held_s: float) -> CheckoutReport:
         site, stack = _render_stack(self.stacks, entry[_STACK])
-        return LeakedCheckout(how, site, entry[_THREAD], held_s, stack)
+        return CheckoutReport(how, site, entry[_THREAD], held_s, stack)
 
     # -- hooks -----------------------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
-        if self.wants(item):
-            self.begin(item)
-        return (yield)
+        error = self.begin(item) if self.wants(item) else None
+        result = yield
+        if error:  # raised only now: the other plugins' setup must have run
+            pytest.fail(error, pytrace=False)
+        return result
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Iterator[Any]:
@@ -515,7 +518,7 @@ _HOW = {
 
 
 def _message(
-    item: pytest.Item, leaks: list[LeakedCheckout], held: list[LeakedCheckout], budget: str
+    item: pytest.Item, leaks: list[CheckoutReport], held: list[CheckoutReport], budget: str
 ) -> str:
     """The failure text: a headline naming the first site, then one block per problem."""
     problems = leaks + held
