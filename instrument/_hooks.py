@@ -334,7 +334,10 @@ class Monitor:
             try:
                 record = do_get()
             except exc.TimeoutError:
-                on_timeout(perf() - t0)
+                try:
+                    on_timeout(perf() - t0)
+                except Exception:  # the application gets its own error, not ours
+                    _listener_failed("_on_timeout")
                 raise
             t1 = perf()
             started = connect_starts.pop(record, None)
@@ -432,77 +435,83 @@ class Monitor:
 
         def _on_connect(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
-            cid = connection_ids[record] = next_connection()
-            if len(queue) < max_queue:
-                in_use = len(open_)
-                _, idle, waiters, size = state
-                append(
-                    (
-                        now(),
-                        key,
-                        "connect",
-                        cid,
-                        None,
-                        _thread(),
-                        task_name() if task_name else None,
-                        in_use,
-                        len(idle),
-                        in_use - size if in_use > size else 0,
-                        len(waiters),
-                        None,
-                        None,
-                        connect_times.get(record),
-                        None,
-                        None,
+            try:
+                cid = connection_ids[record] = next_connection()
+                if len(queue) < max_queue:
+                    in_use = len(open_)
+                    _, idle, waiters, size = state
+                    append(
+                        (
+                            now(),
+                            key,
+                            "connect",
+                            cid,
+                            None,
+                            _thread(),
+                            task_name() if task_name else None,
+                            in_use,
+                            len(idle),
+                            in_use - size if in_use > size else 0,
+                            len(waiters),
+                            None,
+                            None,
+                            connect_times.get(record),
+                            None,
+                            None,
+                        )
                     )
-                )
-            else:
-                drop(1)
+                else:
+                    drop(1)
+            except Exception:  # never raise into the application
+                _listener_failed("_on_connect")
 
         def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """``PoolEvents.checkout``: ``record`` was handed to the application."""
-            t = now()
-            if is_async:
-                sid = capture_async()
-            else:
-                k = stack_key(1, MAX_FRAMES)
-                sid = stack_ids.get(k)
-                if sid is None:
-                    sid = intern(k, getframe(1))
-            checkout_id = next_checkout()
             try:
-                thread = local.thread._name
-            except AttributeError:
-                thread = _thread()
-            task = task_name() if task_name else None
-            open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
-            if len(queue) < max_queue:
-                in_use = len(open_)
-                _, idle, waiters, size = state
-                append(
-                    (
-                        t,
-                        key,
-                        "checkout",
-                        connection_ids.get(record),
-                        checkout_id,
-                        thread,
-                        task,
-                        in_use,
-                        len(idle),
-                        in_use - size if in_use > size else 0,
-                        len(waiters),
-                        sid,
-                        waits.pop(record, None),
-                        connect_times.pop(record, None),
-                        None,
-                        None,
+                t = now()
+                if is_async:
+                    sid = capture_async()
+                else:
+                    k = stack_key(1, MAX_FRAMES)
+                    sid = stack_ids.get(k)
+                    if sid is None:
+                        sid = intern(k, getframe(1))
+                checkout_id = next_checkout()
+                try:
+                    thread = local.thread._name
+                except AttributeError:
+                    thread = _thread()
+                task = task_name() if task_name else None
+                open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
+                if len(queue) < max_queue:
+                    in_use = len(open_)
+                    _, idle, waiters, size = state
+                    append(
+                        (
+                            t,
+                            key,
+                            "checkout",
+                            connection_ids.get(record),
+                            checkout_id,
+                            thread,
+                            task,
+                            in_use,
+                            len(idle),
+                            in_use - size if in_use > size else 0,
+                            len(waiters),
+                            sid,
+                            waits.pop(record, None),
+                            connect_times.pop(record, None),
+                            None,
+                            None,
+                        )
                     )
-                )
-            else:
-                waits.pop(record, None)
-                connect_times.pop(record, None)
-                drop(1)
+                else:
+                    waits.pop(record, None)
+                    connect_times.pop(record, None)
+                    drop(1)
+            except Exception:  # never raise into the application
+                _listener_failed("_on_checkout")
 
         def _returned(record: Any, returning: bool | None) -> None:
             t = now()
@@ -572,48 +581,57 @@ class Monitor:
 
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.checkin``: ``record`` went back to the pool (by code or by the GC)."""
-            _returned(record, True)
+            try:
+                _returned(record, True)
+            except Exception:  # never raise into the application
+                _listener_failed("_on_checkin")
 
         def _on_detach(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.detach``: a connection left the pool for good; on async dialects
             this is how the garbage collector returns a leaked checkout."""
-            cid = connection_ids.get(record)
-            if record in open_:
-                _returned(record, False)
-            connection_ids.pop(record, None)
-            if cid is not None:
-                detached_ids[id(dbapi_connection)] = cid
+            try:
+                cid = connection_ids.get(record)
+                if record in open_:
+                    _returned(record, False)
+                connection_ids.pop(record, None)
+                if cid is not None:
+                    detached_ids[id(dbapi_connection)] = cid
+            except Exception:  # never raise into the application
+                _listener_failed("_on_detach")
 
         def _simple(kind: str) -> Callable[..., None]:
             def _on_event(dbapi_connection: Any, record: Any, *args: Any) -> None:
-                entry = open_.get(record)
-                if len(queue) < max_queue:
-                    in_use = len(open_)
-                    _, idle, waiters, size = state
-                    append(
-                        (
-                            now(),
-                            key,
-                            kind,
-                            connection_ids.get(record),
-                            entry[0] if entry else None,
-                            _thread(),
-                            task_name() if task_name else None,
-                            in_use,
-                            len(idle),
-                            in_use - size if in_use > size else 0,
-                            len(waiters),
-                            entry[3] if entry else None,
-                            None,
-                            None,
-                            None,
-                            None,
+                try:
+                    entry = open_.get(record)
+                    if len(queue) < max_queue:
+                        in_use = len(open_)
+                        _, idle, waiters, size = state
+                        append(
+                            (
+                                now(),
+                                key,
+                                kind,
+                                connection_ids.get(record),
+                                entry[0] if entry else None,
+                                _thread(),
+                                task_name() if task_name else None,
+                                in_use,
+                                len(idle),
+                                in_use - size if in_use > size else 0,
+                                len(waiters),
+                                entry[3] if entry else None,
+                                None,
+                                None,
+                                None,
+                                None,
+                            )
                         )
-                    )
-                else:
-                    drop(1)
-                if kind == "close":
-                    connection_ids.pop(record, None)
+                    else:
+                        drop(1)
+                    if kind == "close":
+                        connection_ids.pop(record, None)
+                except Exception:  # never raise into the application
+                    _listener_failed("_on_event")
 
             _on_event.__name__ = f"_on_{kind}"
             _on_event.__doc__ = f"``PoolEvents.{kind}``: recorded with its checkout, if any."
@@ -630,37 +648,43 @@ class Monitor:
             new one, firing ``checkout`` again. The refused checkout never reached the
             application: it is closed here as a ``checkin``, or it would stay open forever.
             """
-            record_invalidate(dbapi_connection, record, exception)
-            if isinstance(exception, disconnection) and record in open_:
-                _returned(record, None)
+            try:
+                record_invalidate(dbapi_connection, record, exception)
+                if isinstance(exception, disconnection) and record in open_:
+                    _returned(record, None)
+            except Exception:  # never raise into the application
+                _listener_failed("_on_invalidate")
 
         def _on_close_detached(dbapi_connection: Any) -> None:
             """``PoolEvents.close_detached``: a detached DBAPI connection was closed."""
-            if len(queue) < max_queue:
-                in_use = len(open_)
-                _, idle, waiters, size = state
-                append(
-                    (
-                        now(),
-                        key,
-                        "close_detached",
-                        detached_ids.pop(id(dbapi_connection), None),
-                        None,
-                        _thread(),
-                        task_name() if task_name else None,
-                        in_use,
-                        len(idle),
-                        in_use - size if in_use > size else 0,
-                        len(waiters),
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
+            try:
+                if len(queue) < max_queue:
+                    in_use = len(open_)
+                    _, idle, waiters, size = state
+                    append(
+                        (
+                            now(),
+                            key,
+                            "close_detached",
+                            detached_ids.pop(id(dbapi_connection), None),
+                            None,
+                            _thread(),
+                            task_name() if task_name else None,
+                            in_use,
+                            len(idle),
+                            in_use - size if in_use > size else 0,
+                            len(waiters),
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                        )
                     )
-                )
-            else:
-                drop(1)
+                else:
+                    drop(1)
+            except Exception:  # never raise into the application
+                _listener_failed("_on_close_detached")
 
         listeners: dict[str, Callable[..., None]] = {
             "connect": _on_connect,
@@ -673,6 +697,16 @@ class Monitor:
             "close_detached": _on_close_detached,
         }
         return listeners
+
+
+_failures: list[str] = []
+
+
+def _listener_failed(name: str) -> None:
+    """Count a listener's own failure and log the first one; the application carries on."""
+    _failures.append(name)
+    if len(_failures) == 1:
+        logger.exception("poolscope listener %s failed; recording continues without it", name)
 
 
 _NO_SIZE = 1 << 62
