@@ -1025,10 +1025,12 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
             entry["recommended_pool_size"] = rec_size
             entry["recommended_max_overflow"] = rec_overflow
             if leaked:
+                held = "checkout" if leaked == 1 else "checkouts"
                 text += (
-                    f" {leaked} confirmed leaked checkouts held connections too: fix those "
-                    f"before growing the pool."
-                )
+                    f" {leaked} confirmed leaked {held} held connections too: fix those "
+                    + ("before growing the pool." if entry["verdict"] == "too_small" else
+                       "first (see the leaks).")
+                )  # fmt: skip
             entry["advice"] = text
         advice.append(entry)
     return advice

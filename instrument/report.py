@@ -143,12 +143,13 @@ def _headline(report: dict[str, Any]) -> list[str]:
     if states:
         procs += f" ({', '.join(states)})"
     lines = [
-        f"{procs}, {_plural(s['pools'], 'pool')}, {_plural(s['checkouts'], 'checkout')} "
-        f"from {_when(s['first_event_at'])} to {_when(s['last_event_at'])}",
+        f"{procs} · {_plural(s['pools'], 'pool')} · {_plural(s['checkouts'], 'checkout')} · "
+        f"{_plural(s['events'], 'event')}",
+        f"recorded from {_when(s['first_event_at'])} to {_when(s['last_event_at'])}",
         f"leaks: {s['confirmed_leaks']} confirmed, {s['suspected_leaks']} suspected, "
-        f"{s['unknown_leaks']} unknown (open at a crash) · timeouts: {s['timeouts']} · "
-        f"p95 wait: {duration(s['wait_p95_s'])} · peak in use: {s['peak_in_use']}"
-        + (f" of {s['capacity']}" if s["capacity"] is not None else ""),
+        f"{s['unknown_leaks']} unknown (open at a crash)",
+        f"timeouts: {s['timeouts']} · p95 wait: {duration(s['wait_p95_s'])} · peak in use: "
+        f"{s['peak_in_use']}" + (f" of {s['capacity']}" if s["capacity"] is not None else ""),
     ]
     if s["dropped"]:
         lines.append(
@@ -215,10 +216,11 @@ def render_text(report: dict[str, Any]) -> str:
         lines += _table(rows, right={2, 3})
         for leak in report["leaks"]:
             lines.append("")
+            lines.append(f"  {leak['class']} × {leak['count']} at {leak['site']}")
             lines.append(
-                f"  {leak['class']} × {leak['count']} at {leak['site']} "
-                f"({_CLASS_MEANING[leak['class']]}; pool {leak['pool']}; "
-                f"threads {', '.join(leak['threads'])})"
+                f"    {_CLASS_MEANING[leak['class']]} · pool {leak['pool']} · "
+                f"{'thread' if len(leak['threads']) == 1 else 'threads'} "
+                f"{', '.join(leak['threads'])}"
             )
             lines += [f"      {frame}" for frame in leak["stack"]]
     lines.append("")
@@ -229,9 +231,10 @@ def render_text(report: dict[str, Any]) -> str:
     for t in report["timeouts"][:_MAX_TIMEOUTS]:
         who = f"thread {t['thread']}" + (f", task {t['task']}" if t["task"] else "")
         lines.append(
-            f"  {_when(t['at'])}  pool {t['pool']}: {t['site']} ({who}) gave up after "
-            f"{duration(t['waited_s'])}, {_plural(t['waiters'] or 1, 'caller')} waiting"
+            f"  {_when(t['at'])}  pool {t['pool']}: gave up after {duration(t['waited_s'])}, "
+            f"{_plural(t['waiters'] or 1, 'caller')} waiting"
         )
+        lines.append(f"    caller: {t['site']} ({who})")
         holders = t["holders"]
         if holders:
             lines.append(f"    held by {_plural(len(holders), 'checkout')} at that moment:")

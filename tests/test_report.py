@@ -1,0 +1,245 @@
+"""instrument.report: every format, rendered from one store that holds every leak class,
+a timeout and a writer that died mid-batch, recorded from real workloads on SQLite and
+PostgreSQL; the JSON is validated against instrument/report_schema.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import jsonschema
+import pytest
+from conftest import PG_URL, require_postgres
+from report_workloads import (
+    LEAK_AFTER,
+    run_dies_mid_batch,
+    run_exiting_leak,
+    run_killed,
+    run_mixed,
+)
+
+import instrument
+from instrument import analysis, report
+
+SCHEMA = json.loads((Path(instrument.__file__).parent / "report_schema.json").read_text())
+DATABASES = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def fn(site: str) -> str:
+    return site.rsplit(" in ", 1)[1]
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def rendered(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimpleNamespace]:
+    """One store with the mixed workload (this process, still running) and three child
+    processes (exited with a connection open, killed, died mid-batch), in every format."""
+    directory = tmp_path_factory.mktemp("report")
+    if request.param == "sqlite":
+        url = f"sqlite:///{directory / 'app.db'}"
+    else:
+        require_postgres()
+        url = PG_URL
+    store = directory / "poolscope.db"
+    assert run_exiting_leak(directory, url, store).returncode == 0
+    assert run_killed(directory, url, store) == -9
+    assert run_dies_mid_batch(directory, url, store) == -9
+    work = run_mixed(url, store)
+    try:
+        # Rendered from one report, so an open checkout's growing hold is the same in all.
+        text, data = report.make_report(store, fmt="json")
+        conn = analysis.open_store(store)
+        yield SimpleNamespace(
+            store=store,
+            work=work,
+            text=report.render(data, "text"),
+            markdown=report.render(data, "markdown"),
+            html=report.render(data, "html"),
+            json=json.loads(text),
+            data=data,
+            percentiles=analysis.percentiles(conn, by="pool").set_index("pool"),
+        )
+        conn.close()
+    finally:
+        work.close()
+
+
+class TestJson:
+    def test_valid_against_the_shipped_schema(self, rendered: SimpleNamespace) -> None:
+        """The JSON output validates against report_schema.json, which is itself valid."""
+        jsonschema.Draft202012Validator.check_schema(SCHEMA)
+        jsonschema.validate(rendered.json, SCHEMA, cls=jsonschema.Draft202012Validator)
+        assert rendered.json["schema"] == "poolscope.report/1"
+        assert rendered.json == json.loads(json.dumps(rendered.data))
+
+    def test_summary_counts_what_the_workloads_did(self, rendered: SimpleNamespace) -> None:
+        """14 checkouts in this process and 11 committed by the children; one timeout; two
+        confirmed leaks (GC, open at exit), three suspected, one unknown (killed)."""
+        s = rendered.json["summary"]
+        assert {k: s[k] for k in (
+            "processes", "crashed_processes", "running_processes", "pools", "checkouts",
+            "timeouts", "confirmed_leaks", "suspected_leaks", "unknown_leaks", "dropped",
+        )} == {
+            "processes": 4, "crashed_processes": 2, "running_processes": 1, "pools": 2,
+            "checkouts": rendered.work.quick + 4 + 11, "timeouts": 1, "confirmed_leaks": 2,
+            "suspected_leaks": 3, "unknown_leaks": 1, "dropped": 0,
+        }  # fmt: skip
+        states = [p["state"] for p in rendered.json["processes"]]
+        assert states == ["exited", "crashed", "crashed", "running"]
+
+    def test_every_leak_class_with_its_site(self, rendered: SimpleNamespace) -> None:
+        leaks = {(x["class"], fn(x["site"]), x["count"], x["certainty"]) for x in
+                 rendered.json["leaks"]}  # fmt: skip
+        assert leaks == {
+            ("never_returned", "keep_until_exit", 1, "confirmed"),
+            ("gc_reclaimed", "forget_to_close", 1, "confirmed"),
+            ("open_at_crash", "hold_until_killed", 1, "unknown"),
+            ("held_too_long", "hold_first", 1, "suspected"),
+            ("held_too_long", "hold_second", 1, "suspected"),
+            ("open_now", "keep_open_now", 1, "suspected"),
+        }
+        classes = [x["class"] for x in rendered.json["leaks"]]
+        assert classes[:2] == ["never_returned", "gc_reclaimed"]  # confirmed first
+        for leak in rendered.json["leaks"]:
+            assert leak["stack"][0] == leak["site"]
+
+    def test_pools_carry_their_percentiles_in_ms(self, rendered: SimpleNamespace) -> None:
+        pools = {p["name"]: p for p in rendered.json["pools"]}
+        assert set(pools) == {"mixed", "child"}
+        mixed = pools["mixed"]
+        assert (mixed["pool_size"], mixed["max_overflow"], mixed["capacity"]) == (2, 0, 2)
+        assert (mixed["peak_in_use"], mixed["timeouts"], mixed["checkouts"]) == (2, 1, 14)
+        assert mixed["leak_after_s"] == LEAK_AFTER
+        assert pools["child"]["checkouts"] == 11 and pools["child"]["capacity"] == 3
+        assert len(pools["child"]["processes"]) == 3
+        pct = rendered.percentiles.loc["mixed"]
+        for key, column in (("p50", "wait_p50_s"), ("p95", "wait_p95_s"), ("max", "wait_max_s")):
+            assert mixed["wait_ms"][key] == pytest.approx(pct[column] * 1000, abs=1e-3)
+        assert mixed["sizing"]["verdict"] == "too_small"
+        assert pools["child"]["sizing"]["verdict"] == "ok"
+
+    def test_timeout_lists_its_holders(self, rendered: SimpleNamespace) -> None:
+        [t] = rendered.json["timeouts"]
+        assert fn(t["site"]) == "wait_and_time_out"
+        assert [(fn(h["site"]), h["thread"]) for h in t["holders"]] == [
+            ("hold_first", "holder-1"),
+            ("hold_second", "holder-2"),
+        ]
+        assert t["holders"][0]["held_s"] >= t["holders"][1]["held_s"] >= t["waited_s"]
+
+    def test_sites_share_their_pool_time(self, rendered: SimpleNamespace) -> None:
+        sites = rendered.json["sites"]
+        for pool in ("mixed", "child"):
+            shares = [s["pool_time_share"] for s in sites if s["pool"] == pool]
+            assert sum(shares) == pytest.approx(1.0)
+        totals = [s["total_hold_s"] for s in sites]
+        assert totals == sorted(totals, reverse=True)
+        quick = [s for s in sites if s["pool"] == "mixed" and fn(s["site"]) == "quick_query"]
+        assert quick[0]["checkouts"] == rendered.work.quick
+
+
+class TestText:
+    def test_leak_table_and_stacks(self, rendered: SimpleNamespace) -> None:
+        """A row per leak with class, certainty, count and site, then each stack indented."""
+        text = rendered.text
+        assert text.startswith(f"poolscope report: {rendered.store}\n")
+        assert "\nleaks: 2 confirmed, 3 suspected, 1 unknown (open at a crash)\n" in text
+        assert "\ntimeouts: 1 · p95 wait: " in text
+        section = text.split("\nLEAKS\n")[1].split("\nTIMEOUTS\n")[0]
+        rows = [line.split() for line in section.splitlines()[1:7]]
+        assert [(r[0], r[1], r[2]) for r in rows] == [
+            ("never_returned", "confirmed", "1"),
+            ("gc_reclaimed", "confirmed", "1"),
+            ("open_at_crash", "unknown", "1"),
+            ("held_too_long", "suspected", "1"),
+            ("held_too_long", "suspected", "1"),
+            ("open_now", "suspected", "1"),
+        ]
+        for leak in rendered.json["leaks"]:
+            block = "\n".join(f"      {frame}" for frame in leak["stack"])
+            assert block in section
+
+    def test_timeouts_with_holders(self, rendered: SimpleNamespace) -> None:
+        section = rendered.text.split("\nTIMEOUTS\n")[1].split("\nPOOLS")[0]
+        lines = section.splitlines()
+        assert re.search(r"  pool mixed: gave up after \d+\.\d ms, 1 caller waiting$", lines[0])
+        assert re.fullmatch(r"    caller: \S+ in wait_and_time_out \(thread MainThread\)", lines[1])
+        assert lines[2] == "    held by 2 checkouts at that moment:"
+        assert lines[3].endswith("in hold_first  (thread holder-1)")
+        assert lines[4].endswith("in hold_second  (thread holder-2)")
+
+    def test_pool_percentiles_and_sizing(self, rendered: SimpleNamespace) -> None:
+        section = rendered.text.split("\nPOOLS")[1].split("\nSITES")[0]
+        mixed = next(line for line in section.splitlines() if line.startswith("  mixed "))
+        assert mixed.split()[:7] == ["mixed", "QueuePool", "2", "0", "2", "14", "1"]
+        sizing = rendered.text.split("\nSIZING\n")[1]
+        advice = {p["name"]: p["sizing"]["advice"] for p in rendered.json["pools"]}
+        for sentence in advice.values():
+            assert " ".join(sentence.split()) in " ".join(sizing.split())
+
+    def test_an_empty_store_reads_as_nothing_found(self, tmp_path: Path, sqlite_url: str) -> None:
+        """A pool that never checked out reports none of anything, in every format."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=tmp_path / "idle.db", name="idle")
+        monitor.flush()
+        engine.dispose()
+        text, data = report.make_report(tmp_path / "idle.db")
+        assert "LEAKS\n  none found" in text and "TIMEOUTS\n  none" in text
+        assert data["summary"]["checkouts"] == 0
+        for fmt in report.FORMATS:
+            out, data = report.make_report(tmp_path / "idle.db", fmt=fmt)
+            assert out
+        jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+class _Checker(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.external: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.external.append(value)
+        if tag not in {"meta", "br", "link", "img", "input", "hr"}:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>"
+        self.stack.pop()
+
+
+class TestMarkdownAndHtml:
+    def test_markdown_tables_and_stacks(self, rendered: SimpleNamespace) -> None:
+        md = rendered.markdown
+        assert "| class | certainty | count | max held | pool | site |" in md
+        for leak in rendered.json["leaks"]:
+            assert "```\n" + "\n".join(leak["stack"]) + "\n```" in md
+        assert "## Timeouts" in md and "`holder-1`" in md
+        assert "| `mixed` | QueuePool | 2 | 0 | 2 | 14 | 1 |" in md
+
+    def test_html_is_one_self_contained_page(self, rendered: SimpleNamespace) -> None:
+        """No scripts, links or external references; balanced tags; text is escaped."""
+        checker = _Checker()
+        checker.feed(rendered.html)
+        assert checker.external == []
+        assert not checker.tags & {"script", "link", "img", "iframe"}
+        assert checker.stack == []
+        assert "<module>" not in rendered.html and "in &lt;module&gt;" in rendered.html
+        for leak in rendered.json["leaks"]:
+            assert f"<code>{leak['class']}</code>" in rendered.html
+        assert "holder-2" in rendered.html
+
+    def test_unknown_format(self) -> None:
+        with pytest.raises(ValueError, match="unknown format 'pdf'"):
+            report.render({}, "pdf")
