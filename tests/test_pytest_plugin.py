@@ -87,8 +87,10 @@ def write_suite(pytester: pytest.Pytester, url: str, leaky: str) -> int:
     return 0
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", *args)
+def run(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> pytest.RunResult:
+    """Run pytest on the suite; in a fresh interpreter when the test inspects process state."""
+    runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest_inprocess
+    return runner("-p", "no:cacheprovider", "-v", *args)
 
 
 def teardown_errors(result: pytest.RunResult) -> list[str]:
@@ -233,8 +235,8 @@ class TestOffCostsNothing:
         """Loaded but off, the plugin leaves pools without listeners and starts no thread;
         turned on, the same probe sees its listener."""
         write_suite(pytester, sqlite_url, self.PROBE.format(url=sqlite_url))
-        run(pytester).assert_outcomes(passed=CLEAN_TESTS + 1)
-        result = run(pytester, "--pool-leaks")
+        run(pytester, subprocess=True).assert_outcomes(passed=CLEAN_TESTS + 1)
+        result = run(pytester, "--pool-leaks", subprocess=True)
         result.assert_outcomes(passed=CLEAN_TESTS, failed=1)
         result.stdout.fnmatch_lines(["*a checkout listener is installed*"])
 
@@ -249,7 +251,7 @@ class TestOffCostsNothing:
                 assert loaded == []
             """
         )
-        run(pytester).assert_outcomes(passed=1)
+        run(pytester, subprocess=True).assert_outcomes(passed=1)
 
 
 class TestHoldBudget:
@@ -258,15 +260,15 @@ class TestHoldBudget:
         leaky = """
             def test_slow():
                 with engine.connect() as conn:  # leak
-                    time.sleep(0.6)
+                    time.sleep(0.5)
             """
         line = write_suite(pytester, sqlite_url, leaky)
-        result = run(pytester, "--pool-max-hold=0.3")
+        result = run(pytester, "--pool-max-hold=0.25")
         result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
         assert teardown_errors(result) == ["test_slow"]
         result.stdout.fnmatch_lines(
             [
-                "poolscope: test_slow held a connection * s, over --pool-max-hold=0.3; "
+                "poolscope: test_slow held a connection * s, over --pool-max-hold=0.25; "
                 f"checked out at test_app.py:{line} in test_slow (thread MainThread)",
             ]
         )
@@ -278,10 +280,10 @@ class TestHoldBudget:
         """@pytest.mark.pool_leaks(max_hold=S) sets that test's budget; a budget that is not
         a positive number errors in one line."""
         leaky = """
-            @pytest.mark.pool_leaks(max_hold=0.3)
+            @pytest.mark.pool_leaks(max_hold=0.25)
             def test_slow():
                 with engine.connect() as conn:  # leak
-                    time.sleep(0.6)
+                    time.sleep(0.5)
 
 
             @pytest.mark.pool_leaks(max_hold="soon")
@@ -294,7 +296,7 @@ class TestHoldBudget:
         assert teardown_errors(result) == ["test_slow"]
         result.stdout.fnmatch_lines(
             [
-                "poolscope: test_slow held a connection * s, over pool_leaks(max_hold=0.3); "
+                "poolscope: test_slow held a connection * s, over pool_leaks(max_hold=0.25); "
                 f"checked out at test_app.py:{line} in test_slow (thread MainThread)",
                 "*ERROR at setup of test_bad_budget*",
                 "pool_leaks(max_hold=...) takes a number of seconds above 0, not 'soon'",
@@ -309,7 +311,7 @@ class TestXdist:
         """Under pytest-xdist, the leaking test still fails and the summary counts every
         worker's tests."""
         line = write_suite(pytester, sqlite_url, LEAKS["connection"])
-        result = run(pytester, "-n", "2", "--pool-leaks")
+        result = run(pytester, "-n", "2", "--pool-leaks", subprocess=True)
         result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
         result.stdout.fnmatch_lines([f"*checked out at test_app.py:{line} in test_leaky*"])
         result.stdout.fnmatch_lines(["poolscope: * watched in 5 tests, 1 leak found"])
