@@ -61,6 +61,7 @@ def events(store: Path, kind: str, *columns: str) -> list[tuple]:
 
 
 def site_of_stack(store: Path, stack_id: int | None) -> str | None:
+    """The site of stack ``stack_id`` in ``store``."""
     rows = query(store, "SELECT site FROM stacks WHERE id = ?", stack_id)
     return rows[0][0] if rows else None
 
@@ -89,15 +90,17 @@ class Holders:
         self._ready.wait()
 
     def _hold(self, engine: sa.Engine, release: threading.Event) -> None:
-        with engine.connect() as conn:
+        with engine.connect() as conn:  # holder
             conn.exec_driver_sql("select 1")
             self._ready.wait()
             release.wait(10)
 
     def release_one(self, index: int = 0) -> None:
+        """Let holder ``index`` close its connection."""
         self._release[index].set()
 
     def release_all(self) -> None:
+        """Let every holder close its connection, and wait for them."""
         for ev in self._release:
             ev.set()
         for t in self._threads:
@@ -106,6 +109,7 @@ class Holders:
 
 @contextmanager
 def held(engine: sa.Engine, count: int) -> Iterator[Holders]:
+    """``count`` threads hold a connection each for the duration of the block."""
     holders = Holders(engine, count)
     try:
         yield holders
@@ -114,6 +118,7 @@ def held(engine: sa.Engine, count: int) -> Iterator[Holders]:
 
 
 def small_pool(make_engine: Callable[..., sa.Engine]) -> sa.Engine:
+    """An engine whose pool holds at most 3 connections and makes callers wait 0.5 s."""
     return make_engine(poolclass=QueuePool, pool_size=2, max_overflow=1, pool_timeout=0.5)
 
 
@@ -158,6 +163,16 @@ class TestTimeouts:
             assert count == 1
             assert thread == threading.current_thread().name
             assert site_of_stack(store_path, stack_id) == site_of("timeout-caller")
+
+        conn = analysis.open_store(store_path)
+        try:
+            found = analysis.timeouts(conn)
+        finally:
+            conn.close()
+        assert len(found) == 2
+        for holders in found["holders"]:
+            assert sorted(h["thread"] for h in holders) == ["holder-0", "holder-1", "holder-2"]
+            assert {h["site"] for h in holders} == {site_of("holder")}
 
     def test_message_is_the_same_as_without_poolscope(
         self, make_engine: Callable[..., sa.Engine], store_path: Path
