@@ -207,7 +207,7 @@ class TestTimeouts:
         others = [r for r in rows if r[1] != site_of("queued-caller")]
         assert len(queued) == 2
         for wait_s, _, _ in queued:
-            assert 0.18 <= wait_s < 0.5
+            assert 0.12 <= wait_s < 0.5  # the release comes 0.2 s after the timer started
         assert len(others) == 6
         for wait_s, _, _ in others:
             assert wait_s < 0.1
@@ -288,6 +288,7 @@ class TestTimeouts:
         before = query(store_path, "SELECT count(*) FROM events")[0][0]
         monitor.detach()
         assert "_do_get" not in vars(engine.pool)
+        assert "recreate" not in vars(engine.pool)
         assert engine.pool._do_get.__func__ is QueuePool._do_get
         self._exhaust(engine)
         with engine.connect():
@@ -526,6 +527,7 @@ class TestWatchdog:
             (checkout,) = monitor.open_checkouts()
             time.sleep(0.8)
             monitor.flush()
+            monitor.flush()  # a watchdog round ran after the first flush, and was written
             suspected = events(store_path, "leak_suspected", "checkout_id", "hold_s", "stack_id")
             logged_while_held = [r for r in caplog.records if r.name == "instrument"]
             conn.close()
@@ -535,7 +537,7 @@ class TestWatchdog:
         assert len(suspected) == 1
         checkout_id, hold_s, stack_id = suspected[0]
         assert checkout_id == checkout.checkout_id
-        assert 0.3 <= hold_s < 0.8
+        assert 0.3 <= hold_s < 5.0  # flagged once past leak_after (however busy the machine)
         assert site_of_stack(store_path, stack_id) == site_of("long-hold")
 
         assert len(logged_while_held) == 1
@@ -545,13 +547,13 @@ class TestWatchdog:
         assert site_of("long-hold") in text
         assert f"thread {threading.current_thread().name}" in text
         held = float(re.search(r"held for (\d+\.\d+) s", text).group(1))
-        assert 0.3 <= held < 0.8
+        assert 0.3 <= held < 5.0
         assert "test_runtime.py" in text.split("checked out at:")[1]  # the stack
 
         cleared = events(store_path, "leak_cleared", "checkout_id", "hold_s")
         assert len(cleared) == 1
         assert cleared[0][0] == checkout.checkout_id
-        assert cleared[0][1] >= 0.8
+        assert cleared[0][1] >= max(0.8, hold_s)
         records = [r for r in caplog.records if r.name == "instrument"]
         assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
         assert site_of("long-hold") in records[1].getMessage()
