@@ -67,6 +67,7 @@ def make_report(
                 choices = ", ".join(sorted(known)) or "none recorded"
                 raise ValueError(f"no pool named {unknown[0]!r} in the store (pools: {choices})")
         report = analysis.build_report(conn, filters)
+        report["store"] = str(resolve_store_path(store))  # as the user named it
     except sqlite3.DatabaseError as exc:
         path = resolve_store_path(store)
         raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
