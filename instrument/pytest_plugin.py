@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,6 +244,7 @@ class _LeakCheck:
         self._start = 0
         self._marks = 0
         self._exempt: list[tuple[int, int]] = []
+        self._wide: dict[int, Any] = {}  # live values of module/class/session fixtures
         self.totals = dict.fromkeys(_TOTAL_FIELDS, 0)
         config.stash[_TOTALS_KEY] = config.stash.get(_TOTALS_KEY, None) or dict.fromkeys(
             _TOTAL_FIELDS, 0
@@ -386,7 +388,13 @@ class _LeakCheck:
         if self._open_entries():
             gc.collect()  # a Session or Connection in a reference cycle goes back only now
         t = time.time()
-        leaks = [self._describe("open", e, t - e[_AT]) for e in self._open_entries()]
+        still_open = self._open_entries()
+        if still_open and self._wide:
+            # A module- or session-scoped Session checks out lazily, during the first test
+            # that queries it; the connection is that fixture's, not the test's.
+            owned = _reachable(list(self._wide.values()), still_open, self._pool_class)
+            still_open = [e for e in still_open if id(e[_PROXY]()) not in owned]
+        leaks = [self._describe("open", e, t - e[_AT]) for e in still_open]
         held = []
         for entry, hold_s, by_code in list(self.returned):
             if self._mine(entry[_SEQ]):
@@ -425,13 +433,19 @@ class _LeakCheck:
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Iterator[Any]:
         # A connection taken while a wider-scoped fixture is set up is that fixture's.
-        if self._item is None or fixturedef.scope == "function":
+        if fixturedef.scope == "function":
             return (yield)
-        lo = self._mark()
+        lo = self._mark() if self._item is not None else None
         try:
-            return (yield)
+            value = yield
         finally:
-            self._exempt.append((lo, self._mark()))
+            if lo is not None and self._item is not None:
+                self._exempt.append((lo, self._mark()))
+        self._wide[id(fixturedef)] = value
+        return value
+
+    def pytest_fixture_post_finalizer(self, fixturedef: Any, request: Any) -> None:
+        self._wide.pop(id(fixturedef), None)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Any) -> Iterator[None]:
@@ -473,6 +487,33 @@ class _LeakCheck:
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self._uninstall()
+
+
+def _reachable(roots: list[Any], entries: list[tuple[Any, ...]], pool_class: type) -> set[int]:
+    """Return the ids of the entries' proxies that ``roots`` reach through references.
+
+    The walk does not enter modules, classes, functions or pools (a fixture holding an
+    engine does not own every connection of its pool) and stops after 200,000 objects.
+    """
+    targets = {id(p) for p in (e[_PROXY]() for e in entries) if p is not None}
+    found: set[int] = set()
+    seen: set[int] = set()
+    stop = (types.ModuleType, type, types.FunctionType, types.MethodType, pool_class)
+    todo = list(roots)
+    while todo and len(seen) < 200_000:
+        obj = todo.pop()
+        key = id(obj)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in targets:
+            found.add(key)
+            if found == targets:
+                break
+            continue
+        if not isinstance(obj, stop):
+            todo.extend(gc.get_referents(obj))
+    return found
 
 
 # ---- rendering ----------------------------------------------------------------------------

@@ -27,6 +27,12 @@ def module_connection():
         yield conn
 
 
+@pytest.fixture(scope="module")
+def module_session():
+    with Session(engine) as s:  # checks out lazily, during the first test that queries it
+        yield s
+
+
 @pytest.fixture
 def session():
     with Session(engine) as s:
@@ -35,6 +41,10 @@ def session():
 
 def test_uses_module_connection(module_connection):
     assert module_connection.scalar(sa.text("select 1")) == 1
+
+
+def test_uses_module_session(module_session):
+    assert module_session.scalar(sa.text("select 1")) == 1
 
 
 def test_uses_session_fixture(session):
@@ -73,7 +83,7 @@ LEAKS = {
 }
 """The leaking test of each kind; ``# leak`` marks the line that takes the connection."""
 
-CLEAN_TESTS = 4
+CLEAN_TESTS = 5
 
 
 def write_suite(pytester: pytest.Pytester, url: str, leaky: str) -> int:
@@ -120,7 +130,7 @@ class TestLeakingTest:
         )
         how = "still checked out" if kind == "global" else "only the garbage collector"
         assert how in result.stdout.str()
-        result.stdout.fnmatch_lines(["poolscope: * watched in 5 tests, 1 leak found"])
+        result.stdout.fnmatch_lines(["poolscope: * watched in 6 tests, 1 leak found"])
 
     def test_plugin_off_every_test_passes(self, pytester: pytest.Pytester, db_url: str) -> None:
         """Without the option, marker or fixture, the leaking suite passes and the plugin
@@ -138,7 +148,7 @@ class TestLeakingTest:
         write_suite(pytester, sqlite_url, leaky)
         result = run(pytester, "--pool-leaks")
         result.assert_outcomes(passed=CLEAN_TESTS + 1)
-        result.stdout.fnmatch_lines(["poolscope: * watched in 5 tests, 1 leak found (1 allowed)"])
+        result.stdout.fnmatch_lines(["poolscope: * watched in 6 tests, 1 leak found (1 allowed)"])
 
     def test_thread_that_leaks_is_named(self, pytester: pytest.Pytester, sqlite_url: str) -> None:
         """A connection taken in a thread the test started names that thread and its line."""
@@ -314,4 +324,4 @@ class TestXdist:
         result = run(pytester, "-n", "2", "--pool-leaks", subprocess=True)
         result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
         result.stdout.fnmatch_lines([f"*checked out at test_app.py:{line} in test_leaky*"])
-        result.stdout.fnmatch_lines(["poolscope: * watched in 5 tests, 1 leak found"])
+        result.stdout.fnmatch_lines(["poolscope: * watched in 6 tests, 1 leak found"])
