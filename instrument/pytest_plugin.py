@@ -11,8 +11,10 @@ Installed with poolscope and loaded by every pytest run, but off until asked for
 After each checked test (and its function-scoped fixtures' teardown), a connection
 checked out during it that is still checked out, or that only the garbage collector
 returned, fails the test at teardown with the site, the thread and the stack of the
-checkout. Connections taken while a module-, class- or session-scoped fixture was
-being set up belong to that fixture and are not blamed on the test.
+checkout. A connection that a module-, class- or session-scoped fixture takes while
+it is set up, or that such a fixture's value still holds after the test (a module-scoped
+``Session`` checks out lazily, in the first test that queries it), is that fixture's
+and not blamed on the test.
 
 With the plugin off, this module registers its options, markers and fixture and
 nothing else: it imports neither SQLAlchemy nor the recorder, adds no listener and
