@@ -1,0 +1,306 @@
+"""The ``poolscope`` command line, driven through click's CliRunner (and once as a real
+process): report formats, filters, exit codes, one-line errors for unusable stores, and the
+dashboard command."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from report_workloads import run_dies_mid_batch
+
+import instrument
+from instrument import _store
+from instrument.cli import cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SCHEMA = json.loads((Path(instrument.__file__).parent / "report_schema.json").read_text())
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def record(store: Path, url: str, *, leak: bool = False, hold_s: float = 0.0) -> None:
+    """Record 3 short checkouts into ``store``; optionally one left to the garbage collector
+    and one held for ``hold_s`` seconds."""
+    engine = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=1)
+    monitor = instrument.attach(engine, store=store, name="app")
+    for _ in range(3):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    if hold_s:
+        with engine.connect():
+            time.sleep(hold_s)
+    if leak:
+        engine.connect().exec_driver_sql("select 1")  # never closed: the GC returns it
+        gc.collect()
+    monitor.flush()
+    monitor.detach()
+    engine.dispose()
+
+
+@pytest.fixture
+def leaky(tmp_path: Path, sqlite_url: str) -> Path:
+    """A store with a confirmed (GC) leak and a 0.3 s hold."""
+    store = tmp_path / "leaky.db"
+    record(store, sqlite_url, leak=True, hold_s=0.3)
+    return store
+
+
+@pytest.fixture
+def clean(tmp_path: Path, sqlite_url: str) -> Path:
+    """A store with three short checkouts and a 0.3 s hold: no confirmed leak."""
+    store = tmp_path / "clean.db"
+    record(store, sqlite_url, hold_s=0.3)
+    return store
+
+
+class TestReport:
+    @pytest.mark.parametrize("fmt", ["text", "markdown", "json", "html"])
+    def test_every_format(self, leaky: Path, fmt: str) -> None:
+        result = invoke("report", str(leaky), "--format", fmt)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == ""
+        first = {"text": "poolscope report: ", "markdown": "# poolscope report: ",
+                 "json": "{", "html": "<!DOCTYPE html>"}[fmt]  # fmt: skip
+        assert result.stdout.startswith(first)
+        if fmt == "json":
+            data = json.loads(result.stdout)
+            jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
+            assert data["summary"]["checkouts"] == 5
+            assert data["summary"]["confirmed_leaks"] == 1
+
+    def test_text_is_the_default(self, leaky: Path) -> None:
+        result = invoke("report", str(leaky))
+        assert "\nLEAKS\n" in result.stdout and "gc_reclaimed" in result.stdout
+
+    def test_output_file(self, leaky: Path, tmp_path: Path) -> None:
+        """--output writes the report to the file and nothing to stdout."""
+        out = tmp_path / "report.html"
+        result = invoke("report", str(leaky), "--format", "html", "--output", str(out))
+        assert result.exit_code == 0 and result.stdout == ""
+        assert out.read_text().startswith("<!DOCTYPE html>")
+
+    def test_fail_on_leak_exits_1_on_a_confirmed_leak(self, leaky: Path) -> None:
+        result = invoke("report", str(leaky), "--fail-on-leak")
+        assert result.exit_code == 1
+        assert "gc_reclaimed" in result.stdout  # the report is still printed
+
+    def test_fail_on_leak_ignores_suspected_ones(self, clean: Path) -> None:
+        """A hold past --leak-after is a suspected leak: reported, but exit 0."""
+        result = invoke("report", str(clean), "--fail-on-leak", "--leak-after", "0.2",
+                        "--format", "json")  # fmt: skip
+        assert result.exit_code == 0
+        data = json.loads(result.stdout)
+        assert [leak["class"] for leak in data["leaks"]] == ["held_too_long"]
+        assert data["filters"]["leak_after_s"] == 0.2
+
+    def test_leaks_without_the_flag_exit_0(self, leaky: Path) -> None:
+        assert invoke("report", str(leaky)).exit_code == 0
+
+    def test_leak_after_defaults_to_the_pools(self, clean: Path) -> None:
+        """The pool was attached with leak_after=30: a 0.3 s hold is no leak."""
+        data = json.loads(invoke("report", str(clean), "--format", "json").stdout)
+        assert data["leaks"] == []
+
+    def test_since_until_and_pool(self, leaky: Path) -> None:
+        data = json.loads(invoke("report", str(leaky), "--format", "json").stdout)
+        first = data["summary"]["first_event_at"]
+        early = invoke("report", str(leaky), "--format", "json", "--until", "1000000000")
+        assert json.loads(early.stdout)["summary"]["checkouts"] == 0
+        late = invoke("report", str(leaky), "--format", "json", "--since", first, "--pool", "app")
+        assert json.loads(late.stdout)["summary"]["checkouts"] == 5
+        assert json.loads(late.stdout)["filters"]["pools"] == ["app"]
+
+    def test_store_from_the_environment(self, leaky: Path, tmp_path: Path) -> None:
+        """Without STORE, $POOLSCOPE_STORE names the store."""
+        result = invoke("report", "--format", "json", env={"POOLSCOPE_STORE": str(leaky)})
+        assert json.loads(result.stdout)["store"] == str(leaky)
+
+    def test_default_store_is_in_the_working_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        result = invoke("report", env={"POOLSCOPE_STORE": ""})
+        assert result.exit_code == 2
+        assert result.stderr == (
+            "poolscope: no store at poolscope.db (attach poolscope to an engine to create one)\n"
+        )
+
+    def test_writer_died_mid_batch(self, tmp_path: Path, sqlite_url: str) -> None:
+        """A store whose writer was killed inside a transaction reports what was committed."""
+        store = tmp_path / "poolscope.db"
+        assert run_dies_mid_batch(tmp_path, sqlite_url, store) == -9
+        result = invoke("report", str(store), "--format", "json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["summary"]["checkouts"] == 4
+        assert [p["state"] for p in data["processes"]] == ["crashed"]
+        assert data["leaks"] == []
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _not_sqlite(path: Path) -> None:
+    path.write_text("checkout,checkin\n1,2\n")
+
+
+def _foreign(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+
+
+def _newer(path: Path) -> None:
+    conn = _store.connect_for_writing(path)
+    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.close()
+
+
+BAD_STORES = {
+    "missing": (None, "no store at {p} (attach poolscope to an engine to create one)"),
+    "empty": (_empty, "{p} is empty, not a poolscope store"),
+    "not sqlite": (_not_sqlite, "{p} is not a SQLite file, so not a poolscope store"),
+    "another application": (
+        _foreign,
+        "{p} is a SQLite database of another application (no events, meta, pools, processes, "
+        "stacks table), not a poolscope store",
+    ),
+    "newer schema": (
+        _newer,
+        "{p} was written by a newer poolscope (store schema 999, this one reads up to 1); "
+        "upgrade poolscope to read it",
+    ),
+}
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("case", list(BAD_STORES))
+    def test_unusable_store(self, tmp_path: Path, case: str) -> None:
+        """Each unusable store: exit 2, one line on stderr, nothing on stdout."""
+        make, message = BAD_STORES[case]
+        path = tmp_path / "store.db"
+        if make:
+            make(path)
+        result = invoke("report", str(path))
+        assert result.exit_code == 2
+        assert result.stdout == ""
+        assert result.stderr == f"poolscope: {message.format(p=path)}\n"
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--since", "yesterday"], "cannot read 'yesterday' as a time; give unix seconds or "
+             "an ISO 8601 time such as 2026-11-27T13:00:00"),
+            (["--leak-after", "0"], "leak_after must be more than 0 seconds, not 0.0."),
+            (["--since", "20", "--until", "10"], "since must not be later than until."),
+            (["--pool", "nope"], "no pool named 'nope' in the store (pools: app)"),
+        ],
+    )  # fmt: skip
+    def test_bad_option_values(self, leaky: Path, args: list[str], message: str) -> None:
+        result = invoke("report", str(leaky), *args)
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == f"poolscope: {message}\n"
+
+    def test_unwritable_output(self, leaky: Path, tmp_path: Path) -> None:
+        target = tmp_path / "missing-dir" / "r.txt"
+        result = invoke("report", str(leaky), "--output", str(target))
+        assert result.exit_code == 2
+        assert result.stderr == f"poolscope: cannot write {target}: No such file or directory\n"
+
+    def test_a_real_process_prints_one_line_and_no_traceback(self, tmp_path: Path) -> None:
+        """``python -m instrument report`` on a missing store: exit 2, exactly one line."""
+        path = tmp_path / "nope.db"
+        proc = subprocess.run([sys.executable, "-m", "instrument", "report", str(path)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2
+        assert proc.stdout == ""
+        assert proc.stderr == (
+            f"poolscope: no store at {path} (attach poolscope to an engine to create one)\n"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestDashboard:
+    def test_needs_the_dashboard_extra(self, leaky: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without Streamlit: exit 2 and the extra to install."""
+        monkeypatch.setitem(sys.modules, "streamlit", None)  # as if not installed
+        result = invoke("dashboard", str(leaky))
+        assert result.exit_code == 2
+        assert result.stderr == (
+            "poolscope: the dashboard needs Streamlit: pip install 'poolscope[dashboard]'\n"
+        )
+
+    def test_refuses_an_unusable_store(self, tmp_path: Path) -> None:
+        path = tmp_path / "none.db"
+        result = invoke("dashboard", str(path))
+        assert result.exit_code == 2
+        assert result.stderr == (
+            f"poolscope: no store at {path} (attach poolscope to an engine to create one)\n"
+        )
+
+    def test_serves_the_store_on_localhost(self, leaky: Path) -> None:
+        """The dashboard starts on 127.0.0.1 at the given port and answers its health check."""
+        pytest.importorskip("streamlit")
+        port = _free_port()
+        env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "instrument", "dashboard", str(leaky), "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            body = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/_stcore/health", timeout=2
+                    ) as response:
+                        body = response.read().decode()
+                        break
+                except OSError:
+                    time.sleep(0.3)
+            assert body == "ok", proc.stderr.read().decode() if proc.poll() is not None else ""
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(20)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+class TestDocs:
+    def test_every_command_has_help_and_is_in_the_readme(self) -> None:
+        readme = README.read_text()
+        assert set(cli.commands) >= {"report", "dashboard", "demo"}
+        for name, command in cli.commands.items():
+            assert command.help and command.help.strip(), name
+            assert f"poolscope {name}" in readme, f"README does not mention poolscope {name}"
+            result = invoke(name, "--help")
+            assert result.exit_code == 0 and "Usage: " in result.stdout
+
+    def test_report_options_are_documented(self) -> None:
+        help_text = invoke("report", "--help").stdout
+        for option in ("--format", "--output", "--leak-after", "--since", "--until", "--pool",
+                       "--fail-on-leak"):  # fmt: skip
+            assert option in help_text
