@@ -4,6 +4,7 @@ charts and metrics, with no exception box. Screenshots land in test-artifacts/br
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -85,3 +86,20 @@ def test_filters_travel_in_the_url(browser, base_url):
     assert result.exceptions == [] and result.errors == []
     assert result.charts == 1  # one utilization chart: billing only
     assert "pool=billing" in result.final_url and "leak_after=5" in result.final_url
+
+
+def test_report_downloads_from_the_leaks_page(browser, base_url):
+    """The Leaks page's buttons download the JSON and HTML report, built on click."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{base_url}/leaks", wait_until="domcontentloaded")
+        screenshots.wait_until_idle(page)
+        texts = {}
+        for fmt in ("JSON", "HTML"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=f"Download {fmt} report").click()
+            texts[fmt] = Path(download.value.path()).read_text()
+    finally:
+        page.close()
+    assert json.loads(texts["JSON"])["schema"] == "poolscope.report/1"
+    assert "<html" in texts["HTML"].lower() and "in keep_forever" in texts["HTML"]
