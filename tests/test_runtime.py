@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 import instrument
-from instrument import analysis
+from instrument import _writer, analysis
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -800,6 +800,26 @@ def _run_child(db_url: str, store_path: Path, mode: str) -> tuple[int, int]:
 
 
 class TestProcessEnd:
+    def test_heartbeat_while_alive(
+        self, sqlite_url: str, store_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A live process's heartbeat advances even when its pool is idle."""
+        monkeypatch.setattr(_writer, "HEARTBEAT_SECONDS", 0.1)
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        with engine.connect():
+            pass
+        monitor.flush()
+        ((first,),) = query(store_path, "SELECT heartbeat_at FROM processes")
+        latest = first
+        deadline = time.monotonic() + 10
+        while latest == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ((latest,),) = query(store_path, "SELECT heartbeat_at FROM processes")
+        assert latest > first
+        assert query(store_path, "SELECT count(*) FROM events")[0][0] == 3  # no new events
+        engine.dispose()
+
     def test_killed_child_leaves_its_checkout_open_and_its_end_unknown(
         self, db_url: str, store_path: Path
     ) -> None:
