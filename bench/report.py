@@ -169,14 +169,21 @@ def main() -> None:
     print(f"  store size {store.stat().st_size / 1e6:.0f} MB")
     command = [sys.executable, "-m", "instrument", "report", str(store), "--format", "json",
                "--output", os.devnull]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
-    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rss_mb = after.ru_maxrss / 1024
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
         raise SystemExit(f"report failed with exit code {proc.returncode}")
-    print(f"poolscope report --format json: {elapsed:.2f} s, peak RSS {rss_mb:.0f} MB")
+    load = os.getloadavg()[0]
+    print(
+        f"poolscope report --format json: {elapsed:.2f} s wall, {cpu:.2f} s CPU, "
+        f"peak RSS {rss_mb:.0f} MB (load average {load:.1f} on {os.cpu_count()} cores)"
+    )
     if not args.keep and args.store is None:
         store.unlink()
         for suffix in ("-wal", "-shm"):

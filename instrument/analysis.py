@@ -535,16 +535,22 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
     peaks = pd.read_sql_query(
         f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
-        f"MAX(overflow) AS overflow, MAX(waiters) AS waiters {base}",
+        f"MAX(overflow) AS overflow, MAX(waiters) AS waiters, MAX(id) AS last_id {base}",
         data.conn,
         params=[t0, dt, *params],
     )
-    # With a single MAX() aggregate, SQLite takes the bare columns from that (the last) row.
-    lasts = pd.read_sql_query(
-        f"SELECT process_id, pool_id, {bucket}, MAX(at) AS last_at, in_use, idle, overflow, "
-        f"waiters {base}",
-        data.conn,
-        params=[t0, dt, *params],
+    # The counts after each bucket's last event (rows are written in time order per
+    # process), looked up by primary key: they carry into the buckets without events.
+    ids = [int(i) for i in peaks["last_id"]]
+    rows = []
+    for start in range(0, len(ids), 5000):
+        chunk = ", ".join(str(i) for i in ids[start : start + 5000])
+        rows += data.conn.execute(
+            f"SELECT id, in_use, idle, overflow, waiters FROM events WHERE id IN ({chunk})"
+        ).fetchall()
+    last_rows = pd.DataFrame(rows, columns=["id", "in_use", "idle", "overflow", "waiters"])
+    lasts = peaks[["process_id", "pool_id", "b", "last_id"]].merge(
+        last_rows, left_on="last_id", right_on="id", how="left"
     )
     seen = data.processes.set_index("id")["seen_until_at"]
     all_pools = _load_pools(data.conn).set_index("id")
