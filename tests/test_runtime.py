@@ -273,6 +273,26 @@ class TestTimeouts:
         assert [r[1] for r in rows] == ["checkin", "checkin"]
         assert not monitor.open_checkouts()
 
+    def test_connect_errors_pass_through_unchanged(self, tmp_path: Path, store_path: Path) -> None:
+        """A connection that cannot be opened fails exactly as it would without poolscope,
+        and records no checkout."""
+        url = f"sqlite:///{tmp_path / 'missing-dir' / 'app.db'}"
+
+        def failure(engine: sa.Engine) -> sa_exc.OperationalError:
+            with pytest.raises(sa_exc.OperationalError) as info:
+                engine.connect()
+            return info.value
+
+        bare = failure(sa.create_engine(url))
+        engine = sa.create_engine(url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=60)
+        hooked = failure(engine)
+        monitor.flush()
+        assert type(hooked.orig) is type(bare.orig)
+        assert str(hooked) == str(bare)
+        assert not events(store_path, "checkout")
+        assert not monitor.open_checkouts()
+
     def test_detach_restores_do_get(
         self, make_engine: Callable[..., sa.Engine], store_path: Path
     ) -> None:
