@@ -163,7 +163,9 @@ class Monitor:
     def detach(self) -> None:
         """Remove every listener and hook from the engine or pool; idempotent.
 
-        What was recorded stays queued and is still written.
+        What was recorded stays queued and is still written. Connections checked out
+        at that moment are no longer followed: their checkouts stay without a return
+        in the store, and the watchdog does not report them.
         """
         if not self._attached:
             return
@@ -178,6 +180,10 @@ class Monitor:
         for pool in list(self._wrapped_pools):
             _unwrap_pool(pool)
         self._wrapped_pools = weakref.WeakSet()
+        # The returns of connections still checked out can no longer be seen: forget
+        # them, or the watchdog would report them as leaks once leak_after has passed.
+        for table in (self._open, self._waits, self._connect_times, self._suspected):
+            table.clear()
         with _registry_lock:
             if _monitors.get(self._event_target) is self:
                 del _monitors[self._event_target]

@@ -361,6 +361,23 @@ class TestAttach:
         monitor.flush()
         assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(2,)]
 
+    def test_connection_held_across_detach_is_not_reported(
+        self, make_engine, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A connection checked out before detach() is forgotten: the watchdog never flags it."""
+        caplog.set_level(logging.INFO, logger="instrument")
+        engine = make_engine()
+        monitor = instrument.attach(engine, store=store_path, leak_after=1.0)
+        conn = engine.connect()
+        monitor.detach()
+        assert monitor.open_checkouts() == []
+        monitor.watch(time.time() + 3600)  # the watchdog's pass, an hour later
+        conn.close()
+        monitor.flush()
+        kinds = [k for (k,) in query(store_path, "SELECT kind FROM events ORDER BY id")]
+        assert "leak_suspected" not in kinds and kinds.count("checkout") == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
     def test_detach_is_idempotent(self, make_engine, store_path: Path) -> None:
         """A second detach() does nothing, and attaching again records again."""
         engine = make_engine()
