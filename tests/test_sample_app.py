@@ -15,6 +15,7 @@ from conftest import PG_URL, require_postgres
 
 from instrument import analysis
 from sample_app.__main__ import main
+from sample_app.demo import dashboard_problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,3 +182,39 @@ class TestOutput:
         assert proc.stderr.startswith("sample_app: cannot use the database: ")
         assert "Traceback" not in proc.stderr
         assert len(proc.stderr.splitlines()) == 1
+
+
+class TestDemo:
+    def test_demo_runs_the_shop_and_prints_its_report(self, tmp_path: Path) -> None:
+        """``poolscope demo --no-dashboard`` records the shop, then prints the report of it."""
+        store = tmp_path / "demo.db"
+        proc = subprocess.run(
+            [sys.executable, "-m", "instrument", "demo", "--duration", "3", "--no-dashboard",
+             "--store", str(store)],
+            cwd=REPO, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert f"poolscope dashboard {store.resolve()}" in proc.stdout
+        report = proc.stdout.split(f"$ poolscope report {store}", 1)[1]
+        for function, leak_class in BUGS:
+            line = next(x for x in report.splitlines() if f" in {function}" in x)
+            assert leak_class in line, line
+        assert "Uvicorn" not in proc.stdout + proc.stderr  # no dashboard was started
+
+    def test_demo_replaces_its_own_store_but_refuses_another_file(self, tmp_path: Path) -> None:
+        """A --store that is not a poolscope store is left alone: one line, exit 2."""
+        precious = tmp_path / "notes.db"
+        precious.write_text("my notes\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "instrument", "demo", "--no-dashboard", "--store",
+             str(precious)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2
+        assert proc.stdout.startswith(f"poolscope: {precious} exists and is not a poolscope")
+        assert len(proc.stdout.splitlines()) == 1
+        assert precious.read_text() == "my notes\n"
+
+    def test_demo_says_why_the_dashboard_cannot_start(self) -> None:
+        """Without a dashboard command, the demo names what is missing instead of failing."""
+        assert dashboard_problem({"report"}) == "this poolscope has no dashboard command yet"
