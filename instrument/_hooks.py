@@ -555,7 +555,9 @@ class Monitor:
             if len(queue) < max_queue:
                 in_use = len(open_)
                 _, idle, waiters, size = state
-                n_idle = len(idle) + 1 if returning else len(idle)
+                # A QueuePool puts the returned connection in its idle queue (capped at
+                # its size: past it, the connection is closed); other pools keep none.
+                n_idle = len(idle) + 1 if returning and size != _NO_SIZE else len(idle)
                 try:
                     thread = local.thread._name
                 except AttributeError:
