@@ -24,6 +24,7 @@ from .exceptions import StoreCorruptError
 
 __all__ = [
     "FORMATS",
+    "duration",
     "make_report",
     "render",
     "render_html",
@@ -240,8 +241,9 @@ def render_text(report: dict[str, Any]) -> str:
         if holders:
             lines.append(f"    held by {_plural(len(holders), 'checkout')} at that moment:")
             for h in holders[:_MAX_HOLDERS]:
+                task = f", task {h['task']}" if h["task"] else ""
                 lines.append(
-                    f"      {duration(h['held_s']):>9}  {h['site']}  (thread {h['thread']})"
+                    f"      {duration(h['held_s']):>9}  {h['site']}  (thread {h['thread']}{task})"
                 )
             if len(holders) > _MAX_HOLDERS:
                 lines.append(f"      … and {len(holders) - _MAX_HOLDERS} more")

@@ -419,3 +419,77 @@ class TestSummary:
             Filters(leak_after=0)
         with pytest.raises(ValueError, match="since must not be later than until"):
             Filters(since=2, until=1)
+
+
+class TestOtherPools:
+    def test_async_timeout_names_tasks(self, tmp_path: Path) -> None:
+        """On an AsyncEngine the caller that timed out and its holder carry their task names."""
+        import asyncio
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        import instrument
+
+        store = tmp_path / "async.db"
+
+        async def main() -> None:
+            engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", pool_size=1,
+                                         max_overflow=0, pool_timeout=0.2)  # fmt: skip
+            monitor = instrument.attach(engine, store=store, name="async")
+            held = asyncio.Event()
+            done = asyncio.Event()
+
+            async def hold_in_task() -> None:
+                async with engine.connect() as conn:
+                    await conn.exec_driver_sql("select 1")
+                    held.set()
+                    await done.wait()
+
+            async def time_out_in_task() -> None:
+                await held.wait()
+                try:
+                    async with engine.connect():
+                        pass
+                except Exception:  # sqlalchemy.exc.TimeoutError
+                    done.set()
+
+            await asyncio.gather(
+                asyncio.create_task(hold_in_task(), name="holder-task"),
+                asyncio.create_task(time_out_in_task(), name="waiter-task"),
+            )
+            monitor.flush()
+            await engine.dispose()
+
+        asyncio.run(main())
+        conn = analysis.open_store(store)
+        [t] = analysis.timeouts(conn).to_dict("records")
+        assert (fn(t["site"]), t["task"]) == ("time_out_in_task", "waiter-task")
+        assert [(fn(h["site"]), h["task"]) for h in t["holders"]] == [
+            ("hold_in_task", "holder-task")
+        ]
+        co = analysis.checkouts(conn)
+        assert list(co["task"]) == ["holder-task"]
+
+    def test_pools_without_a_size_are_not_sized(self, tmp_path: Path, sqlite_url: str) -> None:
+        """NullPool has no size: no capacity, verdict unbounded, and the advice says so."""
+        import sqlalchemy as sa
+
+        import instrument
+
+        engine = sa.create_engine(sqlite_url, poolclass=sa.pool.NullPool)
+        monitor = instrument.attach(engine, store=tmp_path / "null.db", name="null")
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+        monitor.flush()
+        engine.dispose()
+        conn = analysis.open_store(tmp_path / "null.db")
+        assert analysis.pools(conn)["capacity"].isna().all()
+        [advice] = analysis.sizing_advice(conn)
+        assert (advice["verdict"], advice["capacity"], advice["checkouts"]) == (
+            "unbounded",
+            None,
+            3,
+        )
+        assert "no size limit" in advice["advice"]
+        assert analysis.summary(conn)["capacity"] is None
