@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+import instrument
 from instrument import PoolscopeError
 from instrument.analysis import open_store
 
@@ -38,6 +39,9 @@ def dashboard_problem(commands: Collection[str]) -> str | None:
         return "this poolscope has no dashboard command yet"
     if importlib.util.find_spec("streamlit") is None:
         return "streamlit is not installed (pip install 'poolscope[dashboard]')"
+    app = Path(instrument.__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app.is_file():
+        return f"the dashboard app is missing ({app})"
     return None
 
 
