@@ -18,6 +18,8 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import pandas as pd
+
 from . import analysis
 from ._store import resolve_store_path
 from .exceptions import StoreCorruptError
@@ -69,7 +71,7 @@ def make_report(
                 raise ValueError(f"no pool named {unknown[0]!r} in the store (pools: {choices})")
         report = analysis.build_report(conn, filters)
         report["store"] = str(resolve_store_path(store))  # as the user named it
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
         path = resolve_store_path(store)
         raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
     finally:

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from report_workloads import run_dies_mid_batch
 
 import instrument
-from instrument import _store
+from instrument import _store, _writer
 from instrument.cli import cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -217,6 +217,23 @@ class TestBadInput:
         result = invoke("report", str(leaky), *args)
         assert (result.exit_code, result.stdout) == (2, "")
         assert result.stderr == f"poolscope: {message}\n"
+
+    def test_damaged_store(self, leaky: Path) -> None:
+        """A poolscope store whose pages were overwritten: exit 2, one line."""
+        _writer.shutdown_all()
+        conn = sqlite3.connect(leaky)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page into the main file
+        conn.close()
+        size = leaky.stat().st_size
+        assert size >= 5 * 4096
+        with open(leaky, "r+b") as fh:
+            fh.seek(2 * 4096)
+            fh.write(b"\xff" * (size - 2 * 4096))
+        result = invoke("report", str(leaky))
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"poolscope: {leaky} is a damaged SQLite file (database disk image is malformed)\n"
+        )
 
     def test_unwritable_output(self, leaky: Path, tmp_path: Path) -> None:
         target = tmp_path / "missing-dir" / "r.txt"
