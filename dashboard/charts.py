@@ -156,7 +156,7 @@ def utilization_chart(
         height=540,
         margin={**_MARGIN, "t": 80},
         hovermode="x unified",
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.01, "x": 0},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.01, "x": 0, "traceorder": "normal"},
     )
     return fig
 
@@ -213,6 +213,7 @@ def wait_histogram_chart(
         yaxis_title="checkouts",
     )
     fig.update_traces(opacity=0.75)
+    fig.update_yaxes(type="log")  # the tail is the story: a few slow waits among many instant
     return fig
 
 

@@ -323,6 +323,31 @@ def wait_percentiles_over_time(checkouts: pd.DataFrame, buckets: int = 40) -> pd
     return frame[columns]
 
 
+def holders_by_site(timeouts: pd.DataFrame) -> pd.DataFrame:
+    """Who held the pool across all timeouts: per holder site, in how many timeouts it held
+    a connection, how many connections at most, and its longest hold at a timeout.
+
+    :returns: columns ``site, timeouts, most_held, max_held_s``, most timeouts first.
+    """
+    columns = ["site", "timeouts", "most_held", "max_held_s"]
+    rows = [
+        {"timeout": number, "site": holder.get("site"), "held_s": holder.get("held_s")}
+        for number, holders in enumerate(timeouts.get("holders", []))
+        for holder in holders or []
+    ]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    per_timeout = frame.groupby(["site", "timeout"]).agg(
+        held=("held_s", "size"), max_held_s=("held_s", "max")
+    )
+    out = per_timeout.groupby("site").agg(
+        timeouts=("held", "size"), most_held=("held", "max"), max_held_s=("max_held_s", "max")
+    )
+    out = out.reset_index().sort_values(["timeouts", "max_held_s"], ascending=False)
+    return out[columns].reset_index(drop=True)
+
+
 def open_now(checkouts: pd.DataFrame, processes: pd.DataFrame) -> pd.DataFrame:
     """The checkouts still open in processes that are running, longest held first."""
     if checkouts.empty:

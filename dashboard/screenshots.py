@@ -150,6 +150,21 @@ def wait_until_idle(page: object, timeout_ms: float = 60_000) -> None:
     page.wait_for_load_state("networkidle", timeout=timeout_ms)
 
 
+def _fit_to_content(page: object, width: int, height: int, max_height: int = 4000) -> None:
+    """Grow the viewport to the page's content: Streamlit scrolls inside its main area, so a
+    full-page screenshot alone would stop at the first screen."""
+    content = page.evaluate(
+        """() => Math.max(...['stMain', 'stMainBlockContainer'].map(id => {
+                 const el = document.querySelector(`[data-testid="${id}"]`);
+                 return el ? el.scrollHeight : 0; }))"""
+    )
+    tall = min(max(int(content) + 40, height), max_height)
+    if tall > height:
+        page.set_viewport_size({"width": width, "height": tall})
+        page.wait_for_timeout(800)  # let charts re-lay out at the new size
+        wait_until_idle(page)
+
+
 def visit(
     browser: object,
     base_url: str,
@@ -180,6 +195,7 @@ def visit(
             if out_dir is not None:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 result.screenshot = out_dir / f"{name}.png"
+                _fit_to_content(page, width, height)
                 page.screenshot(path=str(result.screenshot), full_page=True)
             results.append(result)
         finally:

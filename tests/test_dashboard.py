@@ -295,6 +295,9 @@ class TestPages:
         assert (holders["held_s"] > 0).all()
         expander = at.expander[0]
         assert "in export" in expander.label and "3 holders" in expander.label
+        by_site = next(df.value for df in at.dataframe if "most_held" in df.value.columns)
+        assert len(by_site) == 1 and by_site["site"].iloc[0].endswith("in slow_report")
+        assert (by_site["timeouts"].iloc[0], by_site["most_held"].iloc[0]) == (1, 3)
 
     def test_sites_table_holds_every_site_and_shows_the_chosen_stack(self, store, monkeypatch):
         """The sites table lists every call site; choosing one shows its stack."""

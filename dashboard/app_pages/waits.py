@@ -51,6 +51,17 @@ if timeouts.empty:
     st.success("No checkout timed out in the chosen window.")
 else:
     st.plotly_chart(charts.timeouts_chart(timeouts))
+    st.subheader("Who held the pool when callers timed out")
+    st.dataframe(
+        data.holders_by_site(timeouts),
+        hide_index=True,
+        column_config={
+            "site": "holder site",
+            "timeouts": st.column_config.NumberColumn("timeouts it held through", format="%d"),
+            "most_held": st.column_config.NumberColumn("most connections at once", format="%d"),
+            "max_held_s": st.column_config.NumberColumn("longest hold (s)", format="%.3f"),
+        },
+    )
     st.caption(
         "For each timeout, the connections checked out at that moment: who was holding the pool."
     )
@@ -66,8 +77,11 @@ else:
             f"waited {ui.fmt_duration(row.waited_s)} · {len(holders)} holders"
         )
         with st.expander(title, expanded=number == 0):
+            shown = ["site", "thread", "task", "held_s", "checkout_id"]
+            if holders["task"].isna().all():
+                shown.remove("task")
             st.dataframe(
-                holders[["site", "thread", "task", "held_s", "checkout_id"]],
+                holders[shown],
                 hide_index=True,
                 column_config={
                     "held_s": st.column_config.NumberColumn("held (s)", format="%.3f"),
