@@ -535,7 +535,10 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
     peaks = pd.read_sql_query(
         f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
-        f"MAX(overflow) AS overflow, MAX(waiters) AS waiters, MAX(id) AS last_id {base}",
+        f"MAX(overflow) AS overflow, "
+        # A timeout row counts the waiters at that moment in `count` (itself included).
+        f"MAX(CASE WHEN kind = 'timeout' THEN count ELSE waiters END) AS waiters, "
+        f"MAX(id) AS last_id {base}",
         data.conn,
         params=[t0, dt, *params],
     )
@@ -1196,13 +1199,18 @@ def _store_path(conn: sqlite3.Connection) -> str:
     return ""
 
 
-def build_report(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str, Any]:
+def build_report(
+    conn: sqlite3.Connection, filters: Filters = Filters(), *, with_utilization: bool = False
+) -> dict[str, Any]:
     """Build the JSON report (schema :data:`REPORT_SCHEMA`) from a store.
 
     Keys: ``schema``, ``generated_at``, ``poolscope``, ``store``, ``filters``, ``summary``,
     ``processes``, ``pools``, ``leaks``, ``timeouts``, ``sites``. Times are ISO 8601 UTC
     strings; ``*_ms`` objects hold p50/p95/p99/max in milliseconds. The shape is described
     in ``instrument/report_schema.json`` and docs/report-json.md.
+
+    :param with_utilization: also add ``utilization``: per pool name, the in-use, waiting
+        and capacity series of :func:`utilization` (about 300 points; costs one more scan).
     """
     data = _load(conn, filters)
     co = data.core
@@ -1337,10 +1345,31 @@ def build_report(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict
         "timeouts": timeout_entries,
         "sites": site_entries,
     }
+    if with_utilization:
+        report["utilization"] = _utilization_series(data)
     summary_ = report["summary"]
     summary_["first_event_at"] = iso(summary_["first_event_at"])
     summary_["last_event_at"] = iso(summary_["last_event_at"])
     return _clean(report)
+
+
+def _utilization_series(data: _Data) -> list[dict[str, Any]]:
+    util = _utilization(data, None)
+    series = []
+    for name, rows in util.groupby("pool", sort=True):
+        capacity = rows["capacity"].dropna()
+        series.append(
+            {
+                "pool": name,
+                "start_at": iso(float(rows["at"].iloc[0])),
+                "interval_s": float(rows["interval_s"].iloc[0]),
+                "at_offsets_s": [round(float(a - rows["at"].iloc[0]), 6) for a in rows["at"]],
+                "in_use": [int(v) for v in rows["in_use"]],
+                "waiters": [int(v) for v in rows["waiters"]],
+                "capacity": int(capacity.max()) if len(capacity) else None,
+            }
+        )
+    return series
 
 
 def _round_ms(seconds: float) -> float | None:

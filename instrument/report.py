@@ -69,7 +69,7 @@ def make_report(
             if unknown:
                 choices = ", ".join(sorted(known)) or "none recorded"
                 raise ValueError(f"no pool named {unknown[0]!r} in the store (pools: {choices})")
-        report = analysis.build_report(conn, filters)
+        report = analysis.build_report(conn, filters, with_utilization=fmt == "html")
         report["store"] = str(resolve_store_path(store))  # as the user named it
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
         path = resolve_store_path(store)
@@ -462,6 +462,63 @@ def _html_table(head: list[str], rows: list[list[str]], numeric: set[int]) -> st
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _utilization_svg(series: dict[str, Any], timeouts: list[dict[str, Any]]) -> str:
+    """An inline SVG chart of one pool: in use (blue), waiting (orange), capacity (dashed)
+    and timeouts (red ticks)."""
+    width, height, pad = 1000, 160, 34
+    offsets = series["at_offsets_s"] or [0.0]
+    span = max(offsets[-1] + series["interval_s"], 1e-9)
+    top = max([*series["in_use"], *(a + b for a, b in zip(series["in_use"], series["waiters"],
+              strict=True)), series["capacity"] or 0, 1])  # fmt: skip
+
+    def x(offset: float) -> float:
+        return pad + (width - 2 * pad) * offset / span
+
+    def y(value: float) -> float:
+        return height - pad + (2 * pad - height) * value / top
+
+    def line(values: list[int], color: str) -> str:
+        points = []
+        for offset, value in zip(offsets, values, strict=True):
+            points.append(f"{x(offset):.1f},{y(value):.1f}")
+            points.append(f"{x(offset + series['interval_s']):.1f},{y(value):.1f}")
+        return (f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
+                f'points="{" ".join(points)}"/>')  # fmt: skip
+
+    stacked = [a + b for a, b in zip(series["in_use"], series["waiters"], strict=True)]
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" width="100%" '
+        f'role="img" aria-label="connections in use over time, pool {_e(series["pool"])}">',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+        'stroke="#98a2b3"/>',
+    ]
+    if series["capacity"]:
+        cy = y(series["capacity"])
+        parts.append(f'<line x1="{pad}" y1="{cy:.1f}" x2="{width - pad}" y2="{cy:.1f}" '
+                     'stroke="#b42318" stroke-dasharray="6 4"/>')  # fmt: skip
+        label = f"capacity {series['capacity']}"
+        parts.append(f'<text x="{width - pad}" y="{cy - 4:.1f}" text-anchor="end" '
+                     f'font-size="11" fill="#b42318">{label}</text>')  # fmt: skip
+    parts += [line(stacked, "#e07b00"), line(series["in_use"], "#2e6fd8")]
+    start = series["start_at"]
+    start_unix = analysis.parse_time(start) if start else 0.0
+    for t in timeouts:
+        if t["pool"] != series["pool"] or not t["at"]:
+            continue
+        tx = x(analysis.parse_time(t["at"]) - start_unix)
+        parts.append(f'<line x1="{tx:.1f}" y1="{pad / 2}" x2="{tx:.1f}" y2="{height - pad}" '
+                     'stroke="#d92d20" stroke-width="1"/>')  # fmt: skip
+    parts.append(f'<text x="{pad}" y="{height - 8}" font-size="11" fill="#5b6775">'
+                 f"{_e(_when(start))}</text>")  # fmt: skip
+    parts.append(f'<text x="{width - pad}" y="{height - 8}" font-size="11" fill="#5b6775" '
+                 f'text-anchor="end">+{_e(duration(span))}</text>')  # fmt: skip
+    parts.append(f'<text x="{pad}" y="14" font-size="12" fill="#1d2733">'
+                 f"{_e(series['pool'])}: in use (blue), in use + waiting (orange), "
+                 "timeouts (red)</text>")  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _stack_html(stack: list[str]) -> str:
     return f"<pre>{_e(chr(10).join(stack))}</pre>"
 
@@ -500,6 +557,12 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(
             f'<p class="warn">The recorder dropped {s["dropped"]} records; counts may be low.</p>'
         )
+
+    charts = [_utilization_svg(series, report["timeouts"]) for series in
+              report.get("utilization", [])]  # fmt: skip
+    if charts:
+        parts.append("<h2>Connections in use</h2>")
+        parts += charts
 
     parts.append("<h2>Leaks</h2>")
     if not report["leaks"]:

@@ -240,6 +240,20 @@ class TestMarkdownAndHtml:
             assert f"<code>{leak['class']}</code>" in rendered.html
         assert "holder-2" in rendered.html
 
+    def test_html_draws_connections_in_use(self, rendered: SimpleNamespace) -> None:
+        """The HTML report (only it) carries utilization: one inline chart per pool, with the
+        pool's capacity and its timeout; the series validate against the schema."""
+        _, data = report.make_report(rendered.store, fmt="html")
+        jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
+        series = {s["pool"]: s for s in data["utilization"]}
+        assert set(series) == {"mixed", "child"}
+        assert max(series["mixed"]["in_use"]) == 2 and series["mixed"]["capacity"] == 2
+        assert "utilization" not in rendered.json
+        html = report.render(data, "html")
+        assert html.count("<svg ") == 2
+        assert 'aria-label="connections in use over time, pool mixed"' in html
+        assert "capacity 2</text>" in html
+
     def test_unknown_format(self) -> None:
         with pytest.raises(ValueError, match="unknown format 'pdf'"):
             report.render({}, "pdf")
