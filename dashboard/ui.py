@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import PurePath
 from typing import Any
 
 import pandas as pd
@@ -101,3 +103,22 @@ def fmt_peak(peak: int | None, capacity: int | None) -> str:
 def advice_text(item: dict[str, Any]) -> str:
     """The paragraph of one sizing-advice item (``instrument.analysis.sizing_advice``)."""
     return str(item.get("advice") or "")
+
+
+def process_table(processes: pd.DataFrame) -> pd.DataFrame:
+    """The processes frame as people read it: how each ended, when, and its command line
+    (the script's file name, not its full path)."""
+    table = with_times(processes, ["started_at", "seen_until_at"])
+    table["command"] = [_command(argv) for argv in processes["argv"]]
+    columns = ["id", "pid", "host", "state", "end_reason", "started_at", "seen_until_at"]
+    return table[[c for c in columns if c in table] + ["command"]]
+
+
+def _command(argv: Any) -> str:
+    try:
+        words = json.loads(argv) if isinstance(argv, str) else list(argv)
+    except (TypeError, ValueError):
+        return str(argv)
+    if not words:
+        return ""
+    return " ".join([PurePath(str(words[0])).name, *(str(w) for w in words[1:])])

@@ -46,10 +46,11 @@ def render_live() -> None:
     st.plotly_chart(charts.timeline_chart(util, title="Connections in use, recent"))
     st.plotly_chart(charts.open_checkouts_chart(open_rows))
     if len(open_rows):
+        shown = ["pool", "site", "thread", "task", "checked_out_at", "hold_s", "checkout_id"]
+        if open_rows["task"].isna().all():
+            shown.remove("task")
         st.dataframe(
-            ui.with_times(open_rows, ["checked_out_at"])[
-                ["pool", "site", "thread", "task", "checked_out_at", "hold_s", "checkout_id"]
-            ],
+            ui.with_times(open_rows, ["checked_out_at"])[shown],
             hide_index=True,
             column_config={"hold_s": st.column_config.NumberColumn("held (s)", format="%.2f")},
         )

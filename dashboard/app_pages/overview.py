@@ -52,7 +52,10 @@ st.page_link(
 
 st.subheader("Processes")
 st.dataframe(
-    ui.with_times(processes, ["started_at", "heartbeat_at", "ended_at"]),
+    ui.process_table(processes),
     hide_index=True,
-    width="stretch",
+    column_config={
+        "started_at": st.column_config.DatetimeColumn("started (UTC)"),
+        "seen_until_at": st.column_config.DatetimeColumn("last seen (UTC)"),
+    },
 )
