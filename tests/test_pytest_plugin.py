@@ -250,6 +250,22 @@ class TestOffCostsNothing:
         result.assert_outcomes(passed=CLEAN_TESTS, failed=1)
         result.stdout.fnmatch_lines(["*a checkout listener is installed*"])
 
+    def test_leaves_no_listener_behind(self, pytester: pytest.Pytester, sqlite_url: str) -> None:
+        """After a run with --pool-leaks, the process's pools carry no listener of it."""
+        import sqlalchemy as sa
+
+        def checkout_listeners() -> int:
+            probe = sa.create_engine(sqlite_url)
+            try:
+                return len(probe.pool.dispatch.checkout)
+            finally:
+                probe.dispose()
+
+        before = checkout_listeners()
+        write_suite(pytester, sqlite_url, LEAKS["global"])
+        run(pytester, "--pool-leaks").assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
+        assert checkout_listeners() == before
+
     def test_off_does_not_import_the_recorder(self, pytester: pytest.Pytester) -> None:
         """Loaded but off, the plugin imports neither the recorder nor SQLAlchemy."""
         pytester.makepyfile(
