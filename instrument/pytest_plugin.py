@@ -44,6 +44,7 @@ _TOTALS_KEY = pytest.StashKey["dict[str, int]"]()
 _PENDING_KEY = pytest.StashKey[str]()
 
 _PLUGIN_NAME = "poolscope-leak-check"
+_HARNESS_MODULES = ("_pytest.", "pytest.", "pluggy.", "xdist.")
 _TOTAL_FIELDS = ("tests", "checkouts", "leaks", "allowed", "over_budget")
 
 # Entry layout of _LeakCheck.open values (a tuple, cheaper to build than an object):
@@ -443,7 +444,8 @@ class _LeakCheck:
         finally:
             if lo is not None and self._item is not None:
                 self._exempt.append((lo, self._mark()))
-        self._wide[id(fixturedef)] = value
+        if not getattr(fixturedef.func, "__module__", "").startswith(_HARNESS_MODULES):
+            self._wide[id(fixturedef)] = value
         return value
 
     def pytest_fixture_post_finalizer(self, fixturedef: Any, request: Any) -> None:
@@ -495,12 +497,25 @@ def _reachable(roots: list[Any], entries: list[tuple[Any, ...]], pool_class: typ
     """Return the ids of the entries' proxies that ``roots`` reach through references.
 
     The walk does not enter modules, classes, functions or pools (a fixture holding an
-    engine does not own every connection of its pool) and stops after 200,000 objects.
+    engine does not own every connection of its pool), nor pytest's own objects (from
+    the config and the session every test and its function-scoped fixture values are
+    reachable), and stops after 200,000 objects.
     """
     targets = {id(p) for p in (e[_PROXY]() for e in entries) if p is not None}
     found: set[int] = set()
     seen: set[int] = set()
-    stop = (types.ModuleType, type, types.FunctionType, types.MethodType, pool_class)
+    stop = (
+        types.ModuleType,
+        type,
+        types.FunctionType,
+        types.MethodType,
+        pool_class,
+        pytest.Config,
+        pytest.Item,
+        pytest.Collector,
+        pytest.FixtureRequest,
+        _LeakCheck,
+    )
     todo = list(roots)
     while todo and len(seen) < 200_000:
         obj = todo.pop()

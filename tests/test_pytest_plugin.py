@@ -150,6 +150,26 @@ class TestLeakingTest:
         result.assert_outcomes(passed=CLEAN_TESTS + 1)
         result.stdout.fnmatch_lines(["poolscope: * watched in 6 tests, 1 leak found (1 allowed)"])
 
+    def test_leak_in_a_function_fixture_is_the_tests(
+        self, pytester: pytest.Pytester, sqlite_url: str
+    ) -> None:
+        """A function-scoped fixture that never closes its connection fails the test that
+        used it, even when the test also uses session-scoped fixtures."""
+        leaky = """
+            @pytest.fixture
+            def unclosed():
+                return engine.connect()  # leak
+
+
+            def test_leaky(unclosed, pytestconfig, tmp_path_factory):
+                assert unclosed.scalar(sa.text("select 1")) == 1
+            """
+        line = write_suite(pytester, sqlite_url, leaky)
+        result = run(pytester, "--pool-leaks")
+        result.assert_outcomes(passed=CLEAN_TESTS + 1, errors=1)
+        assert teardown_errors(result) == ["test_leaky"]
+        result.stdout.fnmatch_lines([f"*checked out at test_app.py:{line} in unclosed*"])
+
     def test_thread_that_leaks_is_named(self, pytester: pytest.Pytester, sqlite_url: str) -> None:
         """A connection taken in a thread the test started names that thread and its line."""
         leaky = """
