@@ -201,12 +201,12 @@ def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
         procs = procs[procs["id"].isin(list(filters.processes))].reset_index(drop=True)
         restricted = True
     pool_ids = [int(i) for i in selected["id"]] if restricted else None
-    stacks = pd.read_sql_query("SELECT id, fingerprint, site, frames FROM stacks", conn)
+    stacks = _frame(conn, "SELECT id, fingerprint, site, frames FROM stacks")
     return _Data(conn, filters, now, procs, selected.reset_index(drop=True), pool_ids, stacks)
 
 
 def _load_processes(conn: sqlite3.Connection, now: float) -> pd.DataFrame:
-    df = pd.read_sql_query(
+    df = _frame_sql(
         "SELECT id, pid, host, argv, started_at, heartbeat_at, ended_at, end_reason "
         "FROM processes ORDER BY id",
         conn,
@@ -252,7 +252,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
-    df = pd.read_sql_query(
+    df = _frame_sql(
         "SELECT id, process_id, name, url, dialect, pool_class, pool_size, max_overflow, "
         "timeout_s, recycle_s, leak_after_s FROM pools ORDER BY id",
         conn,
@@ -262,6 +262,18 @@ def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
     # max_overflow -1 means "no limit" in SQLAlchemy: no capacity then.
     df["capacity"] = (size + overflow).where(overflow >= 0)
     return df[_POOL_COLUMNS]
+
+
+def _frame(conn: sqlite3.Connection, sql: str, params: Any = ()) -> pd.DataFrame:
+    """Run a query whose result is small (one row per process, pool, stack, bucket or
+    timeout) and return it as a frame."""
+    cursor = conn.execute(sql, params)
+    columns = [d[0] for d in cursor.description]
+    return pd.DataFrame.from_records(cursor.fetchall(), columns=columns, coerce_float=True)
+
+
+def _frame_sql(sql: str, conn: sqlite3.Connection, params: Any = ()) -> pd.DataFrame:
+    return _frame(conn, sql, params)
 
 
 def _in_list(column: str, values: list[int] | None) -> str:
@@ -406,11 +418,13 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
             until = np.minimum(until, data.filters.until)
         df["hold_s"] = np.where(is_open, np.maximum(until - start, 0.0), hold)
     # Names, sites and stacks: small lookup tables mapped onto the frame as categoricals.
-    df["pool"] = df["pool_id"].map(_all_pool_names(data)).astype("category")
-    stacks = data.stacks.set_index("id")
-    codes = df["stack_id"]
-    df["site"] = codes.map(stacks["site"]).fillna("<unknown>").astype("category")
-    df["fingerprint"] = codes.map(stacks["fingerprint"]).fillna("").astype("category")
+    names = _all_pool_names(data)
+    df["pool"] = _categorical(df["pool_id"].to_numpy(), names.index, names.to_numpy(), "?")
+    stacks = data.stacks
+    stack_ids = df["stack_id"].to_numpy()
+    df["site"] = _categorical(stack_ids, stacks["id"], stacks["site"].to_numpy(), "<unknown>")
+    df["fingerprint"] = _categorical(stack_ids, stacks["id"], stacks["fingerprint"].to_numpy(),
+                                     "")  # fmt: skip
     df["stack_id"] = df["stack_id"].where(df["stack_id"] >= 0)
     df["leak_after_s"] = df["pool_id"].map(_leak_after_by_pool(data)).astype("float64")
     df["leak_class"] = _classify(df, data.processes)
@@ -420,6 +434,17 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
         df["stack_id"] = df["stack_id"].astype("Int64")
         return df[_CHECKOUT_COLUMNS].reset_index(drop=True)
     return df[_CORE_COLUMNS].reset_index(drop=True)
+
+
+def _categorical(ids: np.ndarray, keys: Any, values: np.ndarray, missing: str) -> pd.Categorical:
+    """Map integer ``ids`` through a small ``keys`` → ``values`` table, as a categorical,
+    without building a Python object per row."""
+    categories = pd.Index(pd.unique(np.append(values.astype(object), missing)))
+    value_codes = categories.get_indexer(values.astype(object))
+    position = pd.Index(np.asarray(keys)).get_indexer(ids)
+    missing_code = categories.get_loc(missing)
+    codes = np.where(position >= 0, value_codes[np.maximum(position, 0)], missing_code)
+    return pd.Categorical.from_codes(codes, categories=categories).remove_unused_categories()
 
 
 def _lookup_threads(data: _Data, keys: pd.DataFrame) -> pd.DataFrame:
@@ -453,22 +478,30 @@ def _leak_after_by_pool(data: _Data) -> pd.Series:
 
 
 def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
-    state = df["process_id"].map(procs.set_index("id")["state"]).fillna("running").to_numpy()
-    outcome = df["outcome"].to_numpy()
+    """Each checkout's leak class (NaN for none), on integer codes throughout."""
+    position = pd.Index(procs["id"].to_numpy()).get_indexer(df["process_id"].to_numpy())
+    state_names = np.append(procs["state"].to_numpy(dtype=object), "running")
+    state = state_names[position]  # -1 (an unknown process) picks the appended "running"
+    exited, crashed = state == "exited", state == "crashed"
+    running = ~(exited | crashed)
+    outcome = np.asarray(df["outcome"].cat.codes)  # index into _OUTCOMES
+    is_open = outcome == _OUTCOMES.index("open")
+    returned = (outcome == _OUTCOMES.index("checkin")) | (outcome == _OUTCOMES.index("detach"))
     over = (df["hold_s"] > df["leak_after_s"]).to_numpy()
-    is_open = outcome == "open"
-    classes = np.select(
+    code = {name: i for i, name in enumerate(LEAK_CLASSES)}
+    codes = np.select(
         [
-            outcome == "gc_checkin",
-            is_open & (state == "exited"),
-            is_open & (state == "crashed"),
-            ((outcome == "checkin") | (outcome == "detach")) & over,
-            is_open & (state == "running") & over,
+            outcome == _OUTCOMES.index("gc_checkin"),
+            is_open & exited,
+            is_open & crashed,
+            returned & over,
+            is_open & running & over,
         ],
-        ["gc_reclaimed", "never_returned", "open_at_crash", "held_too_long", "open_now"],
-        default=None,
-    )
-    return pd.Categorical(classes, categories=list(LEAK_CLASSES))  # None becomes NaN
+        [code["gc_reclaimed"], code["never_returned"], code["open_at_crash"],
+         code["held_too_long"], code["open_now"]],
+        default=-1,
+    )  # fmt: skip
+    return pd.Categorical.from_codes(codes, categories=list(LEAK_CLASSES))
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -533,7 +566,7 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
         "GROUP BY process_id, pool_id, b"
     )
     bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
-    peaks = pd.read_sql_query(
+    peaks = _frame_sql(
         f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
         f"MAX(overflow) AS overflow, "
         # A timeout row counts the waiters at that moment in `count` (itself included).
@@ -656,7 +689,7 @@ def _timeouts(data: _Data) -> pd.DataFrame:
     if data._timeouts is not None:
         return data._timeouts
     cond, params = _event_filter(data, "e")
-    df = pd.read_sql_query(
+    df = _frame_sql(
         "SELECT e.at, e.process_id, e.pool_id, e.wait_s AS waited_s, e.count AS waiters, "
         "e.stack_id, e.thread, e.task, e.in_use FROM events AS e "
         f"WHERE e.kind = 'timeout' {cond} ORDER BY e.at",
