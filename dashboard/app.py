@@ -182,4 +182,7 @@ except StoreError as error:
     ui.render_store_error(error)
     st.stop()
 data.set_view(view)
-navigation.run()
+try:
+    navigation.run()
+except StoreError as error:  # the store went bad after the sidebar read it
+    ui.render_store_error(error)

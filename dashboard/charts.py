@@ -37,6 +37,11 @@ def _empty(title: str, message: str, height: int = 260) -> go.Figure:
     return fig
 
 
+def loading_chart(title: str, height: int = 260) -> go.Figure:
+    """A blank chart saying "loading…", drawn while the real one is computed."""
+    return _empty(title, "loading…", height=height)
+
+
 def utilization_chart(
     util: pd.DataFrame, timeouts: pd.DataFrame | None = None, *, title: str = "Utilization"
 ) -> go.Figure:

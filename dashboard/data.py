@@ -20,10 +20,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -42,6 +42,8 @@ LIVE_WINDOW_S = 300.0
 """How much recent history the Live page draws, in seconds."""
 
 _VIEW_KEY = "poolscope.view"
+
+T = TypeVar("T")
 
 Token = tuple[int, ...]
 """A cheap fingerprint of a store's files: changes whenever the store is written."""
@@ -217,25 +219,34 @@ def render_report(view: View, fmt: str) -> str:
     return render(report, fmt)
 
 
-def load_together(*calls: Callable[[], Any]) -> list[Any]:
-    """Run independent loads on threads at once and return their results in order.
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="poolscope-load")
 
-    SQLite releases the GIL while it reads, so two cold analyses of a big store finish
-    sooner side by side than one after the other. Each thread carries the script's run
-    context, so the cached loaders behave exactly as on the script thread.
+
+def in_background(call: Callable[[], T]) -> Future[T]:
+    """Start a load on a worker thread and return its future.
+
+    SQLite releases the GIL while it reads, so a cold analysis of a big store overlaps
+    with the page's other work. The thread carries the script's run context, so cached
+    loaders behave exactly as on the script thread.
     """
-    if len(calls) < 2:
-        return [call() for call in calls]
     ctx = get_script_run_ctx()
 
-    def run(call: Callable[[], Any]) -> Any:
+    def run() -> T:
         if ctx is not None:
             add_script_run_ctx(threading.current_thread(), ctx)
         return call()
 
-    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="poolscope-load") as pool:
-        futures = [pool.submit(run, call) for call in calls]
-        return [future.result() for future in futures]
+    return _POOL.submit(run)
+
+
+def load_together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent loads side by side (see :func:`in_background`); return their results
+    in order."""
+    if len(calls) < 2:
+        return [call() for call in calls]
+    futures = [in_background(call) for call in calls[1:]]
+    first = calls[0]()
+    return [first, *(future.result() for future in futures)]
 
 
 # -- shortcuts for pages -----------------------------------------------------------------
