@@ -6,8 +6,13 @@ import re
 import textwrap
 
 import pytest
+import sqlalchemy as sa
+import sqlalchemy.orm  # noqa: F401
 
 pytest_plugins = ["pytester"]
+
+# sqlalchemy.orm is imported here, before any in-process run: pytester unloads the modules
+# a run imported, and SQLAlchemy 2.0 refuses to register its ORM types a second time.
 
 SUITE = """
 import threading
@@ -272,7 +277,6 @@ class TestOffCostsNothing:
 
     def test_leaves_no_listener_behind(self, pytester: pytest.Pytester, sqlite_url: str) -> None:
         """After a run with --pool-leaks, the process's pools carry no listener of it."""
-        import sqlalchemy as sa
 
         def checkout_listeners() -> int:
             probe = sa.create_engine(sqlite_url)
