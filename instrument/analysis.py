@@ -201,12 +201,12 @@ def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
         procs = procs[procs["id"].isin(list(filters.processes))].reset_index(drop=True)
         restricted = True
     pool_ids = [int(i) for i in selected["id"]] if restricted else None
-    stacks = _frame(conn, "SELECT id, fingerprint, site, frames FROM stacks")
+    stacks = _frame("SELECT id, fingerprint, site, frames FROM stacks", conn)
     return _Data(conn, filters, now, procs, selected.reset_index(drop=True), pool_ids, stacks)
 
 
 def _load_processes(conn: sqlite3.Connection, now: float) -> pd.DataFrame:
-    df = _frame_sql(
+    df = _frame(
         "SELECT id, pid, host, argv, started_at, heartbeat_at, ended_at, end_reason "
         "FROM processes ORDER BY id",
         conn,
@@ -252,7 +252,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
-    df = _frame_sql(
+    df = _frame(
         "SELECT id, process_id, name, url, dialect, pool_class, pool_size, max_overflow, "
         "timeout_s, recycle_s, leak_after_s FROM pools ORDER BY id",
         conn,
@@ -264,16 +264,12 @@ def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
     return df[_POOL_COLUMNS]
 
 
-def _frame(conn: sqlite3.Connection, sql: str, params: Any = ()) -> pd.DataFrame:
+def _frame(sql: str, conn: sqlite3.Connection, params: Any = ()) -> pd.DataFrame:
     """Run a query whose result is small (one row per process, pool, stack, bucket or
     timeout) and return it as a frame."""
     cursor = conn.execute(sql, params)
     columns = [d[0] for d in cursor.description]
     return pd.DataFrame.from_records(cursor.fetchall(), columns=columns, coerce_float=True)
-
-
-def _frame_sql(sql: str, conn: sqlite3.Connection, params: Any = ()) -> pd.DataFrame:
-    return _frame(conn, sql, params)
 
 
 def _in_list(column: str, values: list[int] | None) -> str:
@@ -566,7 +562,7 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
         "GROUP BY process_id, pool_id, b"
     )
     bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
-    peaks = _frame_sql(
+    peaks = _frame(
         f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
         f"MAX(overflow) AS overflow, "
         # A timeout row counts the waiters at that moment in `count` (itself included).
@@ -689,7 +685,7 @@ def _timeouts(data: _Data) -> pd.DataFrame:
     if data._timeouts is not None:
         return data._timeouts
     cond, params = _event_filter(data, "e")
-    df = _frame_sql(
+    df = _frame(
         "SELECT e.at, e.process_id, e.pool_id, e.wait_s AS waited_s, e.count AS waiters, "
         "e.stack_id, e.thread, e.task, e.in_use FROM events AS e "
         f"WHERE e.kind = 'timeout' {cond} ORDER BY e.at",
