@@ -980,7 +980,7 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
         mean_in_use = rate * hold if n and span > 0 else math.nan
         waited = int((mine["wait_s"] > WAITED_THRESHOLD_S).sum())
         n_timeouts = int(group["timeouts"].sum())
-        peak = int(group["peak_in_use"].max())
+        peak = int(np.nan_to_num(group["peak_in_use"].max()))
         peak_waiting = int(np.nan_to_num(group["peak_waiting"].max()))
         demand = int(np.nan_to_num(group["peak_demand"].max()))
         size = _first_number(pool_rows["pool_size"])
@@ -1108,7 +1108,7 @@ def _summary(data: _Data, leak_frame: pd.DataFrame, timeout_count: int) -> dict[
     if not peaks.empty:
         caps = _load_pools(data.conn).set_index("id")["capacity"]
         top = peaks.sort_values("peak_in_use", ascending=False).iloc[0]
-        peak = int(top["peak_in_use"])
+        peak = int(np.nan_to_num(top["peak_in_use"]))
         cap = caps.get(top["pool_id"], np.nan)
         capacity = None if pd.isna(cap) else int(cap)
     counts = {c: 0 for c in ("confirmed", "suspected", "unknown")}
@@ -1271,7 +1271,7 @@ def build_report(
                 "leak_after_s": filters.leak_after or first["leak_after_s"],
                 "processes": sorted(int(p) for p in rows["process_id"].unique()),
                 "checkouts": int(pct["count"]) if pct is not None else 0,
-                "peak_in_use": int(mine["peak_in_use"].max()) if len(mine) else 0,
+                "peak_in_use": int(np.nan_to_num(mine["peak_in_use"].max())) if len(mine) else 0,
                 "timeouts": int(mine["timeouts"].sum()) if len(mine) else 0,
                 "wait_ms": _ms(*stats[:4]),
                 "hold_ms": _ms(*stats[4:]),
