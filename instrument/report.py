@@ -292,7 +292,7 @@ def render_text(report: dict[str, Any]) -> str:
                     _ms(site["hold_ms"]["p95"]),
                     _ms(site["hold_ms"]["max"]),
                     site["pool"],
-                    site["site"],
+                    _site_label(site, report["sites"]),
                 ]
             )
         lines += _table(rows, right={0, 1, 2, 3, 4})
@@ -309,6 +309,14 @@ def render_text(report: dict[str, Any]) -> str:
             advice["advice"], _WIDTH, initial_indent="  ", subsequent_indent="    "
         )
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _site_label(site: dict[str, Any], sites: list[dict[str, Any]]) -> str:
+    """The site, followed by its caller when another stack of the same pool shares it."""
+    twins = sum(1 for s in sites if s["site"] == site["site"] and s["pool"] == site["pool"])
+    if twins > 1 and len(site["stack"]) > 1:
+        return f"{site['site']} ← {site['stack'][1]}"
+    return site["site"]
 
 
 def _opt(value: Any) -> str:
@@ -409,7 +417,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 _ms(s["hold_ms"]["p95"]),
                 _ms(s["hold_ms"]["max"]),
                 f"`{s['pool']}`",
-                f"`{s['site']}`",
+                f"`{_site_label(s, report['sites'])}`",
             ]  # fmt: skip
             for s in report["sites"][:_MAX_SITES]
         ]
@@ -661,7 +669,8 @@ def render_html(report: dict[str, Any]) -> str:
                     _e(_ms(site["hold_ms"]["p95"])),
                     _e(_ms(site["hold_ms"]["max"])),
                     _e(site["pool"]),
-                    f"<details><summary><code>{_e(site['site'])}</code></summary>"
+                    f"<details><summary><code>{_e(_site_label(site, report['sites']))}</code>"
+                    "</summary>"
                     f"{_stack_html(site['stack'])}</details>",
                 ]
             )
