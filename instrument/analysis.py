@@ -200,6 +200,8 @@ def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
         selected = selected[selected["process_id"].isin(list(filters.processes))]
         procs = procs[procs["id"].isin(list(filters.processes))].reset_index(drop=True)
         restricted = True
+    if filters.pools is not None:  # only the processes that had one of those pools
+        procs = procs[procs["id"].isin(selected["process_id"])].reset_index(drop=True)
     pool_ids = [int(i) for i in selected["id"]] if restricted else None
     stacks = _frame("SELECT id, fingerprint, site, frames FROM stacks", conn)
     return _Data(conn, filters, now, procs, selected.reset_index(drop=True), pool_ids, stacks)

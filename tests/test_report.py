@@ -142,6 +142,15 @@ class TestJson:
         quick = [s for s in sites if s["pool"] == "mixed" and fn(s["site"]) == "quick_query"]
         assert quick[0]["checkouts"] == rendered.work.quick
 
+    def test_pool_filter_keeps_only_that_pool(self, rendered: SimpleNamespace) -> None:
+        """--pool child: its 3 processes and 11 checkouts, its two leaks, no timeout."""
+        _, data = report.make_report(rendered.store, analysis.Filters(pools=("child",)), fmt="json")
+        s = data["summary"]
+        assert (s["processes"], s["pools"], s["checkouts"], s["timeouts"]) == (3, 1, 11, 0)
+        assert sorted(x["class"] for x in data["leaks"]) == ["never_returned", "open_at_crash"]
+        assert [p["name"] for p in data["pools"]] == ["child"]
+        assert {x["pool"] for x in data["sites"]} == {"child"}
+
 
 class TestText:
     def test_leak_table_and_stacks(self, rendered: SimpleNamespace) -> None:
