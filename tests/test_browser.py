@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dashboard import screenshots  # noqa: E402
+from instrument import analysis  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -48,12 +49,17 @@ def _require_chromium() -> None:
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The dashboard served by ``streamlit run`` on a free port, on a real workload's store."""
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store recorded by the real workload of the AppTest suite."""
     _require_chromium()
     from test_dashboard import WORKLOAD, _run_workload
 
-    store = _run_workload(tmp_path_factory.mktemp("browser"), WORKLOAD, "work")
+    return _run_workload(tmp_path_factory.mktemp("browser"), WORKLOAD, "work")
+
+
+@pytest.fixture(scope="module")
+def base_url(store: Path) -> Iterator[str]:
+    """The dashboard served by ``streamlit run`` on a free port."""
     with screenshots.serve(store) as url:
         yield url
 
@@ -103,3 +109,29 @@ def test_report_downloads_from_the_leaks_page(browser, base_url):
         page.close()
     assert json.loads(texts["JSON"])["schema"] == "poolscope.report/1"
     assert "<html" in texts["HTML"].lower() and "in keep_forever" in texts["HTML"]
+
+
+def test_clicking_a_site_row_shows_that_site(browser, base_url, store):
+    """On Call sites, clicking the third row of the table shows that site's details."""
+    conn = analysis.open_store(store)
+    try:
+        sites = analysis.sites(conn).sort_values("total_hold_s", ascending=False)
+    finally:
+        conn.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(f"{base_url}/sites", wait_until="domcontentloaded")
+        screenshots.wait_until_idle(page)
+        assert page.locator("h3").first.inner_text() == sites["site"].iloc[0]
+        box = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+        row_px = 35  # the table's header and row height
+        page.mouse.click(box["x"] + 15, box["y"] + row_px * 3 + row_px / 2)
+        page.wait_for_function(
+            "site => document.querySelector('h3')?.innerText === site",
+            arg=sites["site"].iloc[2],
+            timeout=30_000,
+        )
+        screenshots.wait_until_idle(page)
+        assert page.locator('[data-testid="stException"]').count() == 0
+    finally:
+        page.close()

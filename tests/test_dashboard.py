@@ -315,8 +315,11 @@ class TestPages:
         } - {"export"}  # the timed-out caller never got a connection
         assert sorted(table["checkouts"]) == sorted(expected["checkouts"])
         box = at.selectbox(key="site")
-        index = next(i for i, label in enumerate(box.options) if "forget_connection" in label)
-        box.set_value(index).run()
+        keys = list(expected["pool"] + "|" + expected["fingerprint"])
+        labels = charts.site_labels(expected)
+        assert sorted(box.options) == sorted(labels)
+        index = next(i for i, label in enumerate(labels) if "forget_connection" in label)
+        box.set_value(keys[index]).run()
         assert not at.exception
         assert "in forget_connection" in at.subheader[0].value
         assert at.code[0].value.splitlines()[0].endswith("in forget_connection")

@@ -19,11 +19,23 @@ if sites.empty:
     st.stop()
 
 sites = sites.sort_values("total_hold_s", ascending=False).reset_index(drop=True)
+keys = [f"{pool}|{fp}" for pool, fp in zip(sites["pool"], sites["fingerprint"], strict=True)]
+labels = dict(zip(keys, charts.site_labels(sites), strict=True))
+
+
+def _select_row() -> None:
+    """A click on a table row chooses that site in the selectbox below."""
+    rows = st.session_state["sites_table"].selection.rows
+    if rows:
+        st.session_state["site"] = keys[rows[0]]
+
+
 st.plotly_chart(charts.sites_chart(sites))
 st.dataframe(
     sites[
         [
             "site",
+            "pool",
             "checkouts",
             "total_hold_s",
             "hold_p95_s",
@@ -34,6 +46,9 @@ st.dataframe(
         ]
     ],
     hide_index=True,
+    key="sites_table",
+    on_select=_select_row,
+    selection_mode="single-row",
     column_config={
         "checkouts": st.column_config.NumberColumn("checkouts", format="%d"),
         "total_hold_s": st.column_config.NumberColumn("total hold (s)", format="%.3f"),
@@ -46,9 +61,12 @@ st.dataframe(
     },
 )
 
-labels = charts.site_labels(sites)
-choice = st.selectbox("Site", range(len(sites)), format_func=labels.__getitem__, key="site")
-site = sites.iloc[choice]
+if st.session_state.get("site") not in labels:
+    st.session_state.pop("site", None)  # chosen under other filters: start from the top
+choice = st.selectbox(
+    "Site (or click a row above)", keys, format_func=labels.__getitem__, key="site"
+)
+site = sites.iloc[keys.index(choice)]
 
 st.subheader(site["site"])
 cols = st.columns(4)
