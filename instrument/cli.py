@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ from . import __version__
 from .exceptions import PoolscopeError
 
 _DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules without a spec
+        return False
 
 
 def _fail(message: str) -> NoReturn:
@@ -105,7 +113,7 @@ def dashboard(store: str | None, port: int) -> None:
     from . import analysis
     from ._store import resolve_store_path
 
-    if importlib.util.find_spec("streamlit") is None:
+    if not _installed("streamlit"):
         _fail("the dashboard needs Streamlit: pip install 'poolscope[dashboard]'")
     if not _DASHBOARD_APP.is_file():
         _fail(f"the dashboard app is missing ({_DASHBOARD_APP}); reinstall poolscope")
@@ -120,6 +128,12 @@ def dashboard(store: str | None, port: int) -> None:
         "--", "--store", str(path.resolve()),
     ]  # fmt: skip
     click.echo(f"poolscope dashboard: http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        # Become Streamlit: a terminate or Ctrl+C sent to this process reaches the server,
+        # which would otherwise be left running behind an exited parent.
+        os.execv(sys.executable, command)
     try:
         sys.exit(subprocess.call(command))
     except KeyboardInterrupt:

@@ -278,7 +278,8 @@ class TestDashboard:
         )
 
     def test_serves_the_store_on_localhost(self, leaky: Path) -> None:
-        """The dashboard starts on 127.0.0.1 at the given port and answers its health check."""
+        """The dashboard starts on 127.0.0.1 at the given port, answers its health check, and
+        stops when the command is terminated."""
         pytest.importorskip("streamlit")
         port = _free_port()
         env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
@@ -299,9 +300,15 @@ class TestDashboard:
                 except OSError:
                     time.sleep(0.3)
             assert body == "ok", proc.stderr.read().decode() if proc.poll() is not None else ""
-        finally:
-            os.killpg(proc.pid, 15)
+            # Terminating the command stops the server itself: nothing is left listening.
+            proc.terminate()
             proc.wait(20)
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 2):
+                pass
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(20)
             if proc.stderr:
                 proc.stderr.close()
 
