@@ -135,3 +135,20 @@ def test_clicking_a_site_row_shows_that_site(browser, base_url, store):
         assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         page.close()
+
+
+def test_missing_store_shows_one_error_not_a_traceback(browser, tmp_path):
+    """Served on a path with no store, the page shows one error saying what to do."""
+    with screenshots.serve(tmp_path / "missing.db") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        try:
+            page.goto(url, wait_until="domcontentloaded")
+            screenshots.wait_until_idle(page)
+            errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
+            assert page.locator('[data-testid="stException"]').count() == 0
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "missing-store.png"))
+        finally:
+            page.close()
+    assert len(errors) == 1
+    assert "no store at" in errors[0] and "--store PATH" in errors[0]
