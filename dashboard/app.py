@@ -77,6 +77,11 @@ def render_filters(store: str) -> data.View:
 
     :raises StoreError: the store cannot be read.
     """
+    if st.session_state.get("_filters_store") != store:
+        # Another store: the old choices of pools, processes and window mean nothing there.
+        for key in ("pools", "processes", "window", "_window_end", "site"):
+            st.session_state.pop(key, None)
+        st.session_state["_filters_store"] = store
     token = data.store_token(store)
     processes = data.load_processes(store, token)
     pools = data.load_pools(store, token)

@@ -373,6 +373,18 @@ class TestPages:
         assert at.query_params["process"] == "1"
         assert not at.exception
 
+    def test_switching_stores_drops_the_old_filters(self, store, live_store, monkeypatch):
+        """Filters chosen on one store do not carry over to another store typed in the sidebar."""
+        at = _app(store, monkeypatch)
+        at.multiselect(key="pools").set_value(["billing"]).run()
+        start, _ = at.slider(key="window").value
+        at.slider(key="window").set_range(start, start).run()
+        at.text_input(key="store").set_value(str(live_store)).run()
+        assert not at.exception and not at.error
+        assert at.multiselect(key="pools").value == []
+        assert at.query_params == {}
+        assert _metrics(at) == _expected_kpis(_summary(live_store))
+
     def test_live_page_shows_open_checkouts_of_a_running_process(self, live_store, monkeypatch):
         """With a live process holding a connection, Live shows it with its site."""
         at = _app(live_store, monkeypatch, "live")
