@@ -32,19 +32,53 @@ def _records(monitor: instrument.Monitor, n: int) -> list[tuple]:
     out = []
     for i in range(n // 2):
         out.append(
-            (now, monitor.pool_key, "checkout", 1, i, "worker-1", None, 3, 2, 0, 0, sid,
-             0.0001, None, None, None)
+            (
+                now,
+                monitor.pool_key,
+                "checkout",
+                1,
+                i,
+                "worker-1",
+                None,
+                3,
+                2,
+                0,
+                0,
+                sid,
+                0.0001,
+                None,
+                None,
+                None,
+            )
         )
         out.append(
-            (now, monitor.pool_key, "checkin", 1, i, "worker-1", None, 2, 3, 0, 0, sid,
-             None, None, 0.002, None)
+            (
+                now,
+                monitor.pool_key,
+                "checkin",
+                1,
+                i,
+                "worker-1",
+                None,
+                2,
+                3,
+                0,
+                0,
+                sid,
+                None,
+                None,
+                0.002,
+                None,
+            )
         )
     return out
 
 
 def _count(store: Path) -> int:
     with sqlite3.connect(store) as conn:
-        return conn.execute("SELECT count(*) FROM events WHERE kind IN ('checkout','checkin')").fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM events WHERE kind IN ('checkout','checkin')"
+        ).fetchone()[0]
 
 
 def burst(tmp: Path, n: int) -> float:
