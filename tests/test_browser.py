@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboard import screenshots  # noqa: E402
+from dashboard import data, screenshots  # noqa: E402
 from instrument import analysis  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -152,3 +152,35 @@ def test_missing_store_shows_one_error_not_a_traceback(browser, tmp_path):
             page.close()
     assert len(errors) == 1
     assert "no store at" in errors[0] and "--store PATH" in errors[0]
+
+
+def test_live_page_refreshes_until_paused(browser, tmp_path):
+    """With a process writing the store, Live refreshes by itself; Pause stops it."""
+    from test_dashboard import running_live_app
+
+    with running_live_app(tmp_path) as live_store, screenshots.serve(live_store) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{url}/live", wait_until="domcontentloaded")
+            screenshots.wait_until_idle(page)
+            stamp = page.get_by_text("As of ")
+            first = stamp.inner_text()
+            page.wait_for_function(
+                "old => [...document.querySelectorAll('p')].some("
+                "p => p.innerText.startsWith('As of ') && p.innerText !== old)",
+                arg=first,
+                timeout=30_000,
+            )
+            assert page.locator('[data-testid="stMetricValue"]').nth(1).inner_text() == "1"
+            page.get_by_text("Pause").click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('p')].some("
+                "p => p.innerText.startsWith('As of ') && p.innerText.endsWith('paused'))",
+                timeout=30_000,
+            )
+            paused = stamp.inner_text()
+            page.wait_for_timeout(1_000 * (data.LIVE_REFRESH_S + 2))
+            assert stamp.inner_text() == paused
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            page.close()

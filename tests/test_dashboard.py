@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -153,21 +154,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _run_workload(tmp_path_factory.mktemp("workload"), WORKLOAD, "work")
 
 
-@pytest.fixture
-def live_store(tmp_path: Path) -> Iterator[Path]:
-    """A store that a running process is writing, with one connection checked out."""
-    package = tmp_path / "shop"
-    package.mkdir()
+@contextmanager
+def running_live_app(directory: Path) -> Iterator[Path]:
+    """Run ``LIVE`` in ``directory`` until the block ends; yield the store it is writing."""
+    package = directory / "shop"
+    package.mkdir(exist_ok=True)
     (package / "__init__.py").write_text("")
     (package / "live.py").write_text(textwrap.dedent(LIVE))
-    store = tmp_path / "live.db"
+    store = directory / "live.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shop.live", str(store), str(tmp_path / "live-app.db")],
-        cwd=tmp_path,
+        [sys.executable, "-m", "shop.live", str(store), str(directory / "live-app.db")],
+        cwd=directory,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": str(directory)},
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -175,6 +176,13 @@ def live_store(tmp_path: Path) -> Iterator[Path]:
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def live_store(tmp_path: Path) -> Iterator[Path]:
+    """A store that a running process is writing, with one connection checked out."""
+    with running_live_app(tmp_path) as store:
+        yield store
 
 
 NO_FILTERS = analysis.Filters()
