@@ -174,10 +174,15 @@ def visit(
     height: int = 1000,
 ) -> list[PageResult]:
     """Open each page in a fresh tab, wait for it to finish, count what it shows and
-    (with ``out_dir``) save a full-page screenshot as ``<name>.png``."""
+    (with ``out_dir``) save a full-page screenshot as ``<name>.png``.
+
+    :param browser: a Playwright ``Browser``, or a ``BrowserContext`` whose tabs share
+        one HTTP cache.
+    """
     results = []
     for name, path in pages.items():
-        page = browser.new_page(viewport={"width": width, "height": height})
+        page = browser.new_page()
+        page.set_viewport_size({"width": width, "height": height})
         try:
             url = f"{base_url}/{path}"
             page.goto(url, wait_until="domcontentloaded")

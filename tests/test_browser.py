@@ -66,9 +66,17 @@ def base_url(store: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(base_url: str) -> Iterator[object]:
-    """Headless Chromium driven by Playwright."""
+    """A context of headless Chromium driven by Playwright: its tabs share one HTTP cache."""
     with screenshots.chromium() as chromium:
-        yield chromium
+        context = chromium.new_context()
+        yield context
+        context.close()
+
+
+def _new_page(browser: object, width: int, height: int) -> object:
+    page = browser.new_page()
+    page.set_viewport_size({"width": width, "height": height})
+    return page
 
 
 @pytest.mark.parametrize("page", list(screenshots.PAGES))
@@ -96,7 +104,7 @@ def test_filters_travel_in_the_url(browser, base_url):
 
 def test_report_downloads_from_the_leaks_page(browser, base_url):
     """The Leaks page's buttons download the JSON and HTML report, built on click."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = _new_page(browser, 1400, 1000)
     try:
         page.goto(f"{base_url}/leaks", wait_until="domcontentloaded")
         screenshots.wait_until_idle(page)
@@ -118,7 +126,7 @@ def test_clicking_a_site_row_shows_that_site(browser, base_url, store):
         sites = analysis.sites(conn).sort_values("total_hold_s", ascending=False)
     finally:
         conn.close()
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page = _new_page(browser, 1400, 1400)
     try:
         page.goto(f"{base_url}/sites", wait_until="domcontentloaded")
         screenshots.wait_until_idle(page)
@@ -140,7 +148,7 @@ def test_clicking_a_site_row_shows_that_site(browser, base_url, store):
 def test_missing_store_shows_one_error_not_a_traceback(browser, tmp_path):
     """Served on a path with no store, the page shows one error saying what to do."""
     with screenshots.serve(tmp_path / "missing.db") as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        page = _new_page(browser, 1400, 800)
         try:
             page.goto(url, wait_until="domcontentloaded")
             screenshots.wait_until_idle(page)
@@ -159,7 +167,7 @@ def test_live_page_refreshes_until_paused(browser, tmp_path):
     from test_dashboard import running_live_app
 
     with running_live_app(tmp_path) as live_store, screenshots.serve(live_store) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = _new_page(browser, 1400, 1000)
         try:
             page.goto(f"{url}/live", wait_until="domcontentloaded")
             screenshots.wait_until_idle(page)
