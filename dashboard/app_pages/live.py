@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import streamlit as st
 
@@ -23,12 +24,13 @@ def render_live() -> None:
     """Draw the open checkouts and the recent utilization from the store as it is now."""
     now_view = data.refreshed(view)
     processes = data.load_processes(now_view.store, now_view.token)
-    checkouts = data.checkouts(now_view)
-    open_rows = data.open_now(checkouts, processes)
-    since = time.time() - data.LIVE_WINDOW_S
-    recent = analysis.Filters(
-        pools=view.filters.pools, processes=view.filters.processes, since=since
+    first, last = data.time_span(processes)
+    chosen = analysis.Filters(pools=view.filters.pools, processes=view.filters.processes)
+    open_rows = data.open_now(
+        data.load_open_checkouts(now_view.store, now_view.token, chosen, last), processes
     )
+    # The last few minutes of the recording: right now while a process is writing it.
+    recent = replace(chosen, since=max(first, last - data.LIVE_WINDOW_S))
     util = data.load_utilization(now_view.store, now_view.token, recent)
     running = int((processes["state"] == "running").sum())
 
@@ -41,7 +43,7 @@ def render_live() -> None:
     if running == 0:
         st.info(
             "No process is writing this store right now: start your app with poolscope "
-            "attached to watch it live. The charts show the end of the recording."
+            "attached to watch it live. The chart shows the end of the recording."
         )
     st.plotly_chart(charts.timeline_chart(util, title="Connections in use, recent"))
     st.plotly_chart(charts.open_checkouts_chart(open_rows))
