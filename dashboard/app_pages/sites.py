@@ -37,11 +37,11 @@ st.dataframe(
             "site",
             "pool",
             "checkouts",
+            "pool_time_share",
             "total_hold_s",
             "hold_p95_s",
             "hold_max_s",
             "wait_p95_s",
-            "pool_time_share",
             "fingerprint",
         ]
     ],
