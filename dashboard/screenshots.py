@@ -3,6 +3,7 @@
 Used by the browser test and to make the README's screenshots::
 
     python -m dashboard.screenshots STORE OUT_DIR [--chromium PATH]
+    python -m dashboard.screenshots --sample-app docs/screenshots
 
 Needs the ``playwright`` package and a Chromium binary (``/usr/bin/chromium`` by default).
 """
@@ -208,19 +209,61 @@ def visit(
     return results
 
 
+def _report(results: list[PageResult]) -> None:
+    for result in results:
+        print(
+            f"{result.name}: {result.charts} charts, {result.metrics} metrics, "
+            f"{len(result.exceptions)} exceptions -> {result.screenshot}"
+        )
+
+
+def sample_app_screenshots(
+    out_dir: Path, seconds: float = 20.0, executable: str = CHROMIUM
+) -> None:
+    """The README's screenshots: five pages on a finished run of ``sample_app``, and the
+    Live page while a second run is writing its store (both stores in the repository root,
+    named relatively so no machine path shows, and removed afterwards)."""
+    stores = ("sample-shop.db", "sample-shop-live.db")
+    try:
+        record = [sys.executable, "-m", "sample_app", "--duration", f"{seconds:g}"]
+        subprocess.run([*record, "--store", stores[0]], cwd=ROOT, check=True, capture_output=True)
+        finished = {name: path for name, path in PAGES.items() if name != "live"}
+        with serve(stores[0]) as url, chromium(executable) as browser:
+            _report(visit(browser, url, out_dir, pages=finished))
+        live = subprocess.Popen(
+            [sys.executable, "-m", "sample_app", "--duration", f"{seconds * 3:g}",
+             "--store", stores[1]],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(seconds / 2)
+            with serve(stores[1]) as url, chromium(executable) as browser:
+                _report(visit(browser, url, out_dir, pages={"live": PAGES["live"]}))
+        finally:
+            live.terminate()
+            live.wait(timeout=30)
+    finally:
+        for store in stores:
+            for suffix in ("", "-wal", "-shm"):
+                (ROOT / (store + suffix)).unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Screenshot every page of the dashboard on a store into a directory."""
+    """Screenshot every page of the dashboard on a store into a directory (or, with
+    --sample-app, on runs of the sample app, as the README shows them)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("store")
+    parser.add_argument("store", nargs="?", help="the store; leave out with --sample-app")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--sample-app", action="store_true", help="record the sample app first")
     parser.add_argument("--chromium", default=CHROMIUM)
     args = parser.parse_args(argv)
+    if args.sample_app:
+        sample_app_screenshots(args.out_dir, executable=args.chromium)
+        return 0
+    if args.store is None:
+        parser.error("give a store, or --sample-app")
     with serve(args.store) as url, chromium(args.chromium) as browser:
-        for result in visit(browser, url, args.out_dir):
-            print(
-                f"{result.name}: {result.charts} charts, {result.metrics} metrics, "
-                f"{len(result.exceptions)} exceptions -> {result.screenshot}"
-            )
+        _report(visit(browser, url, args.out_dir))
     return 0
 
 
