@@ -602,3 +602,37 @@ class TestQueryFilters:
             {"process": ["x", "2"], "since": "yesterday", "leak_after": "-3", "pool": ""}
         )
         assert state == filters.FilterState(processes=(2,))
+
+
+class TestFormats:
+    @pytest.mark.parametrize(
+        ("seconds", "text"),
+        [
+            (None, "—"),
+            (float("nan"), "—"),
+            (0.0000042, "4 µs"),
+            (0.0123, "12.3 ms"),
+            (1.5, "1.50 s"),
+            (150.0, "2.5 min"),
+            (9000.0, "2.5 h"),
+        ],
+    )
+    def test_durations_read_like_people_write_them(self, seconds, text):
+        """Durations get the unit that keeps them short."""
+        assert ui.fmt_duration(seconds) == text
+
+    def test_peak_against_capacity(self):
+        """Peak use shows against capacity, or alone for a pool without a size."""
+        assert ui.fmt_peak(10, 10) == "10 / 10"
+        assert ui.fmt_peak(3, None) == "3"
+
+    def test_process_command_drops_the_directory(self):
+        """The process table shows the script's name, not where it lives on disk."""
+        frame = pd.DataFrame(
+            {
+                "id": [1], "pid": [7], "host": ["h"], "state": ["exited"], "end_reason": ["exit"],
+                "started_at": [0.0], "seen_until_at": [1.0],
+                "argv": [json.dumps(["/srv/app/run.py", "--port", "80"])],
+            }
+        )  # fmt: skip
+        assert ui.process_table(frame)["command"].iloc[0] == "run.py --port 80"
