@@ -47,10 +47,11 @@ def place_order(engine):
         conn.exec_driver_sql("select 1")
 
 
-def slow_report(engine, barrier):
+def slow_report(engine, barrier, release):
     with engine.connect() as conn:
         barrier.wait()
-        time.sleep(0.6)
+        release.wait(10)  # hold on until the export has timed out
+        time.sleep(0.3)
         conn.exec_driver_sql("select 1")
 
 
@@ -88,13 +89,14 @@ def main(store, app_db):
         place_order(orders)
     for _ in range(7):
         charge(billing)
-    barrier = threading.Barrier(4)
-    threads = [threading.Thread(target=slow_report, args=(orders, barrier), name=f"report-{i}")
-               for i in range(3)]
+    barrier, release = threading.Barrier(4), threading.Event()
+    threads = [threading.Thread(target=slow_report, args=(orders, barrier, release),
+                                name=f"report-{i}") for i in range(3)]
     for t in threads:
         t.start()
     barrier.wait()
     assert export(orders) == "timeout"
+    release.set()
     for t in threads:
         t.join()
     for _ in range(2):
