@@ -123,7 +123,7 @@ def render_filters(store: str) -> data.View:
         value=None if window is not None else (start, end),
         key="window",
         step=timedelta(seconds=1),
-        format="HH:mm:ss",
+        format="HH:mm:ss" if end - start < timedelta(hours=20) else "MM-DD HH:mm",
     )
     leak_after = sidebar.number_input(
         "Leak threshold (s)",
