@@ -125,6 +125,9 @@ def dashboard(store: str | None, port: int) -> None:
     command = [
         sys.executable, "-m", "streamlit", "run", str(_DASHBOARD_APP),
         "--server.address", "127.0.0.1", "--server.port", str(port),
+        # The project's .streamlit/config.toml says the same, but Streamlit reads it
+        # only from the current directory: say it here for any directory.
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--", "--store", str(path.resolve()),
     ]  # fmt: skip
     click.echo(f"poolscope dashboard: http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
