@@ -1,9 +1,12 @@
-"""Hot-path overhead: the same checkout loop bare, attached-then-detached, and fully on.
+"""Hot-path overhead: the same checkout loop bare, detached, listeners only, and fully on.
 
-Each variant has its own engine on the same database; rounds of the three (about
-0.4 s each) are interleaved so that machine noise hits them alike. The writer
-thread runs alongside the "full" rounds, as in production, and catches up
-between rounds, so its backlog never slows another variant.
+Variants: ``bare`` (no poolscope), ``detached`` (attached, then detached),
+``listeners`` (attached, with the writer thread held off during the round: the
+cost of the listeners and hooks alone, a stack captured at every checkout) and
+``full`` (attached, the writer thread writing alongside, as in production).
+Rounds of about 0.4 s are interleaved so that machine noise hits all variants
+alike; between rounds the writer catches up untimed, so its backlog never slows
+another variant.
 Prints the median over rounds of the throughput ratio against the adjacent bare
 round (higher is better; 1.0 means no cost).
 
@@ -27,16 +30,27 @@ from instrument import _writer
 ROUND_SECONDS = 0.4  # length of one round, far above the writer's 50 ms schedule
 
 
-def _loop(engine: sa.Engine, n: int, monitor: instrument.Monitor | None = None) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        with engine.connect() as c:
-            c.exec_driver_sql("select 1")
-    elapsed = time.perf_counter() - t0
+def _loop(
+    engine: sa.Engine,
+    n: int,
+    monitor: instrument.Monitor | None = None,
+    hold_writer: bool = False,
+) -> float:
+    lock = monitor._writer._io_lock if monitor is not None and hold_writer else None
+    if lock is not None:
+        lock.acquire()  # the writer thread waits on this lock: listeners only
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with engine.connect() as c:
+                c.exec_driver_sql("select 1")
+        elapsed = time.perf_counter() - t0
+    finally:
+        if lock is not None:
+            lock.release()
     if monitor is not None:
-        # The writer works alongside the loop (that cost is in ``elapsed``); what
-        # it still has queued is written now, untimed, so that it does not slow
-        # the next variant's round instead.
+        # What the writer still has queued is written now, untimed, so that it does
+        # not slow the next variant's round instead.
         monitor.flush()
     return elapsed
 
@@ -48,16 +62,21 @@ def measure(url: str, seconds: float, store: Path) -> dict[str, float]:
     full = sa.create_engine(url)
     instrument.attach(detached, store=store, name="detached").detach()
     monitor = instrument.attach(full, store=store, name="full")
-    engines = {"bare": bare, "detached": detached, "full": full}
+    engines = {"bare": bare, "detached": detached, "listeners": full, "full": full}
     for engine in engines.values():  # warm up: connections made, stacks interned
         _loop(engine, 200)
     per_round = max(100, int(ROUND_SECONDS * 200 / _loop(bare, 200)))
     rates: dict[str, list[float]] = {k: [] for k in engines}
-    ratios: dict[str, list[float]] = {"detached": [], "full": []}
+    ratios: dict[str, list[float]] = {k: [] for k in engines if k != "bare"}
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         for name, engine in engines.items():
-            seconds_taken = _loop(engine, per_round, monitor if name == "full" else None)
+            seconds_taken = _loop(
+                engine,
+                per_round,
+                monitor if engine is full else None,
+                hold_writer=name == "listeners",
+            )
             rates[name].append(per_round / seconds_taken)
         for name in ratios:  # adjacent rounds: drift in machine load cancels out
             ratios[name].append(rates[name][-1] / rates["bare"][-1])
@@ -79,10 +98,10 @@ def measure(url: str, seconds: float, store: Path) -> dict[str, float]:
 def report(label: str, r: dict[str, float]) -> None:
     bare = r["bare"]
     print(f"{label}: bare {bare:,.0f} it/s ({1e6 / bare:.1f} µs/it)")
-    for name in ("detached", "full"):
+    for name in ("detached", "listeners", "full"):
         cost_us = 1e6 / r[name] - 1e6 / bare
         print(
-            f"  {name:9s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
+            f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
             f"(+{cost_us:.2f} µs/it)"
         )
     print(
