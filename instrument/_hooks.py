@@ -439,35 +439,31 @@ class Monitor:
                 thread = local.thread = threading.current_thread()
                 return thread.name
 
+        def _record(
+            kind: str,
+            connection_id: int | None,
+            entry: tuple[Any, ...] | None = None,
+            connect_s: float | None = None,
+        ) -> None:
+            """Queue one event of a rarely fired kind (connect, invalidate, close, ...),
+            tied to the open checkout ``entry`` when there is one."""
+            if len(queue) < max_queue:
+                in_use = len(open_)
+                _, idle, waiters, size = state
+                append(
+                    (now(), key, kind, connection_id, entry[0] if entry else None, _thread(),
+                     task_name() if task_name else None, in_use, len(idle),
+                     in_use - size if in_use > size else 0, len(waiters),
+                     entry[3] if entry else None, None, connect_s, None, None)
+                )  # fmt: skip
+            else:
+                drop(1)
+
         def _on_connect(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
             try:
                 cid = connection_ids[record] = next_connection()
-                if len(queue) < max_queue:
-                    in_use = len(open_)
-                    _, idle, waiters, size = state
-                    append(
-                        (
-                            now(),
-                            key,
-                            "connect",
-                            cid,
-                            None,
-                            _thread(),
-                            task_name() if task_name else None,
-                            in_use,
-                            len(idle),
-                            in_use - size if in_use > size else 0,
-                            len(waiters),
-                            None,
-                            None,
-                            connect_times.get(record),
-                            None,
-                            None,
-                        )
-                    )
-                else:
-                    drop(1)
+                _record("connect", cid, None, connect_times.get(record))
             except Exception:  # never raise into the application
                 _listener_failed("_on_connect")
 
@@ -610,36 +606,11 @@ class Monitor:
         def _simple(kind: str) -> Callable[..., None]:
             def _on_event(dbapi_connection: Any, record: Any, *args: Any) -> None:
                 try:
-                    entry = open_.get(record)
-                    if len(queue) < max_queue:
-                        in_use = len(open_)
-                        _, idle, waiters, size = state
-                        append(
-                            (
-                                now(),
-                                key,
-                                kind,
-                                connection_ids.get(record),
-                                entry[0] if entry else None,
-                                _thread(),
-                                task_name() if task_name else None,
-                                in_use,
-                                len(idle),
-                                in_use - size if in_use > size else 0,
-                                len(waiters),
-                                entry[3] if entry else None,
-                                None,
-                                None,
-                                None,
-                                None,
-                            )
-                        )
-                    else:
-                        drop(1)
+                    _record(kind, connection_ids.get(record), open_.get(record))
                     if kind == "close":
                         connection_ids.pop(record, None)
                 except Exception:  # never raise into the application
-                    _listener_failed("_on_event")
+                    _listener_failed(f"_on_{kind}")
 
             _on_event.__name__ = f"_on_{kind}"
             _on_event.__doc__ = f"``PoolEvents.{kind}``: recorded with its checkout, if any."
@@ -666,31 +637,7 @@ class Monitor:
         def _on_close_detached(dbapi_connection: Any) -> None:
             """``PoolEvents.close_detached``: a detached DBAPI connection was closed."""
             try:
-                if len(queue) < max_queue:
-                    in_use = len(open_)
-                    _, idle, waiters, size = state
-                    append(
-                        (
-                            now(),
-                            key,
-                            "close_detached",
-                            detached_ids.pop(id(dbapi_connection), None),
-                            None,
-                            _thread(),
-                            task_name() if task_name else None,
-                            in_use,
-                            len(idle),
-                            in_use - size if in_use > size else 0,
-                            len(waiters),
-                            None,
-                            None,
-                            None,
-                            None,
-                            None,
-                        )
-                    )
-                else:
-                    drop(1)
+                _record("close_detached", detached_ids.pop(id(dbapi_connection), None))
             except Exception:  # never raise into the application
                 _listener_failed("_on_close_detached")
 
