@@ -95,10 +95,7 @@ class Monitor:
         name: str | None = None,
     ) -> None:
         engine, pool = _engine_and_pool(target)
-        if isinstance(leak_after, bool) or not isinstance(leak_after, (int, float)):
-            raise ValueError(f"leak_after must be a number of seconds, not {leak_after!r}.")
-        if not leak_after > 0:
-            raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
+        _check_arguments(store, leak_after, name)
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
         self._engine_ref = weakref.ref(engine) if engine is not None else None
@@ -703,6 +700,18 @@ def _unwrap_pool(pool: Pool) -> None:
         pool._invoke_creator = creator
 
 
+def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
+    """Raise ``ValueError`` (one sentence) for an argument ``attach()`` cannot use."""
+    if isinstance(leak_after, bool) or not isinstance(leak_after, (int, float)):
+        raise ValueError(f"leak_after must be a number of seconds, not {leak_after!r}.")
+    if not leak_after > 0:
+        raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
+    if store is not None and (not isinstance(store, (str, os.PathLike)) or not os.fspath(store)):
+        raise ValueError(f"store must be a file path, not {store!r}.")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty string, not {name!r}.")
+
+
 def _engine_and_pool(target: Any) -> tuple[Engine | None, Pool]:
     sync_engine = getattr(target, "sync_engine", None)  # AsyncEngine
     if isinstance(sync_engine, Engine):
@@ -748,6 +757,7 @@ def attach(
         suspected leak (one ``leak_suspected`` event and one WARNING on logger ``instrument``).
     :param name: the pool's name in reports. May be ``None`` for the database name.
     """
+    _check_arguments(store, leak_after, name)
     sync_engine = getattr(engine, "sync_engine", None)
     key = sync_engine if isinstance(sync_engine, Engine) else engine
     with _registry_lock:

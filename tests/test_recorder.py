@@ -505,6 +505,25 @@ class TestAttach:
         assert str(info.value).startswith(message)
         assert not store_path.exists()
 
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"store": 123}, "store must be a file path, not 123."),
+            ({"store": ""}, "store must be a file path, not ''."),
+            ({"name": 5}, "name must be a non-empty string, not 5."),
+            ({"name": " "}, "name must be a non-empty string, not ' '."),
+        ],
+    )
+    def test_bad_store_or_name(self, sqlite_url, kwargs, message) -> None:
+        """A store that is no path, or a blank name, is refused with one plain sentence,
+        also when the engine is already attached (the existing monitor is not returned)."""
+        engine = sa.create_engine(sqlite_url)
+        with pytest.raises(ValueError) as info:
+            instrument.attach(engine, **kwargs)
+        assert str(info.value) == message
+        with pytest.raises(ValueError):
+            instrument.attach(engine, leak_after=-1)
+
 
 class TestBrokenStore:
     @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
