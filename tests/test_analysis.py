@@ -7,6 +7,9 @@ the workload did and against numbers computed independently from the raw events.
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +76,7 @@ def mixed(app_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
             pinned_co=analysis.checkouts(conn, Filters(until=pinned)),
             pinned_sizing=analysis.sizing_advice(conn, Filters(until=pinned)),
             summary=analysis.summary(conn),
+            summaries=[_both_summaries(conn, f) for f in SUMMARY_FILTERS],
         )
         first_hold = r.co[r.co["site"].map(fn) == "hold_first"].iloc[0]
         timeout_at = float(r.timeouts["at"].iloc[0])
@@ -102,8 +106,91 @@ def children(app_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         co=analysis.checkouts(conn),
         leaks=analysis.leaks(conn),
         summary=analysis.summary(conn),
+        summaries=[_both_summaries(conn, f) for f in SUMMARY_FILTERS],
     )
     conn.close()
+
+
+SUMMARY_FILTERS = [
+    Filters(),
+    Filters(leak_after=0.05),
+    Filters(leak_after=1000.0),
+    Filters(pools=("mixed", "orders")),
+    Filters(pools=("nope",)),
+    Filters(processes=(1,)),
+    Filters(processes=(2, 3), leak_after=0.2),
+]
+"""Filters without a time window: :func:`analysis.summary` takes its fast path with each."""
+
+
+def _plain(summary: dict | None) -> dict | None:
+    """NaN as None, so that two summaries compare with ``==``."""
+    if summary is None:
+        return None
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+
+
+def _both_summaries(conn: sqlite3.Connection, filters: Filters) -> SimpleNamespace:
+    """The fast summary (``None`` if it declined), the exact one from paired checkouts, and
+    what :func:`analysis.summary` returned, for ``filters``."""
+    return SimpleNamespace(
+        filters=filters,
+        fast=_plain(analysis._fast_summary(analysis._load(conn, filters))),
+        exact=_plain(analysis._summary_exact(analysis._load(conn, filters))),
+        public=_plain(analysis.summary(conn, filters)),
+    )
+
+
+def _generate(path: Path, events: int) -> None:
+    """bench/report.py's synthetic store (8 processes × 3 pools, leaks of every class)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", Path(__file__).resolve().parents[1] / "bench" / "report.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.generate(path, events)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20,000-event generated store, with what the generator never writes added: a
+    running process with open checkouts, leak_suspected/leak_cleared rows, a return whose
+    checkout record was dropped, and a checkout without a wait."""
+    store = tmp_path_factory.mktemp("generated") / "bench.db"
+    _generate(store, 20_000)
+    db = sqlite3.connect(store)
+    with db:
+        # Process 3 is alive: heartbeat now, no end; its open checkouts are open_now.
+        db.execute(
+            "UPDATE processes SET ended_at = NULL, end_reason = NULL, heartbeat_at = ?, "
+            "host = 'elsewhere' WHERE id = 3",
+            (time.time() + 3600,),
+        )
+        # Leak notices carry checkout ids: one for a returned checkout, one for an id
+        # that has no checkout or return at all.
+        db.execute(
+            "INSERT INTO events (at, process_id, pool_id, kind, checkout_id, hold_s) "
+            "SELECT at, process_id, pool_id, 'leak_suspected', checkout_id, 40.0 FROM events "
+            "WHERE kind = 'checkin' AND pool_id = 1 ORDER BY id LIMIT 1"
+        )
+        db.execute(
+            "INSERT INTO events (at, process_id, pool_id, kind, checkout_id, hold_s) "
+            "VALUES (1700000001.0, 1, 2, 'leak_suspected', 99999999, 40.0)"
+        )
+        # The checkout of a gc_checkin, and of a long checkin, was dropped: orphan returns.
+        for kind, extra in (("gc_checkin", ""), ("checkin", "AND r.hold_s > 30")):
+            db.execute(
+                "DELETE FROM events WHERE id = (SELECT o.id FROM events AS o JOIN events AS r "
+                "ON r.process_id = o.process_id AND r.pool_id = o.pool_id "
+                f"AND r.checkout_id = o.checkout_id WHERE o.kind = 'checkout' "
+                f"AND r.kind = '{kind}' {extra} ORDER BY o.id LIMIT 1)"
+            )
+        db.execute(
+            "UPDATE events SET wait_s = NULL WHERE id = "
+            "(SELECT MAX(id) FROM events WHERE kind = 'checkout')"
+        )
+    db.close()
+    return store
 
 
 def by_fn(frame, column: str = "site"):
@@ -404,6 +491,46 @@ class TestSummary:
             "suspected_leaks": 3, "unknown_leaks": 0, "dropped": 0,
         }  # fmt: skip
         assert s["events"] == query(mixed.store, "SELECT COUNT(*) FROM events")[0][0]
+
+    def test_fast_summary_equals_pairing_every_checkout(
+        self, mixed: SimpleNamespace, children: SimpleNamespace
+    ) -> None:
+        """Without a time window the summary is counted from per-pool aggregates; it is the
+        same as the one computed from every paired checkout, filtered or not."""
+        for both in [*mixed.summaries, *children.summaries]:
+            assert both.fast is not None, both.filters
+            assert both.fast == both.exact, both.filters
+            assert both.public == both.exact, both.filters
+        assert mixed.summaries[0].fast["suspected_leaks"] == 3  # open_now of a live process
+        assert children.summaries[0].fast["unknown_leaks"] == 1
+
+    def test_fast_summary_on_a_generated_store(self, generated: Path) -> None:
+        """On bench/report.py's store (with a live process, leak notices, orphan returns and
+        a NULL wait added) the fast summary equals the exact one under every filter."""
+        conn = analysis.open_store(generated)
+        filters = [*SUMMARY_FILTERS, Filters(pools=("orders",), leak_after=0.5),
+                   Filters(processes=(3,)), Filters(processes=(3, 8), leak_after=10.0)]  # fmt: skip
+        for f in filters:
+            both = _both_summaries(conn, f)
+            assert both.fast is not None, f
+            assert both.fast == both.exact == both.public, f
+        s = _both_summaries(conn, Filters()).fast
+        assert s["events"] > 19_000
+        assert s["confirmed_leaks"] and s["suspected_leaks"] and s["unknown_leaks"]
+        assert s["open_checkouts"] > s["unknown_leaks"]  # some open in the live process
+        conn.close()
+
+    def test_time_windows_pair_every_checkout(self, generated: Path) -> None:
+        """since/until cut checkouts from their returns: the fast path declines and
+        summary() pairs checkouts as before."""
+        conn = analysis.open_store(generated)
+        first, last = conn.execute("SELECT MIN(at), MAX(at) FROM events").fetchone()
+        middle = (first + last) / 2
+        for f in (Filters(since=middle), Filters(until=middle), Filters(since=first, until=last)):
+            both = _both_summaries(conn, f)
+            assert both.fast is None
+            assert both.public == both.exact
+        conn.close()
 
     def test_parse_time(self) -> None:
         """Unix seconds or ISO 8601; without an offset, UTC."""
