@@ -441,7 +441,10 @@ def _categorical(ids: np.ndarray, keys: Any, values: np.ndarray, missing: str) -
     value_codes = categories.get_indexer(values.astype(object))
     position = pd.Index(np.asarray(keys)).get_indexer(ids)
     missing_code = categories.get_loc(missing)
-    codes = np.where(position >= 0, value_codes[np.maximum(position, 0)], missing_code)
+    if not len(value_codes):  # an empty table: every id is missing
+        codes = np.full(len(position), missing_code)
+    else:
+        codes = np.where(position >= 0, value_codes[np.maximum(position, 0)], missing_code)
     return pd.Categorical.from_codes(codes, categories=categories).remove_unused_categories()
 
 
