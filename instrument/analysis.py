@@ -700,11 +700,14 @@ def _timeouts(data: _Data) -> pd.DataFrame:
     if df.empty:
         data._timeouts = _empty(_TIMEOUT_COLUMNS + ["pool_id"])
         return data._timeouts
-    stacks = data.stacks.set_index("id")
     df["pool"] = df["pool_id"].map(_all_pool_names(data))
-    df["site"] = df["stack_id"].map(stacks["site"]).fillna("<unknown>")
-    df["fingerprint"] = df["stack_id"].map(stacks["fingerprint"]).fillna("")
-    df["stack"] = [json.loads(s) for s in df["stack_id"].map(stacks["frames"]).fillna("[]")]
+    # Looked up one by one (timeouts are few): a stack id that is NULL or not in the
+    # stacks table gets the unknown site, an empty fingerprint and no frames.
+    stacks = {int(r.id): r for r in data.stacks.itertuples(index=False)}
+    found = [stacks.get(int(i)) if pd.notna(i) else None for i in df["stack_id"]]
+    df["site"] = [r.site if r is not None else "<unknown>" for r in found]
+    df["fingerprint"] = [r.fingerprint if r is not None else "" for r in found]
+    df["stack"] = [json.loads(r.frames) if r is not None else [] for r in found]
     df["holders"] = _holders(data, df)
     data._timeouts = df[_TIMEOUT_COLUMNS + ["pool_id"]].reset_index(drop=True)
     return data._timeouts
@@ -794,7 +797,7 @@ def _leaks(data: _Data) -> pd.DataFrame:
     leaked = leaked.drop(columns=["thread", "task"], errors="ignore").merge(
         names, how="left", on=["process_id", "pool_id", "checkout_id"]
     )
-    leaked["thread"] = leaked["thread"].fillna("?").astype(str)
+    leaked["thread"] = leaked["thread"].astype(object).fillna("?").astype(str)
     grouped = leaked.groupby(["leak_class", "pool", "fingerprint"], observed=True, sort=False)
     out = grouped.agg(
         site=("site", "first"),

@@ -11,11 +11,13 @@ import importlib.util
 import math
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import PG_URL, query, require_postgres
 from report_workloads import (
@@ -530,6 +532,35 @@ class TestSummary:
             both = _both_summaries(conn, f)
             assert both.fast is None
             assert both.public == both.exact
+        conn.close()
+
+    def test_a_store_without_stacks_still_analyses(self, generated: Path, tmp_path: Path) -> None:
+        """With the stacks table empty every checkout and timeout has the unknown site and
+        no stack, without a pandas warning, and the summary is the same as with stacks."""
+        bare = tmp_path / "bare.db"
+        bare.write_bytes(generated.read_bytes())
+        db = sqlite3.connect(bare)
+        with db:
+            db.execute("DELETE FROM stacks")
+        db.close()
+        conn = analysis.open_store(bare)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.Pandas4Warning)
+            co = analysis.checkouts(conn, Filters(pools=("orders",)))
+            to = analysis.timeouts(conn)
+            report = analysis.build_report(conn)
+        assert len(co) > 1000
+        assert set(co["site"].astype(str)) == {"<unknown>"}
+        assert set(co["fingerprint"].astype(str)) == {""}
+        assert len(to) == 120
+        assert set(to["site"]) == {"<unknown>"} and set(to["fingerprint"]) == {""}
+        assert all(stack == [] for stack in to["stack"])
+        assert {leak["site"] for leak in report["leaks"]} == {"<unknown>"}
+        both = _both_summaries(conn, Filters())
+        assert both.fast == both.exact
+        with_stacks = analysis.open_store(generated)
+        assert _plain(analysis.summary(with_stacks)) == both.exact
+        with_stacks.close()
         conn.close()
 
     def test_parse_time(self) -> None:
