@@ -10,7 +10,7 @@ another variant.
 Prints the median over rounds of the throughput ratio against the adjacent bare
 round (higher is better; 1.0 means no cost).
 
-    python bench/overhead.py [--seconds 20] [--postgres-url URL] [--sqlite-only]
+    python bench/overhead.py [--seconds 20] [--postgres-url URL] [--sqlite-only | --postgres-only]
 """
 
 from __future__ import annotations
@@ -117,11 +117,13 @@ def main() -> int:
         "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
     )
     parser.add_argument("--sqlite-only", action="store_true")
+    parser.add_argument("--postgres-only", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
-        r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store)
-        report("SQLite", r)
+        if not args.postgres_only:
+            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store)
+            report("SQLite", r)
         if not args.sqlite_only:
             r = measure(args.postgres_url, args.seconds, store)
             report("PostgreSQL", r)

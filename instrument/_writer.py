@@ -42,6 +42,11 @@ MAX_QUEUE = 200_000
 MAX_QUEUE_VALUES = MAX_QUEUE * RECORD_WIDTH
 
 SCHEDULE_DELAY_SECONDS = 0.2
+"""How long the writer sleeps between batches, unless the queue holds a full batch."""
+
+BATCH_THRESHOLD_VALUES = 20_000 * RECORD_WIDTH
+"""Queued values past which the writer starts the next batch without sleeping."""
+
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
 
@@ -149,7 +154,10 @@ class Writer:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(SCHEDULE_DELAY_SECONDS)
+            # A backlog past the batch threshold is written at once; otherwise the
+            # writer sleeps, so that it wakes (and takes the GIL) a few times a second.
+            if len(self.queue) < BATCH_THRESHOLD_VALUES:
+                self._wake.wait(SCHEDULE_DELAY_SECONDS)
             self._wake.clear()
             with self._io_lock:
                 try:
