@@ -14,6 +14,11 @@ from types import CodeType, FrameType
 MAX_FRAMES = 48
 """Frames kept per stack, counted from the innermost; deeper callers are cut."""
 
+MAX_STACKS = 100_000
+"""Distinct stacks kept per process; past it, new stacks share one placeholder."""
+
+_OVERFLOW_KEY = ("too-many-stacks",)
+
 Frame = tuple[CodeType, int]
 """A captured frame: its code object and the byte offset of the instruction running."""
 
@@ -91,7 +96,13 @@ class StackTable:
     def intern(
         self, key: int | tuple[int, ...], frame: FrameType | None, parent: FrameType | None = None
     ) -> int:
-        """Give a new id to the stack ``key`` starting at ``frame``; queue it for the writer."""
+        """Give a new id to the stack ``key`` starting at ``frame``; queue it for the writer.
+
+        Past ``MAX_STACKS`` distinct stacks (generated code, say), new ones share one
+        "too many stacks" id instead of keeping ever more code objects alive.
+        """
+        if len(self.frames) >= MAX_STACKS:
+            return self._overflow_id()
         frames: list[Frame] = []
         while len(frames) < MAX_FRAMES:
             if frame is None:
@@ -104,6 +115,16 @@ class StackTable:
         self.frames[sid] = frames
         self.ids[key] = sid
         self.pending.append(sid)
+        return sid
+
+    def _overflow_id(self) -> int:
+        sid = self.ids.get(_OVERFLOW_KEY)
+        if sid is None:
+            sid = self.ids[_OVERFLOW_KEY] = next(self._next_id)
+            self._resolved[sid] = ResolvedStack(
+                f"<more than {MAX_STACKS:,} distinct stacks>", [], "too-many-stacks"
+            )
+            self.pending.append(sid)
         return sid
 
     def resolve(self, sid: int) -> ResolvedStack:

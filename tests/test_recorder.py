@@ -525,6 +525,40 @@ class TestAttach:
             instrument.attach(engine, leak_after=-1)
 
 
+class TestManyStacks:
+    def test_stacks_past_the_cap_share_one_placeholder(
+        self, sqlite_url: str, store_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past MAX_STACKS distinct stacks, checkouts are still recorded, under one
+        placeholder site, and no more code objects are kept."""
+        from instrument import _stacks
+
+        monkeypatch.setattr(_stacks, "MAX_STACKS", 3)
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        for i in range(6):  # six call sites: six distinct stacks
+            code = compile("\n" * i + "engine.connect().close()", f"site{i}.py", "exec")
+            exec(code, {"engine": engine})
+        monitor.flush()
+        sites = [
+            s
+            for (s,) in query(
+                store_path,
+                "SELECT site FROM checkouts JOIN stacks "
+                "ON stacks.id = checkouts.stack_id ORDER BY checkout_id",
+            )
+        ]
+        assert len(sites) == 6
+        assert sites[:3] == [
+            "site0.py:1 in <module>",
+            "site1.py:2 in <module>",
+            "site2.py:3 in <module>",
+        ]
+        assert sites[3:] == ["<more than 3 distinct stacks>"] * 3
+        assert len(monitor._writer.stacks.frames) == 3
+        engine.dispose()
+
+
 class TestBrokenStore:
     @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
     def test_unwritable_store_never_reaches_the_application(
