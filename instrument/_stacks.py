@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -209,12 +210,32 @@ def is_application_file(filename: str) -> bool:
 
 
 def display_path(filename: str) -> str:
-    """Write ``filename`` the way a user recognises it: relative to the working
-    directory when under it, else relative to the ``sys.path`` entry holding it."""
+    """Write ``filename`` the way a user recognises it, the same in every process.
+
+    A module inside a package is written from its top-level package
+    (``sample_app/bugs.py``), wherever the package lives and whatever the working
+    directory. Any other file is written relative to the working directory when
+    under it, else relative to the ``sys.path`` entry holding it, else in full.
+    """
     if filename.startswith("<"):
         return filename
-    path = os.path.abspath(filename)
-    cwd = os.getcwd() + os.sep
+    return _display_path(filename, os.getcwd())
+
+
+@functools.lru_cache(maxsize=4096)
+def _display_path(filename: str, cwd: str) -> str:
+    path = os.path.abspath(os.path.join(cwd, filename))
+    top = None
+    directory = os.path.dirname(path)
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        top = directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    if top is not None:
+        return os.path.relpath(path, os.path.dirname(top))
+    cwd = cwd.rstrip(os.sep) + os.sep
     if path.startswith(cwd):
         return path[len(cwd) :]
     best = ""

@@ -559,6 +559,28 @@ class TestManyStacks:
         engine.dispose()
 
 
+class TestSitePaths:
+    def test_package_modules_are_written_from_their_top_package(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A module in a package reads the same from any working directory (so the
+        fingerprint is the same in every process); a loose script is cwd-relative."""
+        from instrument._stacks import display_path
+
+        module = tmp_path / "srv" / "shop" / "orders" / "place.py"
+        module.parent.mkdir(parents=True)
+        (tmp_path / "srv" / "shop" / "__init__.py").write_text("")
+        (module.parent / "__init__.py").write_text("")
+        module.write_text("")
+        script = tmp_path / "srv" / "run.py"
+        script.write_text("")
+        for cwd in (tmp_path, tmp_path / "srv", module.parent):
+            monkeypatch.chdir(cwd)
+            assert display_path(str(module)) == "shop/orders/place.py"
+        monkeypatch.chdir(tmp_path)
+        assert display_path(str(script)) == "srv/run.py"
+
+
 class TestBrokenStore:
     @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
     def test_unwritable_store_never_reaches_the_application(
