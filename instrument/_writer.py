@@ -72,8 +72,9 @@ class _FlushMarker:
 class Writer:
     """Owns the queue, the stack table and the SQLite connection for one store in one process.
 
-    Listeners call ``emit`` (bound as ``queue.append`` behind a length check); the
-    writer thread wakes every ``SCHEDULE_DELAY_SECONDS``, drains the queue, and writes
+    Listeners ``extend`` the flat ``queue`` by one record (``emit`` does the same, for
+    rarer events), behind a length check; the writer thread wakes every
+    ``SCHEDULE_DELAY_SECONDS`` (at once past a batch), drains the queue, and writes
     everything in one transaction. It never raises: a store it cannot open or
     write is reported once through ``logging`` and its records are counted as dropped.
     """
@@ -357,7 +358,8 @@ class Writer:
         self._conn = None  # the parent's handle is not ours to use or close
         self._pool_ids = {}
         self._stack_ids = {}
-        self.stacks.pending = deque(self.stacks.frames)
+        # Every stack this process knows needs its store id again (same fingerprint).
+        self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
         self._wake = threading.Event()
         self._io_lock = threading.Lock()
         self._thread = None
