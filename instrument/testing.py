@@ -28,25 +28,12 @@ from . import _hooks, _store, _writer
 
 __all__ = ["EVENT_FIELDS", "capture_events"]
 
-EVENT_FIELDS = (
-    "at",
-    "kind",
-    "pool",
-    "connection_id",
-    "checkout_id",
-    "thread",
-    "task",
-    "in_use",
-    "idle",
-    "overflow",
-    "waiters",
-    "wait_s",
-    "connect_s",
-    "hold_s",
-    "count",
-    "site",
-    "stack",
+_ROW_COLUMNS = tuple(
+    c for c in _store.EVENT_COLUMNS if c not in ("at", "kind", "process_id", "pool_id", "stack_id")
 )
+"""The ``events`` columns a captured event keeps as they are, in the store's order."""
+
+EVENT_FIELDS = ("at", "kind", "pool", *_ROW_COLUMNS, "site", "stack")
 """Keys of every captured event dict.
 
 ``pool`` is the pool's name, ``site`` the application line that caused the
@@ -55,10 +42,8 @@ frames innermost first (an empty list without a stack); the other keys are the
 columns of the store's ``events`` table.
 """
 
-_SELECT = """
-SELECT e.at, e.kind, p.name, e.connection_id, e.checkout_id, e.thread, e.task,
-       e.in_use, e.idle, e.overflow, e.waiters, e.wait_s, e.connect_s, e.hold_s, e.count,
-       s.site, s.frames
+_SELECT = f"""
+SELECT e.at, e.kind, p.name, {", ".join(f"e.{c}" for c in _ROW_COLUMNS)}, s.site, s.frames
 FROM events AS e
 JOIN pools AS p ON p.id = e.pool_id
 LEFT JOIN stacks AS s ON s.id = e.stack_id
