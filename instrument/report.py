@@ -180,6 +180,71 @@ _CLASS_MEANING = {
 }
 
 
+def _plain(text: str) -> str:
+    return text
+
+
+def _leak_rows(leaks: list[dict[str, Any]], code: Callable[[str], str]) -> list[list[str]]:
+    """The leak table of the text and markdown reports (header first); ``code`` marks
+    the site up as code."""
+    rows = [["class", "certainty", "count", "max held", "pool", "site"]]
+    rows += [
+        [
+            leak["class"],
+            leak["certainty"],
+            str(leak["count"]),
+            duration(leak["max_held_s"]),
+            leak["pool"],
+            code(leak["site"]),
+        ]
+        for leak in leaks
+    ]
+    return rows
+
+
+def _pool_rows(
+    pools: list[dict[str, Any]], code: Callable[[str], str], quartet_head: list[str]
+) -> list[list[str]]:
+    """The pool table of the text and markdown reports (header first); ``code`` marks
+    the pool name up as code."""
+    rows = [["pool", "class", "size", "overflow", "peak", "checkouts", "timeouts",
+             *quartet_head]]  # fmt: skip
+    rows += [
+        [
+            code(p["name"]),
+            p["pool_class"],
+            _opt(p["pool_size"]),
+            _opt(p["max_overflow"]),
+            str(p["peak_in_use"]),
+            str(p["checkouts"]),
+            str(p["timeouts"]),
+            _quartet(p["wait_ms"]),
+            _quartet(p["hold_ms"]),
+        ]
+        for p in pools
+    ]
+    return rows
+
+
+def _site_rows(sites: list[dict[str, Any]], code: Callable[[str], str]) -> list[list[str]]:
+    """The first :data:`_MAX_SITES` rows of the site table of the text and markdown
+    reports (header first); ``code`` marks the pool and site up as code."""
+    rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
+    rows += [
+        [
+            f"{s['pool_time_share'] * 100:.1f}%",
+            str(s["checkouts"]),
+            duration(s["total_hold_s"]),
+            _ms(s["hold_ms"]["p95"]),
+            _ms(s["hold_ms"]["max"]),
+            code(s["pool"]),
+            code(_site_label(s, sites)),
+        ]
+        for s in sites[:_MAX_SITES]
+    ]
+    return rows
+
+
 # ---- text --------------------------------------------------------------------------------------
 
 
@@ -205,19 +270,7 @@ def render_text(report: dict[str, Any]) -> str:
     if not report["leaks"]:
         lines.append("  none found")
     else:
-        rows = [["class", "certainty", "count", "max held", "pool", "site"]]
-        rows += [
-            [
-                leak["class"],
-                leak["certainty"],
-                str(leak["count"]),
-                duration(leak["max_held_s"]),
-                leak["pool"],
-                leak["site"],
-            ]
-            for leak in report["leaks"]
-        ]
-        lines += _table(rows, right={2, 3})
+        lines += _table(_leak_rows(report["leaks"], _plain), right={2, 3})
         for leak in report["leaks"]:
             lines.append("")
             lines.append(f"  {leak['class']} × {leak['count']} at {leak['site']}")
@@ -259,22 +312,7 @@ def render_text(report: dict[str, Any]) -> str:
     if not report["pools"]:
         lines.append("  none recorded")
     else:
-        rows = [["pool", "class", "size", "overflow", "peak", "checkouts", "timeouts", "wait",
-                 "hold"]]  # fmt: skip
-        for p in report["pools"]:
-            rows.append(
-                [
-                    p["name"],
-                    p["pool_class"],
-                    _opt(p["pool_size"]),
-                    _opt(p["max_overflow"]),
-                    str(p["peak_in_use"]),
-                    str(p["checkouts"]),
-                    str(p["timeouts"]),
-                    _quartet(p["wait_ms"]),
-                    _quartet(p["hold_ms"]),
-                ]
-            )
+        rows = _pool_rows(report["pools"], _plain, ["wait", "hold"])
         lines += _table(rows, right={2, 3, 4, 5, 6})
     lines.append("")
 
@@ -282,20 +320,7 @@ def render_text(report: dict[str, Any]) -> str:
     if not report["sites"]:
         lines.append("  none")
     else:
-        rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
-        for site in report["sites"][:_MAX_SITES]:
-            rows.append(
-                [
-                    f"{site['pool_time_share'] * 100:.1f}%",
-                    str(site["checkouts"]),
-                    duration(site["total_hold_s"]),
-                    _ms(site["hold_ms"]["p95"]),
-                    _ms(site["hold_ms"]["max"]),
-                    site["pool"],
-                    _site_label(site, report["sites"]),
-                ]
-            )
-        lines += _table(rows, right={0, 1, 2, 3, 4})
+        lines += _table(_site_rows(report["sites"], _plain), right={0, 1, 2, 3, 4})
         if len(report["sites"]) > _MAX_SITES:
             lines.append(f"  … and {len(report['sites']) - _MAX_SITES} more sites")
     lines.append("")
@@ -330,6 +355,10 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _md_code(text: str) -> str:
+    return f"`{text}`"
+
+
 def _md_table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
     head = "| " + " | ".join(_md(c) for c in rows[0]) + " |"
     rule = "|" + "|".join(" ---: " if i in right else " --- " for i in range(len(rows[0]))) + "|"
@@ -345,19 +374,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not report["leaks"]:
         out.append("None found.")
     else:
-        rows = [["class", "certainty", "count", "max held", "pool", "site"]]
-        rows += [
-            [
-                leak["class"],
-                leak["certainty"],
-                str(leak["count"]),
-                duration(leak["max_held_s"]),
-                leak["pool"],
-                f"`{leak['site']}`",
-            ]  # fmt: skip
-            for leak in report["leaks"]
-        ]
-        out += _md_table(rows, right={2, 3})
+        out += _md_table(_leak_rows(report["leaks"], _md_code), right={2, 3})
         for leak in report["leaks"]:
             out += [
                 "",
@@ -387,41 +404,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append(f"- … and {len(report['timeouts']) - _MAX_TIMEOUTS} more")
     out += ["", "## Pools", ""]
     if report["pools"]:
-        rows = [["pool", "class", "size", "overflow", "peak", "checkouts", "timeouts",
-                 "wait p50/p95/p99/max", "hold p50/p95/p99/max"]]  # fmt: skip
-        rows += [
-            [
-                f"`{p['name']}`",
-                p["pool_class"],
-                _opt(p["pool_size"]),
-                _opt(p["max_overflow"]),
-                str(p["peak_in_use"]),
-                str(p["checkouts"]),
-                str(p["timeouts"]),
-                _quartet(p["wait_ms"]),
-                _quartet(p["hold_ms"]),
-            ]  # fmt: skip
-            for p in report["pools"]
-        ]
+        rows = _pool_rows(
+            report["pools"], _md_code, ["wait p50/p95/p99/max", "hold p50/p95/p99/max"]
+        )
         out += _md_table(rows, right={2, 3, 4, 5, 6})
     else:
         out.append("None recorded.")
     out += ["", "## Sites", ""]
     if report["sites"]:
-        rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
-        rows += [
-            [
-                f"{s['pool_time_share'] * 100:.1f}%",
-                str(s["checkouts"]),
-                duration(s["total_hold_s"]),
-                _ms(s["hold_ms"]["p95"]),
-                _ms(s["hold_ms"]["max"]),
-                f"`{s['pool']}`",
-                f"`{_site_label(s, report['sites'])}`",
-            ]  # fmt: skip
-            for s in report["sites"][:_MAX_SITES]
-        ]
-        out += _md_table(rows, right={0, 1, 2, 3, 4})
+        out += _md_table(_site_rows(report["sites"], _md_code), right={0, 1, 2, 3, 4})
     else:
         out.append("None.")
     out += ["", "## Sizing", ""]
