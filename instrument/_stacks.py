@@ -9,7 +9,7 @@ import os
 import sys
 import sysconfig
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from types import CodeType, FrameType
 
 MAX_FRAMES = 48
@@ -46,12 +46,9 @@ class StackTable:
     ``capture_async()`` also walks the parent greenlet's frames: async SQLAlchemy
     runs sync code inside a greenlet, and the caller's coroutine frames live in
     the parent.
-
-    :param getframe: ``sys._getframe`` or a stand-in, so tests can inject frames.
     """
 
-    def __init__(self, getframe: Callable[[int], FrameType] = sys._getframe) -> None:
-        self._getframe = getframe
+    def __init__(self) -> None:
         self.ids: dict[int, int] = {}
         self._next_id = itertools.count(1)
         self.frames: dict[int, list[Frame]] = {}
@@ -66,32 +63,16 @@ class StackTable:
         key = stack_key(1, MAX_FRAMES)
         sid = self.ids.get(key)
         if sid is None:
-            sid = self.intern(key, self._getframe(1))
+            sid = self.intern(key, sys._getframe(1))
         return sid
 
     def capture_async(self) -> int:
         """Like :meth:`capture`, continuing into the parent greenlet (hot path)."""
-        f: FrameType | None = self._getframe(1)
-        key: list[int] = []
-        append = key.append
-        n = 0
-        parent_frame = None
-        while n < MAX_FRAMES:
-            if f is None:
-                if parent_frame is not None:
-                    break
-                parent_frame = _parent_greenlet_frame()
-                if parent_frame is None:
-                    break
-                f = parent_frame
-            append(id(f.f_code))
-            append(f.f_lasti)
-            f = f.f_back
-            n += 1
-        k = tuple(key)
-        sid = self.ids.get(k)
+        frame, parent = sys._getframe(1), _parent_greenlet_frame()
+        key = tuple(x for f in _walk(frame, parent) for x in (id(f.f_code), f.f_lasti))
+        sid = self.ids.get(key)
         if sid is None:
-            sid = self.intern(k, self._getframe(1), _parent_greenlet_frame())
+            sid = self.intern(key, frame, parent)
         return sid
 
     def intern(
@@ -104,14 +85,7 @@ class StackTable:
         """
         if len(self.frames) >= MAX_STACKS:
             return self._overflow_id()
-        frames: list[Frame] = []
-        while len(frames) < MAX_FRAMES:
-            if frame is None:
-                frame, parent = parent, None
-                if frame is None:
-                    break
-            frames.append((frame.f_code, frame.f_lasti))
-            frame = frame.f_back
+        frames = [(f.f_code, f.f_lasti) for f in _walk(frame, parent)]
         sid = next(self._next_id)
         self.frames[sid] = frames
         self.ids[key] = sid
@@ -134,6 +108,17 @@ class StackTable:
         if resolved is None:
             resolved = self._resolved[sid] = resolve_frames(self.frames.get(sid, []))
         return resolved
+
+
+def _walk(frame: FrameType | None, parent: FrameType | None = None) -> Iterator[FrameType]:
+    """Yield up to ``MAX_FRAMES`` frames from ``frame`` outwards, then from ``parent``
+    (a parent greenlet's frame) when the first chain ends."""
+    n = 0
+    for f in (frame, parent):
+        while f is not None and n < MAX_FRAMES:
+            yield f
+            f = f.f_back
+            n += 1
 
 
 def _py_stack_key(skip: int, max_frames: int) -> int:
