@@ -98,7 +98,6 @@ class Monitor:
         _check_arguments(store, leak_after, name)
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
-        self._engine_ref = weakref.ref(engine) if engine is not None else None
         self._event_target: Any = engine if engine is not None else pool
         self._state: list[Any] = _pool_state(pool)
         self._wrapped_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -179,8 +178,7 @@ class Monitor:
         self._wrapped_pools = weakref.WeakSet()
         # The returns of connections still checked out can no longer be seen: forget
         # them, or the watchdog would report them as leaks once leak_after has passed.
-        for table in (self._open, self._waits, self._connect_times, self._suspected):
-            table.clear()
+        self._forget_checkouts()
         with _registry_lock:
             if _monitors.get(self._event_target) is self:
                 del _monitors[self._event_target]
@@ -248,7 +246,14 @@ class Monitor:
             held = now - entry[_CO_AT]
             if held > limit and entry[_CO_ID] not in suspected:
                 suspected[entry[_CO_ID]] = now
-                self._emit_about(entry, "leak_suspected", now, held)
+                self._emit(
+                    "leak_suspected",
+                    entry=entry,
+                    thread=entry[_CO_THREAD],
+                    task=entry[_CO_TASK],
+                    hold_s=held,
+                    at=now,
+                )
                 resolved = self._writer.stacks.resolve(entry[_CO_STACK])
                 logger.warning(
                     "connection checked out at %s (thread %s) held for %.1f s, past "
@@ -260,33 +265,52 @@ class Monitor:
                     "\n    ".join(resolved.frames),
                 )
 
-    def _emit_about(self, entry: tuple[Any, ...], kind: str, at: float, held: float) -> None:
+    def _emit(
+        self,
+        kind: str,
+        *,
+        entry: tuple[Any, ...] | None = None,
+        connection_id: int | None = None,
+        thread: str | None = None,
+        task: str | None = None,
+        stack_id: int | None = None,
+        wait_s: float | None = None,
+        connect_s: float | None = None,
+        hold_s: float | None = None,
+        count: int | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Queue one event of a rarely fired kind, with the pool's counts right now.
+
+        The hot listeners (checkout, checkin) build their records inline instead.
+        ``entry`` is the open checkout the event is about, if any: it gives the
+        checkout id and, unless ``stack_id`` is given, the stack.
+        """
+        in_use = len(self._open)
+        _, idle, waiters, size = self._state
+        if stack_id is None and entry is not None:
+            stack_id = entry[_CO_STACK]
         self._writer.emit(
-            (
-                at,
-                self.pool_key,
-                kind,
-                None,
-                entry[_CO_ID],
-                entry[_CO_THREAD],
-                entry[_CO_TASK],
-                len(self._open),
-                None,
-                None,
-                len(self._state[2]),
-                entry[_CO_STACK],
-                None,
-                None,
-                held,
-                None,
-            )
-        )
+            (at if at is not None else time.time(), self.pool_key, kind, connection_id,
+             entry[_CO_ID] if entry is not None else None, thread, task, in_use, len(idle),
+             in_use - size if in_use > size else 0, len(waiters), stack_id, wait_s, connect_s,
+             hold_s, count)
+        )  # fmt: skip
 
     def reinit_after_fork(self) -> None:
         """In a forked child: the parent's checkouts and waiters are not ours."""
-        for table in (self._open, self._waits, self._connect_times, self._suspected):
-            table.clear()
+        self._forget_checkouts()
         self._notices.clear()
+
+    def _forget_checkouts(self) -> None:
+        for table in (
+            self._open,
+            self._waits,
+            self._connect_times,
+            self._connect_starts,
+            self._suspected,
+        ):
+            table.clear()
 
     # -- installation -------------------------------------------------------------------
 
@@ -372,28 +396,13 @@ class Monitor:
     def _on_timeout(self, waited: float) -> None:
         """Record a ``timeout``: the pool raised ``TimeoutError`` to a caller after ``waited`` s."""
         stacks = self._writer.stacks
-        sid = stacks.capture_async() if self._is_async else stacks.capture()
-        in_use = len(self._open)
-        _, idle, waiters, size = self._state
-        self._writer.emit(
-            (
-                time.time(),
-                self.pool_key,
-                "timeout",
-                None,
-                None,
-                threading.current_thread().name,
-                _task_name() if self._is_async else None,
-                in_use,
-                len(idle),
-                in_use - size if in_use > size else 0,
-                len(waiters),
-                sid,
-                waited,
-                None,
-                None,
-                len(waiters) + 1,
-            )
+        self._emit(
+            "timeout",
+            thread=threading.current_thread().name,
+            task=_task_name() if self._is_async else None,
+            stack_id=stacks.capture_async() if self._is_async else stacks.capture(),
+            wait_s=waited,
+            count=len(self._state[2]) + 1,  # the waiters, and the caller that gave up
         )
 
     def _make_listeners(self) -> dict[str, Callable[..., None]]:
@@ -436,6 +445,8 @@ class Monitor:
                 thread = local.thread = threading.current_thread()
                 return thread.name
 
+        emit = self._emit
+
         def _record(
             kind: str,
             connection_id: int | None,
@@ -444,17 +455,14 @@ class Monitor:
         ) -> None:
             """Queue one event of a rarely fired kind (connect, invalidate, close, ...),
             tied to the open checkout ``entry`` when there is one."""
-            if len(queue) < max_queue:
-                in_use = len(open_)
-                _, idle, waiters, size = state
-                append(
-                    (now(), key, kind, connection_id, entry[0] if entry else None, _thread(),
-                     task_name() if task_name else None, in_use, len(idle),
-                     in_use - size if in_use > size else 0, len(waiters),
-                     entry[3] if entry else None, None, connect_s, None, None)
-                )  # fmt: skip
-            else:
-                drop(1)
+            emit(
+                kind,
+                entry=entry,
+                connection_id=connection_id,
+                thread=_thread(),
+                task=task_name() if task_name else None,
+                connect_s=connect_s,
+            )
 
         def _on_connect(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.connect``: a new DBAPI connection was opened for ``record``."""
@@ -520,25 +528,14 @@ class Monitor:
             held = t - entry[1]
             if suspected and suspected.pop(entry[0], None) is not None:
                 notices.append(("leak_cleared", entry, held))
-                append(
-                    (
-                        t,
-                        key,
-                        "leak_cleared",
-                        connection_ids.get(record),
-                        entry[0],
-                        entry[2],
-                        entry[5],
-                        len(open_),
-                        None,
-                        None,
-                        None,
-                        entry[3],
-                        None,
-                        None,
-                        held,
-                        None,
-                    )
+                emit(
+                    "leak_cleared",
+                    entry=entry,
+                    connection_id=connection_ids.get(record),
+                    thread=entry[2],
+                    task=entry[5],
+                    hold_s=held,
+                    at=t,
                 )
             if entry[4]() is None:
                 kind = "gc_checkin"
