@@ -122,10 +122,11 @@ class TestCheckoutsView:
 
 class TestReading:
     def test_reads_a_store(self, written_store: Path) -> None:
-        """A valid store opens read-only."""
+        """A valid store opens read-only and reads what was written."""
         conn = _store.open_for_reading(written_store)
         try:
-            assert conn.execute("SELECT count(*) FROM events WHERE kind = 'checkout'").fetchone()
+            count = "SELECT count(*) FROM events WHERE kind = 'checkout'"
+            assert conn.execute(count).fetchone() == (1,)
             with pytest.raises(sqlite3.OperationalError, match="readonly"):
                 conn.execute("DELETE FROM events")
         finally:
