@@ -248,10 +248,9 @@ class _LeakCheck:
         self._marks = 0
         self._exempt: list[tuple[int, int]] = []
         self._wide: dict[int, Any] = {}  # live values of module/class/session fixtures
-        self.totals = dict.fromkeys(_TOTAL_FIELDS, 0)
-        config.stash[_TOTALS_KEY] = config.stash.get(_TOTALS_KEY, None) or dict.fromkeys(
-            _TOTAL_FIELDS, 0
-        )
+        # The session's counts, printed by pytest_terminal_summary (or, on a pytest-xdist
+        # worker, sent to the controller, which adds them up in pytest_testnodedown).
+        self.totals = config.stash.setdefault(_TOTALS_KEY, dict.fromkeys(_TOTAL_FIELDS, 0))
         if everywhere:
             self._install()
 
@@ -481,9 +480,6 @@ class _LeakCheck:
         return f"--pool-max-hold={self.max_hold:g}" if self.max_hold is not None else ""
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        totals = self.config.stash[_TOTALS_KEY]
-        for field in _TOTAL_FIELDS:
-            totals[field] += self.totals[field]
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # a pytest-xdist worker: the controller prints the line
             workeroutput["poolscope"] = dict(self.totals)
