@@ -21,13 +21,13 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._stacks import MAX_FRAMES, stack_key
 from ._store import resolve_store_path
-from ._writer import MAX_QUEUE_VALUES, Writer, get_writer
+from ._writer import MAX_QUEUE_VALUES, SECRET_WORDS, Writer, get_writer
 
 logger = logging.getLogger("instrument")
 
 DEFAULT_LEAK_AFTER_SECONDS = 30.0
 
-_SECRET_QUERY_KEYS = ("password", "passwd", "secret", "token", "key", "sslpassword")
+_SECRET_QUERY_KEYS = (*SECRET_WORDS, "key")  # api_key=..., sslkey=... in a URL query
 _MASK = "POOLSCOPE_MASKED"  # survives URL quoting unchanged
 
 # Per-process counters; a (process, pool, checkout id) triple identifies a checkout.

@@ -388,8 +388,12 @@ def get_writer(path: Path) -> Writer:
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/:@\s]*:)[^\s/]*(?=@)")
-_SECRET_VALUE = re.compile(r"(?i)(?P<head>[\w-]*(?:password|passwd|secret|token)[\w-]*=)[^&\s]*")
-_SECRET_FLAG = re.compile(r"(?i)--?[\w-]*(?:password|passwd|secret|token)[\w-]*")
+SECRET_WORDS = ("password", "passwd", "secret", "token")
+"""A name holding one of these words holds a secret (argv here; URL query keys too)."""
+
+_SECRET = "|".join(SECRET_WORDS)
+_SECRET_VALUE = re.compile(rf"(?i)(?P<head>[\w-]*(?:{_SECRET})[\w-]*=)[^&\s]*")
+_SECRET_FLAG = re.compile(rf"(?i)--?[\w-]*(?:{_SECRET})[\w-]*")
 
 
 def masked_argv(argv: list[str]) -> list[str]:
