@@ -106,12 +106,15 @@ def pytest_collection_modifyitems(
     """Turn the check on (for those tests only) when a test asks for it."""
     if _CHECK_KEY in config.stash:
         return
-    for item in items:
-        if item.get_closest_marker("pool_leaks") is not None or "pool_leaks" in getattr(
-            item, "fixturenames", ()
-        ):
-            _LeakCheck.ensure(config, everywhere=False)
-            return
+    if any(_asks_for_check(item) for item in items):
+        _LeakCheck.ensure(config, everywhere=False)
+
+
+def _asks_for_check(item: pytest.Item) -> bool:
+    """Tell whether ``item`` has the ``pool_leaks`` marker or uses the ``pool_leaks`` fixture."""
+    return item.get_closest_marker("pool_leaks") is not None or "pool_leaks" in getattr(
+        item, "fixturenames", ()
+    )
 
 
 @pytest.fixture
@@ -327,11 +330,7 @@ class _LeakCheck:
     # -- one test --------------------------------------------------------------------
 
     def wants(self, item: pytest.Item) -> bool:
-        return (
-            self.everywhere
-            or item.get_closest_marker("pool_leaks") is not None
-            or "pool_leaks" in getattr(item, "fixturenames", ())
-        )
+        return self.everywhere or _asks_for_check(item)
 
     def begin(self, item: pytest.Item) -> str | None:
         """Start the window of ``item``: checkouts from now on are its own (idempotent).
