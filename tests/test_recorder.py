@@ -514,15 +514,22 @@ class TestAttach:
             ({"name": " "}, "name must be a non-empty string, not ' '."),
         ],
     )
-    def test_bad_store_or_name(self, sqlite_url, kwargs, message) -> None:
+    def test_bad_store_or_name(self, sqlite_url, store_path, kwargs, message) -> None:
         """A store that is no path, or a blank name, is refused with one plain sentence,
         also when the engine is already attached (the existing monitor is not returned)."""
         engine = sa.create_engine(sqlite_url)
-        with pytest.raises(ValueError) as info:
-            instrument.attach(engine, **kwargs)
-        assert str(info.value) == message
-        with pytest.raises(ValueError):
-            instrument.attach(engine, leak_after=-1)
+
+        def refused() -> None:
+            with pytest.raises(ValueError) as info:
+                instrument.attach(engine, **kwargs)
+            assert str(info.value) == message
+            with pytest.raises(ValueError):
+                instrument.attach(engine, leak_after=-1)
+
+        refused()
+        monitor = instrument.attach(engine, store=store_path)
+        refused()
+        assert monitor.attached
 
 
 class TestManyStacks:
