@@ -54,20 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run; bad options or an unreachable database exit 2."""
     args = _parser().parse_args(argv)
-    options = Options(
-        url=args.url,
-        duration=args.duration,
-        workers=args.workers,
-        store=args.store,
-        seed=args.seed,
-        leak_after=args.leak_after,
-        pool_size=args.pool_size,
-        max_overflow=args.max_overflow,
-        pool_timeout=args.pool_timeout,
-        bursts=args.bursts,
-        schema=args.schema,
-        name=args.name,
-    )
+    options = Options(**vars(args))  # one option per field, named alike
     try:
         options.validate()
     except ValueError as exc:
