@@ -590,6 +590,7 @@ class TestWatchdog:
             for _ in range(50):
                 with engine.connect() as conn:
                     conn.exec_driver_sql("select 1")
+            monitor.watch(time.time() + 3600)  # a watchdog pass an hour later flags none
             monitor.flush()
             monitor.flush()
         engine.dispose()
