@@ -788,6 +788,13 @@ def timeouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataF
     return _timeouts(_load(conn, filters)).drop(columns=["pool_id"])
 
 
+def _stacks_of(data: _Data, fingerprints: pd.Series) -> list[list[str]]:
+    """The frames (innermost first) of each fingerprint; ``[]`` for one the stacks table
+    lacks."""
+    frames = data.stacks.set_index("fingerprint")["frames"]
+    return [json.loads(frames.get(fp, "[]")) for fp in fingerprints]
+
+
 def _leaks(data: _Data) -> pd.DataFrame:
     co = data.core
     leaked = co[co["leak_class"].notna()]
@@ -812,8 +819,7 @@ def _leaks(data: _Data) -> pd.DataFrame:
     for col in ("leak_class", "pool", "fingerprint", "site"):
         out[col] = out[col].astype("object")
     out["certainty"] = out["leak_class"].map(CERTAINTY)
-    frames = data.stacks.set_index("fingerprint")["frames"]
-    out["stack"] = [json.loads(frames.get(fp, "[]")) for fp in out["fingerprint"]]
+    out["stack"] = _stacks_of(data, out["fingerprint"])
     out["_c"] = out["certainty"].map(_CERTAINTY_ORDER)
     out["_k"] = out["leak_class"].map({c: i for i, c in enumerate(LEAK_CLASSES)})
     out = out.sort_values(["_c", "_k", "count", "max_held_s"], ascending=[True, True, False, False])
@@ -862,8 +868,7 @@ def _sites(data: _Data) -> pd.DataFrame:
     out["pool_time_share"] = (out["total_hold_s"] / pool_total.replace(0, np.nan)).fillna(0.0)
     for col in ("pool", "fingerprint", "site"):
         out[col] = out[col].astype("object")
-    frames = data.stacks.set_index("fingerprint")["frames"]
-    out["stack"] = [json.loads(frames.get(fp, "[]")) for fp in out["fingerprint"]]
+    out["stack"] = _stacks_of(data, out["fingerprint"])
     out = out.sort_values(["total_hold_s", "checkouts"], ascending=False)
     return out[_SITE_COLUMNS].reset_index(drop=True)
 
