@@ -196,6 +196,21 @@ def timeline_chart(util: pd.DataFrame, *, title: str = "Connections in use") -> 
     return fig
 
 
+def _histogram_ms(
+    checkouts: pd.DataFrame, column: str, by: str, title: str, empty: str, bins: int
+) -> go.Figure:
+    """One histogram of ``column`` (seconds, drawn in ms) per value of ``by``, counting
+    checkouts; a blank chart saying ``empty`` when no row has a value (it has no traces)."""
+    values = checkouts.dropna(subset=[column]) if not checkouts.empty else checkouts
+    if values.empty:
+        return _empty(title, empty)
+    fig = go.Figure()
+    for key, rows in values.groupby(by, sort=True):
+        fig.add_trace(go.Histogram(x=rows[column] * 1000.0, name=str(key), nbinsx=bins))
+    fig.update_layout(title=title, margin=_MARGIN, yaxis_title="checkouts")
+    return fig
+
+
 def wait_histogram_chart(
     checkouts: pd.DataFrame, *, title: str = "Wait for a connection"
 ) -> go.Figure:
@@ -203,22 +218,11 @@ def wait_histogram_chart(
 
     :param checkouts: rows of :func:`instrument.analysis.checkouts`.
     """
-    waits = checkouts.dropna(subset=["wait_s"]) if not checkouts.empty else checkouts
-    if waits.empty:
-        return _empty(title, "no checkouts in this window")
-    fig = go.Figure()
-    for pool, rows in waits.groupby("pool", sort=True):
-        fig.add_trace(go.Histogram(x=rows["wait_s"] * 1000.0, name=str(pool), nbinsx=60))
-    fig.update_layout(
-        title=title,
-        height=320,
-        margin=_MARGIN,
-        barmode="overlay",
-        xaxis_title="wait (ms)",
-        yaxis_title="checkouts",
-    )
-    fig.update_traces(opacity=0.75)
-    fig.update_yaxes(type="log")  # the tail is the story: a few slow waits among many instant
+    fig = _histogram_ms(checkouts, "wait_s", "pool", title, "no checkouts in this window", 60)
+    if fig.data:
+        fig.update_layout(height=320, barmode="overlay", xaxis_title="wait (ms)")
+        fig.update_traces(opacity=0.75)
+        fig.update_yaxes(type="log")  # the tail is the story: a few slow waits among many instant
     return fig
 
 
@@ -348,20 +352,9 @@ def hold_histogram_chart(checkouts: pd.DataFrame, *, title: str = "Hold time") -
 
     :param checkouts: rows of :func:`instrument.analysis.checkouts`.
     """
-    holds = checkouts.dropna(subset=["hold_s"]) if not checkouts.empty else checkouts
-    if holds.empty:
-        return _empty(title, "no checkouts")
-    fig = go.Figure()
-    for outcome, rows in holds.groupby("outcome", sort=True):
-        fig.add_trace(go.Histogram(x=rows["hold_s"] * 1000.0, name=str(outcome), nbinsx=50))
-    fig.update_layout(
-        title=title,
-        height=300,
-        margin=_MARGIN,
-        barmode="stack",
-        xaxis_title="held (ms)",
-        yaxis_title="checkouts",
-    )
+    fig = _histogram_ms(checkouts, "hold_s", "outcome", title, "no checkouts", 50)
+    if fig.data:
+        fig.update_layout(height=300, barmode="stack", xaxis_title="held (ms)")
     return fig
 
 
