@@ -544,7 +544,7 @@ def _render_stack(stacks: Any, sid: int) -> tuple[str, tuple[tuple[str, str], ..
     The frames stop where pytest's own machinery begins, and start at the site:
     the innermost frame that is application code (see ``instrument._stacks``).
     """
-    from ._stacks import format_frame, is_application_file, line_of, resolve_frames
+    from ._stacks import is_application_file, line_of, resolve_frames
 
     harness = _harness_dirs()
     frames = stacks.frames.get(sid, [])
@@ -553,13 +553,13 @@ def _render_stack(stacks: Any, sid: int) -> tuple[str, tuple[tuple[str, str], ..
             frames = frames[:i]
             break
     resolved = resolve_frames(frames)
-    shown = frames[len(frames) - len(resolved.frames) :] if resolved.frames else []
+    # resolved.frames is the text of the frames from the site outwards.
+    shown = list(zip(frames[len(frames) - len(resolved.frames) :], resolved.frames, strict=True))
     # Thread and event-loop plumbing (the standard library) says nothing about the leak.
-    shown = [f for f in shown if is_application_file(f[0].co_filename)] or shown
+    shown = [f for f in shown if is_application_file(f[0][0].co_filename)] or shown
     pairs = []
-    for code, offset in reversed(shown):
-        source = linecache.getline(code.co_filename, line_of(code, offset)).strip()
-        pairs.append((format_frame(code, offset), source))
+    for (code, offset), text in reversed(shown):
+        pairs.append((text, linecache.getline(code.co_filename, line_of(code, offset)).strip()))
     return resolved.site, tuple(pairs)
 
 
