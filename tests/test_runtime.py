@@ -17,8 +17,8 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -901,11 +901,20 @@ class TestProcessEnd:
 # -------------------------------------------------------------------------------------------
 
 
-def _async_url(db_url: str) -> str:
-    """The async driver URL for the same database: aiosqlite, or psycopg (async mode)."""
+@asynccontextmanager
+async def _attached_async_engine(
+    db_url: str, store_path: Path, **kwargs
+) -> AsyncIterator[tuple[AsyncEngine, instrument.Monitor]]:
+    """An AsyncEngine on the same database (aiosqlite, or psycopg in async mode), attached
+    with leak_after=60 and disposed when the block ends."""
     if db_url.startswith("sqlite:"):
-        return db_url.replace("sqlite:", "sqlite+aiosqlite:", 1)
-    return db_url
+        db_url = db_url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    engine = create_async_engine(db_url, **kwargs)
+    monitor = instrument.attach(engine, store=store_path, leak_after=60)
+    try:
+        yield engine, monitor
+    finally:
+        await engine.dispose()
 
 
 async def _async_work(engine: AsyncEngine) -> None:
@@ -926,15 +935,11 @@ class TestAsync:
         site is the application's coroutine line."""
 
         async def main() -> instrument.Monitor:
-            engine = create_async_engine(_async_url(db_url))
-            monitor = instrument.attach(engine, store=store_path, leak_after=60)
-            try:
+            async with _attached_async_engine(db_url, store_path) as (engine, monitor):
                 await asyncio.gather(
                     asyncio.create_task(_async_work(engine), name="worker-7"),
                     asyncio.create_task(_async_work(engine), name="worker-8"),
                 )
-            finally:
-                await engine.dispose()
             return monitor
 
         asyncio.run(main()).flush()
@@ -968,22 +973,20 @@ class TestAsync:
                 pass
 
         async def main() -> tuple[instrument.Monitor, BaseException | None]:
-            engine = create_async_engine(
-                _async_url(db_url), pool_size=1, max_overflow=0, pool_timeout=0.3
-            )
-            monitor = instrument.attach(engine, store=store_path, leak_after=60)
-            release = asyncio.Event()
-            holder = asyncio.create_task(hold(engine, release), name="holder")
-            while not monitor.open_checkouts():
-                await asyncio.sleep(0.01)
-            error = None
-            try:
-                await asyncio.create_task(late(engine), name="late-3")
-            except sa_exc.TimeoutError as exc:
-                error = exc
-            release.set()
-            await holder
-            await engine.dispose()
+            async with _attached_async_engine(
+                db_url, store_path, pool_size=1, max_overflow=0, pool_timeout=0.3
+            ) as (engine, monitor):
+                release = asyncio.Event()
+                holder = asyncio.create_task(hold(engine, release), name="holder")
+                while not monitor.open_checkouts():
+                    await asyncio.sleep(0.01)
+                error = None
+                try:
+                    await asyncio.create_task(late(engine), name="late-3")
+                except sa_exc.TimeoutError as exc:
+                    error = exc
+                release.set()
+                await holder
             return monitor, error
 
         monitor, error = asyncio.run(main())
@@ -1007,16 +1010,12 @@ class TestAsync:
         garbage collector reclaims it (SQLAlchemy detaches it rather than checking it in)."""
 
         async def main() -> instrument.Monitor:
-            engine = create_async_engine(_async_url(db_url))
-            monitor = instrument.attach(engine, store=store_path, leak_after=60)
-            try:
+            async with _attached_async_engine(db_url, store_path) as (engine, monitor):
                 await asyncio.create_task(_async_work(engine), name="closer")
                 await asyncio.create_task(_async_leak(engine), name="leaker")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     gc.collect()
-            finally:
-                await engine.dispose()
             return monitor
 
         asyncio.run(main()).flush()
