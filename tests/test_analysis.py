@@ -7,6 +7,7 @@ the workload did and against numbers computed independently from the raw events.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
 import sqlite3
@@ -19,16 +20,19 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 from conftest import PG_URL, query, require_postgres
 from report_workloads import (
     LEAK_AFTER,
     POOL_TIMEOUT,
+    quick_query,
     run_dies_mid_batch,
     run_exiting_leak,
     run_killed,
     run_mixed,
 )
 
+import instrument
 from instrument import analysis
 from instrument.analysis import Filters
 
@@ -197,6 +201,20 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def by_fn(frame, column: str = "site"):
     return frame.assign(fn=frame[column].astype(str).map(fn))
+
+
+def record_quick(
+    store: Path, url: str, name: str, checkouts: int, **engine_kwargs
+) -> sqlite3.Connection:
+    """Record ``checkouts`` short checkouts on a new engine attached as ``name``, and open
+    ``store`` for analysis."""
+    engine = sa.create_engine(url, **engine_kwargs)
+    monitor = instrument.attach(engine, store=store, name=name)
+    for _ in range(checkouts):
+        quick_query(engine)
+    monitor.flush()
+    engine.dispose()
+    return analysis.open_store(store)
 
 
 class TestCheckouts:
@@ -461,19 +479,8 @@ class TestSizing:
 
     def test_a_pool_without_pressure_is_left_alone(self, tmp_path: Path, sqlite_url: str) -> None:
         """No waits, no timeouts: verdict ok, and the same pool_size is recommended."""
-        import sqlalchemy as sa
-
-        import instrument
-
-        engine = sa.create_engine(sqlite_url, poolclass=sa.pool.QueuePool, pool_size=4,
-                                  max_overflow=6)  # fmt: skip
-        monitor = instrument.attach(engine, store=tmp_path / "calm.db", name="calm")
-        for _ in range(5):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("select 1")
-        monitor.flush()
-        engine.dispose()
-        conn = analysis.open_store(tmp_path / "calm.db")
+        conn = record_quick(tmp_path / "calm.db", sqlite_url, "calm", 5,
+                            poolclass=sa.pool.QueuePool, pool_size=4, max_overflow=6)  # fmt: skip
         [advice] = analysis.sizing_advice(conn)
         assert advice["verdict"] == "ok"
         assert (advice["recommended_pool_size"], advice["recommended_max_overflow"]) == (4, 6)
@@ -582,11 +589,7 @@ class TestSummary:
 class TestOtherPools:
     def test_async_timeout_names_tasks(self, tmp_path: Path) -> None:
         """On an AsyncEngine the caller that timed out and its holder carry their task names."""
-        import asyncio
-
         from sqlalchemy.ext.asyncio import create_async_engine
-
-        import instrument
 
         store = tmp_path / "async.db"
 
@@ -630,18 +633,7 @@ class TestOtherPools:
 
     def test_pools_without_a_size_are_not_sized(self, tmp_path: Path, sqlite_url: str) -> None:
         """NullPool has no size: no capacity, verdict unbounded, and the advice says so."""
-        import sqlalchemy as sa
-
-        import instrument
-
-        engine = sa.create_engine(sqlite_url, poolclass=sa.pool.NullPool)
-        monitor = instrument.attach(engine, store=tmp_path / "null.db", name="null")
-        for _ in range(3):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("select 1")
-        monitor.flush()
-        engine.dispose()
-        conn = analysis.open_store(tmp_path / "null.db")
+        conn = record_quick(tmp_path / "null.db", sqlite_url, "null", 3, poolclass=sa.pool.NullPool)
         assert analysis.pools(conn)["capacity"].isna().all()
         [advice] = analysis.sizing_advice(conn)
         assert (advice["verdict"], advice["capacity"], advice["checkouts"]) == (
