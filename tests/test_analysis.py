@@ -289,6 +289,7 @@ class TestLeaks:
     def test_leak_numbers_come_from_the_checkouts(self, mixed: SimpleNamespace) -> None:
         """max_held_s and first/last seen are the leaked checkout's own hold and time."""
         co = by_fn(mixed.co).set_index("fn")
+        assert len(mixed.leaks) == 4
         for r in mixed.leaks.itertuples():
             name = fn(r.site)
             if name == "keep_open_now":
@@ -300,6 +301,7 @@ class TestLeaks:
 
     def test_stack_starts_at_the_site(self, mixed: SimpleNamespace) -> None:
         """The stack is innermost first: the site, then the workload function that called it."""
+        assert len(mixed.leaks) == 4
         for r in mixed.leaks.itertuples():
             assert r.stack[0] == r.site
             if fn(r.site) in ("forget_to_close", "keep_open_now"):
@@ -370,6 +372,7 @@ class TestTimeouts:
         the holder's whole hold."""
         t = mixed.timeouts.iloc[0]
         co = mixed.co.set_index("checkout_id")
+        assert len(t["holders"]) == 2
         for h in t["holders"]:
             row = co.loc[h["checkout_id"]]
             assert h["checked_out_at"] == row["checked_out_at"]
@@ -609,9 +612,10 @@ class TestOtherPools:
             async def time_out_in_task() -> None:
                 await held.wait()
                 try:
-                    async with engine.connect():
-                        pass
-                except Exception:  # sqlalchemy.exc.TimeoutError
+                    with pytest.raises(sa.exc.TimeoutError):
+                        async with engine.connect():
+                            pass
+                finally:  # a caller that got a connection must not leave the holder hanging
                     done.set()
 
             await asyncio.gather(
