@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from instrument import analysis
+
 
 @dataclass(frozen=True)
 class FilterState:
@@ -41,24 +43,14 @@ def _values(params: Mapping[str, Any], name: str) -> list[str]:
 
 
 def parse_time(text: str) -> float | None:
-    """Read a time from a query value: ISO 8601 (``Z`` or offset; naive means UTC) or unix
-    seconds. Returns unix seconds, or ``None`` if it does not parse."""
-    text = text.strip()
-    if not text:
-        return None
+    """Read a time from a query value the way ``poolscope report --since`` does (see
+    :func:`instrument.analysis.parse_time`). Returns unix seconds, or ``None`` if it does
+    not parse or is not finite."""
     try:
-        number = float(text)
-    except ValueError:
-        pass
-    else:
-        return number if math.isfinite(number) else None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        at = analysis.parse_time(text)
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    return at if math.isfinite(at) else None
 
 
 def format_time(at: float) -> str:
