@@ -33,11 +33,13 @@ def invoke(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
-def record(store: Path, url: str, *, leak: bool = False, hold_s: float = 0.0) -> None:
-    """Record 3 short checkouts into ``store``; optionally one left to the garbage collector
-    and one held for ``hold_s`` seconds."""
+def record(
+    store: Path, url: str, *, leak: bool = False, hold_s: float = 0.0, name: str = "app"
+) -> None:
+    """Record 3 short checkouts into ``store`` on a pool called ``name``; optionally one left
+    to the garbage collector and one held for ``hold_s`` seconds."""
     engine = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=1)
-    monitor = instrument.attach(engine, store=store, name="app")
+    monitor = instrument.attach(engine, store=store, name=name)
     for _ in range(3):
         with engine.connect() as conn:
             conn.exec_driver_sql("select 1")
@@ -85,6 +87,8 @@ class TestReport:
 
     def test_text_is_the_default(self, leaky: Path) -> None:
         result = invoke("report", str(leaky))
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"poolscope report: {leaky}\n")
         assert "\nLEAKS\n" in result.stdout and "gc_reclaimed" in result.stdout
 
     def test_output_file(self, leaky: Path, tmp_path: Path) -> None:
@@ -116,13 +120,25 @@ class TestReport:
         data = json.loads(invoke("report", str(clean), "--format", "json").stdout)
         assert data["leaks"] == []
 
-    def test_since_until_and_pool(self, leaky: Path) -> None:
+    def test_since_until_and_pool(self, leaky: Path, sqlite_url: str) -> None:
+        """--until before the first event or --since after the last keeps nothing; --since
+        the first event keeps everything; --pool keeps only that pool."""
+        record(leaky, sqlite_url, name="other")  # 3 more checkouts, in a second pool
+
+        def checkouts(*args: str) -> int:
+            result = invoke("report", str(leaky), "--format", "json", *args)
+            assert result.exit_code == 0, result.output
+            return json.loads(result.stdout)["summary"]["checkouts"]
+
         data = json.loads(invoke("report", str(leaky), "--format", "json").stdout)
         first = data["summary"]["first_event_at"]
-        early = invoke("report", str(leaky), "--format", "json", "--until", "1000000000")
-        assert json.loads(early.stdout)["summary"]["checkouts"] == 0
-        late = invoke("report", str(leaky), "--format", "json", "--since", first, "--pool", "app")
-        assert json.loads(late.stdout)["summary"]["checkouts"] == 5
+        assert data["summary"]["checkouts"] == 8
+        assert checkouts("--until", "1000000000") == 0
+        assert checkouts("--since", "9999999999") == 0
+        assert checkouts("--since", first) == 8
+        assert checkouts("--since", first, "--pool", "app") == 5
+        assert checkouts("--pool", "other") == 3
+        late = invoke("report", str(leaky), "--format", "json", "--pool", "app")
         assert json.loads(late.stdout)["filters"]["pools"] == ["app"]
 
     def test_store_from_the_environment(self, leaky: Path, tmp_path: Path) -> None:
