@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, require_postgres
+from conftest import PG_URL, query, require_postgres
 
-from instrument import analysis
+import instrument
+from instrument import _writer, analysis
 from sample_app.__main__ import main
 from sample_app.demo import dashboard_problem
 
@@ -186,8 +187,17 @@ class TestOutput:
 
 class TestDemo:
     def test_demo_runs_the_shop_and_prints_its_report(self, tmp_path: Path) -> None:
-        """``poolscope demo --no-dashboard`` records the shop, then prints the report of it."""
+        """``poolscope demo --no-dashboard`` records the shop, then prints the report of it;
+        a previous demo's store at --store is replaced, not appended to."""
         store = tmp_path / "demo.db"
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'previous.db'}")
+        previous = instrument.attach(engine, store=store, name="previous-demo")
+        with engine.connect():
+            pass
+        previous.flush()
+        previous.detach()
+        _writer.shutdown_all(timeout=10.0)
+        engine.dispose()
         proc = subprocess.run(
             [sys.executable, "-m", "instrument", "demo", "--duration", "3", "--no-dashboard",
              "--store", str(store)],
@@ -200,8 +210,10 @@ class TestDemo:
             line = next(x for x in report.splitlines() if f" in {function}" in x)
             assert leak_class in line, line
         assert "Uvicorn" not in proc.stdout + proc.stderr  # no dashboard was started
+        assert ("previous-demo",) not in query(store, "SELECT name FROM pools")
+        assert query(store, "SELECT count(*) FROM processes") == [(1,)]
 
-    def test_demo_replaces_its_own_store_but_refuses_another_file(self, tmp_path: Path) -> None:
+    def test_demo_refuses_to_replace_a_file_that_is_not_a_store(self, tmp_path: Path) -> None:
         """A --store that is not a poolscope store is left alone: one line, exit 2."""
         precious = tmp_path / "notes.db"
         precious.write_text("my notes\n")
