@@ -14,7 +14,6 @@ classes depend on the threshold, resampling on the window) are cached per filter
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sqlite3
 import threading
@@ -29,7 +28,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from instrument import analysis
+from instrument import analysis, report
 from instrument.exceptions import StoreCorruptError
 
 CACHE_TTL_S = 600
@@ -221,16 +220,9 @@ def load_report(store: str, token: Token, filters: analysis.Filters) -> dict[str
 
 
 def render_report(view: View, fmt: str) -> str:
-    """Render the report of ``view`` as ``fmt`` (``html`` or ``json``) with
-    :mod:`instrument.report`, or plain JSON where that module is not installed."""
-    report = load_report(view.store, view.token, view.filters)
-    try:
-        from instrument.report import render
-    except ImportError:  # the report module is optional for the dashboard
-        if fmt != "json":
-            raise
-        return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    return render(report, fmt)
+    """Render the report of ``view`` as ``fmt`` (``html`` or ``json``), as ``poolscope report``
+    does (:func:`instrument.report.render`)."""
+    return report.render(load_report(view.store, view.token, view.filters), fmt)
 
 
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="poolscope-load")
