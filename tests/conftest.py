@@ -108,6 +108,13 @@ def query(store: Path, sql: str, *params) -> list[tuple]:
         conn.close()
 
 
+def short_checkouts(engine: sa.Engine, count: int = 1) -> None:
+    """Check out a connection, run ``select 1`` on it and return it, ``count`` times."""
+    for _ in range(count):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+
+
 def unique_table() -> str:
     """A table name no other test (or xdist worker) uses."""
     return "t_" + uuid.uuid4().hex[:12]

@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import short_checkouts
 from report_workloads import run_dies_mid_batch
 
 import instrument
@@ -40,9 +41,7 @@ def record(
     to the garbage collector and one held for ``hold_s`` seconds."""
     engine = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=1)
     monitor = instrument.attach(engine, store=store, name=name)
-    for _ in range(3):
-        with engine.connect() as conn:
-            conn.exec_driver_sql("select 1")
+    short_checkouts(engine, 3)
     if hold_s:
         with engine.connect():
             time.sleep(hold_s)

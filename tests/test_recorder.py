@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import query, unique_table
+from conftest import query, short_checkouts, unique_table
 from sqlalchemy import event
 from sqlalchemy.pool import QueuePool
 
@@ -331,9 +331,7 @@ class TestAttach:
 
         monitor.flush()
         recorded = query(store_path, "SELECT count(*) FROM events")
-        for _ in range(3):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("select 1")
+        short_checkouts(engine, 3)
         monitor.flush()
         assert query(store_path, "SELECT count(*) FROM events") == recorded
         assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
@@ -450,9 +448,7 @@ class TestAttach:
         """Pools other than QueuePool are recorded too, with no size or overflow in ``pools``."""
         engine = sa.create_engine(sqlite_url, poolclass=pool_class)
         monitor = instrument.attach(engine, store=store_path)
-        for _ in range(2):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("select 1")
+        short_checkouts(engine, 2)
         monitor.flush()
         engine.dispose()
         rows = query(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import query
+from conftest import query, short_checkouts
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
@@ -587,9 +587,7 @@ class TestWatchdog:
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, leak_after=5)
         with caplog.at_level(logging.INFO, logger="instrument"):
-            for _ in range(50):
-                with engine.connect() as conn:
-                    conn.exec_driver_sql("select 1")
+            short_checkouts(engine, 50)
             monitor.watch(time.time() + 3600)  # a watchdog pass an hour later flags none
             monitor.flush()
             monitor.flush()
