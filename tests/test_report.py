@@ -202,9 +202,17 @@ class TestText:
         text, data = report.make_report(tmp_path / "idle.db")
         assert "LEAKS\n  none found" in text and "TIMEOUTS\n  none" in text
         assert data["summary"]["checkouts"] == 0
-        for fmt in report.FORMATS:
+        nothing = {
+            "text": ["LEAKS\n  none found\n", "TIMEOUTS\n  none\n"],
+            "markdown": ["## Leaks\n\nNone found.\n", "## Timeouts\n\nNone.\n"],
+            "json": ['"leaks": []', '"timeouts": []'],
+            "html": ["<p>None found.</p>", "<p>None.</p>"],
+        }
+        assert set(nothing) == set(report.FORMATS)
+        for fmt, phrases in nothing.items():
             out, data = report.make_report(tmp_path / "idle.db", fmt=fmt)
-            assert out
+            for phrase in phrases:
+                assert phrase in out, (fmt, phrase)
         jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
 
 
