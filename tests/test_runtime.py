@@ -66,6 +66,11 @@ def site_of_stack(store: Path, stack_id: int | None) -> str | None:
     return rows[0][0] if rows else None
 
 
+def returned_by(store: Path) -> list[str | None]:
+    """How each checkout in ``store`` was returned (``None``: never), in checkout order."""
+    return [r for (r,) in query(store, "SELECT returned_by FROM checkouts ORDER BY checkout_id")]
+
+
 def leak_classes(store: Path) -> list[str]:
     """The leak classes the analysis (shared by report and dashboard) finds in ``store``."""
     conn = analysis.open_store(store)
@@ -853,11 +858,7 @@ class TestProcessEnd:
         assert row_pid == pid
         assert ended_at is None
         assert end_reason is None
-        returns = [
-            r
-            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
-        ]
-        assert returns == ["checkin", None]
+        assert returned_by(store_path) == ["checkin", None]
         assert leak_classes(store_path) == ["open_at_crash"]
 
     def test_clean_exit_records_the_end_and_the_never_returned_checkout(
@@ -874,11 +875,7 @@ class TestProcessEnd:
         assert end_reason == "exit"
         assert ended_at is not None
         assert ended_at >= heartbeat_at - 1e-6
-        returns = [
-            r
-            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
-        ]
-        assert returns == ["checkin", None]
+        assert returned_by(store_path) == ["checkin", None]
         assert not events(store_path, "gc_checkin")
         assert leak_classes(store_path) == ["never_returned"]
 
@@ -888,11 +885,7 @@ class TestProcessEnd:
         _, code = _run_child(sqlite_url, store_path, "exit-with-cycle")
         assert code == 0
         assert query(store_path, "SELECT end_reason FROM processes") == [("exit",)]
-        returns = [
-            r
-            for (r,) in query(store_path, "SELECT returned_by FROM checkouts ORDER BY checkout_id")
-        ]
-        assert returns == ["checkin", None, "gc_checkin"]
+        assert returned_by(store_path) == ["checkin", None, "gc_checkin"]
         assert leak_classes(store_path) == ["gc_reclaimed", "never_returned"]
 
 
