@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
@@ -294,8 +295,9 @@ def checkouts(view: View) -> pd.DataFrame:
 def filter_checkouts(frame: pd.DataFrame, filters: analysis.Filters) -> pd.DataFrame:
     """Keep the checkouts of the chosen pools and processes that overlap the time window.
 
-    Same rule as :mod:`instrument.analysis`: a checkout counts when it was taken at or
-    before ``until`` and returned at or after ``since`` (or not returned at all).
+    Same rules as :func:`instrument.analysis.checkouts`: a checkout counts when it was
+    taken at or before ``until`` and returned at or after ``since`` (or not returned at
+    all), and a checkout still open is held only until ``until``.
     """
     if frame.empty:
         return frame
@@ -308,7 +310,14 @@ def filter_checkouts(frame: pd.DataFrame, filters: analysis.Filters) -> pd.DataF
         keep &= frame["checked_out_at"] <= filters.until
     if filters.since is not None:
         keep &= frame["returned_at"].isna() | (frame["returned_at"] >= filters.since)
-    return frame[keep]
+    frame = frame[keep]
+    if filters.until is not None:
+        held_until = filters.until - frame["checked_out_at"]  # kept rows start by until
+        is_open = frame["outcome"] == "open"
+        frame = frame.assign(
+            hold_s=frame["hold_s"].mask(is_open, np.minimum(frame["hold_s"], held_until))
+        )
+    return frame
 
 
 def wait_percentiles_over_time(checkouts: pd.DataFrame, buckets: int = 40) -> pd.DataFrame:

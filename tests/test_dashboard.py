@@ -582,6 +582,18 @@ class TestData:
         assert 0 < len(ours) < len(everything)
         assert sorted(ours["checkout_id"]) == sorted(theirs["checkout_id"])
 
+    def test_a_window_ending_before_an_open_checkout_ends_caps_its_hold(self, store):
+        """A connection still open at the end of the window is held until that end, as the
+        analysis counts it."""
+        everything = _frame(store, "checkouts")
+        kept = everything[everything["outcome"] == "open"].iloc[0]
+        chosen = analysis.Filters(until=kept["checked_out_at"] + kept["hold_s"] / 2)
+        key = ["process_id", "pool_id", "checkout_id"]
+        ours = data.filter_checkouts(everything, chosen).set_index(key)["hold_s"]
+        theirs = _frame(store, "checkouts", chosen).set_index(key)["hold_s"]
+        assert ours.sort_index().to_list() == theirs.sort_index().to_list()
+        assert ours[tuple(kept[key])] == pytest.approx(kept["hold_s"] / 2, abs=1e-6)
+
 
 class TestQueryFilters:
     def test_round_trip(self):
