@@ -270,6 +270,11 @@ class TestMarkdownAndHtml:
         assert html.count("<svg ") == 2
         assert 'aria-label="connections in use over time, pool mixed"' in html
         assert "capacity 2</text>" in html
+        charts = dict(re.findall(r'pool (\w+)">(.*?)</svg>', html))
+        assert set(charts) == {"mixed", "child"}
+        # The timeout is a red line on its own pool's chart only.
+        timeout_line = 'stroke="#d92d20"'
+        assert (charts["mixed"].count(timeout_line), charts["child"].count(timeout_line)) == (1, 0)
 
     def test_unknown_format(self) -> None:
         with pytest.raises(ValueError, match="unknown format 'pdf'"):
