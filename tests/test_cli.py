@@ -36,12 +36,19 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 
 
 def record(
-    store: Path, url: str, *, leak: bool = False, hold_s: float = 0.0, name: str = "app"
+    store: Path,
+    url: str,
+    *,
+    leak: bool = False,
+    hold_s: float = 0.0,
+    name: str = "app",
+    leak_after: float = 30.0,
 ) -> None:
-    """Record 3 short checkouts into ``store`` on a pool called ``name``; optionally one left
-    to the garbage collector and one held for ``hold_s`` seconds."""
+    """Record 3 short checkouts into ``store`` on a pool called ``name`` attached with
+    ``leak_after``; optionally one left to the garbage collector and one held for ``hold_s``
+    seconds."""
     engine = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=1)
-    monitor = instrument.attach(engine, store=store, name=name)
+    monitor = instrument.attach(engine, store=store, name=name, leak_after=leak_after)
     short_checkouts(engine, 3)
     if hold_s:
         with engine.connect():
@@ -115,10 +122,17 @@ class TestReport:
     def test_leaks_without_the_flag_exit_0(self, leaky: Path) -> None:
         assert invoke("report", str(leaky)).exit_code == 0
 
-    def test_leak_after_defaults_to_the_pools(self, clean: Path) -> None:
-        """The pool was attached with leak_after=30: a 0.3 s hold is no leak."""
+    def test_leak_after_defaults_to_the_pools(
+        self, clean: Path, tmp_path: Path, sqlite_url: str
+    ) -> None:
+        """The pool was attached with leak_after=30: a 0.3 s hold is no leak. Attached with
+        leak_after=0.2, the same hold is one."""
         data = json.loads(invoke("report", str(clean), "--format", "json").stdout)
         assert data["leaks"] == []
+        strict = tmp_path / "strict.db"
+        record(strict, sqlite_url, hold_s=0.3, leak_after=0.2)
+        data = json.loads(invoke("report", str(strict), "--format", "json").stdout)
+        assert [leak["class"] for leak in data["leaks"]] == ["held_too_long"]
 
     def test_since_until_and_pool(self, leaky: Path, sqlite_url: str) -> None:
         """--until before the first event or --since after the last keeps nothing; --since
