@@ -903,6 +903,15 @@ class TestManyProcesses:
 
 
 class TestCaptureEvents:
+    def test_event_fields_are_the_documented_ones(self) -> None:
+        """EVENT_FIELDS is public: derived from the store's columns, it must not change
+        silently when the schema does."""
+        assert EVENT_FIELDS == (
+            "at", "kind", "pool", "connection_id", "checkout_id", "thread", "task", "in_use",
+            "idle", "overflow", "waiters", "wait_s", "connect_s", "hold_s", "count", "site",
+            "stack",
+        )  # fmt: skip
+
     def test_captures_the_blocks_events(self, sqlite_url: str, in_repo_root: Path) -> None:
         """capture_events() fills its list on exit with the block's events, then detaches."""
         engine = sa.create_engine(sqlite_url)
@@ -912,7 +921,7 @@ class TestCaptureEvents:
                     conn.exec_driver_sql("select 1")
                 assert events == []
             assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
-            assert all(set(e) == set(EVENT_FIELDS) for e in events)
+            assert all(tuple(e) == EVENT_FIELDS for e in events)
             marker = "<- " + "captured"  # split, so only the comment above matches
             site = site_of(TestCaptureEvents.test_captures_the_blocks_events, marker)
             checkout, checkin = events[1], events[2]
