@@ -68,7 +68,7 @@ def run_demo(
     """
     problem = _replace_old_store(store)
     if problem:
-        echo(f"poolscope: {problem}")
+        print(f"poolscope: {problem}", file=sys.stderr)  # an error: stderr, like the CLI's
         return 2
     echo(
         f"poolscope demo: a small shop with five deliberate pool bugs runs for {duration:g} s "

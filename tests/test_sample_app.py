@@ -223,8 +223,9 @@ class TestDemo:
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 2
-        assert proc.stdout.startswith(f"poolscope: {precious} exists and is not a poolscope")
-        assert len(proc.stdout.splitlines()) == 1
+        assert proc.stderr.startswith(f"poolscope: {precious} exists and is not a poolscope")
+        assert len(proc.stderr.splitlines()) == 1
+        assert proc.stdout == ""
         assert precious.read_text() == "my notes\n"
 
     def test_demo_says_why_the_dashboard_cannot_start(self) -> None:
