@@ -416,9 +416,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         out.append("None.")
     out += ["", "## Sizing", ""]
-    for p in report["pools"]:
-        if p.get("sizing"):
-            out.append(f"- {p['sizing']['advice']}")
+    advice = [p["sizing"]["advice"] for p in report["pools"] if p.get("sizing")]
+    out += [f"- {a}" for a in advice] or ["No pool activity to size."]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -203,10 +203,14 @@ class TestText:
         assert "LEAKS\n  none found" in text and "TIMEOUTS\n  none" in text
         assert data["summary"]["checkouts"] == 0
         nothing = {
-            "text": ["LEAKS\n  none found\n", "TIMEOUTS\n  none\n"],
-            "markdown": ["## Leaks\n\nNone found.\n", "## Timeouts\n\nNone.\n"],
+            "text": ["LEAKS\n  none found\n", "TIMEOUTS\n  none\n", "no pool activity to size"],
+            "markdown": [
+                "## Leaks\n\nNone found.\n",
+                "## Timeouts\n\nNone.\n",
+                "## Sizing\n\nNo pool activity to size.\n",
+            ],
             "json": ['"leaks": []', '"timeouts": []'],
-            "html": ["<p>None found.</p>", "<p>None.</p>"],
+            "html": ["<p>None found.</p>", "<p>None.</p>", "<p>No pool activity to size.</p>"],
         }
         assert set(nothing) == set(report.FORMATS)
         for fmt, phrases in nothing.items():
