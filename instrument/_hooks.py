@@ -19,7 +19,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
-from ._stacks import MAX_FRAMES, stack_key
+from ._stacks import MAX_FRAMES, HotPath, stack_key
 from ._store import resolve_store_path
 from ._writer import MAX_QUEUE_VALUES, SECRET_WORDS, Writer, get_writer
 
@@ -446,6 +446,32 @@ class Monitor:
                 return thread.name
 
         emit = self._emit
+        # The C helper records the common checkout and checkin (a stack seen before,
+        # a thread threading knows, no watchdog flag, not the GC); it answers False
+        # for everything else, which the Python code below records instead.
+        hot = (
+            HotPath(
+                queue=queue,
+                max_queue=max_queue,
+                drops=writer.drops,
+                pool_key=key,
+                open=open_,
+                waits=waits,
+                connect_times=connect_times,
+                connection_ids=connection_ids,
+                suspected=suspected,
+                state=state,
+                stack_ids=stack_ids,
+                next_checkout=next_checkout,
+                now=now,
+                threads=threading._active,  # type: ignore[attr-defined]
+                max_frames=MAX_FRAMES,
+            )
+            if HotPath is not None and not is_async
+            else None
+        )
+        hot_checkout = hot.checkout if hot is not None else None
+        hot_checkin = hot.checkin if hot is not None else None
 
         def _record(
             kind: str,
@@ -475,6 +501,8 @@ class Monitor:
         def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """``PoolEvents.checkout``: ``record`` was handed to the application."""
             try:
+                if hot_checkout is not None and hot_checkout(record, proxy):
+                    return
                 t = now()
                 if is_async:
                     sid = capture_async()
@@ -580,7 +608,8 @@ class Monitor:
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.checkin``: ``record`` went back to the pool (by code or by the GC)."""
             try:
-                _returned(record, True)
+                if hot_checkin is None or not hot_checkin(record):
+                    _returned(record, True)
             except Exception:  # never raise into the application
                 _listener_failed("_on_checkin")
 

@@ -1,17 +1,74 @@
-/* Stack keys for poolscope's hot path: the pure-Python walk, in C. */
+/* C helpers for poolscope's hot path: stack keys, and the common case of the
+   checkout and checkin listeners. Optional: without a compiler, the pure-Python
+   listeners in _hooks.py do the same work, a few microseconds slower. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <pythread.h>
 #include <stdint.h>
 
-#define MAX_FRAMES 64
+/* On 3.11 and 3.12 the walk reads the interpreter's own frame records, as greenlet
+   and profilers do: PyFrame_GetBack() would allocate a frame object for every
+   caller, which costs more than the rest of the walk on a deep stack. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#  define POOLSCOPE_FRAME_RECORDS 1
+#  ifndef Py_BUILD_CORE
+#    define Py_BUILD_CORE 1
+#  endif
+#  include <internal/pycore_frame.h>
+#endif
 
 #if PY_VERSION_HEX < 0x030B0000
 static int PyFrame_GetLasti(PyFrameObject *frame) { return frame->f_lasti; }
 #endif
 
-/* stack_key(skip, max_frames) -> int: a 64-bit hash of (code address, lasti) per frame,
-   innermost first, starting `skip` frames above the caller. No allocation but the result. */
+#define FNV_BASIS 1469598103934665603ULL
+#define FNV_PRIME 1099511628211ULL
+
+/* A 64-bit hash of (code address, lasti) per frame, innermost first, starting `skip`
+   frames above the Python function that called into C. */
+static uint64_t
+walk_stack(long skip, long max_frames)
+{
+    uint64_t h = FNV_BASIS;
+    long n = 0;
+#ifdef POOLSCOPE_FRAME_RECORDS
+    /* The same frames, in the same order, as the PyFrame_GetBack() walk below:
+       incomplete frames (still being set up) are skipped, as it skips them. */
+    _PyInterpreterFrame *record = PyThreadState_Get()->cframe->current_frame;
+    for (; record != NULL; record = record->previous) {
+        if (_PyFrame_IsIncomplete(record)) continue;
+        if (skip > 0) { skip--; continue; }
+        if (n >= max_frames) break;
+        h = (h ^ (uint64_t)(uintptr_t)record->f_code) * FNV_PRIME;
+        h = (h ^ (uint64_t)_PyInterpreterFrame_LASTI(record)) * FNV_PRIME;
+        n++;
+    }
+#else
+    PyFrameObject *frame = PyEval_GetFrame();  /* borrowed */
+    Py_XINCREF(frame);
+    while (frame != NULL && skip > 0) {
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+        skip--;
+    }
+    while (frame != NULL && n < max_frames) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        h = (h ^ (uint64_t)(uintptr_t)code) * FNV_PRIME;
+        Py_DECREF(code);
+        h = (h ^ (uint64_t)PyFrame_GetLasti(frame)) * FNV_PRIME;
+        PyFrameObject *back = PyFrame_GetBack(frame);
+        Py_DECREF(frame);
+        frame = back;
+        n++;
+    }
+    Py_XDECREF(frame);
+#endif
+    return h;
+}
+
+/* stack_key(skip, max_frames) -> int: the hash above. No allocation but the result. */
 static PyObject *
 stack_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -22,29 +79,341 @@ stack_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long skip = PyLong_AsLong(args[0]);
     long max_frames = PyLong_AsLong(args[1]);
     if ((skip == -1 || max_frames == -1) && PyErr_Occurred()) return NULL;
-    uint64_t h = 1469598103934665603ULL;  /* FNV-1a offset basis */
-    PyFrameObject *frame = PyEval_GetFrame();  /* borrowed */
-    Py_XINCREF(frame);
-    while (frame != NULL && skip > 0) {
-        PyFrameObject *back = PyFrame_GetBack(frame);
-        Py_DECREF(frame);
-        frame = back;
-        skip--;
-    }
-    long n = 0;
-    while (frame != NULL && n < max_frames) {
-        PyCodeObject *code = PyFrame_GetCode(frame);
-        h = (h ^ (uint64_t)(uintptr_t)code) * 1099511628211ULL;
-        Py_DECREF(code);
-        h = (h ^ (uint64_t)PyFrame_GetLasti(frame)) * 1099511628211ULL;
-        PyFrameObject *back = PyFrame_GetBack(frame);
-        Py_DECREF(frame);
-        frame = back;
-        n++;
-    }
-    Py_XDECREF(frame);
-    return PyLong_FromUnsignedLongLong(h);
+    return PyLong_FromUnsignedLongLong(walk_stack(skip, max_frames));
 }
+
+/* ---- HotPath: the checkout and checkin listeners' common case ------------------- */
+
+static PyObject *str_name;      /* "_name" */
+static PyObject *str_checkout;  /* "checkout" */
+static PyObject *str_checkin;   /* "checkin" */
+static PyObject *one;           /* 1, appended to `drops` per dropped record */
+
+#define RECORD_WIDTH 16
+#define NO_SIZE (1LL << 62)
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *queue;           /* list: the writer's flat queue */
+    Py_ssize_t max_queue;      /* values the queue may hold */
+    PyObject *drops;           /* list: one 1 per dropped record */
+    PyObject *pool_key;        /* int */
+    PyObject *open;            /* dict: record -> open-checkout entry tuple */
+    PyObject *waits;           /* dict: record -> wait_s, set by the _do_get hook */
+    PyObject *connect_times;   /* dict: record -> connect_s */
+    PyObject *connection_ids;  /* dict: record -> connection id */
+    PyObject *suspected;       /* dict: checkout id -> when flagged */
+    PyObject *state;           /* list: [pool, idle, waiters, size] */
+    PyObject *stack_ids;       /* dict: stack key -> stack id */
+    PyObject *next_checkout;   /* callable -> next checkout id */
+    PyObject *now;             /* callable -> unix time (time.time) */
+    PyObject *threads;         /* dict: thread ident -> Thread (threading._active) */
+    long max_frames;
+} HotPath;
+
+static int
+HotPath_traverse(HotPath *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->queue); Py_VISIT(self->drops); Py_VISIT(self->pool_key);
+    Py_VISIT(self->open); Py_VISIT(self->waits); Py_VISIT(self->connect_times);
+    Py_VISIT(self->connection_ids); Py_VISIT(self->suspected); Py_VISIT(self->state);
+    Py_VISIT(self->stack_ids); Py_VISIT(self->next_checkout); Py_VISIT(self->now);
+    Py_VISIT(self->threads);
+    return 0;
+}
+
+static int
+HotPath_clear(HotPath *self)
+{
+    Py_CLEAR(self->queue); Py_CLEAR(self->drops); Py_CLEAR(self->pool_key);
+    Py_CLEAR(self->open); Py_CLEAR(self->waits); Py_CLEAR(self->connect_times);
+    Py_CLEAR(self->connection_ids); Py_CLEAR(self->suspected); Py_CLEAR(self->state);
+    Py_CLEAR(self->stack_ids); Py_CLEAR(self->next_checkout); Py_CLEAR(self->now);
+    Py_CLEAR(self->threads);
+    return 0;
+}
+
+static void
+HotPath_dealloc(HotPath *self)
+{
+    PyObject_GC_UnTrack(self);
+    HotPath_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {
+        "queue", "max_queue", "drops", "pool_key", "open", "waits", "connect_times",
+        "connection_ids", "suspected", "state", "stack_ids", "next_checkout", "now",
+        "threads", "max_frames", NULL,
+    };
+    PyObject *queue, *drops, *pool_key, *open, *waits, *connect_times, *connection_ids;
+    PyObject *suspected, *state, *stack_ids, *next_checkout, *now, *threads;
+    Py_ssize_t max_queue;
+    long max_frames;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "O!nO!OO!O!O!O!O!O!O!OOO!l", kwlist, &PyList_Type, &queue, &max_queue,
+            &PyList_Type, &drops, &pool_key, &PyDict_Type, &open, &PyDict_Type, &waits,
+            &PyDict_Type, &connect_times, &PyDict_Type, &connection_ids, &PyDict_Type,
+            &suspected, &PyList_Type, &state, &PyDict_Type, &stack_ids, &next_checkout, &now,
+            &PyDict_Type, &threads, &max_frames))
+        return -1;
+    if (PyList_GET_SIZE(state) != 4) {
+        PyErr_SetString(PyExc_ValueError, "state must be [pool, idle, waiters, size]");
+        return -1;
+    }
+#define SET(field) Py_INCREF(field); Py_XSETREF(self->field, field)
+    SET(queue); SET(drops); SET(pool_key); SET(open); SET(waits); SET(connect_times);
+    SET(connection_ids); SET(suspected); SET(state); SET(stack_ids); SET(next_checkout);
+    SET(now); SET(threads);
+#undef SET
+    self->max_queue = max_queue;
+    self->max_frames = max_frames;
+    return 0;
+}
+
+/* The calling thread's current name (new reference), or NULL, without an error set,
+   where threading does not know the thread yet: the Python listener handles that. */
+static PyObject *
+thread_name(HotPath *self)
+{
+    PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (ident == NULL) { PyErr_Clear(); return NULL; }
+    PyObject *thread = PyDict_GetItemWithError(self->threads, ident);  /* borrowed */
+    Py_DECREF(ident);
+    if (thread == NULL) { PyErr_Clear(); return NULL; }
+    Py_INCREF(thread);
+    PyObject *name = PyObject_GetAttr(thread, str_name);
+    Py_DECREF(thread);
+    if (name == NULL) { PyErr_Clear(); return NULL; }
+    if (!PyUnicode_Check(name)) { Py_DECREF(name); return NULL; }
+    return name;
+}
+
+/* dict.pop(key, None): a new reference, or NULL with an error set. */
+static PyObject *
+dict_pop(PyObject *dict, PyObject *key)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    if (value == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(value);
+    if (PyDict_DelItem(dict, key) < 0) { Py_DECREF(value); return NULL; }
+    return value;
+}
+
+/* dict.get(key): a new reference (None if absent), or NULL with an error set. */
+static PyObject *
+dict_get(PyObject *dict, PyObject *key)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    if (value == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(value);
+    return value;
+}
+
+/* Append the RECORD_WIDTH values of one record to the queue, stealing each reference.
+   Every value is appended (or released) even after a failure; returns -1 on one. */
+static int
+append_record(PyObject *queue, PyObject **values)
+{
+    int rc = 0;
+    for (int i = 0; i < RECORD_WIDTH; i++) {
+        if (values[i] == NULL) { rc = -1; continue; }
+        if (rc == 0 && PyList_Append(queue, values[i]) < 0) rc = -1;
+        Py_DECREF(values[i]);
+    }
+    return rc;
+}
+
+/* The pool's counts after an event: in use, idle, overflow and waiters, as new ints. */
+static int
+pool_counts(HotPath *self, Py_ssize_t idle_extra, PyObject **in_use, PyObject **idle,
+            PyObject **overflow, PyObject **waiters)
+{
+    Py_ssize_t n_in_use = PyDict_GET_SIZE(self->open);
+    Py_ssize_t n_idle = PyObject_Length(PyList_GET_ITEM(self->state, 1));
+    Py_ssize_t n_waiters = PyObject_Length(PyList_GET_ITEM(self->state, 2));
+    long long size = PyLong_AsLongLong(PyList_GET_ITEM(self->state, 3));
+    if (n_idle < 0 || n_waiters < 0 || (size == -1 && PyErr_Occurred())) return -1;
+    if (idle_extra && size != NO_SIZE) n_idle += idle_extra;
+    if (n_idle > size) n_idle = (Py_ssize_t)size;
+    *in_use = PyLong_FromSsize_t(n_in_use);
+    *idle = PyLong_FromSsize_t(n_idle);
+    *overflow = PyLong_FromLongLong(n_in_use > size ? n_in_use - size : 0);
+    *waiters = PyLong_FromSsize_t(n_waiters);
+    return 0;
+}
+
+static int
+drop_record(HotPath *self)
+{
+    return PyList_Append(self->drops, one);
+}
+
+/* checkout(record, proxy) -> bool: record a checkout, as _on_checkout does.
+
+   Returns False, having done nothing, when the stack was never seen before or the
+   thread is not known to threading: the Python listener then does the whole work. */
+static PyObject *
+HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "checkout(record, proxy)");
+        return NULL;
+    }
+    PyObject *record = args[0], *proxy = args[1];
+    PyObject *key = PyLong_FromUnsignedLongLong(walk_stack(1, self->max_frames));
+    if (key == NULL) return NULL;
+    PyObject *sid = PyDict_GetItemWithError(self->stack_ids, key);
+    if (sid == NULL) {
+        Py_DECREF(key);
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
+    }
+    Py_INCREF(sid);
+    Py_DECREF(key);
+    PyObject *thread = thread_name(self);
+    if (thread == NULL) {
+        Py_DECREF(sid);
+        Py_RETURN_FALSE;
+    }
+    PyObject *result = NULL, *at = NULL, *checkout_id = NULL, *ref = NULL, *entry = NULL;
+    if ((at = PyObject_CallNoArgs(self->now)) == NULL) goto done;
+    if ((checkout_id = PyObject_CallNoArgs(self->next_checkout)) == NULL) goto done;
+    if ((ref = PyWeakref_NewRef(proxy, NULL)) == NULL) goto done;
+    entry = PyTuple_Pack(6, checkout_id, at, thread, sid, ref, Py_None);
+    if (entry == NULL || PyDict_SetItem(self->open, record, entry) < 0) goto done;
+    PyObject *wait = dict_pop(self->waits, record);
+    PyObject *connect = dict_pop(self->connect_times, record);
+    if (wait == NULL || connect == NULL) {
+        Py_XDECREF(wait);
+        Py_XDECREF(connect);
+        goto done;
+    }
+    if (PyList_GET_SIZE(self->queue) < self->max_queue) {
+        PyObject *values[RECORD_WIDTH] = {NULL};
+        if (pool_counts(self, 0, &values[7], &values[8], &values[9], &values[10]) < 0) {
+            Py_DECREF(wait);
+            Py_DECREF(connect);
+            goto done;
+        }
+        Py_INCREF(at); values[0] = at;
+        Py_INCREF(self->pool_key); values[1] = self->pool_key;
+        Py_INCREF(str_checkout); values[2] = str_checkout;
+        values[3] = dict_get(self->connection_ids, record);
+        Py_INCREF(checkout_id); values[4] = checkout_id;
+        Py_INCREF(thread); values[5] = thread;
+        Py_INCREF(Py_None); values[6] = Py_None;
+        Py_INCREF(sid); values[11] = sid;
+        values[12] = wait;
+        values[13] = connect;
+        Py_INCREF(Py_None); values[14] = Py_None;
+        Py_INCREF(Py_None); values[15] = Py_None;
+        if (append_record(self->queue, values) < 0) goto done;
+    }
+    else {
+        Py_DECREF(wait);
+        Py_DECREF(connect);
+        if (drop_record(self) < 0) goto done;
+    }
+    result = Py_True;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(entry);
+    Py_XDECREF(ref);
+    Py_XDECREF(checkout_id);
+    Py_XDECREF(at);
+    Py_DECREF(thread);
+    Py_DECREF(sid);
+    return result;
+}
+
+/* checkin(record) -> bool: record a checkin by code, as _returned(record, True) does.
+
+   Returns False, having done nothing, for what the Python listener handles: a
+   connection returned by the garbage collector, a checkout the watchdog flagged,
+   or a thread not known to threading. */
+static PyObject *
+HotPath_checkin(HotPath *self, PyObject *record)
+{
+    PyObject *entry = PyDict_GetItemWithError(self->open, record);
+    if (entry == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_TRUE;  /* checked out before attach: nothing to record */
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6 || PyDict_GET_SIZE(self->suspected))
+        Py_RETURN_FALSE;
+    PyObject *proxy = PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 4));  /* borrowed */
+    if (proxy == NULL) return NULL;
+    if (proxy == Py_None) Py_RETURN_FALSE;  /* gc_checkin */
+    PyObject *thread = thread_name(self);
+    if (thread == NULL) Py_RETURN_FALSE;
+    Py_INCREF(entry);
+    PyObject *result = NULL;
+    PyObject *at = PyObject_CallNoArgs(self->now);
+    if (at == NULL) goto done;
+    if (PyDict_DelItem(self->open, record) < 0) goto done;
+    double held = PyFloat_AsDouble(at) - PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
+    if (PyErr_Occurred()) goto done;
+    if (PyList_GET_SIZE(self->queue) < self->max_queue) {
+        PyObject *values[RECORD_WIDTH] = {NULL};
+        if (pool_counts(self, 1, &values[7], &values[8], &values[9], &values[10]) < 0)
+            goto done;
+        Py_INCREF(at); values[0] = at;
+        Py_INCREF(self->pool_key); values[1] = self->pool_key;
+        Py_INCREF(str_checkin); values[2] = str_checkin;
+        values[3] = dict_get(self->connection_ids, record);
+        values[4] = PyTuple_GET_ITEM(entry, 0); Py_INCREF(values[4]);
+        Py_INCREF(thread); values[5] = thread;
+        values[6] = PyTuple_GET_ITEM(entry, 5); Py_INCREF(values[6]);
+        values[11] = PyTuple_GET_ITEM(entry, 3); Py_INCREF(values[11]);
+        Py_INCREF(Py_None); values[12] = Py_None;
+        Py_INCREF(Py_None); values[13] = Py_None;
+        values[14] = PyFloat_FromDouble(held);
+        Py_INCREF(Py_None); values[15] = Py_None;
+        if (append_record(self->queue, values) < 0) goto done;
+    }
+    else if (drop_record(self) < 0) {
+        goto done;
+    }
+    result = Py_True;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(at);
+    Py_DECREF(thread);
+    Py_DECREF(entry);
+    return result;
+}
+
+static PyMethodDef HotPath_methods[] = {
+    {"checkout", (PyCFunction)(void (*)(void))HotPath_checkout, METH_FASTCALL,
+     "checkout(record, proxy) -> bool: record a checkout; False leaves it to Python."},
+    {"checkin", (PyCFunction)HotPath_checkin, METH_O,
+     "checkin(record) -> bool: record a checkin by code; False leaves it to Python."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HotPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "instrument._speedups.HotPath",
+    .tp_doc = "The checkout and checkin listeners' common case, in C.",
+    .tp_basicsize = sizeof(HotPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)HotPath_init,
+    .tp_dealloc = (destructor)HotPath_dealloc,
+    .tp_traverse = (traverseproc)HotPath_traverse,
+    .tp_clear = (inquiry)HotPath_clear,
+    .tp_methods = HotPath_methods,
+};
 
 static PyMethodDef methods[] = {
     {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
@@ -59,5 +428,20 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    str_name = PyUnicode_InternFromString("_name");
+    str_checkout = PyUnicode_InternFromString("checkout");
+    str_checkin = PyUnicode_InternFromString("checkin");
+    one = PyLong_FromLong(1);
+    if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL)
+        return NULL;
+    if (PyType_Ready(&HotPathType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&HotPathType);
+    if (PyModule_AddObject(m, "HotPath", (PyObject *)&HotPathType) < 0) {
+        Py_DECREF(&HotPathType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -11,6 +11,7 @@ import sysconfig
 from collections import deque
 from collections.abc import Iterator
 from types import CodeType, FrameType
+from typing import Any
 
 MAX_FRAMES = 48
 """Frames kept per stack, counted from the innermost; deeper callers are cut."""
@@ -136,10 +137,12 @@ def _py_stack_key(skip: int, max_frames: int) -> int:
     return hash(tuple(key))
 
 
+HotPath: Any
 try:
-    from ._speedups import stack_key
+    from ._speedups import HotPath, stack_key
 except ImportError:  # built without a C compiler: same behaviour, a few µs slower
     stack_key = _py_stack_key
+    HotPath = None
 
 
 def _parent_greenlet_frame() -> FrameType | None:
