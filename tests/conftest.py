@@ -53,6 +53,23 @@ def pg_url() -> str:
     return PG_URL
 
 
+@pytest.fixture(params=["c", "python"])
+def recorder_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each implementation of the hot listeners: the C helper, then pure Python.
+
+    Monitors attached during the test use it. Without the compiled helper the C run
+    is skipped, except under CI, which builds it and must not lose that coverage.
+    """
+    if request.param == "python":
+        monkeypatch.setattr(_hooks, "HotPath", None)
+    elif _hooks.HotPath is None:
+        message = "the C helper instrument._speedups is not built"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI builds it", pytrace=False)
+        pytest.skip(message)
+    return request.param
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     """A fresh store path in the test's own directory."""

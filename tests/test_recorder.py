@@ -3,8 +3,10 @@ many processes writing one store."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import functools
+import gc
 import inspect
 import json
 import logging
@@ -94,6 +96,7 @@ def _hold_connections(engine: sa.Engine, index: int, sleep_s: float, log: list, 
         log.append((threading.current_thread().name, seq, sleep_s, t2 - t1, t3 - t0))
 
 
+@pytest.mark.usefixtures("recorder_impl")
 class TestThreadedCheckouts:
     def test_every_checkout_is_paired_with_its_checkin(
         self, make_engine, store_path: Path, in_repo_root: Path
@@ -206,6 +209,93 @@ class TestThreadedCheckouts:
         assert rows == [(k, used, idle, max(0, over)) for k, used, idle, over in expected]
 
 
+def _mixed_workload(engine: sa.Engine) -> None:
+    """Nested checkouts into overflow, a GC-returned one, and a second thread."""
+    held = [engine.connect() for _ in range(CAPACITY)]  # <- nested
+    for conn in reversed(held):
+        conn.close()
+    short_checkouts(engine, 3)
+    leaked = engine.connect()  # <- leaked
+    leaked.exec_driver_sql("select 1")
+    del leaked
+    gc.collect()
+    worker = threading.Thread(target=short_checkouts, args=(engine, 2), name="other")
+    worker.start()
+    worker.join(30)
+
+
+class TestHotPath:
+    def test_c_helper_and_python_record_the_same_events(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_repo_root: Path
+    ) -> None:
+        """The C helper and the pure-Python listeners write the same rows for one workload
+        (times and hold times aside): kinds, ids, threads, counts and sites."""
+        if _hooks.HotPath is None:
+            pytest.skip("the C helper instrument._speedups is not built")
+        rows = {}
+        for impl in ("c", "python"):
+            if impl == "python":
+                monkeypatch.setattr(_hooks, "HotPath", None)
+            store = tmp_path / f"{impl}.db"
+            engine = sa.create_engine(
+                f"sqlite:///{tmp_path / 'app.db'}", pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW
+            )
+            monitor = instrument.attach(engine, store=store, leak_after=60)
+            _mixed_workload(engine)
+            monitor.flush()
+            monitor.detach()
+            engine.dispose()
+            # Checkout and connection ids count per process: compare them from the first.
+            first = query(store, "SELECT min(checkout_id), min(connection_id) FROM events")[0]
+            rows[impl] = query(
+                store,
+                "SELECT e.kind, e.connection_id - ?, e.checkout_id - ?, e.thread, e.task, "
+                "e.in_use, e.idle, e.overflow, e.waiters, s.site, e.hold_s IS NULL FROM events e "
+                "LEFT JOIN stacks s ON s.id = e.stack_id ORDER BY e.id",
+                first[1],
+                first[0],
+            )
+        assert rows["c"] == rows["python"]
+        kinds = [r[0] for r in rows["c"]]
+        assert kinds.count("checkout") == CAPACITY + 3 + 1 + 2
+        assert kinds.count("gc_checkin") == 1
+        assert {r[3] for r in rows["c"] if r[0] == "checkout"} == {
+            threading.current_thread().name,
+            "other",
+        }
+        assert max(r[7] for r in rows["c"] if r[7] is not None) == MAX_OVERFLOW
+
+    @pytest.mark.usefixtures("recorder_impl")
+    def test_thread_unknown_to_threading(self, sqlite_url: str, store_path: Path) -> None:
+        """A thread started outside ``threading`` is recorded under the name threading
+        gives it on first sight (``Dummy-N``), its checkout paired with its checkin."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        short_checkouts(engine)  # the stack is known before the foreign thread runs
+        done = threading.Event()
+
+        def foreign() -> None:
+            try:
+                short_checkouts(engine, 2)
+            finally:
+                done.set()
+
+        _thread.start_new_thread(foreign, ())
+        assert done.wait(30)
+        monitor.flush()
+        engine.dispose()
+        rows = query(
+            store_path,
+            "SELECT kind, thread FROM events WHERE kind IN ('checkout', 'checkin') ORDER BY id",
+        )
+        main = threading.current_thread().name
+        assert [r[0] for r in rows] == ["checkout", "checkin"] * 3
+        assert rows[:2] == [("checkout", main), ("checkin", main)]
+        foreign_names = {r[1] for r in rows[2:]}
+        assert len(foreign_names) == 1 and foreign_names.pop().startswith("Dummy-")
+
+
+@pytest.mark.usefixtures("recorder_impl")
 class TestThreadNames:
     def test_a_renamed_thread_is_recorded_under_its_new_name(
         self, sqlite_url: str, store_path: Path

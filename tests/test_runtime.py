@@ -344,6 +344,7 @@ def _leak_session(engine: sa.Engine) -> None:
     session.execute(sa.text("select 1"))  # leak-session
 
 
+@pytest.mark.usefixtures("recorder_impl")
 class TestGcCheckin:
     @pytest.mark.parametrize(
         ("leak", "marker"),
@@ -535,6 +536,7 @@ class TestInvalidate:
 # -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("recorder_impl")
 class TestWatchdog:
     def test_suspected_then_cleared(
         self,
