@@ -26,51 +26,21 @@ from instrument import _writer
 
 
 def _records(monitor: instrument.Monitor, n: int) -> list[tuple]:
-    """``n`` records shaped like real checkout/checkin pairs of ``monitor``'s pool."""
+    """``n`` records shaped like real checkout/checkin pairs of ``monitor``'s pool, absent
+    values queued as ``NULL``, as the listeners queue them."""
     sid = monitor._writer.stacks.capture()
     now = time.time()
+    null = _writer.NULL
     out = []
     for i in range(n // 2):
         out.append(
-            (
-                now,
-                monitor.pool_key,
-                "checkout",
-                1,
-                i,
-                "worker-1",
-                None,
-                3,
-                2,
-                0,
-                0,
-                sid,
-                0.0001,
-                None,
-                None,
-                None,
-            )
-        )
+            (now, monitor.pool_key, "checkout", 1, i, "worker-1", null, 3, 2, 0, 0, sid,
+             0.0001, null, null, null)
+        )  # fmt: skip
         out.append(
-            (
-                now,
-                monitor.pool_key,
-                "checkin",
-                1,
-                i,
-                "worker-1",
-                None,
-                2,
-                3,
-                0,
-                0,
-                sid,
-                None,
-                None,
-                0.002,
-                None,
-            )
-        )
+            (now, monitor.pool_key, "checkin", 1, i, "worker-1", null, 2, 3, 0, 0, sid,
+             null, null, 0.002, null)
+        )  # fmt: skip
     return out
 
 

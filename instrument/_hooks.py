@@ -21,7 +21,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._stacks import MAX_FRAMES, HotPath, stack_key
 from ._store import resolve_store_path
-from ._writer import MAX_QUEUE_VALUES, SECRET_WORDS, Writer, get_writer
+from ._writer import MAX_QUEUE_VALUES, NULL, SECRET_WORDS, Writer, get_writer
 
 logger = logging.getLogger("instrument")
 
@@ -526,19 +526,19 @@ class Monitor:
                             t,
                             key,
                             "checkout",
-                            connection_ids.get(record),
+                            connection_ids.get(record, NULL),
                             checkout_id,
                             thread,
-                            task,
+                            task or NULL,
                             in_use,
                             len(idle),
                             in_use - size if in_use > size else 0,
                             len(waiters),
                             sid,
-                            waits.pop(record, None),
-                            connect_times.pop(record, None),
-                            None,
-                            None,
+                            waits.pop(record, NULL),
+                            connect_times.pop(record, NULL),
+                            NULL,
+                            NULL,
                         )
                     )
                 else:
@@ -587,19 +587,19 @@ class Monitor:
                         t,
                         key,
                         kind,
-                        connection_ids.get(record),
+                        connection_ids.get(record, NULL),
                         entry[0],
                         thread,
-                        entry[5],
+                        entry[5] or NULL,
                         in_use,
                         n_idle if n_idle < size else size,
                         in_use - size if in_use > size else 0,
                         len(waiters),
                         entry[3],
-                        None,
-                        None,
+                        NULL,
+                        NULL,
                         held,
-                        None,
+                        NULL,
                     )
                 )
             else:

@@ -88,6 +88,7 @@ static PyObject *str_name;      /* "_name" */
 static PyObject *str_checkout;  /* "checkout" */
 static PyObject *str_checkin;   /* "checkin" */
 static PyObject *one;           /* 1, appended to `drops` per dropped record */
+static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL) */
 
 #define RECORD_WIDTH 16
 #define NO_SIZE (1LL << 62)
@@ -192,28 +193,28 @@ thread_name(HotPath *self)
     return name;
 }
 
-/* dict.pop(key, None): a new reference, or NULL with an error set. */
+/* dict.pop(key, NULL): a new reference, or NULL with an error set. */
 static PyObject *
 dict_pop(PyObject *dict, PyObject *key)
 {
     PyObject *value = PyDict_GetItemWithError(dict, key);
     if (value == NULL) {
         if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
+        return Py_NewRef(null);
     }
     Py_INCREF(value);
     if (PyDict_DelItem(dict, key) < 0) { Py_DECREF(value); return NULL; }
     return value;
 }
 
-/* dict.get(key): a new reference (None if absent), or NULL with an error set. */
+/* dict.get(key, NULL): a new reference, or NULL with an error set. */
 static PyObject *
 dict_get(PyObject *dict, PyObject *key)
 {
     PyObject *value = PyDict_GetItemWithError(dict, key);
     if (value == NULL) {
         if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
+        return Py_NewRef(null);
     }
     Py_INCREF(value);
     return value;
@@ -311,12 +312,12 @@ HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
         values[3] = dict_get(self->connection_ids, record);
         Py_INCREF(checkout_id); values[4] = checkout_id;
         Py_INCREF(thread); values[5] = thread;
-        Py_INCREF(Py_None); values[6] = Py_None;
+        values[6] = Py_NewRef(null);
         Py_INCREF(sid); values[11] = sid;
         values[12] = wait;
         values[13] = connect;
-        Py_INCREF(Py_None); values[14] = Py_None;
-        Py_INCREF(Py_None); values[15] = Py_None;
+        values[14] = Py_NewRef(null);
+        values[15] = Py_NewRef(null);
         if (append_record(self->queue, values) < 0) goto done;
     }
     else {
@@ -373,12 +374,13 @@ HotPath_checkin(HotPath *self, PyObject *record)
         values[3] = dict_get(self->connection_ids, record);
         values[4] = PyTuple_GET_ITEM(entry, 0); Py_INCREF(values[4]);
         Py_INCREF(thread); values[5] = thread;
-        values[6] = PyTuple_GET_ITEM(entry, 5); Py_INCREF(values[6]);
+        values[6] = PyTuple_GET_ITEM(entry, 5);  /* the checkout's task, if any */
+        values[6] = Py_NewRef(values[6] == Py_None ? null : values[6]);
         values[11] = PyTuple_GET_ITEM(entry, 3); Py_INCREF(values[11]);
-        Py_INCREF(Py_None); values[12] = Py_None;
-        Py_INCREF(Py_None); values[13] = Py_None;
+        values[12] = Py_NewRef(null);
+        values[13] = Py_NewRef(null);
         values[14] = PyFloat_FromDouble(held);
-        Py_INCREF(Py_None); values[15] = Py_None;
+        values[15] = Py_NewRef(null);
         if (append_record(self->queue, values) < 0) goto done;
     }
     else if (drop_record(self) < 0) {
@@ -432,7 +434,9 @@ PyInit__speedups(void)
     str_checkout = PyUnicode_InternFromString("checkout");
     str_checkin = PyUnicode_InternFromString("checkin");
     one = PyLong_FromLong(1);
-    if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL)
+    null = PyUnicode_InternFromString("");
+    if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL ||
+        null == NULL)
         return NULL;
     if (PyType_Ready(&HotPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);

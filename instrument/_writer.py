@@ -53,10 +53,26 @@ RETRY_OPEN_SECONDS = 5.0
 ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
 
+NULL = ""
+"""Stands for NULL in a record the hot path queues; the INSERT turns it back into NULL.
+
+The sqlite3 module binds a str, int or float directly, but looks ``None`` up in its
+adapter registry first; with half a record's values absent, that lookup cost more
+than the rest of the insert. So the listeners queue ``NULL`` rather than ``None``,
+and every column that may be absent is inserted as ``NULLIF(?, '')``.
+"""
+
 # A record is the events row without process_id (a literal in the statement); its
 # pool key and stack id are this process's own numbers, mapped to the store's ids
 # column-wise (map over a slice) rather than row by row.
-_ROW = "(?, {pid}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_NULLABLE = "NULLIF(?, '')"
+_ROW = (
+    "(?, {pid}, ?, ?, "  # at, process_id, pool_id, kind
+    + ", ".join([_NULLABLE] * 4)  # connection_id, checkout_id, thread, task
+    + ", ?, ?, ?, ?, ?, "  # in_use, idle, overflow, waiters, stack_id
+    + ", ".join([_NULLABLE] * 4)  # wait_s, connect_s, hold_s, count
+    + ")"
+)
 _INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
 _POOL_AT = 1
 _STACK_AT = 11
