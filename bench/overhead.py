@@ -5,17 +5,19 @@ Variants: ``bare`` (no poolscope), ``detached`` (attached, then detached),
 cost of the listeners and hooks alone, a stack captured at every checkout) and
 ``full`` (attached, the writer thread writing alongside, as in production).
 Rounds of about 2 s are interleaved so that machine noise hits all variants
-alike; between rounds the writer catches up untimed, so its backlog never slows
-another variant.
+alike; between rounds the writer catches up and the store's WAL is checkpointed,
+untimed, so that one round's backlog never slows another variant.
 Prints the median over rounds of the throughput ratio against the adjacent bare
 round (higher is better; 1.0 means no cost).
 
-    python bench/overhead.py [--seconds 20] [--postgres-url URL] [--sqlite-only | --postgres-only]
+    python bench/overhead.py [--seconds 20] [--round-seconds 2] [--postgres-url URL]
+                             [--sqlite-only | --postgres-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -49,13 +51,26 @@ def _loop(
         if lock is not None:
             lock.release()
     if monitor is not None:
-        # What the writer still has queued is written now, untimed, so that it does
-        # not slow the next variant's round instead.
-        monitor.flush()
+        _settle(monitor)
     return elapsed
 
 
-def measure(url: str, seconds: float, store: Path) -> dict[str, float]:
+def _settle(monitor: instrument.Monitor) -> None:
+    """Write what the writer still has queued and checkpoint the store's WAL, untimed.
+
+    Otherwise the backlog of a ``listeners`` round (written only after it) and the
+    checkpoint it calls for would land in the next variant's round. In a ``full``
+    round the writer's own checkpoints are part of its cost, and are timed.
+    """
+    monitor.flush()
+    conn = sqlite3.connect(monitor.store)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``."""
     bare = sa.create_engine(url)
     detached = sa.create_engine(url)
@@ -65,7 +80,7 @@ def measure(url: str, seconds: float, store: Path) -> dict[str, float]:
     engines = {"bare": bare, "detached": detached, "listeners": full, "full": full}
     for engine in engines.values():  # warm up: connections made, stacks interned
         _loop(engine, 200)
-    per_round = max(100, int(ROUND_SECONDS * 200 / _loop(bare, 200)))
+    per_round = max(100, int(round_seconds * 200 / _loop(bare, 200)))
     rates: dict[str, list[float]] = {k: [] for k in engines}
     ratios: dict[str, list[float]] = {k: [] for k in engines if k != "bare"}
     deadline = time.perf_counter() + seconds
@@ -116,16 +131,19 @@ def main() -> int:
     parser.add_argument(
         "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
     )
+    parser.add_argument(
+        "--round-seconds", type=float, default=ROUND_SECONDS, help="length of one round"
+    )
     parser.add_argument("--sqlite-only", action="store_true")
     parser.add_argument("--postgres-only", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
         if not args.postgres_only:
-            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store)
+            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds)
             report("SQLite", r)
         if not args.sqlite_only:
-            r = measure(args.postgres_url, args.seconds, store)
+            r = measure(args.postgres_url, args.seconds, store, args.round_seconds)
             report("PostgreSQL", r)
         _writer.shutdown_all()
     return 0
