@@ -110,6 +110,10 @@ class Monitor:
         self._dialect_name = engine.dialect.name if engine is not None else None
 
         self._open: dict[Any, tuple[Any, ...]] = {}
+        # Older checkouts of a record checked out again before its return: a StaticPool
+        # hands its one record to overlapping checkouts, and SQLAlchemy fires a single
+        # checkin for them all; that checkin returns each of them.
+        self._shared: dict[Any, list[tuple[Any, ...]]] = {}
         self._waits: dict[Any, float] = {}
         self._connect_times: dict[Any, float] = {}
         self._connect_starts: dict[Any, float] = {}
@@ -132,7 +136,7 @@ class Monitor:
         """
         now = time.time()
         result = []
-        for entry in list(self._open.values()):
+        for entry in self._open_entries():
             resolved = self._writer.stacks.resolve(entry[_CO_STACK])
             result.append(
                 OpenCheckout(
@@ -242,7 +246,7 @@ class Monitor:
                 )
         limit = self.leak_after
         suspected = self._suspected
-        for entry in list(self._open.values()):
+        for entry in self._open_entries():
             held = now - entry[_CO_AT]
             if held > limit and entry[_CO_ID] not in suspected:
                 suspected[entry[_CO_ID]] = now
@@ -302,9 +306,17 @@ class Monitor:
         self._forget_checkouts()
         self._notices.clear()
 
+    def _open_entries(self) -> list[tuple[Any, ...]]:
+        """Every open checkout's entry, those sharing a record with a later one included."""
+        entries = list(self._open.values())
+        for shared in list(self._shared.values()):
+            entries += shared
+        return entries
+
     def _forget_checkouts(self) -> None:
         for table in (
             self._open,
+            self._shared,
             self._waits,
             self._connect_times,
             self._connect_starts,
@@ -418,6 +430,7 @@ class Monitor:
         max_queue = MAX_QUEUE_VALUES
         key = self.pool_key
         open_ = self._open
+        shared = self._shared
         waits = self._waits
         connect_times = self._connect_times
         connection_ids = self._connection_ids
@@ -456,6 +469,7 @@ class Monitor:
                 drops=writer.drops,
                 pool_key=key,
                 open=open_,
+                shared=shared,
                 waits=waits,
                 connect_times=connect_times,
                 connection_ids=connection_ids,
@@ -517,6 +531,9 @@ class Monitor:
                 except AttributeError:
                     thread = _thread()
                 task = task_name() if task_name else None
+                previous = open_.get(record)
+                if previous is not None:  # a StaticPool's one record, checked out again
+                    shared.setdefault(record, []).append(previous)
                 open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
                 if len(queue) < max_queue:
                     in_use = len(open_)
@@ -553,6 +570,13 @@ class Monitor:
             entry = open_.pop(record, None)
             if entry is None:  # checked out before attach, or by the parent before a fork
                 return
+            _close(record, entry, t, returning)
+            if shared:
+                for older in shared.pop(record, ()):
+                    _close(record, older, t, returning)
+
+        def _close(record: Any, entry: tuple[Any, ...], t: float, returning: bool | None) -> None:
+            """Record the return of the checkout ``entry`` of ``record`` at ``t``."""
             held = t - entry[1]
             if suspected and suspected.pop(entry[0], None) is not None:
                 notices.append(("leak_cleared", entry, held))

@@ -104,6 +104,7 @@ typedef struct {
     PyObject *connect_times;   /* dict: record -> connect_s */
     PyObject *connection_ids;  /* dict: record -> connection id */
     PyObject *suspected;       /* dict: checkout id -> when flagged */
+    PyObject *shared;          /* dict: record -> older entries sharing it (StaticPool) */
     PyObject *state;           /* list: [pool, idle, waiters, size] */
     PyObject *stack_ids;       /* dict: stack key -> stack id */
     PyObject *next_checkout;   /* callable -> next checkout id */
@@ -118,6 +119,7 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->queue); Py_VISIT(self->drops); Py_VISIT(self->pool_key);
     Py_VISIT(self->open); Py_VISIT(self->waits); Py_VISIT(self->connect_times);
     Py_VISIT(self->connection_ids); Py_VISIT(self->suspected); Py_VISIT(self->state);
+    Py_VISIT(self->shared);
     Py_VISIT(self->stack_ids); Py_VISIT(self->next_checkout); Py_VISIT(self->now);
     Py_VISIT(self->threads);
     return 0;
@@ -129,6 +131,7 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->queue); Py_CLEAR(self->drops); Py_CLEAR(self->pool_key);
     Py_CLEAR(self->open); Py_CLEAR(self->waits); Py_CLEAR(self->connect_times);
     Py_CLEAR(self->connection_ids); Py_CLEAR(self->suspected); Py_CLEAR(self->state);
+    Py_CLEAR(self->shared);
     Py_CLEAR(self->stack_ids); Py_CLEAR(self->next_checkout); Py_CLEAR(self->now);
     Py_CLEAR(self->threads);
     return 0;
@@ -147,19 +150,19 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
         "queue", "max_queue", "drops", "pool_key", "open", "waits", "connect_times",
-        "connection_ids", "suspected", "state", "stack_ids", "next_checkout", "now",
+        "connection_ids", "suspected", "shared", "state", "stack_ids", "next_checkout", "now",
         "threads", "max_frames", NULL,
     };
     PyObject *queue, *drops, *pool_key, *open, *waits, *connect_times, *connection_ids;
-    PyObject *suspected, *state, *stack_ids, *next_checkout, *now, *threads;
+    PyObject *suspected, *shared, *state, *stack_ids, *next_checkout, *now, *threads;
     Py_ssize_t max_queue;
     long max_frames;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "O!nO!OO!O!O!O!O!O!O!OOO!l", kwlist, &PyList_Type, &queue, &max_queue,
-            &PyList_Type, &drops, &pool_key, &PyDict_Type, &open, &PyDict_Type, &waits,
-            &PyDict_Type, &connect_times, &PyDict_Type, &connection_ids, &PyDict_Type,
-            &suspected, &PyList_Type, &state, &PyDict_Type, &stack_ids, &next_checkout, &now,
-            &PyDict_Type, &threads, &max_frames))
+            args, kwds, "O!nO!OO!O!O!O!O!O!O!O!OOO!l", kwlist, &PyList_Type, &queue,
+            &max_queue, &PyList_Type, &drops, &pool_key, &PyDict_Type, &open, &PyDict_Type,
+            &waits, &PyDict_Type, &connect_times, &PyDict_Type, &connection_ids, &PyDict_Type,
+            &suspected, &PyDict_Type, &shared, &PyList_Type, &state, &PyDict_Type, &stack_ids,
+            &next_checkout, &now, &PyDict_Type, &threads, &max_frames))
         return -1;
     if (PyList_GET_SIZE(state) != 4) {
         PyErr_SetString(PyExc_ValueError, "state must be [pool, idle, waiters, size]");
@@ -167,7 +170,8 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     }
 #define SET(field) Py_INCREF(field); Py_XSETREF(self->field, field)
     SET(queue); SET(drops); SET(pool_key); SET(open); SET(waits); SET(connect_times);
-    SET(connection_ids); SET(suspected); SET(state); SET(stack_ids); SET(next_checkout);
+    SET(connection_ids); SET(suspected); SET(shared); SET(state); SET(stack_ids);
+    SET(next_checkout);
     SET(now); SET(threads);
 #undef SET
     self->max_queue = max_queue;
@@ -261,8 +265,9 @@ drop_record(HotPath *self)
 
 /* checkout(record, proxy) -> bool: record a checkout, as _on_checkout does.
 
-   Returns False, having done nothing, when the stack was never seen before or the
-   thread is not known to threading: the Python listener then does the whole work. */
+   Returns False, having done nothing, when the stack was never seen before, the
+   thread is not known to threading, or the record is already checked out (a
+   StaticPool's): the Python listener then does the whole work. */
 static PyObject *
 HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -271,6 +276,9 @@ HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *record = args[0], *proxy = args[1];
+    int already_open = PyDict_Contains(self->open, record);
+    if (already_open < 0) return NULL;
+    if (already_open) Py_RETURN_FALSE;
     PyObject *key = PyLong_FromUnsignedLongLong(walk_stack(1, self->max_frames));
     if (key == NULL) return NULL;
     PyObject *sid = PyDict_GetItemWithError(self->stack_ids, key);
@@ -341,7 +349,7 @@ done:
 
    Returns False, having done nothing, for what the Python listener handles: a
    connection returned by the garbage collector, a checkout the watchdog flagged,
-   or a thread not known to threading. */
+   a record shared by overlapping checkouts, or a thread not known to threading. */
 static PyObject *
 HotPath_checkin(HotPath *self, PyObject *record)
 {
@@ -350,7 +358,8 @@ HotPath_checkin(HotPath *self, PyObject *record)
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_TRUE;  /* checked out before attach: nothing to record */
     }
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6 || PyDict_GET_SIZE(self->suspected))
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6 ||
+        PyDict_GET_SIZE(self->suspected) || PyDict_GET_SIZE(self->shared))
         Py_RETURN_FALSE;
     PyObject *proxy = PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 4));  /* borrowed */
     if (proxy == NULL) return NULL;

@@ -555,6 +555,32 @@ class TestAttach:
             (pool_class.__name__, None, None)
         ]
 
+    @pytest.mark.usefixtures("recorder_impl")
+    def test_static_pool_overlapping_checkouts_are_all_returned(
+        self, store_path: Path, tmp_path: Path
+    ) -> None:
+        """A StaticPool hands its one connection to overlapping checkouts and SQLAlchemy
+        fires one checkin for them all: each checkout gets its return there, none is
+        left open (which a clean exit would report as never returned)."""
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}", poolclass=sa.pool.StaticPool)
+        monitor = instrument.attach(engine, store=store_path)
+        short_checkouts(engine)  # every stack below is known: the C helper's case too
+        outer = engine.connect()
+        inner = engine.connect()
+        assert len(monitor.open_checkouts()) == 2
+        inner.close()
+        assert monitor.open_checkouts() == []
+        outer.close()  # SQLAlchemy already counts the connection as returned: no event
+        short_checkouts(engine)
+        monitor.flush()
+        engine.dispose()
+        rows = query(
+            store_path,
+            "SELECT returned_by, count(*) FROM checkouts GROUP BY 1 ORDER BY 1",
+        )
+        assert rows == [("checkin", 4)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'gc_checkin'") == [(0,)]
+
     def test_bare_pool(self, tmp_path: Path, store_path: Path) -> None:
         """A Pool without an engine is recorded, with its class and size in ``pools``."""
         database = tmp_path / "bare.db"
