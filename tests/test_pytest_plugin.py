@@ -197,6 +197,35 @@ class TestLeakingTest:
         )
 
 
+class TestOwnFailures:
+    def test_a_failing_listener_never_reaches_the_test(
+        self, pytester: pytest.Pytester, sqlite_url: str
+    ) -> None:
+        """If the plugin's own listener raises, the test's checkout still works: the test
+        passes and the failure is logged once on logger ``instrument``."""
+        broken = """
+            def test_checkout_survives(monkeypatch, caplog):
+                import logging
+                import instrument._stacks as stacks
+
+                def boom(*args):
+                    raise RuntimeError("boom")
+
+                monkeypatch.setattr(stacks, "stack_key", boom)  # the listener's stack capture
+                with caplog.at_level(logging.ERROR, logger="instrument"):
+                    with engine.connect() as conn:
+                        assert conn.scalar(sa.text("select 1")) == 1
+                    with engine.connect() as conn:
+                        assert conn.scalar(sa.text("select 1")) == 1
+                failures = [r for r in caplog.records if r.name == "instrument"]
+                assert len(failures) == 1
+                assert "_on_checkout failed" in failures[0].getMessage()
+            """
+        write_suite(pytester, sqlite_url, broken)
+        result = run(pytester, "--pool-leaks", "-k", "survives")
+        result.assert_outcomes(passed=1)
+
+
 class TestOptIn:
     def test_marker_checks_only_the_marked_test(
         self, pytester: pytest.Pytester, sqlite_url: str
