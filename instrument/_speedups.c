@@ -197,9 +197,10 @@ thread_name(HotPath *self)
     return name;
 }
 
-/* dict.pop(key, NULL): a new reference, or NULL with an error set. */
+/* dict.get(key, NULL), or dict.pop(key, NULL) if `pop`: a new reference, or NULL with
+   an error set. */
 static PyObject *
-dict_pop(PyObject *dict, PyObject *key)
+dict_take(PyObject *dict, PyObject *key, int pop)
 {
     PyObject *value = PyDict_GetItemWithError(dict, key);
     if (value == NULL) {
@@ -207,20 +208,7 @@ dict_pop(PyObject *dict, PyObject *key)
         return Py_NewRef(null);
     }
     Py_INCREF(value);
-    if (PyDict_DelItem(dict, key) < 0) { Py_DECREF(value); return NULL; }
-    return value;
-}
-
-/* dict.get(key, NULL): a new reference, or NULL with an error set. */
-static PyObject *
-dict_get(PyObject *dict, PyObject *key)
-{
-    PyObject *value = PyDict_GetItemWithError(dict, key);
-    if (value == NULL) {
-        if (PyErr_Occurred()) return NULL;
-        return Py_NewRef(null);
-    }
-    Py_INCREF(value);
+    if (pop && PyDict_DelItem(dict, key) < 0) { Py_DECREF(value); return NULL; }
     return value;
 }
 
@@ -300,8 +288,8 @@ HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
     if ((ref = PyWeakref_NewRef(proxy, NULL)) == NULL) goto done;
     entry = PyTuple_Pack(6, checkout_id, at, thread, sid, ref, Py_None);
     if (entry == NULL || PyDict_SetItem(self->open, record, entry) < 0) goto done;
-    PyObject *wait = dict_pop(self->waits, record);
-    PyObject *connect = dict_pop(self->connect_times, record);
+    PyObject *wait = dict_take(self->waits, record, 1);
+    PyObject *connect = dict_take(self->connect_times, record, 1);
     if (wait == NULL || connect == NULL) {
         Py_XDECREF(wait);
         Py_XDECREF(connect);
@@ -317,7 +305,7 @@ HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(at); values[0] = at;
         Py_INCREF(self->pool_key); values[1] = self->pool_key;
         Py_INCREF(str_checkout); values[2] = str_checkout;
-        values[3] = dict_get(self->connection_ids, record);
+        values[3] = dict_take(self->connection_ids, record, 0);
         Py_INCREF(checkout_id); values[4] = checkout_id;
         Py_INCREF(thread); values[5] = thread;
         values[6] = Py_NewRef(null);
@@ -380,7 +368,7 @@ HotPath_checkin(HotPath *self, PyObject *record)
         Py_INCREF(at); values[0] = at;
         Py_INCREF(self->pool_key); values[1] = self->pool_key;
         Py_INCREF(str_checkin); values[2] = str_checkin;
-        values[3] = dict_get(self->connection_ids, record);
+        values[3] = dict_take(self->connection_ids, record, 0);
         values[4] = PyTuple_GET_ITEM(entry, 0); Py_INCREF(values[4]);
         Py_INCREF(thread); values[5] = thread;
         values[6] = PyTuple_GET_ITEM(entry, 5);  /* the checkout's task, if any */
