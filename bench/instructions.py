@@ -4,10 +4,13 @@ Wall-clock ratios on a shared 2-vCPU machine move by several per cent from run t
 run; instruction counts do not. Each variant runs the SQLite loop of
 ``bench/overhead.py`` in a child interpreter under ``valgrind --tool=callgrind``,
 once with no iterations and once with ``--iterations``; the difference divided by
-the iterations is the cost of one iteration, start-up excluded.
+the iterations is the cost of one iteration, start-up excluded. After the warm-up
+the heap is frozen (``gc.freeze()``): otherwise how often a full collection scans
+every imported module's objects moves the counts by thousands per iteration.
 
 Variants: ``bare`` (no poolscope), ``noop`` (a checkout and a checkin listener that
-do nothing: SQLAlchemy's own dispatch), ``poolscope`` (attached, the C helper on,
+do nothing: SQLAlchemy's own dispatch), ``noop-checkout`` (the checkout one alone),
+``poolscope`` (attached, the C helper on,
 the writer held off), ``python`` (the same without the C helper), and ``writer``
 (what writing one event costs the writer thread, from queue to disk).
 
@@ -26,7 +29,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 CHILD = """
-import os, sys, tempfile
+import gc, os, sys, tempfile
 from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -37,9 +40,10 @@ variant, n, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tmp = tempfile.mkdtemp()
 engine = sa.create_engine(f"sqlite:///{tmp}/app.db")
 monitor = None
-if variant == "noop":
+if variant in ("noop", "noop-checkout"):
     event.listen(engine, "checkout", lambda *args: None)
-    event.listen(engine, "checkin", lambda *args: None)
+    if variant == "noop":
+        event.listen(engine, "checkin", lambda *args: None)
 elif variant != "bare":
     if variant == "python":
         _hooks.HotPath = None
@@ -59,6 +63,7 @@ def nest(d, k):
 
 
 nest(depth, 200)  # warm up: connection opened, stack interned
+gc.freeze()  # full collections scan only what the loop makes, not every module's objects
 nest(depth, 0 if variant == "writer" else n)
 if variant == "writer":
     nest(depth, 1000)
@@ -94,7 +99,7 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("bench/instructions.py needs valgrind", file=sys.stderr)
         return 2
-    variants = ["bare", "noop", "poolscope", "python", "writer"]
+    variants = ["bare", "noop", "noop-checkout", "poolscope", "python", "writer"]
     jobs = [(v, n) for v in variants for n in (0, args.iterations)]
     print(f"running {len(jobs)} children under valgrind (a few minutes)...", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -104,11 +109,11 @@ def main() -> int:
     per = {v: (counts[v, args.iterations] - counts[v, 0]) / args.iterations for v in variants}
     bare = per["bare"]
     print(f"instructions per iteration (depth {args.depth}, {args.iterations:,} iterations)")
-    for v in ("bare", "noop", "poolscope", "python"):
+    for v in ("bare", "noop", "noop-checkout", "poolscope", "python"):
         extra = f"  +{per[v] - bare:,.0f} ({per[v] / bare - 1:+.1%})" if v != "bare" else ""
-        print(f"  {v:10s} {per[v]:10,.0f}{extra}")
+        print(f"  {v:13s} {per[v]:10,.0f}{extra}")
     # writer: n/2 more loop iterations held, then written: 2 events each
-    print(f"  writer     {per['writer'] - per['poolscope'] / 2:10,.0f} per event written")
+    print(f"  writer        {per['writer'] - per['poolscope'] / 2:10,.0f} per event written")
     return 0
 
 

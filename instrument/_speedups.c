@@ -213,16 +213,27 @@ dict_take(PyObject *dict, PyObject *key, int pop)
 }
 
 /* Append the RECORD_WIDTH values of one record to the queue, stealing each reference.
-   Every value is appended (or released) even after a failure; returns -1 on one. */
+   All or nothing, as list.extend() is in Python: a partial record would shift every
+   later one. Returns -1 (with an error set, nothing appended) on a failure. */
 static int
 append_record(PyObject *queue, PyObject **values)
 {
-    int rc = 0;
+    PyObject *record = PyTuple_New(RECORD_WIDTH);
     for (int i = 0; i < RECORD_WIDTH; i++) {
-        if (values[i] == NULL) { rc = -1; continue; }
-        if (rc == 0 && PyList_Append(queue, values[i]) < 0) rc = -1;
-        Py_DECREF(values[i]);
+        if (record != NULL && values[i] != NULL) PyTuple_SET_ITEM(record, i, values[i]);
+        else Py_XDECREF(values[i]);
     }
+    if (record == NULL) return -1;
+    for (int i = 0; i < RECORD_WIDTH; i++) {
+        if (PyTuple_GET_ITEM(record, i) == NULL) {  /* a value could not be made */
+            Py_DECREF(record);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_ssize_t end = PyList_GET_SIZE(queue);
+    int rc = PyList_SetSlice(queue, end, end, record);
+    Py_DECREF(record);
     return rc;
 }
 

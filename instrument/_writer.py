@@ -57,8 +57,8 @@ NULL = ""
 """Stands for NULL in a record the hot path queues; the INSERT turns it back into NULL.
 
 The sqlite3 module binds a str, int or float directly, but looks ``None`` up in its
-adapter registry first; with half a record's values absent, that lookup cost more
-than the rest of the insert. So the listeners queue ``NULL`` rather than ``None``,
+adapter registry first; with half a record's values absent, that lookup cost about
+as much as the rest of the insert. So the listeners queue ``NULL`` rather than ``None``,
 and every column that may be absent is inserted as ``NULLIF(?, '')``.
 """
 
