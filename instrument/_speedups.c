@@ -344,6 +344,22 @@ done:
     return result;
 }
 
+/* Whether the weak reference `ref` still points to its object: 1, 0, or -1 on an error. */
+static int
+proxy_alive(PyObject *ref)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *proxy;
+    int alive = PyWeakref_GetRef(ref, &proxy);
+    Py_XDECREF(proxy);
+    return alive;
+#else
+    PyObject *proxy = PyWeakref_GetObject(ref);  /* borrowed */
+    if (proxy == NULL) return -1;
+    return proxy != Py_None;
+#endif
+}
+
 /* checkin(record) -> bool: record a checkin by code, as _returned(record, True) does.
 
    Returns False, having done nothing, for what the Python listener handles: a
@@ -360,9 +376,9 @@ HotPath_checkin(HotPath *self, PyObject *record)
     if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6 ||
         PyDict_GET_SIZE(self->suspected) || PyDict_GET_SIZE(self->shared))
         Py_RETURN_FALSE;
-    PyObject *proxy = PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 4));  /* borrowed */
-    if (proxy == NULL) return NULL;
-    if (proxy == Py_None) Py_RETURN_FALSE;  /* gc_checkin */
+    int alive = proxy_alive(PyTuple_GET_ITEM(entry, 4));
+    if (alive < 0) return NULL;
+    if (!alive) Py_RETURN_FALSE;  /* gc_checkin */
     PyObject *thread = thread_name(self);
     if (thread == NULL) Py_RETURN_FALSE;
     Py_INCREF(entry);
