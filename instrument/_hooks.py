@@ -19,6 +19,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._failures import listener_failed as _listener_failed
 from ._stacks import MAX_FRAMES, HotPath, stack_key
 from ._store import resolve_store_path
 from ._writer import MAX_QUEUE_VALUES, NULL, SECRET_WORDS, Writer, get_writer
@@ -699,16 +700,6 @@ class Monitor:
             "close_detached": _on_close_detached,
         }
         return listeners
-
-
-_failures: list[str] = []
-
-
-def _listener_failed(name: str) -> None:
-    """Count a listener's own failure and log the first one; the application carries on."""
-    _failures.append(name)
-    if len(_failures) == 1:
-        logger.exception("poolscope listener %s failed; recording continues without it", name)
 
 
 _NO_SIZE = 1 << 62

@@ -91,7 +91,7 @@ static PyObject *one;           /* 1, appended to `drops` per dropped record */
 static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL) */
 
 #define RECORD_WIDTH 16
-#define NO_SIZE (1LL << 62)
+#define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 
 typedef struct {
     PyObject_HEAD

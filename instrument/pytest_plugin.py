@@ -27,7 +27,6 @@ import argparse
 import gc
 import itertools
 import linecache
-import logging
 import os
 import sys
 import threading
@@ -206,32 +205,6 @@ class PoolLeaks:
         return self._check.checkouts_so_far()
 
 
-def _guarded(listener: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a listener so that its own failure never reaches the test's checkout.
-
-    The failure is logged once (logger ``instrument``) and the test goes on; the
-    check may then miss that checkout, as the recorder's listeners do.
-    """
-
-    def guarded(*args: Any) -> None:
-        try:
-            listener(*args)
-        except Exception:
-            _listener_failures.append(listener.__name__)
-            if len(_listener_failures) == 1:
-                logging.getLogger("instrument").exception(
-                    "poolscope's pytest plugin listener %s failed; checking goes on",
-                    listener.__name__,
-                )
-
-    guarded.__name__ = listener.__name__
-    guarded.__doc__ = listener.__doc__
-    return guarded
-
-
-_listener_failures: list[str] = []
-
-
 class _LeakCheck:
     """Watches every SQLAlchemy pool of the process and judges the tests it is asked to.
 
@@ -333,8 +306,10 @@ class _LeakCheck:
             if entry is not None and entry[_PROXY]() is None:
                 returned.append((entry, now() - entry[_AT], False))
 
+        from ._failures import guarded  # their own failure never reaches the test
+
         listeners = {"checkout": _on_checkout, "checkin": _on_checkin, "detach": _on_detach}
-        return {name: _guarded(fn) for name, fn in listeners.items()}
+        return {name: guarded(fn) for name, fn in listeners.items()}
 
     def _install(self) -> None:
         if not self._installed:
