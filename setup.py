@@ -1,9 +1,10 @@
-"""Build the optional C helper for the hot path; poolscope works without it (pure Python)."""
+"""Build the optional C helpers (hot path, writer inserts); poolscope works without them."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension("instrument._speedups", ["instrument/_speedups.c"], optional=True),
+        Extension("instrument._sqlite_rows", ["instrument/_sqlite_rows.c"], optional=True),
     ]
 )

@@ -78,6 +78,28 @@ _POOL_AT = 1
 _STACK_AT = 11
 
 
+def _load_sqlite_rows() -> Any:
+    """The C inserter, if built and able to reach the sqlite3 module's own SQLite; else None."""
+    try:
+        import _sqlite3
+
+        from . import _sqlite_rows
+    except ImportError:
+        return None
+    major, minor, patch = sqlite3.sqlite_version_info
+    try:
+        found = _sqlite_rows.load(_sqlite3.__file__, major * 1_000_000 + minor * 1000 + patch)
+    except (AttributeError, TypeError):  # a built-in module has no file to look in
+        return None
+    return _sqlite_rows if found else None
+
+
+sqlite_rows = _load_sqlite_rows()
+"""The C inserter (``_sqlite_rows.c``): binds and steps the events rows with the GIL
+released, or ``None`` where it is not built or cannot find SQLite; the writer then
+binds them through ``executemany``, which holds the GIL for every value."""
+
+
 class _FlushMarker:
     __slots__ = ("done",)
 
@@ -104,6 +126,8 @@ class Writer:
         self._markers: list[_FlushMarker] = []
         self._insert_one = ""
         self._insert_many = ""
+        # The C inserter, once the store's connection is known to be the one it reaches.
+        self._rows_in_c: Any = None
         self.stacks = StackTable()
         self.monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
         # Pool rows to write, by pool key; kept after a monitor is gone, since its
@@ -192,8 +216,11 @@ class Writer:
         n -= n % RECORD_WIDTH
         if not n and not self.drops and not markers and not self._due_heartbeat():
             return
-        flat = queue[:n]
-        del queue[:n]
+        if sqlite_rows is not None:
+            flat = sqlite_rows.take(queue, RECORD_WIDTH)
+        else:
+            flat = queue[:n]
+            del queue[:n]
         ndrops = len(self.drops)
         if ndrops:
             del self.drops[:ndrops]
@@ -217,19 +244,8 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
             self._write_stacks(conn)
             self._write_pools(conn)
-            flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
-            flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
-            width = RECORD_WIDTH * ROWS_PER_STATEMENT
-            whole = len(flat) - len(flat) % width
-            if whole:
-                conn.executemany(
-                    self._insert_many, (flat[i : i + width] for i in range(0, whole, width))
-                )
-            if whole < len(flat):
-                conn.executemany(
-                    self._insert_one,
-                    (flat[i : i + RECORD_WIDTH] for i in range(whole, len(flat), RECORD_WIDTH)),
-                )
+            if not self._insert_in_c(conn, flat):
+                self._insert_in_python(conn, flat)
             now = time.time()
             if dropped:
                 conn.execute(
@@ -248,6 +264,38 @@ class Writer:
             self._pending_drops += nrecords
             self.dropped_total += nrecords
             self._report_failure(exc)
+
+    def _insert_in_c(self, conn: sqlite3.Connection, flat: list[Any]) -> bool:
+        """Insert the records with the GIL released; False (nothing written) where it cannot."""
+        if not self._rows_in_c or not flat:
+            return False
+        remap = {_POOL_AT: self._pool_ids, _STACK_AT: self._stack_ids}
+        return bool(
+            self._rows_in_c.insert(
+                conn,
+                flat,
+                RECORD_WIDTH,
+                self._insert_many,
+                ROWS_PER_STATEMENT,
+                self._insert_one,
+                remap,
+            )
+        )
+
+    def _insert_in_python(self, conn: sqlite3.Connection, flat: list[Any]) -> None:
+        flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
+        flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
+        width = RECORD_WIDTH * ROWS_PER_STATEMENT
+        whole = len(flat) - len(flat) % width
+        if whole:
+            conn.executemany(
+                self._insert_many, (flat[i : i + width] for i in range(0, whole, width))
+            )
+        if whole < len(flat):
+            conn.executemany(
+                self._insert_one,
+                (flat[i : i + RECORD_WIDTH] for i in range(whole, len(flat), RECORD_WIDTH)),
+            )
 
     def _due_heartbeat(self) -> bool:
         return self._conn is not None and time.time() - self._last_heartbeat > HEARTBEAT_SECONDS
@@ -326,6 +374,7 @@ class Writer:
         self._insert_one = _INSERT_PREFIX + row
         self._insert_many = _INSERT_PREFIX + ", ".join([row] * ROWS_PER_STATEMENT)
         self._conn = conn
+        self._rows_in_c = _checked_sqlite_rows(conn, self.path)
         self._failed_at = None
         self._last_heartbeat = now
         return conn
@@ -384,6 +433,17 @@ class Writer:
         self._pending_drops = 0
         self.written = 0
         self.dropped_total = 0
+
+
+def _checked_sqlite_rows(conn: sqlite3.Connection, path: Path) -> Any:
+    """The C inserter, if the SQLite handle it reads from ``conn`` is this store's."""
+    if sqlite_rows is None:
+        return None
+    try:
+        reached = sqlite_rows.filename(conn)
+    except Exception:
+        return None
+    return sqlite_rows if reached and os.path.realpath(reached) == os.path.realpath(path) else None
 
 
 _process_start = time.time()

@@ -55,18 +55,30 @@ def pg_url() -> str:
 
 @pytest.fixture(params=["c", "python"])
 def recorder_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each implementation of the hot listeners: the C helper, then pure Python.
+    """Each implementation of the recorder: the C helpers, then pure Python.
 
-    Monitors attached during the test use it. Without the compiled helper the C run
-    is skipped, except under CI, which builds it and must not lose that coverage.
+    "c" is the hot listeners' helper (``_speedups``) and the writer's inserter
+    (``_sqlite_rows``); "python" turns both off. Monitors and writers made during
+    the test use it. Without the compiled helpers the C run is skipped, except under
+    CI, which builds them and must not lose that coverage.
     """
     if request.param == "python":
         monkeypatch.setattr(_hooks, "HotPath", None)
-    elif _hooks.HotPath is None:
-        message = "the C helper instrument._speedups is not built"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI builds it", pytrace=False)
-        pytest.skip(message)
+        monkeypatch.setattr(_writer, "sqlite_rows", None)
+    else:
+        missing = [
+            name
+            for name, built in (
+                ("instrument._speedups", _hooks.HotPath is not None),
+                ("instrument._sqlite_rows", _writer.sqlite_rows is not None),
+            )
+            if not built
+        ]
+        if missing:
+            message = f"the C helpers {', '.join(missing)} are not built"
+            if os.environ.get("CI"):
+                pytest.fail(message + "; CI builds them", pytrace=False)
+            pytest.skip(message)
     return request.param
 
 

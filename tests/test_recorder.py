@@ -228,14 +228,15 @@ class TestHotPath:
     def test_c_helper_and_python_record_the_same_events(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_repo_root: Path
     ) -> None:
-        """The C helper and the pure-Python listeners write the same rows for one workload
-        (times and hold times aside): kinds, ids, threads, counts and sites."""
-        if _hooks.HotPath is None:
-            pytest.skip("the C helper instrument._speedups is not built")
+        """The C helpers and the pure-Python listeners and writer store the same rows for
+        one workload (times and hold times aside): kinds, ids, threads, counts and sites."""
+        if _hooks.HotPath is None or _writer.sqlite_rows is None:
+            pytest.skip("the C helpers are not built")
         rows = {}
         for impl in ("c", "python"):
             if impl == "python":
                 monkeypatch.setattr(_hooks, "HotPath", None)
+                monkeypatch.setattr(_writer, "sqlite_rows", None)
             store = tmp_path / f"{impl}.db"
             engine = sa.create_engine(
                 f"sqlite:///{tmp_path / 'app.db'}", pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW
@@ -700,6 +701,7 @@ class TestSitePaths:
         assert display_path(str(script)) == "srv/run.py"
 
 
+@pytest.mark.usefixtures("recorder_impl")
 class TestBrokenStore:
     @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
     def test_unwritable_store_never_reaches_the_application(
@@ -775,6 +777,48 @@ class TestBrokenStore:
         assert [k for k, _ in kinds if k in ("checkout", "checkin")] == ["checkout", "checkin"] * 2
         assert [c for k, c in kinds if k == "dropped"] == [6]
         assert len(caplog.records) == 1 and "locked" in caplog.records[0].getMessage()
+
+    def test_batch_the_store_refuses_is_counted_and_the_writer_goes_on(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A row SQLite refuses part-way through a batch (here a NOT NULL column left
+        empty) rolls back that batch, whose events are counted as dropped; the error is
+        logged once and the next batch is written."""
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        writer = monitor._writer
+        with writer._io_lock:  # the writer waits: all of this is one batch
+            for _ in range(300):  # several multi-row statements' worth before the bad row
+                with engine.connect():
+                    pass
+            writer.emit((None, monitor.pool_key, "close") + (_writer.NULL,) * 13)  # at: NOT NULL
+        assert monitor.flush() is True
+        assert monitor.dropped == 602  # connect, 300 checkouts and checkins, the bad row
+        with engine.connect():
+            pass
+        monitor.flush()
+        engine.dispose()
+        kinds = query(store_path, "SELECT kind, count FROM events ORDER BY id")
+        assert [k for k, _ in kinds if k in ("checkout", "checkin")] == ["checkout", "checkin"]
+        assert [c for k, c in kinds if k == "dropped"] == [602]
+        assert len(caplog.records) == 1 and "NOT NULL" in caplog.records[0].getMessage()
+
+    def test_a_value_of_another_type_is_still_written(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A record holding a value the C inserter does not read (a bool here) is written
+        all the same, with its batch, as the sqlite3 module binds it."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        with engine.connect():
+            pass
+        monitor._emit("close", connection_id=True)
+        monitor.flush()
+        engine.dispose()
+        rows = query(store_path, "SELECT kind, connection_id FROM events ORDER BY id")
+        assert [k for k, _ in rows] == ["connect", "checkout", "checkin", "close"]
+        assert rows[-1] == ("close", 1)
 
     def test_missing_directory_is_created(self, tmp_path: Path, sqlite_url: str) -> None:
         """A store in a directory that does not exist yet creates the directory."""
