@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._failures import listener_failed as _listener_failed
-from ._stacks import MAX_FRAMES, HotPath, stack_key
+from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path
 from ._writer import MAX_QUEUE_VALUES, NULL, SECRET_WORDS, Writer, get_writer
 
@@ -363,6 +363,17 @@ class Monitor:
         self._wrapped_pools.add(pool)
 
     def _make_do_get(self, do_get: Callable[[], Any]) -> Callable[[], Any]:
+        if TimedGet is not None:  # the same, in C: one Python call less per checkout
+            return TimedGet(  # type: ignore[no-any-return]
+                wrapped=do_get,
+                perf=time.perf_counter,
+                waits=self._waits,
+                connect_starts=self._connect_starts,
+                connect_times=self._connect_times,
+                on_timeout=self._on_timeout,
+                timeout_error=exc.TimeoutError,
+                failed=_listener_failed,
+            )
         perf = time.perf_counter
         waits = self._waits
         connect_times = self._connect_times
@@ -379,15 +390,19 @@ class Monitor:
                 except Exception:  # the application gets its own error, not ours
                     _listener_failed("_on_timeout")
                 raise
-            t1 = perf()
-            started = connect_starts.pop(record, None)
-            if started is not None and started >= t0:
-                # A new connection was opened in do_get(): the DBAPI connect, the dialect's
-                # first-connect setup and the app's connect listeners are connect time.
-                connect_times[record] = t1 - started
-                waits[record] = started - t0
-            else:
-                waits[record] = t1 - t0
+            try:
+                t1 = perf()
+                started = connect_starts.pop(record, None)
+                if started is not None and started >= t0:
+                    # A new connection was opened in do_get(): the DBAPI connect, the
+                    # dialect's first-connect setup and the app's connect listeners are
+                    # connect time.
+                    connect_times[record] = t1 - started
+                    waits[record] = started - t0
+                else:
+                    waits[record] = t1 - t0
+            except Exception:  # the connection is the application's all the same
+                _listener_failed("_do_get")
             return record
 
         _do_get.__wrapped__ = do_get  # type: ignore[attr-defined]
@@ -460,33 +475,6 @@ class Monitor:
                 return thread.name
 
         emit = self._emit
-        # The C helper records the common checkout and checkin (a stack seen before,
-        # a thread threading knows, no watchdog flag, not the GC); it answers False
-        # for everything else, which the Python code below records instead.
-        hot = (
-            HotPath(
-                queue=queue,
-                max_queue=max_queue,
-                drops=writer.drops,
-                pool_key=key,
-                open=open_,
-                shared=shared,
-                waits=waits,
-                connect_times=connect_times,
-                connection_ids=connection_ids,
-                suspected=suspected,
-                state=state,
-                stack_ids=stack_ids,
-                next_checkout=next_checkout,
-                now=now,
-                threads=threading._active,  # type: ignore[attr-defined]
-                max_frames=MAX_FRAMES,
-            )
-            if HotPath is not None and not is_async
-            else None
-        )
-        hot_checkout = hot.checkout if hot is not None else None
-        hot_checkin = hot.checkin if hot is not None else None
 
         def _record(
             kind: str,
@@ -516,8 +504,6 @@ class Monitor:
         def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """``PoolEvents.checkout``: ``record`` was handed to the application."""
             try:
-                if hot_checkout is not None and hot_checkout(record, proxy):
-                    return
                 t = now()
                 if is_async:
                     sid = capture_async()
@@ -633,8 +619,7 @@ class Monitor:
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.checkin``: ``record`` went back to the pool (by code or by the GC)."""
             try:
-                if hot_checkin is None or not hot_checkin(record):
-                    _returned(record, True)
+                _returned(record, True)
             except Exception:  # never raise into the application
                 _listener_failed("_on_checkin")
 
@@ -689,10 +674,39 @@ class Monitor:
             except Exception:  # never raise into the application
                 _listener_failed("_on_close_detached")
 
+        # The C helper is the checkout and checkin listener itself where it is built: it
+        # records the common case (a stack seen before, a thread threading knows, no
+        # watchdog flag, not the GC) and hands everything else to the Python listeners
+        # above. Registered directly, it spares SQLAlchemy's dispatch a Python call.
+        hot = (
+            HotPath(
+                queue=queue,
+                max_queue=max_queue,
+                drops=writer.drops,
+                pool_key=key,
+                open=open_,
+                shared=shared,
+                waits=waits,
+                connect_times=connect_times,
+                connection_ids=connection_ids,
+                suspected=suspected,
+                state=state,
+                stack_ids=stack_ids,
+                next_checkout=next_checkout,
+                now=now,
+                threads=threading._active,  # type: ignore[attr-defined]
+                max_frames=MAX_FRAMES,
+                fallback_checkout=_on_checkout,
+                fallback_checkin=_on_checkin,
+                failed=_listener_failed,
+            )
+            if HotPath is not None and not is_async
+            else None
+        )
         listeners: dict[str, Callable[..., None]] = {
             "connect": _on_connect,
-            "checkout": _on_checkout,
-            "checkin": _on_checkin,
+            "checkout": hot.on_checkout if hot is not None else _on_checkout,
+            "checkin": hot.on_checkin if hot is not None else _on_checkin,
             "invalidate": _on_invalidate,
             "soft_invalidate": _simple("soft_invalidate"),
             "close": _simple("close"),

@@ -82,6 +82,29 @@ stack_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLongLong(walk_stack(skip, max_frames));
 }
 
+/* ---- A listener's own failure ------------------------------------------------------ */
+
+/* Pass the exception being raised to failed(name) (_failures.listener_failed) as the
+   exception being handled, as a Python "except Exception:" block would, then clear it.
+   Returns 0; returns -1 leaving the error set for anything not an Exception
+   (KeyboardInterrupt, SystemExit), which propagates as it would from Python. */
+static int
+report_failure(PyObject *failed, const char *name)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *type, *value, *tb, *old_type, *old_value, *old_tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    PyErr_GetExcInfo(&old_type, &old_value, &old_tb);
+    PyErr_SetExcInfo(type, value, tb);  /* steals */
+    PyObject *result = PyObject_CallFunction(failed, "s", name);
+    PyErr_SetExcInfo(old_type, old_value, old_tb);  /* steals */
+    Py_XDECREF(result);
+    PyErr_Clear();  /* if logging itself failed, there is nothing more to do */
+    return 0;
+}
+
 /* ---- HotPath: the checkout and checkin listeners' common case ------------------- */
 
 static PyObject *str_name;      /* "_name" */
@@ -110,6 +133,9 @@ typedef struct {
     PyObject *next_checkout;   /* callable -> next checkout id */
     PyObject *now;             /* callable -> unix time (time.time) */
     PyObject *threads;         /* dict: thread ident -> Thread (threading._active) */
+    PyObject *fallback_checkout; /* the Python checkout listener, for all else */
+    PyObject *fallback_checkin;  /* the Python checkin listener, for all else */
+    PyObject *failed;          /* _failures.listener_failed(name), called inside "except" */
     long max_frames;
 } HotPath;
 
@@ -121,7 +147,8 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->connection_ids); Py_VISIT(self->suspected); Py_VISIT(self->state);
     Py_VISIT(self->shared);
     Py_VISIT(self->stack_ids); Py_VISIT(self->next_checkout); Py_VISIT(self->now);
-    Py_VISIT(self->threads);
+    Py_VISIT(self->threads); Py_VISIT(self->fallback_checkout);
+    Py_VISIT(self->fallback_checkin); Py_VISIT(self->failed);
     return 0;
 }
 
@@ -133,7 +160,8 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->connection_ids); Py_CLEAR(self->suspected); Py_CLEAR(self->state);
     Py_CLEAR(self->shared);
     Py_CLEAR(self->stack_ids); Py_CLEAR(self->next_checkout); Py_CLEAR(self->now);
-    Py_CLEAR(self->threads);
+    Py_CLEAR(self->threads); Py_CLEAR(self->fallback_checkout);
+    Py_CLEAR(self->fallback_checkin); Py_CLEAR(self->failed);
     return 0;
 }
 
@@ -151,18 +179,20 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {
         "queue", "max_queue", "drops", "pool_key", "open", "waits", "connect_times",
         "connection_ids", "suspected", "shared", "state", "stack_ids", "next_checkout", "now",
-        "threads", "max_frames", NULL,
+        "threads", "max_frames", "fallback_checkout", "fallback_checkin", "failed", NULL,
     };
     PyObject *queue, *drops, *pool_key, *open, *waits, *connect_times, *connection_ids;
     PyObject *suspected, *shared, *state, *stack_ids, *next_checkout, *now, *threads;
+    PyObject *fallback_checkout, *fallback_checkin, *failed;
     Py_ssize_t max_queue;
     long max_frames;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "O!nO!OO!O!O!O!O!O!O!O!OOO!l", kwlist, &PyList_Type, &queue,
+            args, kwds, "O!nO!OO!O!O!O!O!O!O!O!OOO!lOOO", kwlist, &PyList_Type, &queue,
             &max_queue, &PyList_Type, &drops, &pool_key, &PyDict_Type, &open, &PyDict_Type,
             &waits, &PyDict_Type, &connect_times, &PyDict_Type, &connection_ids, &PyDict_Type,
             &suspected, &PyDict_Type, &shared, &PyList_Type, &state, &PyDict_Type, &stack_ids,
-            &next_checkout, &now, &PyDict_Type, &threads, &max_frames))
+            &next_checkout, &now, &PyDict_Type, &threads, &max_frames, &fallback_checkout,
+            &fallback_checkin, &failed))
         return -1;
     if (PyList_GET_SIZE(state) != 4) {
         PyErr_SetString(PyExc_ValueError, "state must be [pool, idle, waiters, size]");
@@ -172,7 +202,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     SET(queue); SET(drops); SET(pool_key); SET(open); SET(waits); SET(connect_times);
     SET(connection_ids); SET(suspected); SET(shared); SET(state); SET(stack_ids);
     SET(next_checkout);
-    SET(now); SET(threads);
+    SET(now); SET(threads); SET(fallback_checkout); SET(fallback_checkin); SET(failed);
 #undef SET
     self->max_queue = max_queue;
     self->max_frames = max_frames;
@@ -262,23 +292,20 @@ drop_record(HotPath *self)
     return PyList_Append(self->drops, one);
 }
 
-/* checkout(record, proxy) -> bool: record a checkout, as _on_checkout does.
+/* Record a checkout, as the Python checkout listener does: Py_True (a new reference)
+   when done, Py_False when it left everything to the Python listener, NULL on an error.
 
-   Returns False, having done nothing, when the stack was never seen before, the
-   thread is not known to threading, or the record is already checked out (a
-   StaticPool's): the Python listener then does the whole work. */
+   It leaves to Python a stack never seen before, a thread not known to threading,
+   and a record already checked out (a StaticPool's). Called by SQLAlchemy's dispatch
+   itself, so the stack starts at the frame that called in (skip 0), as the Python
+   listener's starts at its caller. */
 static PyObject *
-HotPath_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
+checkout_fast(HotPath *self, PyObject *record, PyObject *proxy)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "checkout(record, proxy)");
-        return NULL;
-    }
-    PyObject *record = args[0], *proxy = args[1];
     int already_open = PyDict_Contains(self->open, record);
     if (already_open < 0) return NULL;
     if (already_open) Py_RETURN_FALSE;
-    PyObject *key = PyLong_FromUnsignedLongLong(walk_stack(1, self->max_frames));
+    PyObject *key = PyLong_FromUnsignedLongLong(walk_stack(0, self->max_frames));
     if (key == NULL) return NULL;
     PyObject *sid = PyDict_GetItemWithError(self->stack_ids, key);
     if (sid == NULL) {
@@ -360,13 +387,14 @@ proxy_alive(PyObject *ref)
 #endif
 }
 
-/* checkin(record) -> bool: record a checkin by code, as _returned(record, True) does.
+/* Record a checkin by code, as the Python checkin listener does: Py_True when done,
+   Py_False when it left everything to the Python listener, NULL on an error.
 
-   Returns False, having done nothing, for what the Python listener handles: a
-   connection returned by the garbage collector, a checkout the watchdog flagged,
-   a record shared by overlapping checkouts, or a thread not known to threading. */
+   It leaves to Python a connection returned by the garbage collector, a checkout
+   the watchdog flagged, a record shared by overlapping checkouts, and a thread
+   not known to threading. */
 static PyObject *
-HotPath_checkin(HotPath *self, PyObject *record)
+checkin_fast(HotPath *self, PyObject *record)
 {
     PyObject *entry = PyDict_GetItemWithError(self->open, record);
     if (entry == NULL) {
@@ -419,11 +447,58 @@ done:
     return result;
 }
 
+/* A listener's own failure: counted and logged, never raised into SQLAlchemy. */
+static PyObject *
+listener_failed(HotPath *self, const char *name)
+{
+    if (report_failure(self->failed, name) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Hand the event to a Python listener, which catches its own failures. */
+static PyObject *
+fall_back(HotPath *self, PyObject *listener, PyObject *const *args, Py_ssize_t nargs,
+          const char *name)
+{
+    PyObject *result = PyObject_Vectorcall(listener, args, nargs, NULL);
+    if (result == NULL) return listener_failed(self, name);
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+/* on_checkout(dbapi_connection, record, proxy): the checkout listener itself. */
+static PyObject *
+HotPath_on_checkout(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 3) {
+        PyObject *done = checkout_fast(self, args[1], args[2]);
+        if (done == NULL) return listener_failed(self, "_on_checkout");
+        Py_DECREF(done);
+        if (done == Py_True) Py_RETURN_NONE;
+    }
+    return fall_back(self, self->fallback_checkout, args, nargs, "_on_checkout");
+}
+
+/* on_checkin(dbapi_connection, record): the checkin listener itself. */
+static PyObject *
+HotPath_on_checkin(HotPath *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 2) {
+        PyObject *done = checkin_fast(self, args[1]);
+        if (done == NULL) return listener_failed(self, "_on_checkin");
+        Py_DECREF(done);
+        if (done == Py_True) Py_RETURN_NONE;
+    }
+    return fall_back(self, self->fallback_checkin, args, nargs, "_on_checkin");
+}
+
 static PyMethodDef HotPath_methods[] = {
-    {"checkout", (PyCFunction)(void (*)(void))HotPath_checkout, METH_FASTCALL,
-     "checkout(record, proxy) -> bool: record a checkout; False leaves it to Python."},
-    {"checkin", (PyCFunction)HotPath_checkin, METH_O,
-     "checkin(record) -> bool: record a checkin by code; False leaves it to Python."},
+    {"on_checkout", (PyCFunction)(void (*)(void))HotPath_on_checkout, METH_FASTCALL,
+     "on_checkout(dbapi_connection, record, proxy): the checkout listener; the common case "
+     "in C, the rest handed to fallback_checkout."},
+    {"on_checkin", (PyCFunction)(void (*)(void))HotPath_on_checkin, METH_FASTCALL,
+     "on_checkin(dbapi_connection, record): the checkin listener; the common case in C, "
+     "the rest handed to fallback_checkin."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -439,6 +514,171 @@ static PyTypeObject HotPathType = {
     .tp_traverse = (traverseproc)HotPath_traverse,
     .tp_clear = (inquiry)HotPath_clear,
     .tp_methods = HotPath_methods,
+};
+
+/* ---- TimedGet: the pool's _do_get, timed ---------------------------------------- */
+
+/* Wraps a pool's bound _do_get: how long the caller waited for a connection, and how
+   much of that was opening a new one (connect_starts is set by the wrapped creator),
+   go into `waits` and `connect_times` by record; the checkout listener takes them
+   from there. A TimeoutError is passed to on_timeout(waited) and raised unchanged. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *wrapped;         /* the pool's own bound _do_get */
+    PyObject *perf;            /* time.perf_counter */
+    PyObject *waits;           /* dict: record -> seconds waited */
+    PyObject *connect_starts;  /* dict: record -> perf() when its connect began */
+    PyObject *connect_times;   /* dict: record -> seconds connecting */
+    PyObject *on_timeout;      /* callable(waited) */
+    PyObject *timeout_error;   /* sqlalchemy.exc.TimeoutError */
+    PyObject *failed;          /* _failures.listener_failed(name) */
+} TimedGet;
+
+static int
+TimedGet_traverse(TimedGet *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->wrapped); Py_VISIT(self->perf); Py_VISIT(self->waits);
+    Py_VISIT(self->connect_starts); Py_VISIT(self->connect_times);
+    Py_VISIT(self->on_timeout); Py_VISIT(self->timeout_error); Py_VISIT(self->failed);
+    return 0;
+}
+
+static int
+TimedGet_clear(TimedGet *self)
+{
+    Py_CLEAR(self->wrapped); Py_CLEAR(self->perf); Py_CLEAR(self->waits);
+    Py_CLEAR(self->connect_starts); Py_CLEAR(self->connect_times);
+    Py_CLEAR(self->on_timeout); Py_CLEAR(self->timeout_error); Py_CLEAR(self->failed);
+    return 0;
+}
+
+static void
+TimedGet_dealloc(TimedGet *self)
+{
+    PyObject_GC_UnTrack(self);
+    TimedGet_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+TimedGet_init(TimedGet *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {
+        "wrapped", "perf", "waits", "connect_starts", "connect_times", "on_timeout",
+        "timeout_error", "failed", NULL,
+    };
+    PyObject *wrapped, *perf, *waits, *connect_starts, *connect_times, *on_timeout;
+    PyObject *timeout_error, *failed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!O!OOO", kwlist, &wrapped, &perf,
+                                     &PyDict_Type, &waits, &PyDict_Type, &connect_starts,
+                                     &PyDict_Type, &connect_times, &on_timeout,
+                                     &timeout_error, &failed))
+        return -1;
+#define SET(field) Py_INCREF(field); Py_XSETREF(self->field, field)
+    SET(wrapped); SET(perf); SET(waits); SET(connect_starts); SET(connect_times);
+    SET(on_timeout); SET(timeout_error); SET(failed);
+#undef SET
+    return 0;
+}
+
+static double
+perf_now(TimedGet *self)
+{
+    PyObject *t = PyObject_CallNoArgs(self->perf);
+    if (t == NULL) return -1.0;
+    double value = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return value;
+}
+
+/* The pool raised TimeoutError after `t0`: tell on_timeout, then re-raise it as it was. */
+static void
+report_timeout(TimedGet *self, double t0)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    double t = perf_now(self);
+    PyObject *waited = t < 0 && PyErr_Occurred() ? NULL : PyFloat_FromDouble(t - t0);
+    PyObject *result = waited ? PyObject_CallOneArg(self->on_timeout, waited) : NULL;
+    Py_XDECREF(waited);
+    if (result == NULL && report_failure(self->failed, "_on_timeout") < 0) {
+        PyErr_Clear();  /* the application gets its own error, not ours */
+    }
+    Py_XDECREF(result);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *
+TimedGet_call(TimedGet *self, PyObject *args, PyObject *kwds)
+{
+    double t0 = perf_now(self);
+    if (t0 < 0 && PyErr_Occurred()) return NULL;
+    PyObject *record = PyObject_Call(self->wrapped, args, kwds);
+    if (record == NULL) {
+        if (PyErr_ExceptionMatches(self->timeout_error)) report_timeout(self, t0);
+        return NULL;
+    }
+    double t1 = perf_now(self);
+    if (t1 < 0 && PyErr_Occurred()) goto fail;
+    PyObject *started = PyDict_GetItemWithError(self->connect_starts, record);
+    double wait = t1 - t0;
+    if (started != NULL) {
+        double s = PyFloat_AsDouble(started);
+        if (s == -1.0 && PyErr_Occurred()) goto fail;
+        if (PyDict_DelItem(self->connect_starts, record) < 0) goto fail;
+        if (s >= t0) {
+            /* A new connection was opened in _do_get(): the DBAPI connect, the dialect's
+               first-connect setup and the app's connect listeners are connect time. */
+            PyObject *connect = PyFloat_FromDouble(t1 - s);
+            if (connect == NULL) goto fail;
+            int rc = PyDict_SetItem(self->connect_times, record, connect);
+            Py_DECREF(connect);
+            if (rc < 0) goto fail;
+            wait = s - t0;
+        }
+    }
+    else if (PyErr_Occurred()) {
+        goto fail;
+    }
+    PyObject *waited = PyFloat_FromDouble(wait);
+    if (waited == NULL) goto fail;
+    int rc = PyDict_SetItem(self->waits, record, waited);
+    Py_DECREF(waited);
+    if (rc < 0) goto fail;
+    return record;
+fail:
+    /* The connection is the application's: hand it over, and count our failure. */
+    if (report_failure(self->failed, "_do_get") < 0) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    return record;
+}
+
+static PyObject *
+TimedGet_get_wrapped(TimedGet *self, void *closure)
+{
+    return Py_NewRef(self->wrapped);
+}
+
+static PyGetSetDef TimedGet_getset[] = {
+    {"__wrapped__", (getter)TimedGet_get_wrapped, NULL, "the pool's own _do_get", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TimedGetType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "instrument._speedups.TimedGet",
+    .tp_doc = "A pool's _do_get, timed: waits and connect times by record.",
+    .tp_basicsize = sizeof(TimedGet),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)TimedGet_init,
+    .tp_dealloc = (destructor)TimedGet_dealloc,
+    .tp_traverse = (traverseproc)TimedGet_traverse,
+    .tp_clear = (inquiry)TimedGet_clear,
+    .tp_call = (ternaryfunc)TimedGet_call,
+    .tp_getset = TimedGet_getset,
 };
 
 static PyMethodDef methods[] = {
@@ -462,12 +702,18 @@ PyInit__speedups(void)
     if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL ||
         null == NULL)
         return NULL;
-    if (PyType_Ready(&HotPathType) < 0) return NULL;
+    if (PyType_Ready(&HotPathType) < 0 || PyType_Ready(&TimedGetType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&HotPathType);
     if (PyModule_AddObject(m, "HotPath", (PyObject *)&HotPathType) < 0) {
         Py_DECREF(&HotPathType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&TimedGetType);
+    if (PyModule_AddObject(m, "TimedGet", (PyObject *)&TimedGetType) < 0) {
+        Py_DECREF(&TimedGetType);
         Py_DECREF(m);
         return NULL;
     }

@@ -273,16 +273,19 @@ insert(PyObject *self, PyObject *args)
     return PyBool_FromLong(readable);
 }
 
-/* take(queue, width) -> list: move every whole row out of the writer's queue into a new
-   list, leaving the queue empty (or holding an incomplete last row, never expected:
-   the listeners append a row at a time). With the GIL held, as list.clear() does.
-   A slice and a delete would touch every queued value twice more. */
+/* take(queue, width, spare) -> list: move every whole row out of the writer's queue
+   into a new list, in O(1), with the GIL held as list.clear() does. The queue goes on
+   in the buffer of `spare`, an empty list whose capacity recycle() kept, so that the
+   application's appends do not grow a new buffer from nothing after every batch. The
+   queue holds whole rows only (the listeners append a row at a time); should it not,
+   the rows are copied out as a slice instead. */
 static PyObject *
 take(PyObject *self, PyObject *args)
 {
-    PyObject *queue;
+    PyObject *queue, *spare;
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &queue, &width)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!nO!", &PyList_Type, &queue, &width, &PyList_Type, &spare))
+        return NULL;
     if (width <= 0) {
         PyErr_SetString(PyExc_ValueError, "width must be positive");
         return NULL;
@@ -299,19 +302,50 @@ take(PyObject *self, PyObject *args)
     }
     PyListObject *taken = (PyListObject *)PyList_New(0);
     if (taken == NULL) return NULL;
-    PyListObject *from = (PyListObject *)queue;
+    PyListObject *from = (PyListObject *)queue, *buffer = (PyListObject *)spare;
     taken->ob_item = from->ob_item;
     taken->allocated = from->allocated;
     Py_SET_SIZE(taken, n);
-    from->ob_item = NULL;
-    from->allocated = 0;
+    if (Py_SIZE(buffer) == 0 && buffer != from) {
+        from->ob_item = buffer->ob_item;
+        from->allocated = buffer->allocated;
+        buffer->ob_item = NULL;
+        buffer->allocated = 0;
+    }
+    else {
+        from->ob_item = NULL;
+        from->allocated = 0;
+    }
     Py_SET_SIZE(from, 0);
     return (PyObject *)taken;
 }
 
+/* recycle(rows, max_capacity) -> None: empty a list taken from the queue but keep its
+   buffer (up to `max_capacity` values), to be the queue's next one (see take). */
+static PyObject *
+recycle(PyObject *self, PyObject *args)
+{
+    PyObject *rows;
+    Py_ssize_t max_capacity;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &rows, &max_capacity)) return NULL;
+    PyListObject *list = (PyListObject *)rows;
+    if (list->allocated > max_capacity) {  /* too big to keep: freed as list.clear() does */
+        if (PyList_SetSlice(rows, 0, Py_SIZE(rows), NULL) < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = Py_SIZE(list);
+    PyObject **items = list->ob_item;
+    Py_SET_SIZE(list, 0);  /* before the decrefs: a finalizer may look at the list */
+    for (Py_ssize_t i = 0; i < n; i++) Py_DECREF(items[i]);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"take", take, METH_VARARGS,
-     "take(queue, width) -> list: move the queue's whole rows into a new list, in O(1)."},
+     "take(queue, width, spare) -> list: move the queue's whole rows into a new list, in "
+     "O(1); the queue goes on in spare's buffer."},
+    {"recycle", recycle, METH_VARARGS,
+     "recycle(rows, max_capacity) -> None: empty rows, keeping its buffer for take()."},
     {"load", load, METH_VARARGS,
      "load(module_path, version_number) -> bool: find SQLite in the sqlite3 module's library."},
     {"filename", filename, METH_O,

@@ -138,11 +138,13 @@ def _py_stack_key(skip: int, max_frames: int) -> int:
 
 
 HotPath: Any
+TimedGet: Any
 try:
-    from ._speedups import HotPath, stack_key
+    from ._speedups import HotPath, TimedGet, stack_key
 except ImportError:  # built without a C compiler: same behaviour, a few µs slower
     stack_key = _py_stack_key
     HotPath = None
+    TimedGet = None
 
 
 def _parent_greenlet_frame() -> FrameType | None:

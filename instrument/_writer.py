@@ -47,6 +47,9 @@ SCHEDULE_DELAY_SECONDS = 0.2
 BATCH_THRESHOLD_VALUES = 20_000 * RECORD_WIDTH
 """Queued values past which the writer starts the next batch without sleeping."""
 
+SPARE_CAPACITY_VALUES = 1_000_000
+"""The largest buffer kept from one batch to be the queue's next (8 MB of pointers)."""
+
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
 
@@ -122,6 +125,7 @@ class Writer:
         # Flat: each record is RECORD_WIDTH consecutive values. list.extend and the
         # writer's slice-then-delete are each atomic under the GIL, and need no lock.
         self.queue: list[Any] = []
+        self._spare: list[Any] = []  # an empty buffer for the queue (see _sqlite_rows.take)
         self.drops: list[int] = []
         self._markers: list[_FlushMarker] = []
         self._insert_one = ""
@@ -217,7 +221,7 @@ class Writer:
         if not n and not self.drops and not markers and not self._due_heartbeat():
             return
         if sqlite_rows is not None:
-            flat = sqlite_rows.take(queue, RECORD_WIDTH)
+            flat = sqlite_rows.take(queue, RECORD_WIDTH, self._spare)
         else:
             flat = queue[:n]
             del queue[:n]
@@ -229,6 +233,10 @@ class Writer:
         finally:
             for marker in markers:
                 marker.done.set()
+            if sqlite_rows is not None:
+                # Freed here, its buffer kept for the queue's next batch.
+                sqlite_rows.recycle(flat, SPARE_CAPACITY_VALUES)
+                self._spare = flat
 
     def _write(self, flat: list[Any], ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH

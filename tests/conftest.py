@@ -64,6 +64,7 @@ def recorder_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     """
     if request.param == "python":
         monkeypatch.setattr(_hooks, "HotPath", None)
+        monkeypatch.setattr(_hooks, "TimedGet", None)
         monkeypatch.setattr(_writer, "sqlite_rows", None)
     else:
         missing = [

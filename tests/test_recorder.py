@@ -27,7 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import QueuePool
 
 import instrument
-from instrument import _hooks, _store, _writer
+from instrument import _failures, _hooks, _store, _writer
 from instrument.testing import EVENT_FIELDS, capture_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +236,7 @@ class TestHotPath:
         for impl in ("c", "python"):
             if impl == "python":
                 monkeypatch.setattr(_hooks, "HotPath", None)
+                monkeypatch.setattr(_hooks, "TimedGet", None)
                 monkeypatch.setattr(_writer, "sqlite_rows", None)
             store = tmp_path / f"{impl}.db"
             engine = sa.create_engine(
@@ -294,6 +295,40 @@ class TestHotPath:
         assert rows[:2] == [("checkout", main), ("checkin", main)]
         foreign_names = {r[1] for r in rows[2:]}
         assert len(foreign_names) == 1 and foreign_names.pop().startswith("Dummy-")
+
+    @pytest.mark.usefixtures("recorder_impl")
+    def test_own_failure_never_reaches_the_application(
+        self,
+        sqlite_url: str,
+        store_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """When the checkout and checkin listeners fail themselves, queries go on; the
+        failures are counted and the first is logged once, with its traceback."""
+        monkeypatch.setattr(_failures, "failures", [])
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        short_checkouts(engine)  # the stack is known: the C helper takes the next ones
+        monitor._state[1] = object()  # the idle queue: it has no length
+        for i in range(3):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql(f"select {i}").scalar() == i
+        assert _failures.failures.count("_on_checkout") == 3
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1
+        assert "_on_checkout failed" in errors[0].getMessage()
+        assert errors[0].exc_info is not None and errors[0].exc_info[0] is TypeError
+
+        # The pool's wait timer fails too (a start time that is not a number): the
+        # connection is handed over all the same.
+        monitor._state[1] = monitor._state[0]._pool.queue  # the idle queue is back
+        record = monitor._state[1][0]
+        monitor._connect_starts[record] = "not a time"
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select 7").scalar() == 7
+        assert _failures.failures[-1:] == ["_do_get"]
 
 
 @pytest.mark.usefixtures("recorder_impl")

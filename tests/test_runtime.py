@@ -130,6 +130,7 @@ def small_pool(make_engine: Callable[..., sa.Engine]) -> sa.Engine:
 # -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("recorder_impl")
 class TestTimeouts:
     def _exhaust(self, engine: sa.Engine) -> sa_exc.TimeoutError:
         """Three holders, then a fourth caller that times out; return what it got."""
