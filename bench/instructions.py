@@ -10,8 +10,8 @@ every imported module's objects moves the counts by thousands per iteration.
 
 Variants: ``bare`` (no poolscope), ``noop`` (a checkout and a checkin listener that
 do nothing: SQLAlchemy's own dispatch), ``noop-checkout`` (the checkout one alone),
-``poolscope`` (attached, the C helper on,
-the writer held off), ``python`` (the same without the C helper), and ``writer``
+``poolscope`` (attached, the C helpers on,
+the writer held off), ``python`` (the same without the C helpers), and ``writer``
 (what writing one event costs the writer thread, from queue to disk).
 
     python bench/instructions.py [--iterations 3000] [--depth 0]
@@ -34,7 +34,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 import instrument
-from instrument import _hooks
+from instrument import _hooks, _writer
 
 variant, n, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tmp = tempfile.mkdtemp()
@@ -46,7 +46,7 @@ if variant in ("noop", "noop-checkout"):
         event.listen(engine, "checkin", lambda *args: None)
 elif variant != "bare":
     if variant == "python":
-        _hooks.HotPath = None
+        _hooks.HotPath = _hooks.TimedGet = _writer.sqlite_rows = None
     monitor = instrument.attach(engine, store=Path(tmp) / "store.db")
     monitor.flush()
     monitor._writer._io_lock.acquire()  # the writer waits: listeners only
