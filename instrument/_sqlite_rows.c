@@ -16,7 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__unix__) || defined(__APPLE__)
+/* The Connection layout below is known for CPython 3.8 to 3.14; on another version the
+   helper stays off rather than read a handle from a layout it has not seen. It stays
+   off without a GIL too: take() moves a list's items as only the GIL makes safe. */
+#if (defined(__unix__) || defined(__APPLE__)) && PY_VERSION_HEX < 0x030F0000 && \
+    !defined(Py_GIL_DISABLED)
 #  include <dlfcn.h>
 #  define HAVE_DLOPEN 1
 #endif
@@ -46,7 +50,7 @@ static struct {
 static int loaded = 0;
 
 /* The leading fields of the sqlite3 module's Connection object: the handle comes
-   first after the object header in every CPython from 3.8 to 3.13. */
+   first after the object header in every CPython from 3.8 to 3.14. */
 typedef struct {
     PyObject_HEAD
     sqlite3 *db;
