@@ -45,6 +45,7 @@ static struct {
     const char *(*errmsg)(sqlite3 *);
     const char *(*db_filename)(sqlite3 *, const char *);
     int (*libversion_number)(void);
+    int (*exec)(sqlite3 *, const char *, void *, void *, char **);
 } sq;
 
 static int loaded = 0;
@@ -84,6 +85,7 @@ load(PyObject *self, PyObject *args)
     FIND(errmsg, "sqlite3_errmsg")
     FIND(db_filename, "sqlite3_db_filename")
     FIND(libversion_number, "sqlite3_libversion_number")
+    FIND(exec, "sqlite3_exec")
 #  undef FIND
     /* The handle stays open: the module it names is never unloaded anyway. */
     loaded = sq.libversion_number() == expected;
@@ -200,22 +202,38 @@ run(sqlite3 *db, const char *sql, const Cell *cells, Py_ssize_t ncells, int per_
     return rc;
 }
 
-/* insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap) -> bool
+/* Run `sql` (any number of statements, no parameters) unless it is empty. */
+static int
+run_script(sqlite3 *db, const char *sql, char *error, size_t error_size)
+{
+    if (sql[0] == '\0') return SQLITE_OK;
+    int rc = sq.exec(db, sql, NULL, NULL, NULL);
+    if (rc != SQLITE_OK) snprintf(error, error_size, "%s", sq.errmsg(db));
+    return rc;
+}
 
-   Insert the rows of the flat list `values` (`width` values each) through the open
-   transaction of `conn`: whole groups of `rows_per_statement` rows with `many_sql`,
-   the rest one by one with `one_sql`. `remap` maps a column index to a dict through
-   which that column's values are translated first (a value it lacks becomes NULL).
-   Returns False, having written nothing, if a value is not None, int, float or str;
-   raises sqlite3.OperationalError if SQLite fails part-way (the caller rolls back). */
+/* insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap, before, after)
+   -> bool
+
+   Insert the rows of the flat list `values` (`width` values each) through `conn`:
+   whole groups of `rows_per_statement` rows with `many_sql`, the rest one by one with
+   `one_sql`, between the SQL scripts `before` and `after` (each may be empty), all
+   with the GIL released once: the writer's BEGIN, its heartbeat and COMMIT go here,
+   since every release is a wait for the GIL to come back, which the application pays
+   for in wake-ups while the writer waits. `remap` maps a column index to a dict
+   through which that column's values are translated first (a value it lacks becomes
+   NULL). Returns False, having run nothing, if a value is not None, int, float or
+   str; raises sqlite3.OperationalError if SQLite fails part-way (the caller rolls
+   back). */
 static PyObject *
 insert(PyObject *self, PyObject *args)
 {
     PyObject *conn, *values, *remap;
     Py_ssize_t width, rows_per_statement;
-    const char *many_sql, *one_sql;
-    if (!PyArg_ParseTuple(args, "OO!nsnsO!", &conn, &PyList_Type, &values, &width,
-                          &many_sql, &rows_per_statement, &one_sql, &PyDict_Type, &remap))
+    const char *many_sql, *one_sql, *before, *after;
+    if (!PyArg_ParseTuple(args, "OO!nsnsO!ss", &conn, &PyList_Type, &values, &width,
+                          &many_sql, &rows_per_statement, &one_sql, &PyDict_Type, &remap,
+                          &before, &after))
         return NULL;
     sqlite3 *db = handle_of(conn);
     if (db == NULL) return NULL;
@@ -260,11 +278,13 @@ insert(PyObject *self, PyObject *args)
     if (readable) {
         Py_ssize_t whole = n - n % (width * rows_per_statement);
         Py_BEGIN_ALLOW_THREADS
-        if (whole)
+        rc = run_script(db, before, error, sizeof error);
+        if (rc == SQLITE_OK && whole)
             rc = run(db, many_sql, cells, whole, (int)(width * rows_per_statement), error,
                      sizeof error);
         if (rc == SQLITE_OK && whole < n)
             rc = run(db, one_sql, cells + whole, n - whole, (int)width, error, sizeof error);
+        if (rc == SQLITE_OK) rc = run_script(db, after, error, sizeof error);
         Py_END_ALLOW_THREADS
     }
     Py_DECREF(values);
@@ -355,9 +375,9 @@ static PyMethodDef methods[] = {
     {"filename", filename, METH_O,
      "filename(conn) -> str: the main database file of a sqlite3.Connection."},
     {"insert", insert, METH_VARARGS,
-     "insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap) -> bool: "
-     "insert flat rows with the GIL released; False (nothing written) for a value of "
-     "another type than None, int, float or str."},
+     "insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap, before, "
+     "after) -> bool: run before, insert flat rows, run after, with the GIL released "
+     "once; False (nothing run) for a value of another type than None, int, float or str."},
     {NULL, NULL, 0, NULL},
 };
 
