@@ -129,7 +129,8 @@ class Writer:
     def __init__(self, path: Path) -> None:
         self.path = path
         # Flat: each record is RECORD_WIDTH consecutive values. list.extend and the
-        # writer's slice-then-delete are each atomic under the GIL, and need no lock.
+        # writer's take (a slice-then-delete without the C inserter) are each atomic under
+        # the GIL, and need no lock.
         self.queue: list[Any] = []
         self._spare: list[Any] = []  # an empty buffer for the queue (see _sqlite_rows.take)
         self.drops: list[int] = []
@@ -270,7 +271,7 @@ class Writer:
                         "VALUES (?, ?, ?, 'dropped', ?)",
                         (now, pid, next(iter(self._pool_ids.values()), 0), dropped),
                     )
-                conn.execute("UPDATE processes SET heartbeat_at = ? WHERE id = ?", (now, pid))
+                conn.execute(self._heartbeat(now))
                 conn.execute("COMMIT")
             self._last_heartbeat = now
             self._pending_drops = 0
@@ -293,11 +294,14 @@ class Writer:
         """
         if not self._rows_in_c or self.stacks.pending or self.pools.keys() - self._pool_ids:
             return False
-        heartbeat = (
+        return self._insert_in_c(conn, flat, "BEGIN IMMEDIATE", self._heartbeat(now) + "; COMMIT")
+
+    def _heartbeat(self, now: float) -> str:
+        """The statement that marks this process alive at ``now`` (numbers only, inlined)."""
+        return (
             f"UPDATE processes SET heartbeat_at = {float(now)!r} "
-            f"WHERE id = {int(self.process_id)}; COMMIT"  # type: ignore[arg-type]
+            f"WHERE id = {int(self.process_id)}"  # type: ignore[arg-type]
         )
-        return self._insert_in_c(conn, flat, "BEGIN IMMEDIATE", heartbeat)
 
     def _insert_in_c(
         self, conn: sqlite3.Connection, flat: list[Any], before: str = "", after: str = ""

@@ -310,12 +310,15 @@ class TestHotPath:
         caplog.set_level(logging.WARNING, logger="instrument")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path)
-        short_checkouts(engine)  # the stack is known: the C helper takes the next ones
+        short_checkouts(engine)  # a connection is open and idle before anything breaks
+        # With the C helper, the first checkout below records its new stack in Python and
+        # the next two take the helper's own path: both fail, and both are caught.
         monitor._state[1] = object()  # the idle queue: it has no length
         for i in range(3):
             with engine.connect() as conn:
                 assert conn.exec_driver_sql(f"select {i}").scalar() == i
         assert _failures.failures.count("_on_checkout") == 3
+        assert _failures.failures.count("_on_checkin") == 3
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1
         assert "_on_checkout failed" in errors[0].getMessage()
