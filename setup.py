@@ -4,7 +4,17 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("instrument._speedups", ["instrument/_speedups.c"], optional=True),
-        Extension("instrument._sqlite_rows", ["instrument/_sqlite_rows.c"], optional=True),
+        Extension(
+            "instrument._speedups",
+            ["instrument/_speedups.c"],
+            depends=["instrument/_events_api.h"],
+            optional=True,
+        ),
+        Extension(
+            "instrument._sqlite_rows",
+            ["instrument/_sqlite_rows.c"],
+            depends=["instrument/_events_api.h"],
+            optional=True,
+        ),
     ]
 )

@@ -6,6 +6,9 @@
 #include <frameobject.h>
 #include <pythread.h>
 #include <stdint.h>
+#include <time.h>
+
+#include "_events_api.h"
 
 /* On 3.11 and 3.12 the walk reads the interpreter's own frame records, as greenlet
    and profilers do: PyFrame_GetBack() would allocate a frame object for every
@@ -112,16 +115,19 @@ static PyObject *str_checkout;  /* "checkout" */
 static PyObject *str_checkin;   /* "checkin" */
 static PyObject *one;           /* 1, appended to `drops` per dropped record */
 static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL) */
+static PyObject *time_time;     /* time.time, which HotPath's `now` usually is */
 
 #define RECORD_WIDTH 16
 #define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *queue;           /* list: the writer's flat queue */
+    PyObject *queue;           /* the writer's queue: a flat list, or an Events */
+    const EventsAPI *events;   /* the Events' C interface, NULL for a list */
     Py_ssize_t max_queue;      /* values the queue may hold */
     PyObject *drops;           /* list: one 1 per dropped record */
     PyObject *pool_key;        /* int */
+    long long pool_key_value;  /* the same, in C */
     PyObject *open;            /* dict: record -> open-checkout entry tuple */
     PyObject *waits;           /* dict: record -> wait_s, set by the _do_get hook */
     PyObject *connect_times;   /* dict: record -> connect_s */
@@ -132,6 +138,7 @@ typedef struct {
     PyObject *stack_ids;       /* dict: stack key -> stack id */
     PyObject *next_checkout;   /* callable -> next checkout id */
     PyObject *now;             /* callable -> unix time (time.time) */
+    int now_is_time;           /* `now` is time.time itself: read the clock in C */
     PyObject *threads;         /* dict: thread ident -> Thread (threading._active) */
     PyObject *fallback_checkout; /* the Python checkout listener, for all else */
     PyObject *fallback_checkin;  /* the Python checkin listener, for all else */
@@ -187,7 +194,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     Py_ssize_t max_queue;
     long max_frames;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "O!nO!OO!O!O!O!O!O!O!O!OOO!lOOO", kwlist, &PyList_Type, &queue,
+            args, kwds, "OnO!OO!O!O!O!O!O!O!O!OOO!lOOO", kwlist, &queue,
             &max_queue, &PyList_Type, &drops, &pool_key, &PyDict_Type, &open, &PyDict_Type,
             &waits, &PyDict_Type, &connect_times, &PyDict_Type, &connection_ids, &PyDict_Type,
             &suspected, &PyDict_Type, &shared, &PyList_Type, &state, &PyDict_Type, &stack_ids,
@@ -198,12 +205,25 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "state must be [pool, idle, waiters, size]");
         return -1;
     }
+    const EventsAPI *events = NULL;
+    if (!PyList_Check(queue)) {  /* the writer's Events: its C interface, or an error */
+        events = PyCapsule_Import(EVENTS_API_CAPSULE, 0);
+        if (events == NULL) return -1;
+        if (!PyObject_TypeCheck(queue, events->type)) {
+            PyErr_SetString(PyExc_TypeError, "queue must be a list or an Events");
+            return -1;
+        }
+    }
 #define SET(field) Py_INCREF(field); Py_XSETREF(self->field, field)
     SET(queue); SET(drops); SET(pool_key); SET(open); SET(waits); SET(connect_times);
     SET(connection_ids); SET(suspected); SET(shared); SET(state); SET(stack_ids);
     SET(next_checkout);
     SET(now); SET(threads); SET(fallback_checkout); SET(fallback_checkin); SET(failed);
 #undef SET
+    self->events = events;
+    self->pool_key_value = PyLong_AsLongLong(pool_key);
+    if (self->pool_key_value == -1 && PyErr_Occurred()) return -1;
+    self->now_is_time = now == time_time;
     self->max_queue = max_queue;
     self->max_frames = max_frames;
     return 0;
@@ -242,48 +262,149 @@ dict_take(PyObject *dict, PyObject *key, int pop)
     return value;
 }
 
-/* Append the RECORD_WIDTH values of one record to the queue, stealing each reference.
-   All or nothing, as list.extend() is in Python: a partial record would shift every
-   later one. Returns -1 (with an error set, nothing appended) on a failure. */
-static int
-append_record(PyObject *queue, PyObject **values)
+/* Values in the writer's queue, as len() tells. */
+static Py_ssize_t
+queue_size(HotPath *self)
 {
+    return self->events ? self->events->size(self->queue) : PyList_GET_SIZE(self->queue);
+}
+
+/* The record being built, in either kind of queue: cells written straight into an
+   Events (no Python object made), or the new references of a list's record. */
+typedef struct {
+    HotPath *hp;
+    EventsCell *cells;                /* the Events' reserved cells, or NULL */
+    PyObject *values[RECORD_WIDTH];   /* a list's record: new references */
+    int failed;
+} Out;
+
+static int
+out_start(Out *out, HotPath *hp)
+{
+    out->hp = hp;
+    out->failed = 0;
+    out->cells = NULL;
+    for (int k = 0; k < RECORD_WIDTH; k++) out->values[k] = NULL;
+    if (hp->events) {
+        out->cells = hp->events->reserve(hp->queue);
+        if (out->cells == NULL) return -1;
+    }
+    return 0;
+}
+
+static void
+out_int(Out *out, int k, long long v)
+{
+    if (out->cells) {
+        out->cells[k].type = CELL_INT;
+        out->cells[k].i = v;
+    }
+    else if ((out->values[k] = PyLong_FromLongLong(v)) == NULL) out->failed = 1;
+}
+
+static void
+out_float(Out *out, int k, double v)
+{
+    if (out->cells) {
+        out->cells[k].type = CELL_FLOAT;
+        out->cells[k].d = v;
+    }
+    else if ((out->values[k] = PyFloat_FromDouble(v)) == NULL) out->failed = 1;
+}
+
+static void
+out_null(Out *out, int k)
+{
+    if (out->cells) out->cells[k].type = CELL_NULL;
+    else out->values[k] = Py_NewRef(null);
+}
+
+/* Any queueable value (borrowed; NULL is a failure already set). */
+static void
+out_value(Out *out, int k, PyObject *v)
+{
+    if (v == NULL) out->failed = 1;
+    else if (out->cells) {
+        if (out->hp->events->store(out->hp->queue, v, &out->cells[k]) < 0) out->failed = 1;
+    }
+    else out->values[k] = Py_NewRef(v);
+}
+
+/* dict[key] if there, else NULL (the connection id a record was given at connect). */
+static void
+out_id(Out *out, int k, PyObject *dict, PyObject *key)
+{
+    PyObject *v = PyDict_GetItemWithError(dict, key);  /* borrowed */
+    if (v != NULL) out_value(out, k, v);
+    else if (PyErr_Occurred()) out->failed = 1;
+    else out_null(out, k);
+}
+
+/* Queue the record, all or nothing, as list.extend() is in Python: a partial record
+   would shift every later one. Returns -1 (with an error set, nothing queued). */
+static int
+out_finish(Out *out)
+{
+    if (out->failed) {
+        for (int k = 0; k < RECORD_WIDTH; k++) Py_XDECREF(out->values[k]);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return -1;
+    }
+    if (out->cells) {
+        out->hp->events->commit(out->hp->queue);
+        return 0;
+    }
     PyObject *record = PyTuple_New(RECORD_WIDTH);
-    for (int i = 0; i < RECORD_WIDTH; i++) {
-        if (record != NULL && values[i] != NULL) PyTuple_SET_ITEM(record, i, values[i]);
-        else Py_XDECREF(values[i]);
+    if (record == NULL) {
+        for (int k = 0; k < RECORD_WIDTH; k++) Py_XDECREF(out->values[k]);
+        return -1;
     }
-    if (record == NULL) return -1;
-    for (int i = 0; i < RECORD_WIDTH; i++) {
-        if (PyTuple_GET_ITEM(record, i) == NULL) {  /* a value could not be made */
-            Py_DECREF(record);
-            if (!PyErr_Occurred()) PyErr_NoMemory();
-            return -1;
-        }
-    }
+    for (int k = 0; k < RECORD_WIDTH; k++) PyTuple_SET_ITEM(record, k, out->values[k]);
+    PyObject *queue = out->hp->queue;
     Py_ssize_t end = PyList_GET_SIZE(queue);
     int rc = PyList_SetSlice(queue, end, end, record);
     Py_DECREF(record);
     return rc;
 }
 
-/* The pool's counts after an event: in use, idle, overflow and waiters, as new ints. */
+/* The pool's counts after an event (in use, idle, overflow and waiters) into the
+   record's columns 7 to 10. */
 static int
-pool_counts(HotPath *self, Py_ssize_t idle_extra, PyObject **in_use, PyObject **idle,
-            PyObject **overflow, PyObject **waiters)
+out_pool_counts(Out *out, Py_ssize_t idle_extra)
 {
+    HotPath *self = out->hp;
     Py_ssize_t n_in_use = PyDict_GET_SIZE(self->open);
     Py_ssize_t n_idle = PyObject_Length(PyList_GET_ITEM(self->state, 1));
     Py_ssize_t n_waiters = PyObject_Length(PyList_GET_ITEM(self->state, 2));
     long long size = PyLong_AsLongLong(PyList_GET_ITEM(self->state, 3));
-    if (n_idle < 0 || n_waiters < 0 || (size == -1 && PyErr_Occurred())) return -1;
+    if (n_idle < 0 || n_waiters < 0 || (size == -1 && PyErr_Occurred())) {
+        out->failed = 1;
+        return -1;
+    }
     if (idle_extra && size != NO_SIZE) n_idle += idle_extra;
     if (n_idle > size) n_idle = (Py_ssize_t)size;
-    *in_use = PyLong_FromSsize_t(n_in_use);
-    *idle = PyLong_FromSsize_t(n_idle);
-    *overflow = PyLong_FromLongLong(n_in_use > size ? n_in_use - size : 0);
-    *waiters = PyLong_FromSsize_t(n_waiters);
+    out_int(out, 7, n_in_use);
+    out_int(out, 8, n_idle);
+    out_int(out, 9, n_in_use > size ? n_in_use - size : 0);
+    out_int(out, 10, n_waiters);
     return 0;
+}
+
+/* Unix time now: from the clock in C when `now` is time.time (the same clock), else by
+   calling `now`. -1.0 with an error set on a failure. */
+static double
+now_seconds(HotPath *self)
+{
+    if (self->now_is_time) {
+        struct timespec ts;
+        if (clock_gettime(CLOCK_REALTIME, &ts) == 0)  /* as time.time() computes it */
+            return (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
+    }
+    PyObject *at = PyObject_CallNoArgs(self->now);
+    if (at == NULL) return -1.0;
+    double t = PyFloat_AsDouble(at);
+    Py_DECREF(at);
+    return t;
 }
 
 static int
@@ -321,7 +442,9 @@ checkout_fast(HotPath *self, PyObject *record, PyObject *proxy)
         Py_RETURN_FALSE;
     }
     PyObject *result = NULL, *at = NULL, *checkout_id = NULL, *ref = NULL, *entry = NULL;
-    if ((at = PyObject_CallNoArgs(self->now)) == NULL) goto done;
+    double t = now_seconds(self);
+    if (t == -1.0 && PyErr_Occurred()) goto done;
+    if ((at = PyFloat_FromDouble(t)) == NULL) goto done;
     if ((checkout_id = PyObject_CallNoArgs(self->next_checkout)) == NULL) goto done;
     if ((ref = PyWeakref_NewRef(proxy, NULL)) == NULL) goto done;
     entry = PyTuple_Pack(6, checkout_id, at, thread, sid, ref, Py_None);
@@ -333,32 +456,33 @@ checkout_fast(HotPath *self, PyObject *record, PyObject *proxy)
         Py_XDECREF(connect);
         goto done;
     }
-    if (PyList_GET_SIZE(self->queue) < self->max_queue) {
-        PyObject *values[RECORD_WIDTH] = {NULL};
-        if (pool_counts(self, 0, &values[7], &values[8], &values[9], &values[10]) < 0) {
-            Py_DECREF(wait);
-            Py_DECREF(connect);
-            goto done;
+    int rc;
+    if (queue_size(self) < self->max_queue) {
+        Out out;
+        rc = out_start(&out, self);
+        if (rc == 0) {
+            out_float(&out, 0, t);
+            out_int(&out, 1, self->pool_key_value);
+            out_value(&out, 2, str_checkout);
+            out_id(&out, 3, self->connection_ids, record);
+            out_value(&out, 4, checkout_id);
+            out_value(&out, 5, thread);
+            out_null(&out, 6);
+            out_pool_counts(&out, 0);
+            out_value(&out, 11, sid);
+            out_value(&out, 12, wait);
+            out_value(&out, 13, connect);
+            out_null(&out, 14);
+            out_null(&out, 15);
+            rc = out_finish(&out);
         }
-        Py_INCREF(at); values[0] = at;
-        Py_INCREF(self->pool_key); values[1] = self->pool_key;
-        Py_INCREF(str_checkout); values[2] = str_checkout;
-        values[3] = dict_take(self->connection_ids, record, 0);
-        Py_INCREF(checkout_id); values[4] = checkout_id;
-        Py_INCREF(thread); values[5] = thread;
-        values[6] = Py_NewRef(null);
-        Py_INCREF(sid); values[11] = sid;
-        values[12] = wait;
-        values[13] = connect;
-        values[14] = Py_NewRef(null);
-        values[15] = Py_NewRef(null);
-        if (append_record(self->queue, values) < 0) goto done;
     }
     else {
-        Py_DECREF(wait);
-        Py_DECREF(connect);
-        if (drop_record(self) < 0) goto done;
+        rc = drop_record(self);
     }
+    Py_DECREF(wait);
+    Py_DECREF(connect);
+    if (rc < 0) goto done;
     result = Py_True;
     Py_INCREF(result);
 done:
@@ -411,29 +535,30 @@ checkin_fast(HotPath *self, PyObject *record)
     if (thread == NULL) Py_RETURN_FALSE;
     Py_INCREF(entry);
     PyObject *result = NULL;
-    PyObject *at = PyObject_CallNoArgs(self->now);
-    if (at == NULL) goto done;
+    double t = now_seconds(self);
+    if (t == -1.0 && PyErr_Occurred()) goto done;
     if (PyDict_DelItem(self->open, record) < 0) goto done;
-    double held = PyFloat_AsDouble(at) - PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
+    double held = t - PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
     if (PyErr_Occurred()) goto done;
-    if (PyList_GET_SIZE(self->queue) < self->max_queue) {
-        PyObject *values[RECORD_WIDTH] = {NULL};
-        if (pool_counts(self, 1, &values[7], &values[8], &values[9], &values[10]) < 0)
-            goto done;
-        Py_INCREF(at); values[0] = at;
-        Py_INCREF(self->pool_key); values[1] = self->pool_key;
-        Py_INCREF(str_checkin); values[2] = str_checkin;
-        values[3] = dict_take(self->connection_ids, record, 0);
-        values[4] = PyTuple_GET_ITEM(entry, 0); Py_INCREF(values[4]);
-        Py_INCREF(thread); values[5] = thread;
-        values[6] = PyTuple_GET_ITEM(entry, 5);  /* the checkout's task, if any */
-        values[6] = Py_NewRef(values[6] == Py_None ? null : values[6]);
-        values[11] = PyTuple_GET_ITEM(entry, 3); Py_INCREF(values[11]);
-        values[12] = Py_NewRef(null);
-        values[13] = Py_NewRef(null);
-        values[14] = PyFloat_FromDouble(held);
-        values[15] = Py_NewRef(null);
-        if (append_record(self->queue, values) < 0) goto done;
+    if (queue_size(self) < self->max_queue) {
+        Out out;
+        if (out_start(&out, self) < 0) goto done;
+        out_float(&out, 0, t);
+        out_int(&out, 1, self->pool_key_value);
+        out_value(&out, 2, str_checkin);
+        out_id(&out, 3, self->connection_ids, record);
+        out_value(&out, 4, PyTuple_GET_ITEM(entry, 0));
+        out_value(&out, 5, thread);
+        PyObject *task = PyTuple_GET_ITEM(entry, 5);  /* the checkout's task, if any */
+        if (task == Py_None) out_null(&out, 6);
+        else out_value(&out, 6, task);
+        out_pool_counts(&out, 1);
+        out_value(&out, 11, PyTuple_GET_ITEM(entry, 3));
+        out_null(&out, 12);
+        out_null(&out, 13);
+        out_float(&out, 14, held);
+        out_null(&out, 15);
+        if (out_finish(&out) < 0) goto done;
     }
     else if (drop_record(self) < 0) {
         goto done;
@@ -441,7 +566,6 @@ checkin_fast(HotPath *self, PyObject *record)
     result = Py_True;
     Py_INCREF(result);
 done:
-    Py_XDECREF(at);
     Py_DECREF(thread);
     Py_DECREF(entry);
     return result;
@@ -699,6 +823,11 @@ PyInit__speedups(void)
     str_checkin = PyUnicode_InternFromString("checkin");
     one = PyLong_FromLong(1);
     null = PyUnicode_InternFromString("");
+    PyObject *time_module = PyImport_ImportModule("time");
+    if (time_module == NULL) return NULL;
+    time_time = PyObject_GetAttrString(time_module, "time");
+    Py_DECREF(time_module);
+    if (time_time == NULL) return NULL;
     if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL ||
         null == NULL)
         return NULL;

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_events_api.h"
+
 /* The Connection layout below is known for CPython 3.8 to 3.14; on another version the
    helper stays off rather than read a handle from a layout it has not seen. It stays
    off without a GIL too: take() moves a list's items as only the GIL makes safe. */
@@ -125,59 +127,373 @@ filename(PyObject *self, PyObject *conn)
     return PyUnicode_DecodeFSDefault(name ? name : "");
 }
 
-enum { CELL_NULL, CELL_INT, CELL_FLOAT, CELL_TEXT };
+/* ---- Events: the writer's queue, as C values ---------------------------------------- */
 
+typedef EventsCell Cell;  /* _events_api.h */
+
+/* Records of `width` cells each, and the text they hold. The application appends under
+   the GIL; the writer takes everything at once (take(), a swap of buffers) and binds it
+   with the GIL released: nothing here is a Python object, so nothing needs the GIL to be
+   read or freed. */
 typedef struct {
-    int type;
-    int len;
-    union {
-        long long i;
-        double d;
-        const char *s;
-    };
-} Cell;
+    PyObject_HEAD
+    Py_ssize_t width;
+    Cell *cells;
+    Py_ssize_t nrecords, capacity;  /* in records */
+    char *text;
+    size_t text_len, text_capacity;
+} Events;
 
-/* Read one queued value into a cell; the text stays owned by the str (kept alive by
-   the caller's list). Returns -1 for a value of another type. */
+static PyTypeObject EventsType;
+
 static int
-read_cell(PyObject *v, Cell *cell)
+Events_init(Events *self, PyObject *args, PyObject *kwds)
 {
-    if (v == Py_None) {
-        cell->type = CELL_NULL;
+    static char *kwlist[] = {"width", NULL};
+    Py_ssize_t width;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n", kwlist, &width)) return -1;
+    if (width <= 0 || width > 1024) {
+        PyErr_SetString(PyExc_ValueError, "width must be between 1 and 1024");
+        return -1;
     }
-    else if (PyFloat_CheckExact(v)) {
+    if (self->nrecords) {
+        PyErr_SetString(PyExc_ValueError, "Events is already in use");
+        return -1;
+    }
+    self->width = width;
+    return 0;
+}
+
+static void
+Events_dealloc(Events *self)
+{
+    PyMem_RawFree(self->cells);
+    PyMem_RawFree(self->text);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t
+Events_length(Events *self)
+{
+    return self->nrecords * self->width;
+}
+
+/* Room for one more record; -1 (MemoryError set) if it cannot be had. */
+static int
+reserve_record(Events *self)
+{
+    if (self->nrecords < self->capacity) return 0;
+    Py_ssize_t capacity = self->capacity ? self->capacity * 2 : 1024;
+    if ((size_t)capacity > PY_SSIZE_T_MAX / sizeof(Cell) / (size_t)self->width) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Cell *cells = PyMem_RawRealloc(self->cells, (size_t)(capacity * self->width) * sizeof(Cell));
+    if (cells == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->cells = cells;
+    self->capacity = capacity;
+    return 0;
+}
+
+static int
+append_text(Events *self, const char *s, size_t len, Cell *cell)
+{
+    if (self->text_len + len > self->text_capacity) {
+        size_t capacity = self->text_capacity ? self->text_capacity * 2 : 16384;
+        while (capacity < self->text_len + len) capacity *= 2;
+        char *text = PyMem_RawRealloc(self->text, capacity);
+        if (text == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->text = text;
+        self->text_capacity = capacity;
+    }
+    memcpy(self->text + self->text_len, s, len);
+    cell->type = CELL_TEXT;
+    cell->len = (int)len;
+    cell->off = self->text_len;
+    self->text_len += len;
+    return 0;
+}
+
+/* One value into a cell: None, int (bool included), float or str; else TypeError. The
+   empty str, which is how the listeners write NULL (see _writer.NULL), is held as NULL. */
+static int
+store_value(Events *self, PyObject *v, Cell *cell)
+{
+    if (PyUnicode_CheckExact(v) || PyUnicode_Check(v)) {
+        if (PyUnicode_GET_LENGTH(v) == 0) {
+            cell->type = CELL_NULL;
+            return 0;
+        }
+        Py_ssize_t len;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &len);
+        if (s == NULL) return -1;
+        if (len > INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "a str past 2 GB cannot be queued");
+            return -1;
+        }
+        return append_text(self, s, (size_t)len, cell);
+    }
+    if (PyFloat_CheckExact(v)) {
         cell->type = CELL_FLOAT;
         cell->d = PyFloat_AS_DOUBLE(v);
     }
-    else if (PyLong_CheckExact(v)) {
+    else if (PyLong_CheckExact(v) || PyLong_Check(v)) {
         int overflow;
         cell->i = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow) return -1;
-        cell->type = CELL_INT;
-    }
-    else if (PyUnicode_CheckExact(v)) {
-        Py_ssize_t len;
-        cell->s = PyUnicode_AsUTF8AndSize(v, &len);
-        if (cell->s == NULL || len > INT32_MAX) {
-            PyErr_Clear();
+        if (cell->i == -1 && PyErr_Occurred()) return -1;
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError, "an int past 64 bits cannot be queued");
             return -1;
         }
-        cell->type = CELL_TEXT;
-        cell->len = (int)len;
+        cell->type = CELL_INT;
+    }
+    else if (v == Py_None) {
+        cell->type = CELL_NULL;
+    }
+    else if (PyFloat_Check(v)) {
+        cell->type = CELL_FLOAT;
+        cell->d = PyFloat_AS_DOUBLE(v);
     }
     else {
+        PyErr_Format(PyExc_TypeError, "a value of type %.100s cannot be queued",
+                     Py_TYPE(v)->tp_name);
         return -1;
     }
     return 0;
 }
 
+/* Append one record of `width` values, all or nothing. 0, or -1 with an error set. */
 static int
-bind_cell(sqlite3_stmt *stmt, int index, const Cell *cell)
+append_values(Events *self, PyObject *const *values)
 {
+    if (reserve_record(self) < 0) return -1;
+    Cell *record = self->cells + self->nrecords * self->width;
+    size_t text_len = self->text_len;
+    for (Py_ssize_t k = 0; k < self->width; k++) {
+        if (store_value(self, values[k], &record[k]) < 0) {
+            self->text_len = text_len;  /* the record's text so far is forgotten */
+            return -1;
+        }
+    }
+    self->nrecords++;
+    return 0;
+}
+
+/* The C interface for _speedups' listeners (_events_api.h). */
+static Py_ssize_t
+api_size(PyObject *events)
+{
+    return Events_length((Events *)events);
+}
+
+static Cell *
+api_reserve(PyObject *events)
+{
+    Events *self = (Events *)events;
+    if (reserve_record(self) < 0) return NULL;
+    return self->cells + self->nrecords * self->width;
+}
+
+static void
+api_commit(PyObject *events)
+{
+    ((Events *)events)->nrecords++;
+}
+
+static int
+api_store(PyObject *events, PyObject *value, Cell *cell)
+{
+    return store_value((Events *)events, value, cell);
+}
+
+static const EventsAPI events_api = {
+    .type = &EventsType,
+    .size = api_size,
+    .reserve = api_reserve,
+    .commit = api_commit,
+    .store = api_store,
+};
+
+static PyObject *
+Events_extend(Events *self, PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "extend() takes a sequence of values");
+    if (seq == NULL) return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != self->width) {
+        PyErr_Format(PyExc_ValueError, "a record is %zd values, not %zd", self->width,
+                     PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return NULL;
+    }
+    int rc = append_values(self, PySequence_Fast_ITEMS(seq));
+    Py_DECREF(seq);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static void
+swap_buffers(Events *a, Events *b)
+{
+    Events t = *a;
+    a->cells = b->cells; a->nrecords = b->nrecords; a->capacity = b->capacity;
+    a->text = b->text; a->text_len = b->text_len; a->text_capacity = b->text_capacity;
+    b->cells = t.cells; b->nrecords = t.nrecords; b->capacity = t.capacity;
+    b->text = t.text; b->text_len = t.text_len; b->text_capacity = t.text_capacity;
+}
+
+static PyObject *
+Events_take(Events *self, PyObject *spare)
+{
+    if (!PyObject_TypeCheck(spare, &EventsType) || ((Events *)spare)->width != self->width ||
+        ((Events *)spare)->nrecords || spare == (PyObject *)self) {
+        PyErr_SetString(PyExc_ValueError, "take() needs another, empty Events of the same width");
+        return NULL;
+    }
+    swap_buffers(self, (Events *)spare);
+    return Py_NewRef(spare);
+}
+
+static PyObject *
+Events_clear(Events *self, PyObject *args)
+{
+    Py_ssize_t keep = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTuple(args, "|n", &keep)) return NULL;
+    self->nrecords = 0;
+    self->text_len = 0;
+    if (self->capacity > keep) {
+        PyMem_RawFree(self->cells);
+        PyMem_RawFree(self->text);
+        self->cells = NULL;
+        self->text = NULL;
+        self->capacity = 0;
+        self->text_capacity = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+cell_value(Events *self, const Cell *cell)
+{
+    switch (cell->type) {
+    case CELL_INT: return PyLong_FromLongLong(cell->i);
+    case CELL_FLOAT: return PyFloat_FromDouble(cell->d);
+    case CELL_TEXT: return PyUnicode_DecodeUTF8(self->text + cell->off, cell->len, NULL);
+    default: Py_RETURN_NONE;
+    }
+}
+
+static PyObject *
+Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t n = Events_length(self);
+    PyObject *list = PyList_New(n);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = cell_value(self, &self->cells[i]);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static PyMethodDef Events_methods[] = {
+    {"extend", (PyCFunction)Events_extend, METH_O,
+     "extend(values): append one record of exactly `width` values (None, int, float or "
+     "str), all or nothing."},
+    {"take", (PyCFunction)Events_take, METH_O,
+     "take(spare) -> spare: move every record into `spare` (an empty Events), in O(1); "
+     "this queue goes on in spare's buffers."},
+    {"clear", (PyCFunction)Events_clear, METH_VARARGS,
+     "clear([keep]): forget every record; free the buffers if they hold more than "
+     "`keep` records, else keep them for the next take()."},
+    {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
+     "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods Events_as_sequence = {
+    .sq_length = (lenfunc)Events_length,
+};
+
+static PyTypeObject EventsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "instrument._sqlite_rows.Events",
+    .tp_basicsize = sizeof(Events),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Events(width): the writer's queue of records, held as C values.\n\n"
+              "len() counts values (records times width), as the flat list it replaces.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Events_init,
+    .tp_dealloc = (destructor)Events_dealloc,
+    .tp_methods = Events_methods,
+    .tp_as_sequence = &Events_as_sequence,
+};
+
+/* ---- insert ------------------------------------------------------------------------ */
+
+#define NO_MAP INT64_MIN  /* a local id with no store id: bound as NULL */
+
+typedef struct {
+    long long *ids;  /* store id by local id */
+    Py_ssize_t n;
+} ColumnMap;
+
+/* The dict `map` (int -> int) as an array indexed by key; keys outside 0..2**24 are left
+   out (they become NULL). -1 with an error set on failure. */
+static int
+column_map(PyObject *map, ColumnMap *out)
+{
+    PyObject *key, *value;
+    Py_ssize_t pos = 0, n = 0;
+    while (PyDict_Next(map, &pos, &key, &value)) {
+        long long k = PyLong_Check(key) ? PyLong_AsLongLong(key) : -1;
+        if (k == -1) PyErr_Clear();
+        if (k >= 0 && k < (1 << 24) && k >= n) n = (Py_ssize_t)k + 1;
+    }
+    out->ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(long long));
+    if (out->ids == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->n = n;
+    for (Py_ssize_t i = 0; i < n; i++) out->ids[i] = NO_MAP;
+    pos = 0;
+    while (PyDict_Next(map, &pos, &key, &value)) {
+        long long k = PyLong_Check(key) ? PyLong_AsLongLong(key) : -1;
+        long long v = PyLong_Check(value) ? PyLong_AsLongLong(value) : NO_MAP;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+        }
+        if (k >= 0 && k < n) out->ids[k] = v;
+    }
+    return 0;
+}
+
+static int
+bind_cell(sqlite3_stmt *stmt, int index, const Cell *cell, const char *text,
+          const ColumnMap *map)
+{
+    if (map != NULL && map->ids != NULL) {
+        if (cell->type == CELL_INT && cell->i >= 0 && cell->i < map->n &&
+            map->ids[cell->i] != NO_MAP)
+            return sq.bind_int64(stmt, index, map->ids[cell->i]);
+        return sq.bind_null(stmt, index);
+    }
     switch (cell->type) {
     case CELL_INT: return sq.bind_int64(stmt, index, cell->i);
     case CELL_FLOAT: return sq.bind_double(stmt, index, cell->d);
-    case CELL_TEXT: return sq.bind_text(stmt, index, cell->s, cell->len, SQLITE_STATIC_);
+    case CELL_TEXT:
+        return sq.bind_text(stmt, index, text + cell->off, cell->len, SQLITE_STATIC_);
     default: return sq.bind_null(stmt, index);
     }
 }
@@ -186,13 +502,14 @@ bind_cell(sqlite3_stmt *stmt, int index, const Cell *cell)
    without the GIL. Returns SQLITE_OK or an error code, with the message in `error`. */
 static int
 run(sqlite3 *db, const char *sql, const Cell *cells, Py_ssize_t ncells, int per_statement,
-    char *error, size_t error_size)
+    const char *text, const ColumnMap *maps, Py_ssize_t width, char *error,
+    size_t error_size)
 {
     sqlite3_stmt *stmt = NULL;
     int rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
     for (Py_ssize_t at = 0; rc == SQLITE_OK && at < ncells; at += per_statement) {
         for (int k = 0; k < per_statement && rc == SQLITE_OK; k++)
-            rc = bind_cell(stmt, k + 1, &cells[at + k]);
+            rc = bind_cell(stmt, k + 1, &cells[at + k], text, &maps[k % width]);
         if (rc != SQLITE_OK) break;
         rc = sq.step(stmt);
         if (rc == SQLITE_DONE) rc = sq.reset(stmt);
@@ -212,172 +529,86 @@ run_script(sqlite3 *db, const char *sql, char *error, size_t error_size)
     return rc;
 }
 
-/* insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap, before, after)
-   -> bool
+/* insert(conn, events, many_sql, rows_per_statement, one_sql, remap, before, after)
+   -> True
 
-   Insert the rows of the flat list `values` (`width` values each) through `conn`:
-   whole groups of `rows_per_statement` rows with `many_sql`, the rest one by one with
-   `one_sql`, between the SQL scripts `before` and `after` (each may be empty), all
-   with the GIL released once: the writer's BEGIN, its heartbeat and COMMIT go here,
+   Insert the records of `events` (an Events the writer took from the queue) through
+   `conn`: whole groups of `rows_per_statement` records with `many_sql`, the rest one by
+   one with `one_sql`, between the SQL scripts `before` and `after` (each may be empty),
+   all with the GIL released once: the writer's BEGIN, its heartbeat and COMMIT go here,
    since every release is a wait for the GIL to come back, which the application pays
-   for in wake-ups while the writer waits. `remap` maps a column index to a dict
-   through which that column's values are translated first (a value it lacks becomes
-   NULL). Returns False, having run nothing, if a value is not None, int, float or
-   str; raises sqlite3.OperationalError if SQLite fails part-way (the caller rolls
-   back). */
+   for in wake-ups while the writer waits. `remap` maps a column index to a dict (int ->
+   int) through which that column's values are translated (a value it lacks becomes
+   NULL). Raises sqlite3.OperationalError if SQLite fails part-way (the caller rolls
+   back). Nothing else may use `events` meanwhile. */
 static PyObject *
 insert(PyObject *self, PyObject *args)
 {
-    PyObject *conn, *values, *remap;
-    Py_ssize_t width, rows_per_statement;
+    PyObject *conn, *remap;
+    Events *events;
+    Py_ssize_t rows_per_statement;
     const char *many_sql, *one_sql, *before, *after;
-    if (!PyArg_ParseTuple(args, "OO!nsnsO!ss", &conn, &PyList_Type, &values, &width,
-                          &many_sql, &rows_per_statement, &one_sql, &PyDict_Type, &remap,
-                          &before, &after))
+    if (!PyArg_ParseTuple(args, "OO!snsO!ss", &conn, &EventsType, &events, &many_sql,
+                          &rows_per_statement, &one_sql, &PyDict_Type, &remap, &before,
+                          &after))
         return NULL;
     sqlite3 *db = handle_of(conn);
     if (db == NULL) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(values);
-    if (width <= 0 || n % width != 0 || rows_per_statement <= 0 ||
-        width * rows_per_statement > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "values do not make whole rows");
+    Py_ssize_t width = events->width, n = Events_length(events);
+    if (rows_per_statement <= 0 || width * rows_per_statement > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "rows_per_statement is out of range");
         return NULL;
     }
-    PyObject **maps = PyMem_Calloc((size_t)width, sizeof(PyObject *));
-    Cell *cells = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Cell));
-    if (maps == NULL || cells == NULL) {
-        PyMem_Free(maps);
-        PyMem_Free(cells);
-        return PyErr_NoMemory();
-    }
+    ColumnMap *maps = PyMem_Calloc((size_t)width, sizeof(ColumnMap));
+    if (maps == NULL) return PyErr_NoMemory();
     PyObject *key, *map;
     Py_ssize_t pos = 0;
-    while (PyDict_Next(remap, &pos, &key, &map)) {
+    int failed = 0;
+    while (!failed && PyDict_Next(remap, &pos, &key, &map)) {
         Py_ssize_t column = PyLong_AsSsize_t(key);
-        if (column >= 0 && column < width && PyDict_Check(map)) maps[column] = map;
-    }
-    PyErr_Clear();
-    /* The list is the writer's own slice: nothing else changes it while we read. */
-    Py_INCREF(values);
-    int readable = 1;
-    for (Py_ssize_t i = 0; i < n && readable; i++) {
-        PyObject *v = PyList_GET_ITEM(values, i);
-        PyObject *map_for = maps[i % width];
-        if (map_for != NULL) {
-            v = PyDict_GetItemWithError(map_for, v);
-            if (v == NULL) {
-                if (PyErr_Occurred()) PyErr_Clear();
-                v = Py_None;
-            }
-            /* Borrowed from the dict, which only the writer thread changes. */
-        }
-        readable = read_cell(v, &cells[i]) == 0;
+        if (column >= 0 && column < width && PyDict_Check(map) && maps[column].ids == NULL)
+            failed = column_map(map, &maps[column]) < 0;
+        else
+            PyErr_Clear();
     }
     int rc = SQLITE_OK;
     char error[512] = "";
-    if (readable) {
+    if (!failed) {
         Py_ssize_t whole = n - n % (width * rows_per_statement);
+        const Cell *cells = events->cells;
+        const char *text = events->text;
+        Py_INCREF(events);
         Py_BEGIN_ALLOW_THREADS
         rc = run_script(db, before, error, sizeof error);
         if (rc == SQLITE_OK && whole)
-            rc = run(db, many_sql, cells, whole, (int)(width * rows_per_statement), error,
-                     sizeof error);
+            rc = run(db, many_sql, cells, whole, (int)(width * rows_per_statement), text, maps,
+                     width, error, sizeof error);
         if (rc == SQLITE_OK && whole < n)
-            rc = run(db, one_sql, cells + whole, n - whole, (int)width, error, sizeof error);
+            rc = run(db, one_sql, cells + whole, n - whole, (int)width, text, maps, width,
+                     error, sizeof error);
         if (rc == SQLITE_OK) rc = run_script(db, after, error, sizeof error);
         Py_END_ALLOW_THREADS
+        Py_DECREF(events);
     }
-    Py_DECREF(values);
-    PyMem_Free(cells);
+    for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
     PyMem_Free(maps);
+    if (failed) return NULL;
     if (rc != SQLITE_OK) {
         PyErr_Format(operational_error, "%s (SQLite error %d)", error, rc);
         return NULL;
     }
-    return PyBool_FromLong(readable);
-}
-
-/* take(queue, width, spare) -> list: move every whole row out of the writer's queue
-   into a new list, in O(1), with the GIL held as list.clear() does. The queue goes on
-   in the buffer of `spare`, an empty list whose capacity recycle() kept, so that the
-   application's appends do not grow a new buffer from nothing after every batch. The
-   queue holds whole rows only (the listeners append a row at a time); should it not,
-   the rows are copied out as a slice instead. */
-static PyObject *
-take(PyObject *self, PyObject *args)
-{
-    PyObject *queue, *spare;
-    Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "O!nO!", &PyList_Type, &queue, &width, &PyList_Type, &spare))
-        return NULL;
-    if (width <= 0) {
-        PyErr_SetString(PyExc_ValueError, "width must be positive");
-        return NULL;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(queue);
-    Py_ssize_t rest = n % width;
-    if (rest) {
-        PyObject *taken = PyList_GetSlice(queue, 0, n - rest);
-        if (taken == NULL || PyList_SetSlice(queue, 0, n - rest, NULL) < 0) {
-            Py_XDECREF(taken);
-            return NULL;
-        }
-        return taken;
-    }
-    PyListObject *taken = (PyListObject *)PyList_New(0);
-    if (taken == NULL) return NULL;
-    PyListObject *from = (PyListObject *)queue, *buffer = (PyListObject *)spare;
-    taken->ob_item = from->ob_item;
-    taken->allocated = from->allocated;
-    Py_SET_SIZE(taken, n);
-    if (Py_SIZE(buffer) == 0 && buffer != from) {
-        from->ob_item = buffer->ob_item;
-        from->allocated = buffer->allocated;
-        buffer->ob_item = NULL;
-        buffer->allocated = 0;
-    }
-    else {
-        from->ob_item = NULL;
-        from->allocated = 0;
-    }
-    Py_SET_SIZE(from, 0);
-    return (PyObject *)taken;
-}
-
-/* recycle(rows, max_capacity) -> None: empty a list taken from the queue but keep its
-   buffer (up to `max_capacity` values), to be the queue's next one (see take). */
-static PyObject *
-recycle(PyObject *self, PyObject *args)
-{
-    PyObject *rows;
-    Py_ssize_t max_capacity;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &rows, &max_capacity)) return NULL;
-    PyListObject *list = (PyListObject *)rows;
-    if (list->allocated > max_capacity) {  /* too big to keep: freed as list.clear() does */
-        if (PyList_SetSlice(rows, 0, Py_SIZE(rows), NULL) < 0) return NULL;
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t n = Py_SIZE(list);
-    PyObject **items = list->ob_item;
-    Py_SET_SIZE(list, 0);  /* before the decrefs: a finalizer may look at the list */
-    for (Py_ssize_t i = 0; i < n; i++) Py_DECREF(items[i]);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef methods[] = {
-    {"take", take, METH_VARARGS,
-     "take(queue, width, spare) -> list: move the queue's whole rows into a new list, in "
-     "O(1); the queue goes on in spare's buffer."},
-    {"recycle", recycle, METH_VARARGS,
-     "recycle(rows, max_capacity) -> None: empty rows, keeping its buffer for take()."},
     {"load", load, METH_VARARGS,
      "load(module_path, version_number) -> bool: find SQLite in the sqlite3 module's library."},
     {"filename", filename, METH_O,
      "filename(conn) -> str: the main database file of a sqlite3.Connection."},
     {"insert", insert, METH_VARARGS,
-     "insert(conn, values, width, many_sql, rows_per_statement, one_sql, remap, before, "
-     "after) -> bool: run before, insert flat rows, run after, with the GIL released "
-     "once; False (nothing run) for a value of another type than None, int, float or str."},
+     "insert(conn, events, many_sql, rows_per_statement, one_sql, remap, before, after) -> "
+     "True: run before, insert the records of an Events, run after, with the GIL released "
+     "once."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -395,5 +626,20 @@ PyInit__sqlite_rows(void)
     operational_error = PyObject_GetAttrString(sqlite3_module, "OperationalError");
     Py_DECREF(sqlite3_module);
     if (connection_type == NULL || operational_error == NULL) return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&EventsType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *api = PyCapsule_New((void *)&events_api, EVENTS_API_CAPSULE, NULL);
+    if (api == NULL || PyModule_AddObject(m, "_events_api", api) < 0) {
+        Py_XDECREF(api);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&EventsType);
+    if (PyModule_AddObject(m, "Events", (PyObject *)&EventsType) < 0) {
+        Py_DECREF(&EventsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

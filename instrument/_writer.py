@@ -53,8 +53,8 @@ hard crash can lose."""
 BATCH_THRESHOLD_VALUES = 50_000 * RECORD_WIDTH
 """Queued values past which the writer starts the next batch without sleeping."""
 
-SPARE_CAPACITY_VALUES = 1_000_000
-"""The largest buffer kept from one batch to be the queue's next (8 MB of pointers)."""
+SPARE_CAPACITY_RECORDS = 65_536
+"""The most records whose buffer is kept from one batch to be the queue's next (16 MB)."""
 
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
@@ -73,15 +73,24 @@ and every column that may be absent is inserted as ``NULLIF(?, '')``.
 
 # A record is the events row without process_id (a literal in the statement); its
 # pool key and stack id are this process's own numbers, mapped to the store's ids
-# column-wise (map over a slice) rather than row by row.
+# column-wise (map over a slice) rather than row by row. A queued list holds NULL as
+# "" (see NULL), which the statement turns back; an Events holds it as NULL already.
 _NULLABLE = "NULLIF(?, '')"
-_ROW = (
-    "(?, {pid}, ?, ?, "  # at, process_id, pool_id, kind
-    + ", ".join([_NULLABLE] * 4)  # connection_id, checkout_id, thread, task
-    + ", ?, ?, ?, ?, ?, "  # in_use, idle, overflow, waiters, stack_id
-    + ", ".join([_NULLABLE] * 4)  # wait_s, connect_s, hold_s, count
-    + ")"
-)
+
+
+def _row(nullable: str) -> str:
+    """One row of the events INSERT, with ``nullable`` for each column that may be NULL."""
+    return (
+        "(?, {pid}, ?, ?, "  # at, process_id, pool_id, kind
+        + ", ".join([nullable] * 4)  # connection_id, checkout_id, thread, task
+        + ", ?, ?, ?, ?, ?, "  # in_use, idle, overflow, waiters, stack_id
+        + ", ".join([nullable] * 4)  # wait_s, connect_s, hold_s, count
+        + ")"
+    )
+
+
+_ROW_FROM_LIST = _row(_NULLABLE)
+_ROW_FROM_EVENTS = _row("?")
 _INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
 _POOL_AT = 1
 _STACK_AT = 11
@@ -104,9 +113,10 @@ def _load_sqlite_rows() -> Any:
 
 
 sqlite_rows = _load_sqlite_rows()
-"""The C inserter (``_sqlite_rows.c``): binds and steps the events rows with the GIL
-released, or ``None`` where it is not built or cannot find SQLite; the writer then
-binds them through ``executemany``, which holds the GIL for every value."""
+"""The C inserter (``_sqlite_rows.c``), or ``None`` where it is not built or cannot find
+SQLite. Where it is, the queue is its ``Events``: records held as C values, which the
+writer binds and steps with the GIL released, and frees without it. Where it is not, the
+queue is a flat list, bound through ``executemany``, which holds the GIL for every value."""
 
 
 class _FlushMarker:
@@ -128,11 +138,13 @@ class Writer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # Flat: each record is RECORD_WIDTH consecutive values. list.extend and the
-        # writer's take (a slice-then-delete without the C inserter) are each atomic under
-        # the GIL, and need no lock.
-        self.queue: list[Any] = []
-        self._spare: list[Any] = []  # an empty buffer for the queue (see _sqlite_rows.take)
+        # Flat: each record is RECORD_WIDTH consecutive values, in an Events of the C
+        # inserter or a list. extend() and the writer's take (Events.take, or a
+        # slice-then-delete of the list) are each atomic under the GIL, and need no lock.
+        self._rows = sqlite_rows  # fixed for this writer: the queue's kind depends on it
+        self.queue: Any = [] if self._rows is None else self._rows.Events(RECORD_WIDTH)
+        # An empty Events whose buffers become the queue's at the next take.
+        self._spare: Any = None if self._rows is None else self._rows.Events(RECORD_WIDTH)
         self.drops: list[int] = []
         self._markers: list[_FlushMarker] = []
         self._insert_one = ""
@@ -229,8 +241,8 @@ class Writer:
         n -= n % RECORD_WIDTH
         if not n and not self.drops and not markers and not self._due_heartbeat():
             return
-        if sqlite_rows is not None:
-            flat = sqlite_rows.take(queue, RECORD_WIDTH, self._spare)
+        if self._rows is not None:
+            flat = queue.take(self._spare)
         else:
             flat = queue[:n]
             del queue[:n]
@@ -242,12 +254,12 @@ class Writer:
         finally:
             for marker in markers:
                 marker.done.set()
-            if sqlite_rows is not None:
-                # Freed here, its buffer kept for the queue's next batch.
-                sqlite_rows.recycle(flat, SPARE_CAPACITY_VALUES)
+            if self._rows is not None:
+                # Its buffers kept for the queue's next batch.
+                flat.clear(SPARE_CAPACITY_RECORDS)
                 self._spare = flat
 
-    def _write(self, flat: list[Any], ndrops: int) -> None:
+    def _write(self, flat: Any, ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH
         conn = self._connection()
         if conn is None:
@@ -283,7 +295,7 @@ class Writer:
             self.dropped_total += nrecords
             self._report_failure(exc)
 
-    def _write_in_one_call(self, conn: sqlite3.Connection, flat: list[Any], now: float) -> bool:
+    def _write_in_one_call(self, conn: sqlite3.Connection, flat: Any, now: float) -> bool:
         """The common batch (no new stack or pool to write first) as one transaction in C:
         BEGIN, the rows, the heartbeat and COMMIT with the GIL released once. False, having
         written nothing, where it cannot.
@@ -304,10 +316,10 @@ class Writer:
         )
 
     def _insert_in_c(
-        self, conn: sqlite3.Connection, flat: list[Any], before: str = "", after: str = ""
+        self, conn: sqlite3.Connection, flat: Any, before: str = "", after: str = ""
     ) -> bool:
         """Run ``before``, insert the records and run ``after``, with the GIL released;
-        False (nothing run) where the C inserter is not in use or cannot read a value."""
+        False (nothing run) where the C inserter is not in use."""
         if not self._rows_in_c or not (flat or before or after):
             return False
         remap = {_POOL_AT: self._pool_ids, _STACK_AT: self._stack_ids}
@@ -315,7 +327,6 @@ class Writer:
             self._rows_in_c.insert(
                 conn,
                 flat,
-                RECORD_WIDTH,
                 self._insert_many,
                 ROWS_PER_STATEMENT,
                 self._insert_one,
@@ -325,7 +336,9 @@ class Writer:
             )
         )
 
-    def _insert_in_python(self, conn: sqlite3.Connection, flat: list[Any]) -> None:
+    def _insert_in_python(self, conn: sqlite3.Connection, flat: Any) -> None:
+        if not isinstance(flat, list):  # an Events the C inserter may not write here
+            flat = flat.tolist()
         flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
         flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
         width = RECORD_WIDTH * ROWS_PER_STATEMENT
@@ -413,11 +426,12 @@ class Writer:
             self._report_failure(exc)
             return None
         self.process_id = cur.lastrowid
-        row = _ROW.format(pid=int(cur.lastrowid))  # type: ignore[arg-type]
+        template = _ROW_FROM_LIST if self._rows is None else _ROW_FROM_EVENTS
+        row = template.format(pid=int(cur.lastrowid))  # type: ignore[arg-type]
         self._insert_one = _INSERT_PREFIX + row
         self._insert_many = _INSERT_PREFIX + ", ".join([row] * ROWS_PER_STATEMENT)
         self._conn = conn
-        self._rows_in_c = _checked_sqlite_rows(conn, self.path)
+        self._rows_in_c = _checked_sqlite_rows(self._rows, conn, self.path)
         self._failed_at = None
         self._last_heartbeat = now
         return conn
@@ -478,15 +492,15 @@ class Writer:
         self.dropped_total = 0
 
 
-def _checked_sqlite_rows(conn: sqlite3.Connection, path: Path) -> Any:
-    """The C inserter, if the SQLite handle it reads from ``conn`` is this store's."""
-    if sqlite_rows is None:
+def _checked_sqlite_rows(rows: Any, conn: sqlite3.Connection, path: Path) -> Any:
+    """The C inserter ``rows``, if the SQLite handle it reads from ``conn`` is this store's."""
+    if rows is None:
         return None
     try:
-        reached = sqlite_rows.filename(conn)
+        reached = rows.filename(conn)
     except Exception:
         return None
-    return sqlite_rows if reached and os.path.realpath(reached) == os.path.realpath(path) else None
+    return rows if reached and os.path.realpath(reached) == os.path.realpath(path) else None
 
 
 _process_start = time.time()

@@ -869,6 +869,40 @@ class TestBrokenStore:
         assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
 
 
+@pytest.mark.parametrize("recorder_impl", ["c"], indirect=True)  # a list is written so anyway
+def test_queue_is_written_where_the_c_inserter_cannot_reach_the_store(
+    recorder_impl: str,
+    sqlite_url: str,
+    store_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the C inserter may not write through the store's connection (the handle
+    it reads names another file), the records queued as C values are written through
+    the sqlite3 module instead, text and NULLs intact."""
+    monkeypatch.setattr(_writer, "_checked_sqlite_rows", lambda rows, conn, path: None)
+    engine = sa.create_engine(sqlite_url)
+    monitor = instrument.attach(engine, store=store_path)
+    assert not isinstance(monitor._writer.queue, list)
+    done = threading.Event()
+
+    def work() -> None:
+        with engine.connect():
+            pass
+        done.set()
+
+    threading.Thread(target=work, name="wörker").start()
+    assert done.wait(10)
+    monitor.flush()
+    engine.dispose()
+    assert monitor._writer._rows_in_c is None
+    rows = query(
+        store_path,
+        "SELECT kind, thread, task, hold_s IS NOT NULL, stack_id IS NOT NULL "
+        "FROM events WHERE kind IN ('checkout', 'checkin') ORDER BY id",
+    )
+    assert rows == [("checkout", "wörker", None, 0, 1), ("checkin", "wörker", None, 1, 1)]
+
+
 class TestPrivacy:
     PASSWORD = "s3cr3t-pw"
 
