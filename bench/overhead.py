@@ -5,8 +5,10 @@ Variants: ``bare`` (no poolscope), ``detached`` (attached, then detached),
 cost of the listeners and hooks alone, a stack captured at every checkout) and
 ``full`` (attached, the writer thread writing alongside, as in production).
 Rounds of about 2 s are interleaved so that machine noise hits all variants
-alike; between rounds the writer catches up and the store's WAL is checkpointed,
-untimed, so that one round's backlog never slows another variant.
+alike, in a new random order each time (a fixed order biased the first variant, which
+always followed the last one's settling); between rounds the writer catches up and
+the store's WAL is checkpointed, untimed, so that one round's backlog never slows
+another variant.
 Prints the median over rounds of the throughput ratio against the adjacent bare
 round (higher is better; 1.0 means no cost).
 
@@ -17,6 +19,7 @@ round (higher is better; 1.0 means no cost).
 from __future__ import annotations
 
 import argparse
+import random
 import sqlite3
 import statistics
 import sys
@@ -83,9 +86,13 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
     per_round = max(100, int(round_seconds * 200 / _loop(bare, 200)))
     rates: dict[str, list[float]] = {k: [] for k in engines}
     ratios: dict[str, list[float]] = {k: [] for k in engines if k != "bare"}
+    order = list(engines)
+    shuffle = random.Random(0).shuffle  # the same orders in every run
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for name, engine in engines.items():
+        shuffle(order)
+        for name in order:
+            engine = engines[name]
             seconds_taken = _loop(
                 engine,
                 per_round,

@@ -118,6 +118,14 @@ static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL
 static PyObject *time_time;     /* time.time, which HotPath's `now` usually is */
 
 #define RECORD_WIDTH 16
+#define THREAD_SLOTS 8  /* threads whose name is found without a lookup in threading */
+
+/* A thread seen before, by its thread state's id (never reused in a process, unlike
+   the OS's thread ident): its Thread object's __dict__, where its name is read. */
+typedef struct {
+    uint64_t id;  /* 0: empty */
+    PyObject *dict;
+} ThreadSlot;
 #define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 
 typedef struct {
@@ -144,6 +152,7 @@ typedef struct {
     PyObject *fallback_checkin;  /* the Python checkin listener, for all else */
     PyObject *failed;          /* _failures.listener_failed(name), called inside "except" */
     long max_frames;
+    ThreadSlot thread_slots[THREAD_SLOTS];
 } HotPath;
 
 static int
@@ -156,6 +165,7 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->stack_ids); Py_VISIT(self->next_checkout); Py_VISIT(self->now);
     Py_VISIT(self->threads); Py_VISIT(self->fallback_checkout);
     Py_VISIT(self->fallback_checkin); Py_VISIT(self->failed);
+    for (int k = 0; k < THREAD_SLOTS; k++) Py_VISIT(self->thread_slots[k].dict);
     return 0;
 }
 
@@ -169,6 +179,10 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->stack_ids); Py_CLEAR(self->next_checkout); Py_CLEAR(self->now);
     Py_CLEAR(self->threads); Py_CLEAR(self->fallback_checkout);
     Py_CLEAR(self->fallback_checkin); Py_CLEAR(self->failed);
+    for (int k = 0; k < THREAD_SLOTS; k++) {
+        self->thread_slots[k].id = 0;
+        Py_CLEAR(self->thread_slots[k].dict);
+    }
     return 0;
 }
 
@@ -230,21 +244,34 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
 }
 
 /* The calling thread's current name (new reference), or NULL, without an error set,
-   where threading does not know the thread yet: the Python listener handles that. */
+   where threading does not know the thread yet: the Python listener handles that.
+
+   Read at each event from the Thread's __dict__ (so a rename shows), which is found
+   once per thread: through threading's ident -> Thread map, then kept in a slot by
+   the thread state's id. That lookup cost more than the rest of the listener. */
 static PyObject *
 thread_name(HotPath *self)
 {
-    PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (ident == NULL) { PyErr_Clear(); return NULL; }
-    PyObject *thread = PyDict_GetItemWithError(self->threads, ident);  /* borrowed */
-    Py_DECREF(ident);
-    if (thread == NULL) { PyErr_Clear(); return NULL; }
-    Py_INCREF(thread);
-    PyObject *name = PyObject_GetAttr(thread, str_name);
-    Py_DECREF(thread);
-    if (name == NULL) { PyErr_Clear(); return NULL; }
-    if (!PyUnicode_Check(name)) { Py_DECREF(name); return NULL; }
-    return name;
+    uint64_t id = PyThreadState_GetID(PyThreadState_Get());
+    ThreadSlot *slot = &self->thread_slots[id % THREAD_SLOTS];
+    if (slot->id != id || slot->dict == NULL) {
+        PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+        if (ident == NULL) { PyErr_Clear(); return NULL; }
+        PyObject *thread = PyDict_GetItemWithError(self->threads, ident);  /* borrowed */
+        Py_DECREF(ident);
+        if (thread == NULL) { PyErr_Clear(); return NULL; }
+        PyObject *dict = PyObject_GenericGetDict(thread, NULL);
+        if (dict == NULL || !PyDict_Check(dict)) {
+            Py_XDECREF(dict);
+            PyErr_Clear();
+            return NULL;
+        }
+        slot->id = id;
+        Py_XSETREF(slot->dict, dict);
+    }
+    PyObject *name = PyDict_GetItemWithError(slot->dict, str_name);  /* borrowed */
+    if (name == NULL || !PyUnicode_Check(name)) { PyErr_Clear(); return NULL; }
+    return Py_NewRef(name);
 }
 
 /* dict.get(key, NULL), or dict.pop(key, NULL) if `pop`: a new reference, or NULL with
