@@ -366,6 +366,43 @@ class TestThreadNames:
             ("checkin", "job-42"),
         ]
 
+    def test_each_of_many_interleaved_threads_is_named(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """With more threads than the C helper keeps at hand (8), taking turns, each
+        checkout and checkin names the thread that made it, including threads started
+        after others ended (whose OS thread ids may be reused)."""
+        engine = sa.create_engine(sqlite_url, pool_size=5, max_overflow=20)
+        monitor = instrument.attach(engine, store=store_path)
+        turns = threading.Barrier(12)
+
+        def work() -> None:
+            for _ in range(5):
+                turns.wait(10)  # all threads check out in the same rounds
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+
+        for wave in range(2):
+            threads = [threading.Thread(target=work, name=f"wave{wave}-t{i}") for i in range(12)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+        monitor.flush()
+        engine.dispose()
+        rows = query(
+            store_path,
+            "SELECT co.thread, ci.thread FROM events co JOIN events ci "
+            "ON ci.checkout_id = co.checkout_id AND ci.kind = 'checkin' "
+            "WHERE co.kind = 'checkout'",
+        )
+        assert len(rows) == 2 * 12 * 5
+        assert all(out == back for out, back in rows)
+        counts: dict[str, int] = defaultdict(int)
+        for out, _ in rows:
+            counts[out] += 1
+        assert counts == {f"wave{w}-t{i}": 5 for w in range(2) for i in range(12)}
+
 
 class TestOpenCheckouts:
     def test_lists_who_holds_connections_now(self, make_engine, store_path, in_repo_root) -> None:
