@@ -4,15 +4,17 @@ Variants: ``bare`` (no poolscope), ``detached`` (attached, then detached),
 ``listeners`` (attached, with the writer thread held off during the round: the
 cost of the listeners and hooks alone, a stack captured at every checkout) and
 ``full`` (attached, the writer thread writing alongside, as in production).
-Rounds of about 2 s are interleaved so that machine noise hits all variants
-alike, in a new random order each time (a fixed order biased the first variant, which
-always followed the last one's settling); between rounds the writer catches up and
-the store's WAL is checkpointed, untimed, so that one round's backlog never slows
-another variant.
-Prints the median over rounds of the throughput ratio against the adjacent bare
-round (higher is better; 1.0 means no cost).
+All variants run on one engine, so on one database connection: poolscope is
+attached and detached between rounds, untimed. Rounds of about 1 s are interleaved
+so that machine noise hits all variants alike, in a new random order each time;
+between rounds the writer catches up and the store's WAL is checkpointed, untimed,
+so that one round's backlog never slows another variant. (An engine per variant, in
+a fixed order, biased whole runs by up to 3 %: each connection has its own speed,
+and the first variant always followed the last one's settling.)
+Prints the median over rounds of the throughput ratio against the same round's
+bare one (higher is better; 1.0 means no cost).
 
-    python bench/overhead.py [--seconds 20] [--round-seconds 2] [--postgres-url URL]
+    python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
                              [--sqlite-only | --postgres-only]
 """
 
@@ -32,7 +34,8 @@ import sqlalchemy as sa
 import instrument
 from instrument import _writer
 
-ROUND_SECONDS = 2.0  # length of one round: many times the writer's schedule delay
+ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
+SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
 
 
 def _loop(
@@ -74,46 +77,57 @@ def _settle(monitor: instrument.Monitor) -> None:
 
 
 def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict[str, float]:
-    """Return iterations per second for each variant, interleaved for ``seconds``."""
-    bare = sa.create_engine(url)
-    detached = sa.create_engine(url)
-    full = sa.create_engine(url)
-    instrument.attach(detached, store=store, name="detached").detach()
-    monitor = instrument.attach(full, store=store, name="full")
-    engines = {"bare": bare, "detached": detached, "listeners": full, "full": full}
-    for engine in engines.values():  # warm up: connections made, stacks interned
-        _loop(engine, 200)
-    per_round = max(100, int(round_seconds * 200 / _loop(bare, 200)))
-    rates: dict[str, list[float]] = {k: [] for k in engines}
-    ratios: dict[str, list[float]] = {k: [] for k in engines if k != "bare"}
-    order = list(engines)
+    """Return iterations per second for each variant, interleaved for ``seconds``.
+
+    Every variant runs on one engine, and so on the same database connection (and, on
+    PostgreSQL, the same server process): poolscope is attached before a monitored
+    round and detached before an unmonitored one, untimed. With an engine per variant,
+    each connection's own speed biased its variant for the whole run, by up to 3 %.
+    """
+    engine = sa.create_engine(url)
+    monitor: instrument.Monitor | None = None
+    writer = _writer.get_writer(store)
+    written, dropped = writer.written, writer.dropped_total + len(writer.drops)
+
+    def prepare(name: str) -> instrument.Monitor | None:
+        nonlocal monitor
+        if name in ("bare", "detached") and monitor is not None:
+            monitor.detach()
+            _settle(monitor)
+            monitor = None
+        if name == "detached":  # attached, then detached: nothing may be left behind
+            instrument.attach(engine, store=store, name="detached").detach()
+        if name in ("listeners", "full") and monitor is None:
+            monitor = instrument.attach(engine, store=store, name="full")
+        return monitor
+
+    variants = ["bare", "detached", "listeners", "full"]
+    for name in variants:  # warm up: connection made, stacks interned
+        _loop(engine, 200, prepare(name))
+    prepare("bare")
+    per_round = max(100, int(round_seconds * 200 / _loop(engine, 200)))
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    ratios: dict[str, list[float]] = {k: [] for k in variants if k != "bare"}
+    order = list(variants)
     shuffle = random.Random(0).shuffle  # the same orders in every run
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         shuffle(order)
         for name in order:
-            engine = engines[name]
-            seconds_taken = _loop(
-                engine,
-                per_round,
-                monitor if engine is full else None,
-                hold_writer=name == "listeners",
-            )
+            watched = prepare(name)
+            seconds_taken = _loop(engine, per_round, watched, hold_writer=name == "listeners")
             rates[name].append(per_round / seconds_taken)
-        for name in ratios:  # adjacent rounds: drift in machine load cancels out
+        for name in ratios:  # the same round: drift in machine load cancels out
             ratios[name].append(rates[name][-1] / rates["bare"][-1])
-    monitor.flush()
-    checkouts = monitor._writer.written
-    dropped = monitor.dropped
-    for engine in engines.values():
-        engine.dispose()
+    prepare("bare")  # detached and flushed: the writer has written everything
+    engine.dispose()
     result = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in ratios.items():
         result[f"{name}_ratio"] = statistics.median(r)
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
-    result["events_written"] = checkouts
-    result["dropped"] = dropped
+    result["events_written"] = writer.written - written
+    result["dropped"] = writer.dropped_total + len(writer.drops) - dropped
     return result
 
 
@@ -134,7 +148,7 @@ def report(label: str, r: dict[str, float]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per database")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="seconds per database")
     parser.add_argument(
         "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
     )

@@ -476,6 +476,8 @@ class Writer:
         # Cleared in place: the listeners hold these very objects.
         self.queue.clear()
         self.drops.clear()
+        if self._rows is not None:  # a batch the fork copied mid-write is not ours either
+            self._spare = self._rows.Events(RECORD_WIDTH)
         self._markers = []
         self._conn = None  # the parent's handle is not ours to use or close
         self._pool_ids = {}
