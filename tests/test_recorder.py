@@ -940,6 +940,34 @@ def test_queue_is_written_where_the_c_inserter_cannot_reach_the_store(
     assert rows == [("checkout", "wörker", None, 0, 1), ("checkin", "wörker", None, 1, 1)]
 
 
+@pytest.mark.parametrize("recorder_impl", ["c"], indirect=True)  # a list takes anything
+def test_a_record_the_queue_cannot_hold_is_refused_whole(
+    recorder_impl: str, sqlite_url: str, store_path: Path
+) -> None:
+    """A record with a value the C queue cannot hold is refused whole (the caller gets
+    TypeError; a listener counts it as its own failure): nothing of it is written, and
+    the records after it are written intact."""
+    engine = sa.create_engine(sqlite_url)
+    monitor = instrument.attach(engine, store=store_path)
+    with engine.connect():
+        pass
+    writer = monitor._writer
+    queued = len(writer.queue)
+    null = _writer.NULL
+    bad = (time.time(), monitor.pool_key, "close", null, null, "refused-thread", null)
+    bad += (0, 0, 0, 0, null, null, null, null, object())
+    with pytest.raises(TypeError):
+        writer.emit(bad)
+    assert len(writer.queue) == queued
+    monitor._emit("close", thread="next-thread", task="next-task")
+    monitor.flush()
+    engine.dispose()
+    rows = query(store_path, "SELECT kind, thread, task FROM events ORDER BY id")
+    assert [k for k, _, _ in rows] == ["connect", "checkout", "checkin", "close"]
+    assert rows[-1] == ("close", "next-thread", "next-task")
+    assert not query(store_path, "SELECT 1 FROM events WHERE thread = 'refused-thread'")
+
+
 class TestPrivacy:
     PASSWORD = "s3cr3t-pw"
 
