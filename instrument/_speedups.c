@@ -118,6 +118,7 @@ static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL
 static PyObject *time_time;     /* time.time, which HotPath's `now` usually is */
 
 #define RECORD_WIDTH 16
+#define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 #define THREAD_SLOTS 8  /* threads whose name is found without a lookup in threading */
 
 /* A thread seen before, by its thread state's id (never reused in a process, unlike
@@ -126,7 +127,6 @@ typedef struct {
     uint64_t id;  /* 0: empty */
     PyObject *dict;
 } ThreadSlot;
-#define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 
 typedef struct {
     PyObject_HEAD

@@ -221,11 +221,12 @@ append_text(Events *self, const char *s, size_t len, Cell *cell)
 }
 
 /* One value into a cell: None, int (bool included), float or str; else TypeError. The
-   empty str, which is how the listeners write NULL (see _writer.NULL), is held as NULL. */
+   empty str, which is how the listeners write NULL (see _writer.NULL), is held as NULL.
+   Text is checked first: most of a record's values are text or NULL. */
 static int
 store_value(Events *self, PyObject *v, Cell *cell)
 {
-    if (PyUnicode_CheckExact(v) || PyUnicode_Check(v)) {
+    if (PyUnicode_Check(v)) {
         if (PyUnicode_GET_LENGTH(v) == 0) {
             cell->type = CELL_NULL;
             return 0;
@@ -239,11 +240,7 @@ store_value(Events *self, PyObject *v, Cell *cell)
         }
         return append_text(self, s, (size_t)len, cell);
     }
-    if (PyFloat_CheckExact(v)) {
-        cell->type = CELL_FLOAT;
-        cell->d = PyFloat_AS_DOUBLE(v);
-    }
-    else if (PyLong_CheckExact(v) || PyLong_Check(v)) {
+    if (PyLong_Check(v)) {
         int overflow;
         cell->i = PyLong_AsLongLongAndOverflow(v, &overflow);
         if (cell->i == -1 && PyErr_Occurred()) return -1;
@@ -253,12 +250,12 @@ store_value(Events *self, PyObject *v, Cell *cell)
         }
         cell->type = CELL_INT;
     }
-    else if (v == Py_None) {
-        cell->type = CELL_NULL;
-    }
     else if (PyFloat_Check(v)) {
         cell->type = CELL_FLOAT;
         cell->d = PyFloat_AS_DOUBLE(v);
+    }
+    else if (v == Py_None) {
+        cell->type = CELL_NULL;
     }
     else {
         PyErr_Format(PyExc_TypeError, "a value of type %.100s cannot be queued",

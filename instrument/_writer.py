@@ -63,12 +63,13 @@ ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
 
 NULL = ""
-"""Stands for NULL in a record the hot path queues; the INSERT turns it back into NULL.
+"""Stands for NULL in a record the hot path queues.
 
 The sqlite3 module binds a str, int or float directly, but looks ``None`` up in its
 adapter registry first; with half a record's values absent, that lookup cost about
-as much as the rest of the insert. So the listeners queue ``NULL`` rather than ``None``,
-and every column that may be absent is inserted as ``NULLIF(?, '')``.
+as much as the rest of the insert. So the listeners queue ``NULL`` rather than ``None``.
+A list queue's INSERT turns it back with ``NULLIF(?, '')`` in every column that may be
+absent; an ``Events`` queue holds it as NULL from the start, and its INSERT binds ``?``.
 """
 
 # A record is the events row without process_id (a literal in the statement); its

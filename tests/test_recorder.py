@@ -882,8 +882,8 @@ class TestBrokenStore:
     def test_a_value_of_another_type_is_still_written(
         self, sqlite_url: str, store_path: Path
     ) -> None:
-        """A record holding a value the C inserter does not read (a bool here) is written
-        all the same, with its batch, as the sqlite3 module binds it."""
+        """A value of a type the listeners never queue, but one SQLite takes (a bool, an
+        int subclass), is written as its integer, with its batch, in either queue."""
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path)
         with engine.connect():
