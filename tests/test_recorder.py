@@ -906,6 +906,126 @@ class TestBrokenStore:
         assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
 
 
+def _work(engine: sa.Engine) -> None:
+    with engine.connect():  # <- work
+        pass
+
+
+def _other(engine: sa.Engine) -> None:
+    with engine.connect():  # <- other
+        pass
+
+
+def _hold(engine: sa.Engine) -> sa.Connection:
+    return engine.connect()  # <- hold
+
+
+def _checkouts_by_site(store: Path) -> dict[str, int]:
+    return dict(
+        query(
+            store,
+            "SELECT s.site, count(*) FROM events e JOIN stacks s ON s.id = e.stack_id "
+            "WHERE e.kind = 'checkout' GROUP BY s.site",
+        )
+    )
+
+
+def _never_returned_sites(store: Path) -> list[str]:
+    """The site of each checkout without a return, of a pool the store has a row for."""
+    return [
+        site
+        for (site,) in query(
+            store,
+            "SELECT s.site FROM checkouts c JOIN pools p ON p.id = c.pool_id "
+            "JOIN stacks s ON s.id = c.stack_id WHERE c.returned_at IS NULL",
+        )
+    ]
+
+
+@pytest.mark.usefixtures("recorder_impl", "in_repo_root")
+class TestStoreFaults:
+    def test_rows_of_a_batch_lost_to_a_full_disk_are_written_again(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A batch the full disk refuses (the first: the pool and stack rows with it) is
+        counted as dropped; once there is room, its pool and stack rows are written again, so
+        each later checkout has its pool and its own site, and the one never closed shows."""
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        writer = monitor._writer
+        with writer._io_lock:  # the writer waits: its process row, then a disk with no room
+            conn = writer._connection()
+            assert conn is not None
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            for _ in range(300):  # more than the events table's one page holds
+                _work(engine)
+        assert monitor.flush() is True
+        assert monitor.dropped == 601  # connect, 300 checkouts and checkins
+        assert query(store_path, "SELECT count(*) FROM events") == [(0,)]
+        with writer._io_lock:
+            conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+        for _ in range(3):
+            _other(engine)
+        for _ in range(5):
+            _work(engine)
+        held = _hold(engine)
+        assert monitor.flush() is True
+        assert query(store_path, "SELECT name FROM pools") == [("orders",)]
+        assert not query(
+            store_path, "SELECT id FROM events WHERE pool_id NOT IN (SELECT id FROM pools)"
+        )
+        assert _checkouts_by_site(store_path) == {
+            site_of(_work, "<- work"): 5,
+            site_of(_other, "<- other"): 3,
+            site_of(_hold, "<- hold"): 1,
+        }
+        assert _never_returned_sites(store_path) == [site_of(_hold, "<- hold")]
+        assert [
+            c for (c,) in query(store_path, "SELECT count FROM events WHERE kind = 'dropped'")
+        ] == [601]
+        assert len(caplog.records) == 1 and "full" in caplog.records[0].getMessage()
+        held.close()
+        engine.dispose()
+
+    @pytest.mark.parametrize("how", ["deleted", "replaced"])
+    def test_store_deleted_or_replaced_while_recording_is_made_again(
+        self, how: str, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store deleted (or replaced by another poolscope store) while recording is noticed
+        at the next batch and said once; the process, pool and stack rows go into the store
+        now at that path, with everything recorded after."""
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        _work(engine)
+        assert monitor.flush() is True
+        if how == "deleted":
+            for path in store_path.parent.glob(store_path.name + "*"):
+                path.unlink()
+        else:
+            other = store_path.with_name("other.db")
+            _store.connect_for_writing(other).close()
+            other.replace(store_path)
+        for _ in range(2):
+            _work(engine)
+        held = _hold(engine)
+        assert monitor.flush() is True
+        assert monitor.dropped == 0
+        assert query(store_path, "SELECT name FROM pools") == [("orders",)]
+        assert query(store_path, "SELECT count(*) FROM processes") == [(1,)]
+        assert _checkouts_by_site(store_path) == {
+            site_of(_work, "<- work"): 2,
+            site_of(_hold, "<- hold"): 1,
+        }
+        assert _never_returned_sites(store_path) == [site_of(_hold, "<- hold")]
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "deleted or replaced" in messages[0], messages
+        held.close()
+        engine.dispose()
+
+
 @pytest.mark.parametrize("recorder_impl", ["c"], indirect=True)  # a list is written so anyway
 def test_queue_is_written_where_the_c_inserter_cannot_reach_the_store(
     recorder_impl: str,
