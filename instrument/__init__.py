@@ -19,6 +19,7 @@ from .exceptions import (
     PoolscopeError,
     StoreCorruptError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "PoolscopeError",
     "StoreCorruptError",
     "StoreError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "StoreVersionError",
     "__version__",

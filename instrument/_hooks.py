@@ -21,7 +21,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._failures import listener_failed as _listener_failed
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
-from ._store import resolve_store_path
+from ._store import resolve_store_path, valid_text
 from ._writer import MAX_QUEUE_VALUES, NULL, SECRET_WORDS, Writer, get_writer
 
 logger = logging.getLogger("instrument")
@@ -64,7 +64,21 @@ def mask_url(url: Any) -> str:
         # Replace the values before rendering: rendered values are URL-quoted, so a
         # search for the raw value would miss one holding '/', '&' or a space.
         url = url.update_query_dict(secret)
-    text = url.render_as_string(hide_password=True)
+    try:
+        text = url.render_as_string(hide_password=True)
+    except UnicodeEncodeError:  # a lone surrogate (a file name's undecodable byte) to quote
+        url = url.set(
+            **{
+                part: valid_text(value)
+                for part in ("username", "host", "database")
+                if isinstance(value := getattr(url, part), str)
+            },
+            query={
+                valid_text(k): tuple(map(valid_text, v)) if isinstance(v, tuple) else valid_text(v)
+                for k, v in url.query.items()
+            },
+        )
+        text = url.render_as_string(hide_password=True)
     return text.replace(f"={_MASK}", "=***") if secret else text
 
 

@@ -220,6 +220,41 @@ append_text(Events *self, const char *s, size_t len, Cell *cell)
     return 0;
 }
 
+/* A str UTF-8 cannot encode (a lone surrogate: a thread named after a file name, say),
+   with the error that said so set: held as _store.valid_text() writes it, so that both
+   queues store the same text. A file name's undecodable byte (surrogateescape) becomes
+   \xff, any other lone surrogate \ud800. Only such a str pays for this. */
+static int
+store_invalid_text(Events *self, PyObject *v, Cell *cell)
+{
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) return -1;
+    PyErr_Clear();
+    PyObject *valid = NULL;
+    PyObject *raw = PyUnicode_AsEncodedString(v, "utf-8", "surrogateescape");
+    if (raw != NULL) {
+        valid = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw),
+                                     "backslashreplace");
+        Py_DECREF(raw);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        PyErr_Clear();
+        raw = PyUnicode_AsEncodedString(v, "utf-8", "backslashreplace");
+        if (raw == NULL) return -1;
+        valid = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), NULL);
+        Py_DECREF(raw);
+    }
+    if (valid == NULL) return -1;
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(valid, &len);
+    int rc = -1;
+    if (s != NULL && len > INT32_MAX)
+        PyErr_SetString(PyExc_OverflowError, "a str past 2 GB cannot be queued");
+    else if (s != NULL)
+        rc = append_text(self, s, (size_t)len, cell);
+    Py_DECREF(valid);
+    return rc;
+}
+
 /* One value into a cell: None, int (bool included), float or str; else TypeError. The
    empty str, which is how the listeners write NULL (see _writer.NULL), is held as NULL.
    Text is checked first: most of a record's values are text or NULL. */
@@ -233,7 +268,7 @@ store_value(Events *self, PyObject *v, Cell *cell)
         }
         Py_ssize_t len;
         const char *s = PyUnicode_AsUTF8AndSize(v, &len);
-        if (s == NULL) return -1;
+        if (s == NULL) return store_invalid_text(self, v, cell);
         if (len > INT32_MAX) {
             PyErr_SetString(PyExc_OverflowError, "a str past 2 GB cannot be queued");
             return -1;

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
+from ._store import valid_text
+
 MAX_FRAMES = 48
 """Frames kept per stack, counted from the innermost; deeper callers are cut."""
 
@@ -248,8 +250,9 @@ def line_of(code: CodeType, offset: int) -> int:
 
 
 def format_frame(code: CodeType, offset: int) -> str:
-    """Write one frame as ``path.py:42 in function``."""
-    return f"{display_path(code.co_filename)}:{line_of(code, offset)} in {code.co_name}"
+    """Write one frame as ``path.py:42 in function``, as valid UTF-8 text (a path's
+    undecodable byte as ``\\xff``: see :func:`~instrument._store.valid_text`)."""
+    return valid_text(f"{display_path(code.co_filename)}:{line_of(code, offset)} in {code.co_name}")
 
 
 def resolve_frames(frames: list[Frame]) -> ResolvedStack:

@@ -9,6 +9,8 @@ from pathlib import Path
 from .exceptions import (
     ForeignStoreError,
     StoreCorruptError,
+    StoreError,
+    StoreLockedError,
     StoreNotFoundError,
     StoreVersionError,
 )
@@ -120,6 +122,23 @@ _PRAGMAS = (
 )
 
 
+def valid_text(text: str) -> str:
+    """``text`` as valid UTF-8 text, as SQLite's TEXT must be.
+
+    A lone surrogate cannot be encoded: a file name's undecodable byte (which Python holds
+    as one, ``surrogateescape``) is written as ``\\xff``, any other as ``\\ud800``. Only
+    names that need it pay for more than the check.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def resolve_store_path(store: str | os.PathLike[str] | None) -> Path:
     """Return the store path: ``store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``."""
     if store is None:
@@ -137,6 +156,7 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
     )
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        _refuse_foreign(conn, path)
         for pragma in _PRAGMAS:
             conn.execute(pragma)
         conn.execute("BEGIN IMMEDIATE")
@@ -154,6 +174,28 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
         conn.close()
         raise
     return conn
+
+
+def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise ``ForeignStoreError`` if ``path`` holds another application's database.
+
+    Only reads: a store with no tables yet (a new file, or one another process is
+    creating) or one whose ``meta`` says poolscope is ours; anything else is left as it
+    is, journal mode included. A file that is not SQLite fails the read with
+    ``sqlite3.DatabaseError``, before anything is written to it either.
+    """
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+        if row is not None and row[0] == APPLICATION:
+            return
+    raise ForeignStoreError(
+        f"{path} is a SQLite database of another application (tables "
+        f"{', '.join(sorted(tables)[:5])}{', ...' if len(tables) > 5 else ''}), not a poolscope "
+        "store; poolscope leaves it untouched and records nothing"
+    )
 
 
 def _split(script: str) -> list[str]:
@@ -200,13 +242,19 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
     if header != b"SQLite format 3\x00":
         raise StoreCorruptError(f"{path} is not a SQLite file, so not a poolscope store")
     # Read-only, but not immutable: a live process may still be writing through the WAL.
-    uri = path.resolve().as_uri() + "?mode=ro"
+    uri = path.resolve().as_uri()
     try:
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        try:
+            conn, tables = _open_read_only(uri + "?mode=ro")
+        except sqlite3.OperationalError as exc:
+            if _error_name(exc) != "SQLITE_CANTOPEN":
+                raise
+            # A WAL store in a directory this user cannot write: SQLite cannot make the
+            # -shm file a reader needs. Read as immutable, which needs none; what is only
+            # in a -wal file left there (a writer killed mid-run) is not seen.
+            conn, tables = _open_read_only(uri + "?immutable=1")
     except sqlite3.DatabaseError as exc:
-        raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
+        raise read_error(path, exc) from None
     missing = {"meta", "processes", "pools", "stacks", "events"} - tables
     if missing:
         conn.close()
@@ -218,7 +266,7 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
+        raise read_error(path, exc) from None
     if row is None or not str(row[0]).isdigit():
         conn.close()
         raise ForeignStoreError(f"{path} has no poolscope schema version, not a poolscope store")
@@ -226,3 +274,62 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
         conn.close()
         raise StoreVersionError(_newer_message(path, int(row[0])))
     return conn
+
+
+READ_BUSY_TIMEOUT_MS = 5000
+"""How long a reader waits for a lock another process holds before calling the store locked."""
+
+
+def _open_read_only(uri: str) -> tuple[sqlite3.Connection, set[str]]:
+    """Open ``uri`` and read its table names (the first read: where a lock or damage shows)."""
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(READ_BUSY_TIMEOUT_MS)}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    except BaseException:
+        conn.close()
+        raise
+    return conn, tables
+
+
+def _error_name(exc: Exception) -> str:
+    """SQLite's name for the primary error code of ``exc`` (``SQLITE_BUSY``), where known."""
+    name = getattr(exc, "sqlite_errorname", None)  # sqlite3 errors, Python 3.11+
+    if isinstance(name, str):
+        return "_".join(name.split("_")[:2])
+    text = str(exc)  # older Pythons, and pandas' wrapping of a sqlite3 error
+    if "database is locked" in text or "database table is locked" in text:
+        return "SQLITE_BUSY"
+    return "SQLITE_CANTOPEN" if "unable to open database file" in text else ""
+
+
+def read_error(path: Path, exc: Exception) -> StoreError:
+    """The error to raise for ``exc``, met reading the store at ``path``: locked, or damaged."""
+    if _error_name(exc) in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return StoreLockedError(
+            f"{path} is locked by {_lock_holder(path)}; try again when it lets go"
+        )
+    return StoreCorruptError(f"{path} is a damaged SQLite file ({exc})")
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds a lock on ``path``, as well as this system tells (Linux: ``/proc/locks``)."""
+    try:
+        st = os.stat(path)
+        file_id = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+        with open("/proc/locks") as fh:
+            pids = {int(line.split()[4]) for line in fh if file_id in line}
+    except (OSError, ValueError, IndexError):
+        pids = set()
+    pids.discard(-1)  # an open-file-description lock names no process
+    if not pids:
+        return "another process"
+    pid = min(pids)
+    if pid == os.getpid():
+        return f"this process (pid {pid})"
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            command = valid_text(fh.read().strip())
+    except OSError:
+        return f"another process (pid {pid})"
+    return f"another process (pid {pid}, {command})"

@@ -164,6 +164,10 @@ class Writer:
         self._stack_ids: dict[int, int] = {}
         self._failed_at: float | None = None
         self._reported_failure = False
+        # (st_dev, st_ino) of the store file the connection was opened on: checked once a
+        # batch, so that a store deleted or replaced meanwhile is noticed and made again.
+        self._identity: tuple[int, int] | None = None
+        self._reported_replaced = False
         self._pending_drops = 0
         self._last_heartbeat = 0.0
         self._wake = threading.Event()
@@ -263,6 +267,8 @@ class Writer:
     def _write(self, flat: Any, ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH
         conn = self._connection()
+        if conn is not None and not self._same_store():
+            conn = self._connection()
         if conn is None:
             self._pending_drops += nrecords + ndrops
             self.dropped_total += nrecords + ndrops
@@ -270,12 +276,15 @@ class Writer:
         self.dropped_total += ndrops
         dropped = self._pending_drops + ndrops
         pid = self.process_id
+        # The stack and pool rows this batch writes: marked as written only once it commits.
+        new_stacks: list[int] = []
+        new_pools: list[int] = []
         try:
             now = time.time()
             if dropped or not self._write_in_one_call(conn, flat, now):
                 conn.execute("BEGIN IMMEDIATE")
-                self._write_stacks(conn)
-                self._write_pools(conn)
+                self._write_stacks(conn, new_stacks)
+                self._write_pools(conn, new_pools)
                 if not self._insert_in_c(conn, flat):
                     self._insert_in_python(conn, flat)
                 if dropped:
@@ -289,12 +298,62 @@ class Writer:
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # sqlite3.Error, OSError, or anything else: never left open
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            self._unwrite(new_stacks, new_pools)
             self._pending_drops += nrecords
             self.dropped_total += nrecords
             self._report_failure(exc)
+
+    def _unwrite(self, stacks: list[int], pools: list[int]) -> None:
+        """Mark the stack and pool rows of a batch rolled back as not written: they go out
+        again with the next batch, ahead of the events that refer to them."""
+        for local in stacks:
+            self._stack_ids.pop(local, None)
+        self.stacks.pending.extendleft(reversed(stacks))
+        for pool_key in pools:
+            self._pool_ids.pop(pool_key, None)
+
+    def _same_store(self) -> bool:
+        """Whether the store file is still the one the connection was opened on (a stat).
+
+        Where it was deleted or replaced, say so once, drop the connection and forget which
+        process, pool and stack rows were written: the next connection writes them again
+        into the store found (or made) at the path.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError:  # cannot tell: carry on with the connection
+            return True
+        else:
+            if (st.st_dev, st.st_ino) == self._identity:
+                return True
+        if not self._reported_replaced:
+            self._reported_replaced = True
+            logger.error(
+                "poolscope's store %s was deleted or replaced while recording; what was "
+                "written to it before is gone. Recording goes on in a store made afresh there.",
+                self.path,
+            )
+        if self._conn is not None:
+            # SQLite neither checkpoints nor removes the -wal of a file moved or deleted
+            # under it, and the next connection at the path would replay that -wal's pages
+            # into whatever file is there now: empty it (into the old file) first.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._close()
+        self._forget_written_rows()
+        self.process_id = None
+        return False
+
+    def _forget_written_rows(self) -> None:
+        """Forget which pool and stack rows the store has: all are written again."""
+        self._pool_ids = {}
+        self._stack_ids = {}
+        self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
 
     def _write_in_one_call(self, conn: sqlite3.Connection, flat: Any, now: float) -> bool:
         """The common batch (no new stack or pool to write first) as one transaction in C:
@@ -342,6 +401,19 @@ class Writer:
             flat = flat.tolist()
         flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
         flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
+        conn.execute("SAVEPOINT records")
+        try:
+            self._executemany(conn, flat)
+        except UnicodeEncodeError:
+            # A thread or task name holding a lone surrogate, which SQLite's text cannot
+            # hold: the records again, every str made valid (the C queue does so as it takes
+            # them). Checked only on failure, so the common batch pays nothing for it.
+            conn.execute("ROLLBACK TO records")
+            valid = _store.valid_text
+            self._executemany(conn, [valid(v) if type(v) is str else v for v in flat])
+        conn.execute("RELEASE records")
+
+    def _executemany(self, conn: sqlite3.Connection, flat: list[Any]) -> None:
         width = RECORD_WIDTH * ROWS_PER_STATEMENT
         whole = len(flat) - len(flat) % width
         if whole:
@@ -357,11 +429,12 @@ class Writer:
     def _due_heartbeat(self) -> bool:
         return self._conn is not None and time.time() - self._last_heartbeat > HEARTBEAT_SECONDS
 
-    def _write_stacks(self, conn: sqlite3.Connection) -> None:
+    def _write_stacks(self, conn: sqlite3.Connection, written: list[int]) -> None:
         table = self.stacks
         pending = table.pending
         while pending:
             local = pending.popleft()
+            written.append(local)
             resolved = table.resolve(local)
             conn.execute(
                 "INSERT OR IGNORE INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)",
@@ -372,10 +445,13 @@ class Writer:
             ).fetchone()
             self._stack_ids[local] = row[0]
 
-    def _write_pools(self, conn: sqlite3.Connection) -> None:
+    def _write_pools(self, conn: sqlite3.Connection, written: list[int]) -> None:
         for pool_key, info in list(self.pools.items()):
             if pool_key in self._pool_ids:
                 continue
+            # A name or URL may hold a lone surrogate (from a file name), which SQLite's
+            # text cannot: written with the bytes it stands for escaped.
+            info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
             cur = conn.execute(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
                 "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
@@ -395,6 +471,7 @@ class Writer:
                 ),
             )
             self._pool_ids[pool_key] = cur.lastrowid  # type: ignore[assignment]
+            written.append(pool_key)
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is not None:
@@ -405,6 +482,12 @@ class Writer:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _store.connect_for_writing(self.path)
+        except Exception as exc:  # OSError, sqlite3.Error, StoreError
+            self._failed_at = now
+            self._report_failure(exc)
+            return None
+        try:
+            st = os.stat(self.path)
             conn.execute("BEGIN IMMEDIATE")
             cur = conn.execute(
                 "INSERT INTO processes (pid, parent_id, host, argv, python, sqlalchemy, "
@@ -422,10 +505,13 @@ class Writer:
                 ),
             )
             conn.execute("COMMIT")
-        except Exception as exc:  # OSError, sqlite3.Error, StoreVersionError
+        except Exception as exc:  # OSError, sqlite3.Error
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
             self._failed_at = now
             self._report_failure(exc)
             return None
+        self._identity = (st.st_dev, st.st_ino)
         self.process_id = cur.lastrowid
         template = _ROW_FROM_LIST if self._rows is None else _ROW_FROM_EVENTS
         row = template.format(pid=int(cur.lastrowid))  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ Hierarchy::
         ├── StoreNotFoundError     no file at that path
         ├── StoreCorruptError      not a SQLite file, or a damaged one
         ├── ForeignStoreError      a SQLite file of another application (or empty)
+        ├── StoreLockedError       another process holds the store locked
         └── StoreVersionError      written by a newer poolscope
 
 Recording never raises: the listeners and the writer log and count their own
@@ -20,6 +21,7 @@ __all__ = [
     "PoolscopeError",
     "StoreCorruptError",
     "StoreError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "StoreVersionError",
 ]
@@ -43,6 +45,10 @@ class StoreCorruptError(StoreError):
 
 class ForeignStoreError(StoreError):
     """The file is a SQLite database, but not one poolscope wrote."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store locked (an exclusive lock): try again later."""
 
 
 class StoreVersionError(StoreError):

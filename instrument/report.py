@@ -21,8 +21,7 @@ from typing import Any
 import pandas as pd
 
 from . import analysis
-from ._store import resolve_store_path
-from .exceptions import StoreCorruptError
+from ._store import read_error, resolve_store_path
 
 __all__ = [
     "FORMATS",
@@ -72,8 +71,7 @@ def make_report(
         report = analysis.build_report(conn, filters, with_utilization=fmt == "html")
         report["store"] = str(resolve_store_path(store))  # as the user named it
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
-        path = resolve_store_path(store)
-        raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
+        raise read_error(resolve_store_path(store), exc) from None
     finally:
         conn.close()
     return render(report, fmt), report

@@ -248,6 +248,73 @@ class TestBadInput:
         assert (result.exit_code, result.stdout) == (2, "")
         assert result.stderr == f"poolscope: {message}\n"
 
+    def test_store_in_a_read_only_directory_is_read(self, tmp_path: Path, sqlite_url: str) -> None:
+        """A healthy WAL store in a directory the reader cannot write (so SQLite cannot make
+        its -shm file) is reported, not called damaged."""
+        directory = tmp_path / "readonly"
+        directory.mkdir()
+        store = directory / "clean.db"
+        record(store, sqlite_url)
+        _writer.shutdown_all()  # the last connection closed: no -wal or -shm is left
+        assert sorted(p.name for p in directory.iterdir()) == ["clean.db"]
+        # As root, permissions do not stop a write: the immutable attribute does.
+        as_root = os.geteuid() == 0
+        if as_root:
+            made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+            if made.returncode != 0:
+                pytest.skip(f"chattr +i is not available here: {made.stderr.decode().strip()}")
+        else:
+            directory.chmod(0o555)
+        try:
+            with pytest.raises(OSError):
+                (directory / "probe").touch()
+            result = invoke("report", str(store), "--format", "json")
+        finally:
+            if as_root:
+                subprocess.run(["chattr", "-i", str(directory)], check=True)
+            else:
+                directory.chmod(0o755)
+        assert (result.exit_code, result.stderr) == (0, "")
+        report = json.loads(result.stdout)
+        assert [p["name"] for p in report["pools"]] == ["app"]
+        assert report["sites"][0]["checkouts"] == 3
+
+    def test_locked_store_is_called_locked(
+        self, clean: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A store another process holds locked: exit 2, one line naming the lock and who
+        holds it, not "damaged"."""
+        _writer.shutdown_all()
+        monkeypatch.setattr(_store, "READ_BUSY_TIMEOUT_MS", 100)
+        locker = subprocess.Popen(
+            [sys.executable, "-c", (
+                "import sqlite3, sys\n"
+                "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                "conn.execute('PRAGMA locking_mode=EXCLUSIVE')\n"
+                "conn.execute('BEGIN IMMEDIATE')\n"
+                "conn.execute(\"UPDATE meta SET value = value WHERE key = 'application'\")\n"
+                "conn.execute('COMMIT')\n"
+                "print('locked', flush=True)\n"
+                "sys.stdin.read()\n"
+            ), str(clean)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert locker.stdout.readline() == "locked\n"
+            result = invoke("report", str(clean))
+            holder = "another process"
+            if sys.platform == "linux":
+                command = Path(f"/proc/{locker.pid}/comm").read_text().strip()
+                holder = f"another process (pid {locker.pid}, {command})"
+        finally:
+            locker.communicate("")
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert (
+            result.stderr
+            == f"poolscope: {clean} is locked by {holder}; try again when it lets go\n"
+        )
+        assert invoke("report", str(clean)).exit_code == 0  # once it lets go
+
     def test_damaged_store(self, leaky: Path) -> None:
         """A poolscope store whose pages were overwritten: exit 2, one line."""
         _writer.shutdown_all()

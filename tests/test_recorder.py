@@ -7,9 +7,11 @@ import _thread
 import asyncio
 import functools
 import gc
+import importlib.util
 import inspect
 import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -904,6 +906,251 @@ class TestBrokenStore:
             pass
         monitor.flush()
         assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+
+def _work(engine: sa.Engine) -> None:
+    with engine.connect():  # <- work
+        pass
+
+
+def _other(engine: sa.Engine) -> None:
+    with engine.connect():  # <- other
+        pass
+
+
+def _hold(engine: sa.Engine) -> sa.Connection:
+    return engine.connect()  # <- hold
+
+
+def _checkouts_by_site(store: Path) -> dict[str, int]:
+    return dict(
+        query(
+            store,
+            "SELECT s.site, count(*) FROM events e JOIN stacks s ON s.id = e.stack_id "
+            "WHERE e.kind = 'checkout' GROUP BY s.site",
+        )
+    )
+
+
+def _never_returned_sites(store: Path) -> list[str]:
+    """The site of each checkout without a return, of a pool the store has a row for."""
+    return [
+        site
+        for (site,) in query(
+            store,
+            "SELECT s.site FROM checkouts c JOIN pools p ON p.id = c.pool_id "
+            "JOIN stacks s ON s.id = c.stack_id WHERE c.returned_at IS NULL",
+        )
+    ]
+
+
+@pytest.mark.usefixtures("recorder_impl", "in_repo_root")
+class TestStoreFaults:
+    def test_rows_of_a_batch_lost_to_a_full_disk_are_written_again(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A batch the full disk refuses (the first: the pool and stack rows with it) is
+        counted as dropped; once there is room, its pool and stack rows are written again, so
+        each later checkout has its pool and its own site, and the one never closed shows."""
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        writer = monitor._writer
+        with writer._io_lock:  # the writer waits: its process row, then a disk with no room
+            conn = writer._connection()
+            assert conn is not None
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            for _ in range(300):  # more than the events table's one page holds
+                _work(engine)
+        assert monitor.flush() is True
+        assert monitor.dropped == 601  # connect, 300 checkouts and checkins
+        assert query(store_path, "SELECT count(*) FROM events") == [(0,)]
+        with writer._io_lock:
+            conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+        for _ in range(3):
+            _other(engine)
+        for _ in range(5):
+            _work(engine)
+        held = _hold(engine)
+        assert monitor.flush() is True
+        assert query(store_path, "SELECT name FROM pools") == [("orders",)]
+        assert not query(
+            store_path, "SELECT id FROM events WHERE pool_id NOT IN (SELECT id FROM pools)"
+        )
+        assert _checkouts_by_site(store_path) == {
+            site_of(_work, "<- work"): 5,
+            site_of(_other, "<- other"): 3,
+            site_of(_hold, "<- hold"): 1,
+        }
+        assert _never_returned_sites(store_path) == [site_of(_hold, "<- hold")]
+        assert [
+            c for (c,) in query(store_path, "SELECT count FROM events WHERE kind = 'dropped'")
+        ] == [601]
+        assert len(caplog.records) == 1 and "full" in caplog.records[0].getMessage()
+        held.close()
+        engine.dispose()
+
+    @pytest.mark.parametrize("how", ["deleted", "replaced"])
+    def test_store_deleted_or_replaced_while_recording_is_made_again(
+        self, how: str, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store deleted (or replaced by another poolscope store) while recording is noticed
+        at the next batch and said once; the process, pool and stack rows go into the store
+        now at that path, with everything recorded after."""
+        caplog.set_level(logging.WARNING, logger="instrument")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        _work(engine)
+        assert monitor.flush() is True
+        if how == "deleted":
+            for path in store_path.parent.glob(store_path.name + "*"):
+                path.unlink()
+        else:
+            other = store_path.with_name("other.db")
+            _store.connect_for_writing(other).close()
+            other.replace(store_path)
+        for _ in range(2):
+            _work(engine)
+        held = _hold(engine)
+        assert monitor.flush() is True
+        assert monitor.dropped == 0
+        assert query(store_path, "SELECT name FROM pools") == [("orders",)]
+        assert query(store_path, "SELECT count(*) FROM processes") == [(1,)]
+        assert _checkouts_by_site(store_path) == {
+            site_of(_work, "<- work"): 2,
+            site_of(_hold, "<- hold"): 1,
+        }
+        assert _never_returned_sites(store_path) == [site_of(_hold, "<- hold")]
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "deleted or replaced" in messages[0], messages
+        held.close()
+        engine.dispose()
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestNamesThatAreNotUtf8:
+    """A name holding a lone surrogate (how Python holds a file name's undecodable byte) is
+    written as valid text, its byte as ``\\xff`` (another surrogate as ``\\ud800``)."""
+
+    @staticmethod
+    def _threaded(engine: sa.Engine, name: str) -> None:
+        worker = threading.Thread(target=_work, args=(engine,), name=name)
+        worker.start()
+        worker.join()
+
+    @pytest.mark.parametrize(
+        ("name", "written"), [("orders\udcff", "orders\\xff"), ("orders\ud800", "orders\\ud800")]
+    )
+    def test_pool_name(self, name: str, written: str, sqlite_url: str, store_path: Path) -> None:
+        """The pool row and every event are written; later batches too."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, name=name)
+        _work(engine)
+        assert monitor.flush() is True
+        _work(engine)
+        assert monitor.flush() is True
+        engine.dispose()
+        assert query(store_path, "SELECT name FROM pools") == [(written,)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(2,)]
+        assert monitor.dropped == 0
+
+    def test_application_database_file_name(self, tmp_path: Path, store_path: Path) -> None:
+        """attach() takes an engine on a file whose name is not UTF-8, and records it."""
+        app_db = tmp_path / os.fsdecode(b"app\xff.db")
+        engine = sa.create_engine(f"sqlite:///{app_db}")
+        monitor = instrument.attach(engine, store=store_path)
+        _work(engine)
+        assert monitor.flush() is True
+        engine.dispose()
+        [(name, url)] = query(store_path, "SELECT name, url FROM pools")
+        assert name == "app\\xff.db" and url.endswith("app%5Cxff.db")
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+        assert monitor.dropped == 0
+
+    def test_store_file_name(self, tmp_path: Path, sqlite_url: str) -> None:
+        """A store whose file name is not UTF-8 is written under that very name."""
+        store = tmp_path / os.fsdecode(b"store\xff.db")
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store)
+        _work(engine)
+        assert monitor.flush() is True
+        engine.dispose()
+        assert os.listdir(os.fsencode(tmp_path)).count(b"store\xff.db") == 1
+        assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
+
+    def test_source_path(self, tmp_path: Path, sqlite_url: str, store_path: Path) -> None:
+        """A checkout from a module whose file name is not UTF-8 has its site, and the
+        batches after it are written."""
+        source = tmp_path / os.fsdecode(b"jobs\xff.py")
+        source.write_text(
+            "def run(engine):\n    with engine.connect():\n        pass\n\n\n"
+            "def hold(engine):\n    return engine.connect()\n"
+        )
+        spec = importlib.util.spec_from_file_location("jobs_not_utf8", source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        module.run(engine)
+        assert monitor.flush() is True
+        held = module.hold(engine)
+        assert [c.site[-21:] for c in monitor.open_checkouts()] == ["jobs\\xff.py:7 in hold"]
+        held.close()
+        _work(engine)
+        assert monitor.flush() is True
+        engine.dispose()
+        sites = _checkouts_by_site(store_path)
+        assert [n for site, n in sites.items() if site.endswith("jobs\\xff.py:2 in run")] == [1]
+        assert len(sites) == 3 and monitor.dropped == 0
+
+    @pytest.mark.parametrize(
+        ("name", "written"), [("worker\udcff", "worker\\xff"), ("worker\ud800", "worker\\ud800")]
+    )
+    def test_thread_name(self, name: str, written: str, sqlite_url: str, store_path: Path) -> None:
+        """The thread's checkouts are written under its name, and the batches after them."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        self._threaded(engine, name)
+        assert monitor.flush() is True
+        self._threaded(engine, "next")
+        assert monitor.flush() is True
+        engine.dispose()
+        rows = query(
+            store_path, "SELECT kind, thread FROM events WHERE kind LIKE 'check%' ORDER BY id"
+        )
+        assert rows == [
+            ("checkout", written),
+            ("checkin", written),
+            ("checkout", "next"),
+            ("checkin", "next"),
+        ]
+        assert monitor.dropped == 0 and not _failures.failures
+
+    def test_task_name(self, tmp_path: Path, store_path: Path) -> None:
+        """An asyncio task's checkouts are written under its name."""
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+        monitor = instrument.attach(engine, store=store_path)
+
+        async def use_connection() -> None:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("select 1")
+
+        async def main() -> None:
+            try:
+                await asyncio.create_task(use_connection(), name="task\udcff")
+            finally:
+                await engine.dispose()
+
+        asyncio.run(main())
+        assert monitor.flush() is True
+        rows = query(
+            store_path, "SELECT kind, task FROM events WHERE kind LIKE 'check%' ORDER BY id"
+        )
+        assert rows == [("checkout", "task\\xff"), ("checkin", "task\\xff")]
+        assert monitor.dropped == 0
 
 
 @pytest.mark.parametrize("recorder_impl", ["c"], indirect=True)  # a list is written so anyway

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import sqlite3
 import subprocess
@@ -231,6 +232,33 @@ class TestWriting:
         assert query(written_store, counts) == before
         assert [r.levelno for r in caplog.records] == [logging.ERROR]
         assert "newer poolscope" in caplog.records[0].getMessage()
+
+    def test_writer_leaves_another_applications_database_untouched(
+        self, tmp_path: Path, engine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Attaching with another application's SQLite database as the store logs one error,
+        counts every event as dropped, never reaches the app, and leaves the file as it was,
+        byte for byte and in its own journal mode."""
+        theirs = tmp_path / "orders.db"
+        conn = sqlite3.connect(str(theirs))
+        with conn:
+            conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL)")
+            conn.executemany("INSERT INTO orders (total) VALUES (?)", [(9.5,), (12.0,)])
+        conn.close()
+        before = hashlib.sha256(theirs.read_bytes()).hexdigest()
+        caplog.set_level(logging.WARNING, logger="instrument")
+        monitor = instrument.attach(engine, store=theirs)
+        for _ in range(3):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("select 5").scalar() == 5
+            assert monitor.flush() is True
+        assert monitor.dropped == 7  # connect, 3 checkouts and checkins
+        _writer.shutdown_all(timeout=10.0)
+        assert hashlib.sha256(theirs.read_bytes()).hexdigest() == before
+        assert sorted(p.name for p in tmp_path.glob("orders.db*")) == ["orders.db"]
+        assert query(theirs, "PRAGMA journal_mode") == [("delete",)]
+        assert [r.levelno for r in caplog.records] == [logging.ERROR]
+        assert "another application" in caplog.records[0].getMessage()
 
     def test_a_new_process_appends(self, written_store: Path, tmp_path: Path) -> None:
         """A second process attaching to an existing store adds its own rows beside the first's."""
