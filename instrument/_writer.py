@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import re
+import signal
 import socket
 import sqlite3
 import sys
@@ -49,6 +50,18 @@ interval), and the application wakes it at each of its own releases meanwhile: s
 fewer batches, the less the application pays. 0.5 s rather than 0.2 s measured about
 three points of a fast SQLite loop; it is also the watchdog's resolution and what a
 hard crash can lose."""
+
+FIRST_BATCH_DELAY_SECONDS = 0.1
+"""How long the writer sleeps between batches until it has written its first events.
+
+An application often takes the connections it holds for good right at its start, and
+those open checkouts are what a crash leaves most worth having: so they (and the process
+row, written before the first sleep) are on disk a tenth of a second after they happen,
+not a full schedule later. Once events are written, batches are ``SCHEDULE_DELAY_SECONDS``
+apart."""
+
+TERMINATE_TIMEOUT_SECONDS = 5.0
+"""The longest a SIGTERM handled by poolscope waits for the store before the process dies."""
 
 BATCH_THRESHOLD_VALUES = 50_000 * RECORD_WIDTH
 """Queued values past which the writer starts the next batch without sleeping."""
@@ -222,11 +235,21 @@ class Writer:
     # -- writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # The store, its schema and the process row first, so that this startup work
+        # never delays the first batch (a process killed early still has its row).
+        with self._io_lock:
+            try:
+                self._connection()
+            except Exception:  # never let the thread die; the app must not notice
+                logger.exception("poolscope writer failed; continuing")
         while not self._stopping:
             # A backlog past the batch threshold is written at once; otherwise the
-            # writer sleeps, so that it wakes (and takes the GIL) a few times a second.
+            # writer sleeps, so that it wakes (and takes the GIL) a few times a second,
+            # and more often until the first events are on disk.
             if len(self.queue) < BATCH_THRESHOLD_VALUES:
-                self._wake.wait(SCHEDULE_DELAY_SECONDS)
+                self._wake.wait(
+                    SCHEDULE_DELAY_SECONDS if self.written else FIRST_BATCH_DELAY_SECONDS
+                )
             self._wake.clear()
             with self._io_lock:
                 try:
@@ -605,6 +628,7 @@ def get_writer(path: Path) -> Writer:
         if writer is None:
             writer = _writers[key] = Writer(Path(key))
             _hook_multiprocessing_exit()
+        _install_sigterm_handler()
         writer.start()
         return writer
 
@@ -649,6 +673,8 @@ def _poolscope_version() -> str:
 
 
 def _at_exit() -> None:
+    global _ending
+    _ending = _WRITING
     # Collect first so that a connection dropped without close is recorded as
     # gc_checkin, not as never returned.
     with contextlib.suppress(Exception):
@@ -657,6 +683,9 @@ def _at_exit() -> None:
         shutdown_all(timeout=10.0, reason="exit")
     except Exception:  # pragma: no cover
         logger.exception("poolscope could not finish writing its store")
+    _ending = _WRITTEN
+    if _deferred_signal is not None:  # a SIGTERM came meanwhile: die of it now
+        _die_of(_deferred_signal)
 
 
 _multiprocessing_hooked = False
@@ -676,6 +705,73 @@ def _hook_multiprocessing_exit(_: object = None) -> None:
     if process.parent_process() is not None:  # None in the main process
         _multiprocessing_hooked = True
         util.Finalize(None, _at_exit, exitpriority=-100)
+
+
+_RUNNING, _WRITING, _WRITTEN = 0, 1, 2
+_ending = _RUNNING
+"""Whether the process's last records are being written (at exit or on SIGTERM), or are."""
+
+_deferred_signal: int | None = None
+"""A SIGTERM that arrived while the last records were being written: raised once they are."""
+
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """Handle SIGTERM while its disposition is the default (see ``_on_sigterm``).
+
+    Only from the main thread (the only one that may set a handler), only where SIGTERM's
+    handler is ``SIG_DFL``: an application's own handler, or ``SIG_IGN``, is left alone,
+    and one it installs later simply replaces this one. Once per process; a forked child
+    inherits it, as it inherits any handler.
+    """
+    global _sigterm_installed
+    if _sigterm_installed or os.name != "posix":
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return  # a later attach from the main thread may install it
+    _sigterm_installed = True
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, RuntimeError):  # not the main interpreter, or no signals
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM with the default disposition (a container stop, ``Pool.terminate()``): write
+    everything queued and mark the process's end ``'terminated'``, then restore the default
+    and raise the signal again, so that the process dies of it exactly as it would have.
+
+    Arriving while the last records are being written already (at exit: a
+    ``multiprocessing`` worker told to stop and then terminated), it lets that finish and
+    the process dies of it then. A handler the application installed later that calls
+    this one as "the previous handler" gets the same default action. Bounded: past
+    ``TERMINATE_TIMEOUT_SECONDS`` what is not written is lost, as at a kill.
+    """
+    global _ending, _deferred_signal
+    if _ending == _WRITING:
+        _deferred_signal = signum
+        return
+    try:
+        if _ending == _RUNNING:
+            _ending = _WRITING
+            deadline = time.monotonic() + TERMINATE_TIMEOUT_SECONDS
+            # No registry lock: the code this handler interrupted may hold it.
+            for writer in list(_writers.values()):
+                writer.shutdown(max(0.0, deadline - time.monotonic()), reason="terminated")
+            _ending = _WRITTEN
+    except Exception:  # pragma: no cover - whatever happens, die as the default would
+        logger.exception("poolscope could not finish writing its store")
+    finally:
+        _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+    """Restore ``signum``'s default disposition and raise it: the process dies of it."""
+    with contextlib.suppress(ValueError):  # not the main thread: the handler raises it again
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 _forking: list[Writer] = []
@@ -705,8 +801,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock, _process_start, _multiprocessing_hooked
+    global _registry_lock, _process_start, _multiprocessing_hooked, _ending, _deferred_signal
     _forking.clear()  # the child's writers get fresh locks below
+    _ending, _deferred_signal = _RUNNING, None
     _registry_lock = threading.Lock()
     _process_start = time.time()
     for writer in _writers.values():

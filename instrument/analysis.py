@@ -224,6 +224,9 @@ def _load_processes(conn: sqlite3.Connection, now: float) -> pd.DataFrame:
         if reason == "exit" and pd.notna(ended):
             states.append("exited")
             seen.append(float(ended))
+        elif reason == "terminated" and pd.notna(ended):
+            states.append("terminated")
+            seen.append(float(ended))
         elif pd.notna(ended):
             states.append("crashed")
             seen.append(float(ended))
@@ -483,7 +486,8 @@ def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
     position = pd.Index(procs["id"].to_numpy()).get_indexer(df["process_id"].to_numpy())
     state_names = np.append(procs["state"].to_numpy(dtype=object), "running")
     state = state_names[position]  # -1 (an unknown process) picks the appended "running"
-    exited, crashed = state == "exited", state == "crashed"
+    exited = state == "exited"
+    crashed = (state == "crashed") | (state == "terminated")  # both died mid-work
     running = ~(exited | crashed)
     outcome = np.asarray(df["outcome"].cat.codes)  # index into _OUTCOMES
     is_open = outcome == _OUTCOMES.index("open")
@@ -515,9 +519,11 @@ def _empty(columns: list[str]) -> pd.DataFrame:
 def processes(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
     """One row per recording process, with how it ended.
 
-    ``state`` is ``exited`` (clean interpreter exit), ``crashed`` (no clean exit and a
-    heartbeat older than :data:`STALE_HEARTBEAT_S`, or its pid is gone on this host) or
-    ``running``. ``seen_until_at`` is when it was last known alive.
+    ``state`` is ``exited`` (clean interpreter exit), ``terminated`` (killed by a SIGTERM
+    that poolscope saw: everything it recorded was written first), ``crashed`` (no clean
+    exit and a heartbeat older than :data:`STALE_HEARTBEAT_S`, or its pid is gone on this
+    host) or ``running``. The open checkouts of terminated and crashed processes are
+    ``open_at_crash``. ``seen_until_at`` is when it was last known alive.
     """
     return _load(conn, filters).processes
 
@@ -1157,6 +1163,7 @@ def _summary_dict(
     return {
         "processes": len(data.processes),
         "crashed_processes": int(states.get("crashed", 0)),
+        "terminated_processes": int(states.get("terminated", 0)),
         "running_processes": int(states.get("running", 0)),
         "pools": int(data.pools["name"].nunique()),
         "events": int(n_events),
@@ -1283,7 +1290,7 @@ def _fast_summary(data: _Data) -> dict[str, Any] | None:
         state = procs["state"].get(proc, "running")
         if state == "exited":
             leaked["confirmed"] += open_  # never_returned
-        elif state == "crashed":
+        elif state in ("crashed", "terminated"):
             leaked["unknown"] += open_  # open_at_crash
         elif open_:  # open_now once held longer than leak_after
             starts = np.array(

@@ -138,7 +138,11 @@ def _headline(report: dict[str, Any]) -> list[str]:
         states.append(f"{s['running_processes']} running")
     if s["crashed_processes"]:
         states.append(f"{s['crashed_processes']} crashed")
-    exited = s["processes"] - s["running_processes"] - s["crashed_processes"]
+    if s["terminated_processes"]:
+        states.append(f"{s['terminated_processes']} terminated")
+    exited = (
+        s["processes"] - s["running_processes"] - s["crashed_processes"] - s["terminated_processes"]
+    )
     if exited:
         states.append(f"{exited} exited")
     procs = _plural(s["processes"], "process", "processes")

@@ -894,6 +894,212 @@ class TestProcessEnd:
 
 # -------------------------------------------------------------------------------------------
 
+_SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, threading, time
+    import sqlalchemy as sa
+    import instrument
+    from instrument import _writer
+
+    url, store, mode = sys.argv[1:4]
+
+    def own_handler(signum, frame):
+        print("handled", flush=True)
+        sys.exit(3)
+
+    if mode == "own-before":
+        signal.signal(signal.SIGTERM, own_handler)
+    engine = sa.create_engine(url, pool_size=5, max_overflow=0)
+    if mode == "attach-in-thread":
+        worker = threading.Thread(
+            target=instrument.attach, args=(engine,), kwargs={"store": store, "leak_after": 60}
+        )
+        worker.start()
+        worker.join()
+    else:
+        instrument.attach(engine, store=store, leak_after=60)
+    if mode == "own-after":
+        signal.signal(signal.SIGTERM, own_handler)
+    handler = signal.getsignal(signal.SIGTERM)
+    print("default" if handler == signal.SIG_DFL else
+          "poolscope" if handler is getattr(_writer, "_on_sigterm", None) else "app",
+          flush=True)
+    held = [engine.connect() for _ in range(3)]
+    for conn in held:
+        conn.exec_driver_sql("select 1")
+    if mode != "busy":
+        for _ in range(1000):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+    print("ready", flush=True)
+    while mode == "busy":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+    time.sleep(60)
+    """
+)
+
+
+def _signal_child(
+    url: str, store: Path, mode: str, signum: int, delay: float = 0.0
+) -> tuple[int, list[str], float]:
+    """Run ``_SIGNAL_SCRIPT`` in ``mode``; send it ``signum`` ``delay`` seconds after it is
+    ready (it holds 3 connections by then).
+
+    :returns: its exit code, the lines it printed (the SIGTERM disposition it saw after
+        attaching, ``ready``, then anything else) and when the signal was sent.
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_SCRIPT, url, str(store), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            lines = [proc.stdout.readline(), proc.stdout.readline()]
+            time.sleep(delay)
+        finally:
+            sent_at = time.time()
+            proc.send_signal(signum)
+        lines += proc.stdout.readlines()
+        code = proc.wait(20)
+    return code, [line.strip() for line in lines], sent_at
+
+
+def _leak_counts(store: Path) -> dict[str, int]:
+    """Checkouts per leak class in ``store``, as the analysis counts them."""
+    conn = analysis.open_store(store)
+    try:
+        leaks = analysis.leaks(conn)
+    finally:
+        conn.close()
+    return {
+        str(k): int(v) for k, v in leaks.groupby("leak_class", observed=True)["count"].sum().items()
+    }
+
+
+def _process_states(store: Path) -> list[str]:
+    conn = analysis.open_store(store)
+    try:
+        return list(analysis.processes(conn)["state"])
+    finally:
+        conn.close()
+
+
+class TestCrashWindow:
+    def test_kill_soon_after_start_keeps_the_held_connections_and_the_first_checkouts(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A process SIGKILLed 0.4 s after attaching, busy checking out, has its row, the 3
+        connections it held (open at crash) and its checkouts up to half a second before the
+        kill on disk: the first batch is written soon after the first events."""
+        code, lines, killed_at = _signal_child(
+            sqlite_url, store_path, "busy", signal.SIGKILL, delay=0.4
+        )
+        assert code == -signal.SIGKILL
+        assert lines[1] == "ready"
+        assert query(store_path, "SELECT ended_at, end_reason FROM processes") == [(None, None)]
+        assert _leak_counts(store_path)["open_at_crash"] >= 3  # and maybe one mid-checkout
+        ((written, last_at),) = query(
+            store_path, "SELECT count(*), max(at) FROM events WHERE kind = 'checkout'"
+        )
+        assert written > 3
+        assert killed_at - last_at < _writer.SCHEDULE_DELAY_SECONDS + 0.5
+
+
+class TestSigterm:
+    def test_default_disposition_writes_everything_and_records_a_termination(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """SIGTERM with its default disposition (a container stop): every checkout is on disk,
+        the end is recorded as terminated (not crashed), its 3 held connections are open at
+        crash, and the process still dies of SIGTERM."""
+        code, lines, _ = _signal_child(sqlite_url, store_path, "idle", signal.SIGTERM)
+        assert code == -signal.SIGTERM
+        assert lines == ["poolscope", "ready"]
+        ((end_reason, ended_at),) = query(store_path, "SELECT end_reason, ended_at FROM processes")
+        assert end_reason == "terminated"
+        assert ended_at is not None
+        assert query(store_path, "SELECT count(*) FROM checkouts")[0][0] == 1003
+        assert returned_by(store_path).count(None) == 3
+        assert _process_states(store_path) == ["terminated"]
+        assert _leak_counts(store_path) == {"open_at_crash": 3}
+        conn = analysis.open_store(store_path)
+        try:
+            summary = analysis.summary(conn)
+        finally:
+            conn.close()
+        assert (summary["terminated_processes"], summary["crashed_processes"]) == (1, 0)
+
+    @pytest.mark.parametrize("mode", ["own-before", "own-after"])
+    def test_the_applications_own_handler_is_left_alone(
+        self, sqlite_url: str, store_path: Path, mode: str
+    ) -> None:
+        """An application's own SIGTERM handler, installed before or after attach, is the one
+        that runs, and the process ends as it decides (here a clean exit with code 3)."""
+        code, lines, _ = _signal_child(sqlite_url, store_path, mode, signal.SIGTERM)
+        assert code == 3
+        assert lines == ["app", "ready", "handled"]
+        assert query(store_path, "SELECT end_reason FROM processes") == [("exit",)]
+        assert query(store_path, "SELECT count(*) FROM checkouts")[0][0] == 1003
+        assert _leak_counts(store_path) == {"never_returned": 3}
+
+    def test_attach_from_another_thread_installs_nothing(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """Attached from a thread other than the main one, poolscope sets no signal handler:
+        SIGTERM keeps its default disposition and kills the process as before."""
+        code, lines, _ = _signal_child(sqlite_url, store_path, "attach-in-thread", signal.SIGTERM)
+        assert code == -signal.SIGTERM
+        assert lines == ["default", "ready"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+class TestMultiprocessingPool:
+    def test_terminated_pool_workers_record_everything(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """``with multiprocessing.Pool(2) as pool:`` terminates its workers on exit: every
+        checkout they made is still recorded, and none of them is marked crashed."""
+        script = textwrap.dedent(
+            """
+            import multiprocessing, sys
+            import sqlalchemy as sa
+            import instrument
+
+            def work(_):
+                for _ in range(20):
+                    with engine.connect() as conn:
+                        conn.exec_driver_sql("select 1")
+
+            if __name__ == "__main__":
+                engine = sa.create_engine(sys.argv[1])
+                instrument.attach(engine, store=sys.argv[2], leak_after=60)
+                with multiprocessing.get_context("fork").Pool(2) as pool:
+                    pool.map(work, range(30))
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, sqlite_url, str(store_path)], cwd=REPO, timeout=60
+        )
+        assert done.returncode == 0
+        children = query(
+            store_path, "SELECT id FROM processes WHERE parent_id IS NOT NULL ORDER BY id"
+        )
+        assert len(children) == 2
+        assert query(
+            store_path,
+            "SELECT count(*), count(returned_by) FROM checkouts WHERE process_id IN "
+            "(SELECT id FROM processes WHERE parent_id IS NOT NULL)",
+        ) == [(600, 600)]
+        parent, *workers = _process_states(store_path)
+        assert parent == "exited"
+        assert set(workers) <= {"exited", "terminated"}
+
+
+# -------------------------------------------------------------------------------------------
+
 
 @asynccontextmanager
 async def _attached_async_engine(
