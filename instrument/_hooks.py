@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.event.registry import _EventKey
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._failures import listener_failed as _listener_failed
@@ -108,6 +109,7 @@ class Monitor:
         store: str | os.PathLike[str] | None = None,
         leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
         name: str | None = None,
+        _origin: Monitor | None = None,
     ) -> None:
         engine, pool = _engine_and_pool(target)
         _check_arguments(store, leak_after, name)
@@ -123,6 +125,14 @@ class Monitor:
         self._created_at = time.time()
         self._url = mask_url(engine.url) if engine is not None else f"<{type(pool).__name__}>"
         self._dialect_name = engine.dialect.name if engine is not None else None
+        # The monitors of the pools that recreate() made from this one (engine.dispose()),
+        # each recording its own pool; one set shared by the whole line. Held weakly: a
+        # pool holds its monitor through its listeners, for as long as the pool lives.
+        self._successors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+        if _origin is not None:
+            self._url = _origin._url
+            self._dialect_name = _origin._dialect_name
+            self._successors = _origin._successors
 
         self._open: dict[Any, tuple[Any, ...]] = {}
         # Older checkouts of a record checked out again before its return: a StaticPool
@@ -151,7 +161,11 @@ class Monitor:
         """
         now = time.time()
         result = []
-        for entry in self._open_entries():
+        entries = self._open_entries()
+        for successor in list(self._successors):
+            if successor is not self:
+                entries += successor._open_entries()
+        for entry in entries:
             resolved = self._writer.stacks.resolve(entry[_CO_STACK])
             result.append(
                 OpenCheckout(
@@ -179,12 +193,15 @@ class Monitor:
         """Remove every listener and hook from the engine or pool; idempotent.
 
         What was recorded stays queued and is still written. Connections checked out
-        at that moment are no longer followed: their checkouts stay without a return
-        in the store, and the watchdog does not report them.
+        at that moment are no longer followed: each gets an ``unwatched`` event, so that
+        no report counts it as never returned, and the watchdog does not report it.
         """
         if not self._attached:
             return
         self._attached = False
+        for successor in list(self._successors):
+            if successor is not self:
+                successor.detach()
         target = self._event_target
         for name, fn in self._listeners.items():
             try:
@@ -195,8 +212,10 @@ class Monitor:
         for pool in list(self._wrapped_pools):
             _unwrap_pool(pool)
         self._wrapped_pools = weakref.WeakSet()
-        # The returns of connections still checked out can no longer be seen: forget
-        # them, or the watchdog would report them as leaks once leak_after has passed.
+        # The returns of connections still checked out can no longer be seen: say so in
+        # the store, then forget them, or the watchdog would report them as leaks once
+        # leak_after has passed.
+        self._unwatch_open_checkouts()
         self._forget_checkouts()
         with _registry_lock:
             if _monitors.get(self._event_target) is self:
@@ -328,6 +347,25 @@ class Monitor:
             entries += shared
         return entries
 
+    def _unwatch_open_checkouts(self) -> None:
+        """Queue an ``unwatched`` event for each checkout open now, with its hold so far."""
+        try:
+            now = time.time()
+            open_ = list(self._open.items())
+            open_ += [(r, e) for r, entries in list(self._shared.items()) for e in entries]
+            for record, entry in open_:
+                self._emit(
+                    "unwatched",
+                    entry=entry,
+                    connection_id=self._connection_ids.get(record),
+                    thread=entry[_CO_THREAD],
+                    task=entry[_CO_TASK],
+                    hold_s=now - entry[_CO_AT],
+                    at=now,
+                )
+        except Exception:  # detach() never raises into the application
+            _listener_failed("_unwatch_open_checkouts")
+
     def _forget_checkouts(self) -> None:
         for table in (
             self._open,
@@ -358,7 +396,6 @@ class Monitor:
         hooked too. (A ``ConnectionEvents.engine_disposed`` listener would do it,
         but any engine-level listener slows every statement the engine runs.)
         """
-        self._state[:] = _pool_state(pool)
         if "_do_get" in vars(pool):  # already ours (or someone else's): leave it
             return
         pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
@@ -370,11 +407,41 @@ class Monitor:
         def _recreate() -> Pool:
             new_pool = recreate()
             if self._attached:
-                self._wrap(new_pool)
+                self._hand_over(new_pool)
             return new_pool
 
         pool.recreate = _recreate  # type: ignore[method-assign]
         self._wrapped_pools.add(pool)
+
+    def _hand_over(self, new_pool: Pool) -> None:
+        """Give ``new_pool``, which ``recreate()`` made from this monitor's pool, a monitor
+        of its own: its own pool row, counts, checkout table and listeners.
+
+        ``Pool.recreate()`` hands the new pool the old one's listeners (``_dispatch=``),
+        ours included; left there, they would record both pools under one pool row with
+        one set of counts. ``copy.copy(engine).dispose()`` leaves both pools in use, and
+        after a plain ``engine.dispose()`` connections still out go back to the old pool.
+        So ours are taken off the new pool (the application's stay) and a successor
+        monitor attaches fresh ones; this monitor goes on recording the old pool.
+        """
+        try:
+            for name, fn in self._listeners.items():
+                collection = getattr(new_pool.dispatch, name)
+                if fn in getattr(collection, "listeners", ()):
+                    # Inherited under this monitor's registration (its target's key):
+                    # removed from the new pool's collection only.
+                    key = _EventKey(self._event_target, name, fn, new_pool)
+                    collection.for_modify(new_pool.dispatch).remove(key)
+            successor = Monitor(
+                new_pool,
+                store=self.store,
+                leak_after=self.leak_after,
+                name=self.name,
+                _origin=self,
+            )
+            self._successors.add(successor)
+        except Exception:  # engine.dispose() goes on, recorded or not
+            _listener_failed("_recreate")
 
     def _make_do_get(self, do_get: Callable[[], Any]) -> Callable[[], Any]:
         if TimedGet is not None:  # the same, in C: one Python call less per checkout
@@ -450,8 +517,8 @@ class Monitor:
     def _make_listeners(self) -> dict[str, Callable[..., None]]:
         """Build the listener closures; everything they touch is bound to a local.
 
-        The pool-dependent parts (idle queue, waiter list, size) live in ``state``,
-        updated in place when ``engine.dispose()`` replaces the pool.
+        The pool-dependent parts (idle queue, waiter list, size) live in ``state``; a pool
+        that ``engine.dispose()`` puts in place gets a monitor of its own (``_hand_over``).
         """
         writer = self._writer
         queue = writer.queue

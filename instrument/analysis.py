@@ -72,7 +72,9 @@ CERTAINTY = {
 """How sure each leak class is: ``confirmed``, ``unknown`` or ``suspected``."""
 
 _CERTAINTY_ORDER = {"confirmed": 0, "unknown": 1, "suspected": 2}
-_RETURN_KINDS = ("checkin", "gc_checkin", "detach")
+_RETURN_KINDS = ("checkin", "gc_checkin", "detach", "unwatched")
+"""Event kinds that end a checkout's watch: its returns, and ``unwatched`` (``detach()``
+stopped watching it while it was out; whether it came back is not known)."""
 
 _PROCESS_COLUMNS = [
     "id", "pid", "host", "argv", "started_at", "heartbeat_at", "ended_at", "end_reason",
@@ -266,7 +268,51 @@ def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
     overflow = pd.to_numeric(df["max_overflow"], errors="coerce")
     # max_overflow -1 means "no limit" in SQLAlchemy: no capacity then.
     df["capacity"] = (size + overflow).where(overflow >= 0)
+    df["name"] = _distinct_names(df)
     return df[_POOL_COLUMNS]
+
+
+_SAME_POOL = ["url", "pool_class", "pool_size", "max_overflow"]
+"""What pool rows of one name must share to be reported as one pool."""
+
+
+def _distinct_names(df: pd.DataFrame) -> list[str]:
+    """The name each pool row is reported under: its own, unless pools of that name differ.
+
+    Rows of one name with the same URL, class and size are one pool: in several processes,
+    or one after the other (the pool ``engine.dispose()`` puts in place). Rows of one name
+    that differ there are different pools (two engines given one name, two bare pools of
+    one class): the first keeps the name and the others, in the order they first appear,
+    are ``name#2``, ``name#3``, ..., so that each is reported with its own size.
+    """
+    names = df["name"].astype(str).tolist()
+    columns = [[None if pd.isna(v) else v for v in df[c]] for c in _SAME_POOL]
+    signatures = list(zip(*columns, strict=True)) if len(df) else []
+    taken = set(names)
+    given: dict[tuple[str, tuple[Any, ...]], str] = {}
+    variants: dict[str, int] = {}
+    out = []
+    for name, signature in zip(names, signatures, strict=True):
+        key = (name, signature)
+        if key not in given:
+            n = variants[name] = variants.get(name, 0) + 1
+            distinct = name
+            if n > 1:
+                while (distinct := f"{name}#{n}") in taken:
+                    n += 1
+                variants[name] = n
+                taken.add(distinct)
+            given[key] = distinct
+        out.append(given[key])
+    return out
+
+
+def _superseded(pools: pd.DataFrame) -> set[int]:
+    """Ids of pool rows followed by a later row of the same reported name in their process
+    (as a pool is by the one ``engine.dispose()`` puts in place): such a pool is observed
+    until its last event, not until its process ended."""
+    later = pools.sort_values("id").duplicated(["process_id", "name"], keep="last")
+    return {int(i) for i in pools.sort_values("id")["id"][later]}
 
 
 def _frame(sql: str, conn: sqlite3.Connection, params: Any = ()) -> pd.DataFrame:
@@ -301,7 +347,7 @@ def _event_filter(data: _Data, alias: str = "") -> tuple[str, list[Any]]:
     return sql, params
 
 
-_OUTCOMES = ["checkin", "gc_checkin", "detach", "open"]
+_OUTCOMES = ["checkin", "gc_checkin", "detach", "open", "unwatched"]
 
 _FETCH_CHUNK = 65_536
 """Rows fetched at a time: memory stays bounded by one chunk of Python tuples."""
@@ -354,7 +400,7 @@ def _checkout_sql(data: _Data, select: str) -> tuple[str, list[Any]]:
     sql = (
         f"SELECT {select} FROM events AS o LEFT JOIN events AS r "
         "ON r.process_id = o.process_id AND r.pool_id = o.pool_id "
-        "AND r.checkout_id = o.checkout_id AND r.kind IN ('checkin', 'gc_checkin', 'detach') "
+        f"AND r.checkout_id = o.checkout_id AND r.kind IN {_RETURN_KINDS} "
         "WHERE o.kind = 'checkout' AND o.checkout_id IS NOT NULL"
     )
     sql += _in_list("o.pool_id", data.pool_ids)
@@ -391,7 +437,7 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     select = (
         "o.pool_id, o.checkout_id, o.stack_id, o.at, o.wait_s, r.hold_s, "
         "CASE r.kind WHEN 'checkin' THEN 0 WHEN 'gc_checkin' THEN 1 WHEN 'detach' THEN 2 "
-        "ELSE 3 END, o.in_use, o.waiters"
+        "WHEN 'unwatched' THEN 4 ELSE 3 END, o.in_use, o.waiters"
     )
     if full:
         spec += [("connection_id", "f"), ("thread", "o"), ("task", "o"), ("connect_s", "f")]
@@ -410,8 +456,10 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     is_open = df["outcome"].to_numpy() == "open"
     hold = df["hold_s"].to_numpy()
     start = df["checked_out_at"].to_numpy()
-    # A return's time is its checkout time plus the hold it carries.
-    df["returned_at"] = np.where(is_open, np.nan, start + hold)
+    # A return's time is its checkout time plus the hold it carries. An unwatched checkout
+    # has no known return: its hold is how long it was out when detach() stopped watching.
+    not_returned = is_open | (df["outcome"].to_numpy() == "unwatched")
+    df["returned_at"] = np.where(not_returned, np.nan, start + hold)
     if is_open.any():
         seen = data.processes.set_index("id")["seen_until_at"]
         until = df["process_id"].map(seen).fillna(data.now).to_numpy(dtype="float64")
@@ -470,8 +518,8 @@ def _lookup_threads(data: _Data, keys: pd.DataFrame) -> pd.DataFrame:
 
 
 def _all_pool_names(data: _Data) -> pd.Series:
-    rows = data.conn.execute("SELECT id, name FROM pools").fetchall()
-    return pd.Series({r[0]: r[1] for r in rows}, dtype="object")
+    pools = _load_pools(data.conn)
+    return pd.Series(pools["name"].to_numpy(), index=pools["id"].to_numpy(), dtype="object")
 
 
 def _leak_after_by_pool(data: _Data) -> pd.Series:
@@ -491,7 +539,8 @@ def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
     running = ~(exited | crashed)
     outcome = np.asarray(df["outcome"].cat.codes)  # index into _OUTCOMES
     is_open = outcome == _OUTCOMES.index("open")
-    returned = (outcome == _OUTCOMES.index("checkin")) | (outcome == _OUTCOMES.index("detach"))
+    # An unwatched checkout may still come back: at most held_too_long, never confirmed.
+    returned = np.isin(outcome, [_OUTCOMES.index(k) for k in ("checkin", "detach", "unwatched")])
     over = (df["hold_s"] > df["leak_after_s"]).to_numpy()
     code = {name: i for i, name in enumerate(LEAK_CLASSES)}
     codes = np.select(
@@ -538,9 +587,11 @@ def checkouts(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.Data
     """Every checkout paired with its return.
 
     ``outcome`` is ``checkin``, ``gc_checkin`` (returned by the garbage collector),
-    ``detach`` or ``open`` (never returned as far as the store knows). ``hold_s`` of an open
-    checkout is the time held so far: until its process exited, was last seen alive, or now
-    (or ``filters.until``, when earlier).
+    ``detach``, ``open`` (never returned as far as the store knows) or ``unwatched``
+    (``detach()`` stopped watching it while it was out; its ``hold_s`` is the time held
+    until then, and it is never a confirmed leak). ``hold_s`` of an open checkout is the
+    time held so far: until its process exited, was last seen alive, or now (or
+    ``filters.until``, when earlier).
     ``leak_class`` is one of :data:`LEAK_CLASSES` or NaN; ``leak_after_s`` is the threshold
     used for it.
     """
@@ -596,7 +647,9 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
         last_rows, left_on="last_id", right_on="id", how="left"
     )
     seen = data.processes.set_index("id")["seen_until_at"]
-    all_pools = _load_pools(data.conn).set_index("id")
+    all_pools = _load_pools(data.conn)
+    superseded = _superseded(all_pools)
+    all_pools = all_pools.set_index("id")
     end_bucket = int((hi - t0) // dt)
     if data.filters.until is not None:
         end_bucket = max(end_bucket, int((data.filters.until - t0) // dt))
@@ -605,8 +658,9 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     for (proc, pool_id), group in peaks.groupby(["process_id", "pool_id"], sort=False):
         last = lasts[(lasts["process_id"] == proc) & (lasts["pool_id"] == pool_id)]
         first_b = int(group["b"].min())
-        until_at = seen.get(proc, hi)
-        stop_b = int(min(max((until_at - t0) // dt, group["b"].max()), end_bucket))
+        last_b = int(group["b"].max())
+        until_b = (seen.get(proc, hi) - t0) // dt if pool_id not in superseded else last_b
+        stop_b = int(min(max(until_b, last_b), end_bucket))
         index = pd.RangeIndex(first_b, stop_b + 1)
         g = group.set_index("b")[metrics].reindex(index)
         carried = last.set_index("b")[metrics].reindex(index).ffill().shift(1)
@@ -618,14 +672,17 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
         out["pool"] = all_pools.at[pool_id, "name"] if pool_id in all_pools.index else "?"
         out["pool_size"] = all_pools["pool_size"].get(pool_id, np.nan)
         out["capacity"] = all_pools["capacity"].get(pool_id, np.nan)
-        out["processes"] = 1
+        out["process_id"] = proc
         frames.append(out.reset_index(names="b"))
     if not frames:
         return _empty(_UTILIZATION_COLUMNS)
     long = pd.concat(frames, ignore_index=True)
-    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity", "processes"]
+    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
     long[num] = long[num].astype("float64")
-    out = long.groupby(["pool", "b"], sort=True)[num].sum(min_count=1).reset_index()
+    grouped = long.groupby(["pool", "b"], sort=True)
+    out = grouped[num].sum(min_count=1)
+    out["processes"] = grouped["process_id"].nunique()
+    out = out.reset_index()
     out["at"] = t0 + out["b"] * dt
     for m in ("in_use", "idle", "overflow", "waiters", "processes"):
         out[m] = out[m].fillna(0).astype("int64")
@@ -978,11 +1035,15 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
     peaks = _pool_peaks(data).copy()
     if peaks.empty:
         return []
-    all_pools = _load_pools(data.conn).set_index("id")
+    all_pools = _load_pools(data.conn)
+    superseded = _superseded(all_pools)
+    all_pools = all_pools.set_index("id")
     seen = data.processes.set_index("id")["seen_until_at"]
     peaks["pool"] = peaks["pool_id"].map(all_pools["name"])
-    # The span a pool was observed: from its first event to its last (or its process's end).
+    # The span a pool was observed: from its first event to its process's end (or to its
+    # last event, for a pool a later one of its name took over from).
     end = peaks["process_id"].map(seen).fillna(peaks["last_at"])
+    end = end.where(~peaks["pool_id"].isin(superseded), peaks["last_at"])
     if data.filters.until is not None:
         end = end.clip(upper=data.filters.until)
     peaks["span_s"] = np.maximum(end.to_numpy() - peaks["first_at"].to_numpy(), 0.0)
@@ -1202,6 +1263,7 @@ def _summary_exact(data: _Data) -> dict[str, Any]:
 
 
 _RETURNED = f"kind IN {_RETURN_KINDS}"
+_HELD_KINDS = ("checkin", "detach", "unwatched")  # held_too_long when past leak_after
 _PAIR_KINDS = ("checkout", *_RETURN_KINDS)
 _HAS_CHECKOUT = (
     "EXISTS (SELECT 1 FROM events AS o WHERE o.process_id = e.process_id "
@@ -1243,12 +1305,12 @@ def _fast_summary(data: _Data) -> dict[str, Any] | None:
         over = "0"
         over_params: list[Any] = []
     elif f.leak_after is not None:
-        over = f"kind IN ('checkin', 'detach') AND hold_s > ? AND {_HAS_CHECKOUT}"
+        over = f"kind IN {_HELD_KINDS} AND hold_s > ? AND {_HAS_CHECKOUT}"
         over_params = [f.leak_after]
     else:
         cases = " ".join("WHEN ? THEN ?" for _ in range(len(thresholds)))
         over = (
-            f"kind IN ('checkin', 'detach') AND hold_s > ? AND hold_s > "
+            f"kind IN {_HELD_KINDS} AND hold_s > ? AND hold_s > "
             f"(CASE e.pool_id {cases} END) AND {_HAS_CHECKOUT}"
         )
         over_params = [float(thresholds.min())]

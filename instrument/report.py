@@ -63,7 +63,7 @@ def make_report(
     conn = analysis.open_store(store)
     try:
         if filters.pools is not None:
-            known = {row[0] for row in conn.execute("SELECT DISTINCT name FROM pools")}
+            known = set(analysis.pools(conn)["name"])  # as reported: orders, orders#2, ...
             unknown = [name for name in filters.pools if name not in known]
             if unknown:
                 choices = ", ".join(sorted(known)) or "none recorded"

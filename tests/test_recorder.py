@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import copy
 import functools
 import gc
 import importlib.util
@@ -29,7 +30,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import QueuePool
 
 import instrument
-from instrument import _failures, _hooks, _store, _writer
+from instrument import _failures, _hooks, _store, _writer, analysis
 from instrument.testing import EVENT_FIELDS, capture_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -720,6 +721,101 @@ class TestAttach:
         monitor = instrument.attach(engine, store=store_path)
         refused()
         assert monitor.attached
+
+
+class TestRecreatedPools:
+    @pytest.mark.usefixtures("recorder_impl")
+    def test_copied_engine_disposed_is_a_pool_of_its_own(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """copy.copy(engine).dispose() leaves two pools in use: each is its own pool row with
+        its own counts, so no pool is ever seen with more in use than it can hold."""
+        engine = sa.create_engine(sqlite_url, poolclass=QueuePool, pool_size=1, max_overflow=0)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        twin = copy.copy(engine)
+        twin.dispose()  # the copy gets a new pool; the original keeps the old one
+        assert twin.pool is not engine.pool
+        first, second = engine.connect(), twin.connect()
+        assert len(monitor.open_checkouts()) == 2
+        first.close()
+        second.close()
+        monitor.flush()
+
+        pools = query(store_path, "SELECT id, name, pool_size, max_overflow FROM pools")
+        assert [row[1:] for row in pools] == [("orders", 1, 0), ("orders", 1, 0)]
+        per_pool = query(
+            store_path,
+            "SELECT pool_id, MAX(in_use), SUM(kind = 'checkout') FROM events GROUP BY pool_id",
+        )
+        assert per_pool == [(pools[0][0], 1, 1), (pools[1][0], 1, 1)]
+        report = analysis.build_report(analysis.open_store(store_path))
+        assert report["summary"]["peak_in_use"] <= report["summary"]["capacity"] == 1
+        assert [(p["name"], p["peak_in_use"], p["capacity"]) for p in report["pools"]] == [
+            ("orders", 1, 1)
+        ]
+        assert report["summary"]["confirmed_leaks"] == 0
+
+    def test_connection_held_across_dispose_returns_to_its_pool(
+        self, make_engine, store_path: Path
+    ) -> None:
+        """After engine.dispose(), a connection still out is returned to the old pool's row,
+        and the engine's new pool is recorded as the same pool name."""
+        engine = make_engine(poolclass=QueuePool, pool_size=1, max_overflow=0)
+        monitor = instrument.attach(engine, store=store_path, name="orders")
+        held = engine.connect()
+        engine.dispose()
+        with engine.connect():  # the new pool has room: the held one is the old pool's
+            pass
+        held.close()
+        monitor.flush()
+        rows = query(store_path, "SELECT pool_id, kind, in_use FROM events "
+                     "WHERE kind IN ('checkout', 'checkin') ORDER BY id")  # fmt: skip
+        old, new = rows[0][0], rows[1][0]
+        assert old != new
+        assert rows == [(old, "checkout", 1), (new, "checkout", 1), (new, "checkin", 0),
+                        (old, "checkin", 0)]  # fmt: skip
+        report = analysis.build_report(analysis.open_store(store_path))
+        assert [(p["name"], p["checkouts"], p["peak_in_use"]) for p in report["pools"]] == [
+            ("orders", 2, 1)
+        ]
+        assert report["summary"]["open_checkouts"] == 0
+
+
+class TestDetachWithOpenCheckouts:
+    def test_connection_open_at_detach_is_not_a_confirmed_leak(
+        self, tmp_path: Path, store_path: Path
+    ) -> None:
+        """A connection still out when detach() runs, in a process that then exits cleanly,
+        is never a confirmed leak: at most a suspected one if it was held past leak_after."""
+        script = tmp_path / "app.py"
+        script.write_text(
+            "import time, sqlalchemy as sa, instrument\n"
+            f"engine = sa.create_engine('sqlite:///{tmp_path / 'app.db'}')\n"
+            f"short = instrument.attach(engine, store={str(store_path)!r}, name='short')\n"
+            f"other = sa.create_engine('sqlite:///{tmp_path / 'other.db'}')\n"
+            f"long = instrument.attach(other, store={str(store_path)!r}, name='long',\n"
+            "                         leak_after=0.05)\n"
+            "kept = [engine.connect(), other.connect()]\n"
+            "time.sleep(0.2)\n"
+            "short.detach()\n"
+            "long.detach()\n"
+        )
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert query(store_path, "SELECT end_reason FROM processes") == [("exit",)]
+        conn = analysis.open_store(store_path)
+        summary = analysis.summary(conn)
+        assert (summary["confirmed_leaks"], summary["open_checkouts"]) == (0, 0)
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'unwatched'") == [(2,)]
+        assert [(r.leak_class, r.pool) for r in analysis.leaks(conn).itertuples()] == [
+            ("held_too_long", "long")
+        ]
+        co = analysis.checkouts(conn)
+        assert list(co["outcome"]) == ["unwatched", "unwatched"]
+        report = analysis.build_report(conn)
+        assert report["summary"]["confirmed_leaks"] == 0
+        assert [leak["class"] for leak in report["leaks"]] == ["held_too_long"]
 
 
 class TestManyStacks:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import jsonschema
 import pytest
+import sqlalchemy as sa
 from conftest import PG_URL, require_postgres
 from report_workloads import (
     LEAK_AFTER,
@@ -283,3 +284,38 @@ class TestMarkdownAndHtml:
     def test_unknown_format(self) -> None:
         with pytest.raises(ValueError, match="unknown format 'pdf'"):
             report.render({}, "pdf")
+
+
+class TestPoolsOfOneName:
+    def test_two_engines_given_one_name_are_two_pools(self, tmp_path: Path) -> None:
+        """Two engines attached under one name with different sizes are two pools in the
+        report, each with its own size, peak and sizing advice; each can be asked for."""
+        store = tmp_path / "poolscope.db"
+        url = f"sqlite:///{tmp_path / 'app.db'}"
+        small = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0)
+        large = sa.create_engine(url, poolclass=sa.pool.QueuePool, pool_size=5, max_overflow=1)
+        monitor = instrument.attach(small, store=store, name="orders")
+        instrument.attach(large, store=store, name="orders")
+        held = [large.connect() for _ in range(4)]
+        with small.connect():
+            pass
+        for conn in held:
+            conn.close()
+        monitor.flush()
+        small.dispose()
+        large.dispose()
+
+        text, data = report.make_report(store, fmt="json")
+        jsonschema.validate(data, SCHEMA)
+        pools = {p["name"]: p for p in data["pools"]}
+        assert {name: (p["pool_size"], p["capacity"], p["peak_in_use"], p["checkouts"])
+                for name, p in pools.items()} == {"orders": (1, 1, 1, 1),
+                                                  "orders#2": (5, 6, 4, 4)}  # fmt: skip
+        for p in pools.values():
+            sizing = p["sizing"]
+            assert (sizing["pool_size"], sizing["capacity"]) == (p["pool_size"], p["capacity"])
+            assert sizing["peak_in_use"] <= sizing["capacity"]
+        assert data["summary"]["pools"] == 2
+        assert "(peak 4 of 6)" in pools["orders#2"]["sizing"]["advice"]
+        _, only = report.make_report(store, analysis.Filters(pools=("orders#2",)), fmt="json")
+        assert [p["name"] for p in only["pools"]] == ["orders#2"]

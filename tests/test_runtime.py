@@ -693,8 +693,15 @@ class TestFork:
             for (k,) in query(store_path, "SELECT kind FROM events WHERE process_id = ?", child_row)
         }
         assert child_kinds <= {"connect", "checkout", "checkin"}
+        # The child's dispose(close=False) gives it a pool of its own, with its own row.
         pools = query(store_path, "SELECT process_id FROM pools ORDER BY id")
-        assert sorted(p for (p,) in pools) == sorted([parent_row, child_row])
+        assert {p for (p,) in pools} == {parent_row, child_row}
+        child_pools = query(
+            store_path, "SELECT DISTINCT pool_id FROM events WHERE process_id = ?", child_row
+        )
+        assert len(child_pools) == 1 and (child_row,) in query(
+            store_path, "SELECT process_id FROM pools WHERE id = ?", child_pools[0][0]
+        )
 
     def test_multiprocessing_child_records_and_ends_cleanly(
         self, make_engine: Callable[..., sa.Engine], store_path: Path
