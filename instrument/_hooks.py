@@ -148,7 +148,9 @@ class Monitor:
         self._notices: deque[tuple[str, tuple[Any, ...], float]] = deque()
         self._attached = False
 
-        self._writer: Writer = get_writer(self.store)
+        # A successor writes through its origin's writer: a dispose() after the writers
+        # were shut down (at exit) must not start a new one.
+        self._writer: Writer = _origin._writer if _origin is not None else get_writer(self.store)
         self._listeners = self._make_listeners()
         self._install()
 
