@@ -1,9 +1,12 @@
 """The poolscope dashboard's router: page config, the shared sidebar, then the chosen page.
 
-Run it with ``streamlit run dashboard/app.py [-- --store PATH]``. The store comes from
-``--store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``, and can be changed in the
-sidebar. The sidebar filters (process, pool, time window, leak threshold) apply to every
-page and are mirrored in the URL's query parameters, so a view can be shared as a link.
+Run it with ``streamlit run dashboard/app.py [-- --store PATH [--allow-any-store]]``. The
+store comes from ``--store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``, and can be
+changed in the sidebar to another store of its directory (any store with
+``--allow-any-store``); the page shows nothing to a request for another host name (see
+:mod:`dashboard.access`). The sidebar filters (process, pool, time window, leak threshold)
+apply to every page and are mirrored in the URL's query parameters, so a view can be shared
+as a link.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from dashboard import data, filters, ui  # noqa: E402
+from dashboard import access, data, filters, ui  # noqa: E402
 from instrument import analysis  # noqa: E402
 from instrument.exceptions import StoreError  # noqa: E402
 
@@ -34,10 +37,10 @@ def _to_unix(moment: datetime) -> float:
     return moment.replace(tzinfo=timezone.utc).timestamp()
 
 
-def render_store_picker() -> str:
+def render_store_picker(policy: access.StorePolicy) -> str:
     """Draw the store input (seeded from ``--store`` / ``$POOLSCOPE_STORE``); return the path."""
     if "store" not in st.session_state:
-        st.session_state["store"] = data.resolve_store(sys.argv[1:])
+        st.session_state["store"] = policy.started
     path = st.sidebar.text_input(
         "Store", key="store", help="Path of the SQLite file poolscope recorded into."
     )
@@ -164,7 +167,26 @@ class _EmptyStore(StoreError):
     """A valid store in which nothing was recorded yet."""
 
 
+def _require_own_host() -> None:
+    """Stop the run, showing nothing of any store, when the request's ``Host`` names
+    neither this server nor a name it was told to answer under (DNS rebinding)."""
+    host = st.context.headers.get("Host")
+    port = int(st.get_option("server.port"))
+    if access.host_allowed(
+        host, st.get_option("server.address"), port, access.allowed_hosts_from()
+    ):
+        return
+    st.error(
+        "**poolscope does not answer under this host name.** Open the dashboard at "
+        f"http://127.0.0.1:{port} or http://localhost:{port}; to serve it under another "
+        f"name, list that name in ${access.ALLOWED_HOSTS_ENV}.",
+        icon=":material/block:",
+    )
+    st.stop()
+
+
 st.set_page_config(page_title="poolscope", page_icon=":material/database:", layout="wide")
+_require_own_host()
 navigation = st.navigation(
     [
         st.Page(
@@ -180,8 +202,10 @@ navigation = st.navigation(
     ]
 )
 st.sidebar.title("poolscope")
-store_path = render_store_picker()
+store_policy = access.store_policy(sys.argv[1:])
+store_path = render_store_picker(store_policy)
 try:
+    store_policy.check(store_path)
     view = render_filters(store_path)
 except StoreError as error:
     ui.render_store_error(error)

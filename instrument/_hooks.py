@@ -21,15 +21,15 @@ from sqlalchemy.event.registry import _EventKey
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._failures import listener_failed as _listener_failed
+from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path, valid_text
-from ._writer import MAX_QUEUE_VALUES, NULL, SECRET_WORDS, Writer, get_writer
+from ._writer import MAX_QUEUE_VALUES, NULL, Writer, get_writer
 
 logger = logging.getLogger("instrument")
 
 DEFAULT_LEAK_AFTER_SECONDS = 30.0
 
-_SECRET_QUERY_KEYS = (*SECRET_WORDS, "key")  # api_key=..., sslkey=... in a URL query
 _MASK = "POOLSCOPE_MASKED"  # survives URL quoting unchanged
 
 # Per-process counters; a (process, pool, checkout id) triple identifies a checkout.
@@ -59,7 +59,7 @@ def mask_url(url: Any) -> str:
     secret = {
         key: (_MASK,) * len(value) if isinstance(value, tuple) else _MASK
         for key, value in query.items()
-        if any(word in key.lower() for word in _SECRET_QUERY_KEYS)
+        if is_secret_name(key)
     }
     if secret:
         # Replace the values before rendering: rendered values are URL-quoted, so a

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import platform
-import re
 import signal
 import socket
 import sqlite3
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _store
+from ._secrets import masked_argv
 from ._stacks import StackTable
 
 if TYPE_CHECKING:
@@ -631,33 +631,6 @@ def get_writer(path: Path) -> Writer:
         _install_sigterm_handler()
         writer.start()
         return writer
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/:@\s]*:)[^\s/]*(?=@)")
-SECRET_WORDS = ("password", "passwd", "secret", "token")
-"""A name holding one of these words holds a secret (argv here; URL query keys too)."""
-
-_SECRET = "|".join(SECRET_WORDS)
-_SECRET_VALUE = re.compile(rf"(?i)(?P<head>[\w-]*(?:{_SECRET})[\w-]*=)[^&\s]*")
-_SECRET_FLAG = re.compile(rf"(?i)--?[\w-]*(?:{_SECRET})[\w-]*")
-
-
-def masked_argv(argv: list[str]) -> list[str]:
-    """Return ``argv`` with secrets as ``***``: URL passwords (``postgresql://u:***@h/db``),
-    ``name=value`` pairs whose name says password, secret or token, and the argument
-    after a flag such as ``--password``. A command line often carries the database URL."""
-    masked: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            masked.append("***")
-            hide_next = False
-            continue
-        arg = _URL_PASSWORD.sub(r"\g<head>***", arg)
-        arg = _SECRET_VALUE.sub(r"\g<head>***", arg)
-        hide_next = _SECRET_FLAG.fullmatch(arg) is not None
-        masked.append(arg)
-    return masked
 
 
 def _sqlalchemy_version() -> str:

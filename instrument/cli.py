@@ -105,10 +105,16 @@ def report(
 @click.argument("store", required=False)
 @click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True,
               help="Port to serve the dashboard on (bound to 127.0.0.1).")  # fmt: skip
-def dashboard(store: str | None, port: int) -> None:
+@click.option(
+    "--allow-any-store",
+    is_flag=True,
+    help="Let the sidebar open a store in any directory (default: only STORE's directory).",
+)
+def dashboard(store: str | None, port: int, allow_any_store: bool) -> None:
     """Open the Streamlit dashboard on STORE at http://127.0.0.1:PORT.
 
-    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db.
+    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db. The sidebar opens only the
+    stores of STORE's directory, unless --allow-any-store.
     """
     from . import analysis
     from ._store import resolve_store_path
@@ -129,6 +135,7 @@ def dashboard(store: str | None, port: int) -> None:
         # only from the current directory: say it here for any directory.
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--", "--store", str(path.resolve()),
+        *(["--allow-any-store"] if allow_any_store else []),
     ]  # fmt: skip
     click.echo(f"poolscope dashboard: http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
     sys.stdout.flush()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboard import charts, data, filters, ui  # noqa: E402
+from dashboard import access, charts, data, filters, screenshots, ui  # noqa: E402
 
 APP = ROOT / "dashboard" / "app.py"
 PAGES = ["overview", "utilization", "waits", "sites", "leaks", "live"]
@@ -216,6 +218,15 @@ def _app(store: Path | str, monkeypatch: pytest.MonkeyPatch, page: str = "overvi
     return at
 
 
+def _copy_store(source: Path, target: Path) -> Path:
+    """Copy the store ``source`` to ``target`` through SQLite's backup; return ``target``."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return target
+
+
 def _metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
@@ -385,6 +396,7 @@ class TestPages:
 
     def test_switching_stores_drops_the_old_filters(self, store, live_store, monkeypatch):
         """Filters chosen on one store do not carry over to another store typed in the sidebar."""
+        monkeypatch.setenv(access.ALLOW_ANY_STORE_ENV, "1")  # the live store is elsewhere
         at = _app(store, monkeypatch)
         at.multiselect(key="pools").set_value(["billing"]).run()
         start, _ = at.slider(key="window").value
@@ -470,11 +482,173 @@ class TestBadInput:
 
     def test_fixing_the_path_in_the_sidebar_recovers(self, tmp_path, monkeypatch, store):
         """After an error, typing a good path in the sidebar shows the dashboard."""
+        good = _copy_store(store, tmp_path / "good.db")
         at = _app(tmp_path / "nope.db", monkeypatch)
         assert at.error
-        at.text_input(key="store").set_value(str(store)).run()
+        at.text_input(key="store").set_value(str(good)).run()
         assert not at.error and not at.exception
-        assert _metrics(at) == _expected_kpis(_summary(store))
+        assert _metrics(at) == _expected_kpis(_summary(good))
+
+
+class TestStorePicker:
+    def _refusal(self, at: AppTest, path: Path | str) -> str:
+        at.text_input(key="store").set_value(str(path)).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert len(at.error) == 1
+        assert not at.metric and not at.get("plotly_chart")
+        return at.error[0].value
+
+    def test_a_store_elsewhere_is_refused_alike_whether_or_not_it_exists(
+        self, store, tmp_path, monkeypatch
+    ):
+        """A store outside the started store's directory, a missing file there and a path
+        climbing out with '..' all get the same refusal, which says nothing of the file."""
+        other = _copy_store(store, tmp_path / "other.db")
+        at = _app(store, monkeypatch)
+        assert _metrics(at)
+        climbing = store.parent / ".." / tmp_path.name / "other.db"
+        messages = {self._refusal(at, p) for p in (other, tmp_path / "missing.db", climbing)}
+        assert len(messages) == 1
+        (message,) = messages
+        assert f"opens only the stores in {store.parent}" in message
+        assert "--allow-any-store" in message and "no store at" not in message
+
+    def test_the_started_store_and_its_siblings_open(self, store, monkeypatch):
+        """Another store in the started store's directory opens, and so does the first again."""
+        sibling = _copy_store(store, store.parent / "sibling.db")
+        at = _app(store, monkeypatch)
+        at.text_input(key="store").set_value(str(sibling)).run()
+        assert not at.error and not at.exception
+        assert _metrics(at) == _expected_kpis(_summary(sibling))
+        at.text_input(key="store").set_value(str(store)).run()
+        assert not at.error and _metrics(at) == _expected_kpis(_summary(store))
+
+    def test_a_link_leading_out_of_the_directory_is_refused(self, store, tmp_path, monkeypatch):
+        """A symbolic link in the started store's directory to a store elsewhere is refused."""
+        link = store.parent / f"link-{tmp_path.name}.db"
+        link.symlink_to(_copy_store(store, tmp_path / "other.db"))
+        at = _app(store, monkeypatch)
+        assert "opens only the stores in" in self._refusal(at, link)
+
+    @pytest.mark.parametrize("how", ["flag", "environment"])
+    def test_allowing_any_store_opens_another_directory(self, store, tmp_path, monkeypatch, how):
+        """With --allow-any-store (or its variable), a store in another directory opens."""
+        other = _copy_store(store, tmp_path / "other.db")
+        if how == "flag":  # as `poolscope dashboard --allow-any-store` starts the app
+            monkeypatch.setattr(sys, "argv", [str(APP), "--store", str(store), "--allow-any-store"])
+        else:
+            monkeypatch.setenv(access.ALLOW_ANY_STORE_ENV, "1")
+        at = _app(store, monkeypatch)
+        at.text_input(key="store").set_value(str(other)).run()
+        assert not at.error and not at.exception
+        assert _metrics(at) == _expected_kpis(_summary(other))
+
+
+def _visit(port: int, host: str) -> tuple[list[str], list[str], bytes]:
+    """Run the app once over the server's websocket as a browser would, sending ``Host:
+    host``; return the alerts and metric labels it drew, and every byte it sent."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+    from websockets.sync.client import connect
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)  # the name resolved here
+    alerts: list[str] = []
+    metrics: list[str] = []
+    received = b""
+    with connect(
+        f"ws://{host}/_stcore/stream", sock=sock, subprotocols=["streamlit"],
+        origin=f"http://{host}", open_timeout=30,
+    ) as ws:  # fmt: skip
+        rerun = BackMsg()
+        rerun.rerun_script.query_string = ""
+        ws.send(rerun.SerializeToString())
+        while True:
+            raw = ws.recv(timeout=60)
+            received += raw
+            msg = ForwardMsg()
+            msg.ParseFromString(raw)
+            if msg.WhichOneof("type") == "script_finished":
+                return alerts, metrics, received
+            if msg.WhichOneof("type") == "delta" and msg.delta.HasField("new_element"):
+                element = msg.delta.new_element
+                if element.HasField("alert"):
+                    alerts.append(element.alert.body)
+                if element.HasField("metric"):
+                    metrics.append(element.metric.label)
+
+
+class TestHostCheck:
+    @pytest.mark.parametrize(
+        ("host", "address", "allowed"),
+        [
+            (None, "127.0.0.1", True),  # no Host: no browser sent it
+            ("127.0.0.1:8501", "127.0.0.1", True),
+            ("localhost:8501", "127.0.0.1", True),
+            ("LOCALHOST.:8501", "127.0.0.1", True),
+            ("[::1]:8501", "127.0.0.1", True),
+            ("evil.test:8501", "127.0.0.1", False),  # a rebound name
+            ("localhost.evil.test:8501", "127.0.0.1", False),
+            ("127.0.0.1:8502", "127.0.0.1", False),
+            ("127.0.0.1", "127.0.0.1", False),  # port 80
+            ("user@localhost:8501", "127.0.0.1", False),
+            ("localhost:85x1", "127.0.0.1", False),
+            ("10.1.2.3:8501", "10.1.2.3", True),
+            ("10.1.2.3:8501", "127.0.0.1", False),
+            ("10.1.2.3:8501", "0.0.0.0", True),  # every interface: any address
+            ("[fe80::1]:8501", "", True),
+            ("evil.test:8501", "0.0.0.0", False),
+            ("dash.example.com:443", "127.0.0.1", False),
+        ],
+    )
+    def test_which_hosts_are_answered(self, host, address, allowed):
+        """Only the bound address, localhost and its loopback addresses, on the bound port."""
+        assert access.host_allowed(host, address, 8501) is allowed
+
+    def test_listed_host_names_are_answered_on_any_port(self, monkeypatch):
+        """A name in $POOLSCOPE_ALLOWED_HOSTS is answered, for a reverse proxy."""
+        monkeypatch.setenv(access.ALLOWED_HOSTS_ENV, "dash.example.com, other.example.com")
+        also = access.allowed_hosts_from()
+        assert access.host_allowed("dash.example.com:443", "127.0.0.1", 8501, also)
+        assert access.host_allowed("Dash.Example.com", "127.0.0.1", 8501, also)
+        assert not access.host_allowed("evil.test:8501", "127.0.0.1", 8501, also)
+
+    def test_a_rebound_host_name_sees_nothing_from_a_real_server(self, store):
+        """Served by `poolscope dashboard`, a request naming 127.0.0.1 or localhost gets the
+        dashboard, and one naming another host gets one error and not a byte of the store."""
+        port = screenshots.free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "instrument", "dashboard", str(store), "--port", str(port),
+             "--allow-any-store"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.3)
+            # The command hands --allow-any-store to the app, after its store.
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--") :][:4] == [
+                b"--",
+                b"--store",
+                bytes(store),
+                b"--allow-any-store",
+            ]
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+                alerts, metrics, _ = _visit(port, host)
+                assert alerts == [] and "Checkouts" in metrics
+            alerts, metrics, received = _visit(port, f"evil.test:{port}")
+            assert len(alerts) == 1 and "does not answer under this host name" in alerts[0]
+            assert metrics == []
+            assert bytes(store) not in received and b"orders" not in received
+        finally:
+            os.killpg(proc.pid, 9)
+            proc.wait(20)
 
 
 class TestCharts:
