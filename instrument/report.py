@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import textwrap
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -230,6 +231,7 @@ def _site_rows(sites: list[dict[str, Any]], code: Callable[[str], str]) -> list[
     """The first :data:`_MAX_SITES` rows of the site table of the text and markdown
     reports (header first); ``code`` marks the pool and site up as code."""
     rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
+    labels = _site_labels(sites)
     rows += [
         [
             f"{s['pool_time_share'] * 100:.1f}%",
@@ -238,9 +240,9 @@ def _site_rows(sites: list[dict[str, Any]], code: Callable[[str], str]) -> list[
             _ms(s["hold_ms"]["p95"]),
             _ms(s["hold_ms"]["max"]),
             code(s["pool"]),
-            code(_site_label(s, sites)),
+            code(label),
         ]
-        for s in sites[:_MAX_SITES]
+        for s, label in zip(sites[:_MAX_SITES], labels, strict=False)
     ]
     return rows
 
@@ -336,12 +338,16 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _site_label(site: dict[str, Any], sites: list[dict[str, Any]]) -> str:
-    """The site, followed by its caller when another stack of the same pool shares it."""
-    twins = sum(1 for s in sites if s["site"] == site["site"] and s["pool"] == site["pool"])
-    if twins > 1 and len(site["stack"]) > 1:
-        return f"{site['site']} ← {site['stack'][1]}"
-    return site["site"]
+def _site_labels(sites: list[dict[str, Any]]) -> list[str]:
+    """Each site's label: the site, followed by its caller when another stack of the same
+    pool shares it. Counted once for all sites, so a report of many sites stays linear."""
+    twins = Counter((s["site"], s["pool"]) for s in sites)
+    return [
+        f"{s['site']} ← {s['stack'][1]}"
+        if twins[s["site"], s["pool"]] > 1 and len(s["stack"]) > 1
+        else s["site"]
+        for s in sites
+    ]
 
 
 def _opt(value: Any) -> str:
@@ -648,7 +654,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>Sites</h2>")
     if report["sites"]:
         rows = []
-        for site in report["sites"]:
+        for site, label in zip(report["sites"], _site_labels(report["sites"]), strict=True):
             share = site["pool_time_share"]
             rows.append(
                 [
@@ -659,7 +665,7 @@ def render_html(report: dict[str, Any]) -> str:
                     _e(_ms(site["hold_ms"]["p95"])),
                     _e(_ms(site["hold_ms"]["max"])),
                     _e(site["pool"]),
-                    f"<details><summary><code>{_e(_site_label(site, report['sites']))}</code>"
+                    f"<details><summary><code>{_e(label)}</code>"
                     "</summary>"
                     f"{_stack_html(site['stack'])}</details>",
                 ]
