@@ -99,6 +99,49 @@ def render_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
 
 
+# ---- escaping ------------------------------------------------------------------------------
+
+# Names, paths and sites come from the application (a thread may name itself anything):
+# each renderer escapes every string of the report once, before it lays anything out.
+_VISIBLE = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{ord(c): f"\\{n}" for c, n in (("\t", "t"), ("\n", "n"), ("\r", "r"))},
+    # Bidirectional overrides and line separators: they reorder or break a terminal line.
+    **{c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                   *range(0x2066, 0x206A))},
+    **{c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)},  # lone surrogates cannot be written
+}  # fmt: skip
+"""Characters a value may not carry onto a terminal, and how they are written instead."""
+
+_MARKDOWN = {
+    **{c: v.replace("\\", "\\\\") for c, v in _VISIBLE.items()},
+    **{ord(c): "\\" + c for c in "\\`*_[]<>|~#&"},
+}
+"""Also backslash-escaped in markdown: what starts code, emphasis, links, raw HTML, table
+cells, headings and entities."""
+
+
+def _visible(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), for a terminal."""
+    return text if text.isprintable() else text.translate(_VISIBLE)
+
+
+def _md(text: str) -> str:
+    """``text`` as literal markdown: controls visible, markup characters backslash-escaped."""
+    return text.translate(_MARKDOWN)
+
+
+def _escaped(value: Any, escape: Callable[[str], str]) -> Any:
+    """A copy of the report ``value`` with ``escape`` applied to every string in it."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: _escaped(v, escape) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v, escape) for v in value]
+    return value
+
+
 # ---- shared formatting ---------------------------------------------------------------------
 
 
@@ -161,6 +204,11 @@ def _headline(report: dict[str, Any]) -> list[str]:
             f"warning: the recorder dropped {s['dropped']} records (its queue was full or the "
             "store could not be written); counts may be low"
         )
+    if s.get("ignored_events"):
+        lines.append(
+            f"warning: {_plural(s['ignored_events'], 'event')} left out: a time out of range or "
+            "not a number where one belongs (a damaged or edited store)"
+        )
     f = report["filters"]
     active = [
         f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
@@ -187,7 +235,7 @@ def _plain(text: str) -> str:
 
 def _leak_rows(leaks: list[dict[str, Any]], code: Callable[[str], str]) -> list[list[str]]:
     """The leak table of the text and markdown reports (header first); ``code`` marks
-    the site up as code."""
+    the pool and site up as code."""
     rows = [["class", "certainty", "count", "max held", "pool", "site"]]
     rows += [
         [
@@ -195,7 +243,7 @@ def _leak_rows(leaks: list[dict[str, Any]], code: Callable[[str], str]) -> list[
             leak["certainty"],
             str(leak["count"]),
             duration(leak["max_held_s"]),
-            leak["pool"],
+            code(leak["pool"]),
             code(leak["site"]),
         ]
         for leak in leaks
@@ -265,7 +313,11 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  
 
 def render_text(report: dict[str, Any]) -> str:
     """The report for a terminal: summary, leak sites with their stacks, timeouts with their
-    holders, per-pool percentiles, the busiest call sites and sizing advice."""
+    holders, per-pool percentiles, the busiest call sites and sizing advice.
+
+    Control characters in names, paths and sites are written as escapes (``\\x1b``): the
+    only line breaks are the layout's."""
+    report = _escaped(report, _visible)
     lines = [f"poolscope report: {report['store']}", *_headline(report), ""]
 
     lines.append("LEAKS")
@@ -357,24 +409,32 @@ def _opt(value: Any) -> str:
 # ---- markdown ------------------------------------------------------------------------------
 
 
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _md_code(text: str) -> str:
-    return f"`{text}`"
+    # Not a backtick code span: markdown escapes are literal there, so a value could
+    # not be both escaped and shown as it is.
+    return f"<code>{text}</code>"
 
 
 def _md_table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    head = "| " + " | ".join(_md(c) for c in rows[0]) + " |"
+    head = "| " + " | ".join(rows[0]) + " |"
     rule = "|" + "|".join(" ---: " if i in right else " --- " for i in range(len(rows[0]))) + "|"
-    body = ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows[1:]]
+    body = ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return [head, rule, *body]
 
 
+def _md_stack(stack: list[str]) -> list[str]:
+    """A stack as a list of frames, innermost first."""
+    return [f"- {_md_code(frame)}" for frame in stack]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as GitHub-flavoured markdown, for an issue, a wiki page or a CI summary."""
-    out = [f"# poolscope report: `{report['store']}`", ""]
+    """The report as GitHub-flavoured markdown, for an issue, a wiki page or a CI summary.
+
+    Every string of the report is escaped (:func:`_md`) before it is laid out, so a name
+    or a path can neither break a line or a table row nor start markup."""
+    report = _escaped(report, _md)
+    meaning = {_md(k): v for k, v in _CLASS_MEANING.items()}
+    out = [f"# poolscope report: {_md_code(report['store'])}", ""]
     out += [f"- {line}" for line in _headline(report)]
     out += ["", "## Leaks", ""]
     if not report["leaks"]:
@@ -384,26 +444,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         for leak in report["leaks"]:
             out += [
                 "",
-                f"### `{leak['class']}` × {leak['count']} at `{leak['site']}`",
+                f"### {_md_code(leak['class'])} × {leak['count']} at {_md_code(leak['site'])}",
                 "",
-                f"{_CLASS_MEANING[leak['class']].capitalize()}. Pool `{leak['pool']}`, "
-                f"threads {', '.join(f'`{t}`' for t in leak['threads'])}, "
+                f"{meaning[leak['class']].capitalize()}. Pool {_md_code(leak['pool'])}, "
+                f"threads {', '.join(_md_code(t) for t in leak['threads'])}, "
                 f"held up to {duration(leak['max_held_s'])}.",
                 "",
-                "```",
-                *leak["stack"],
-                "```",
+                *_md_stack(leak["stack"]),
             ]
     out += ["", "## Timeouts", ""]
     if not report["timeouts"]:
         out.append("None.")
     for t in report["timeouts"][:_MAX_TIMEOUTS]:
         out.append(
-            f"- **{_when(t['at'])}**, pool `{t['pool']}`: `{t['site']}` (thread `{t['thread']}`) "
-            f"gave up after {duration(t['waited_s'])}; held by:"
+            f"- **{_when(t['at'])}**, pool {_md_code(t['pool'])}: {_md_code(t['site'])} "
+            f"(thread {_md_code(t['thread'])}) gave up after {duration(t['waited_s'])}; held by:"
         )
         for h in t["holders"][:_MAX_HOLDERS]:
-            out.append(f"  - {duration(h['held_s'])} `{h['site']}` (thread `{h['thread']}`)")
+            out.append(
+                f"  - {duration(h['held_s'])} {_md_code(h['site'])} "
+                f"(thread {_md_code(h['thread'])})"
+            )
         if not t["holders"]:
             out.append("  - no recorded checkout")
     if len(report["timeouts"]) > _MAX_TIMEOUTS:
@@ -560,6 +621,11 @@ def render_html(report: dict[str, Any]) -> str:
     if s["dropped"]:
         parts.append(
             f'<p class="warn">The recorder dropped {s["dropped"]} records; counts may be low.</p>'
+        )
+    if s.get("ignored_events"):
+        parts.append(
+            f'<p class="warn">{_e(_plural(s["ignored_events"], "event"))} left out: a time out '
+            "of range or not a number where one belongs (a damaged or edited store).</p>"
         )
 
     charts = [_utilization_svg(series, report["timeouts"]) for series in
