@@ -286,6 +286,24 @@ class TestMarkdownAndHtml:
         timeout_line = 'stroke="#d92d20"'
         assert (charts["mixed"].count(timeout_line), charts["child"].count(timeout_line)) == (1, 0)
 
+    def test_html_with_many_sites(self, rendered: SimpleNamespace) -> None:
+        """Thousands of sites: each gets its row, and only a site that shares its pool with
+        another stack at the same line is labelled with its caller."""
+        template = rendered.data["sites"][0]
+        sites = [
+            {**template, "site": f"app/m{i}.py:{i} in f{i}", "stack": [f"app/m{i}.py:{i} in f{i}",
+             f"app/caller{i}.py:1 in c{i}"]}
+            for i in range(5000)
+        ]  # fmt: skip
+        sites.append({**sites[7], "stack": [sites[7]["site"], "app/other.py:2 in other"]})
+        html = report.render({**rendered.data, "sites": sites}, "html")
+        site_labels = re.findall(r"<details><summary><code>([^<]*)</code></summary><pre>", html)
+        assert len(site_labels) == 5001
+        assert site_labels[7] == "app/m7.py:7 in f7 ← app/caller7.py:1 in c7"
+        assert site_labels[5000] == "app/m7.py:7 in f7 ← app/other.py:2 in other"
+        assert site_labels[8] == "app/m8.py:8 in f8"
+        assert sum("←" in label for label in site_labels) == 2
+
     def test_unknown_format(self) -> None:
         with pytest.raises(ValueError, match="unknown format 'pdf'"):
             report.render({}, "pdf")
