@@ -9,7 +9,8 @@ crash) and dropped records. The report runs in a subprocess; its wall time and p
 
 Usage::
 
-    .venv/bin/python bench/report.py [--events 1000000] [--store PATH] [--keep]
+    .venv/bin/python bench/report.py [--events 1000000] [--sites 30] [--format json]
+                                     [--store PATH] [--keep]
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ MAX_OVERFLOW = 10
 SPAN_S = 3600.0
 
 
-def _stacks() -> list[tuple[str, str, str]]:
+def _stacks(sites: int = SITES) -> list[tuple[str, str, str]]:
     rows = []
-    for i in range(SITES):
+    for i in range(sites):
         module = ("orders", "users", "reports", "billing", "search")[i % 5]
         site = f"app/{module}.py:{10 + i * 7} in handler_{i}"
         frames = [site, f"app/api.py:{100 + i} in route_{i}", "app/server.py:12 in dispatch"]
@@ -47,13 +48,16 @@ def _stacks() -> list[tuple[str, str, str]]:
     return rows
 
 
-def generate(path: Path, events: int, seed: int = 7) -> dict[str, int]:
-    """Write a store with about ``events`` event rows at ``path``; return counts by kind."""
+def generate(path: Path, events: int, seed: int = 7, sites: int = SITES) -> dict[str, int]:
+    """Write a store with about ``events`` event rows at ``path`` whose checkouts come from
+    ``sites`` call sites; return counts by kind."""
     rng = np.random.default_rng(seed)
     conn = _store.connect_for_writing(path)
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)", _stacks())
+    conn.executemany(
+        "INSERT INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)", _stacks(sites)
+    )
     t_start = 1_700_000_000.0
     n_groups = PROCESSES * len(POOLS)
     # Each checkout gives a checkout and a return; about 1 in 20 also opens a connection.
@@ -79,13 +83,15 @@ def generate(path: Path, events: int, seed: int = 7) -> dict[str, int]:
                 (pool_id, proc, name, f"postgresql+psycopg://app:***@db/{name}", POOL_SIZE,
                  MAX_OVERFLOW, t_start),
             )  # fmt: skip
-            _group(conn, rng, proc, pool_id, per_group, t_start, counts)
+            _group(conn, rng, proc, pool_id, per_group, t_start, counts, sites)
     conn.execute("COMMIT")
     conn.close()
     return counts
 
 
-def _group(conn, rng, proc: int, pool_id: int, n: int, t0: float, counts: dict[str, int]) -> None:
+def _group(
+    conn, rng, proc: int, pool_id: int, n: int, t0: float, counts: dict[str, int], sites: int
+) -> None:
     starts = np.sort(rng.uniform(t0, t0 + SPAN_S, n))
     holds = rng.lognormal(mean=-3.0, sigma=1.0, size=n)  # median ~50 ms
     slow = rng.random(n) < 0.001
@@ -97,7 +103,7 @@ def _group(conn, rng, proc: int, pool_id: int, n: int, t0: float, counts: dict[s
     is_open[rng.choice(n, 3, replace=False)] = True  # never returned / open at crash
     ends[is_open] = np.inf
     waits = np.where(rng.random(n) < 0.02, rng.exponential(0.2, n), rng.exponential(5e-5, n))
-    stack = rng.integers(1, SITES + 1, n)
+    stack = rng.integers(1, sites + 1, n)
     threads = np.array([f"worker-{i}" for i in range(THREADS)], dtype=object)[
         rng.integers(0, THREADS, n)
     ]
@@ -154,6 +160,8 @@ def _group(conn, rng, proc: int, pool_id: int, n: int, t0: float, counts: dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--sites", type=int, default=SITES, help="distinct call sites")
+    parser.add_argument("--format", dest="fmt", default="json", help="report format to time")
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated store")
     args = parser.parse_args()
@@ -162,12 +170,12 @@ def main() -> None:
     if store.exists():
         store.unlink()
     t = time.perf_counter()
-    counts = generate(store, args.events)
+    counts = generate(store, args.events, sites=args.sites)
     total = sum(counts.values())
     print(f"generated {total:,} events in {time.perf_counter() - t:.1f} s: {store}")
     print("  " + ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())))
     print(f"  store size {store.stat().st_size / 1e6:.0f} MB")
-    command = [sys.executable, "-m", "instrument", "report", str(store), "--format", "json",
+    command = [sys.executable, "-m", "instrument", "report", str(store), "--format", args.fmt,
                "--output", os.devnull]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -181,7 +189,7 @@ def main() -> None:
         raise SystemExit(f"report failed with exit code {proc.returncode}")
     load = os.getloadavg()[0]
     print(
-        f"poolscope report --format json: {elapsed:.2f} s wall, {cpu:.2f} s CPU, "
+        f"poolscope report --format {args.fmt}: {elapsed:.2f} s wall, {cpu:.2f} s CPU, "
         f"peak RSS {rss_mb:.0f} MB (load average {load:.1f} on {os.cpu_count()} cores)"
     )
     if not args.keep and args.store is None:

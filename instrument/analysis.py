@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, _store
+from .exceptions import StoreCorruptError
 
 __all__ = [
     "CERTAINTY",
@@ -70,6 +71,13 @@ CERTAINTY = {
     "open_now": "suspected",
 }
 """How sure each leak class is: ``confirmed``, ``unknown`` or ``suspected``."""
+
+_MAX_TIME = 253402300799.0
+"""The latest time a store or a filter may name: 9999-12-31T23:59:59Z, in unix seconds. Times
+range from 0 (1970-01-01T00:00:00Z) to this; an event outside it is ignored."""
+
+_DEFAULT_LEAK_AFTER_S = 30.0
+"""``attach()``'s default leak_after (not imported: the report runs without SQLAlchemy)."""
 
 _CERTAINTY_ORDER = {"confirmed": 0, "unknown": 1, "suspected": 2}
 _RETURN_KINDS = ("checkin", "gc_checkin", "detach", "unwatched")
@@ -135,8 +143,16 @@ class Filters:
     leak_after: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            at = getattr(self, name)
+            if at is not None and not 0 <= at <= _MAX_TIME:  # NaN fails every comparison
+                raise ValueError(
+                    f"{name} must be unix seconds from 0 to {_MAX_TIME:.0f}, not {at!r}."
+                )
         if self.leak_after is not None and not self.leak_after > 0:
             raise ValueError(f"leak_after must be more than 0 seconds, not {self.leak_after!r}.")
+        if self.leak_after is not None and math.isinf(self.leak_after):
+            raise ValueError("leak_after must be a finite number of seconds, not inf.")
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ValueError("since must not be later than until.")
 
@@ -150,8 +166,52 @@ def open_store(store: str | os.PathLike[str] | None) -> sqlite3.Connection:
     :raises StoreCorruptError: not a SQLite file, or a damaged one.
     :raises ForeignStoreError: an empty file, or a SQLite file of another application.
     :raises StoreVersionError: written by a newer poolscope.
+
+    Events whose time or numbers cannot be real (a time out of range or not a number, a
+    text where a count belongs: a damaged or tampered store) are left out of everything
+    read through the connection; :func:`summary` counts them as ``ignored_events``.
     """
-    return _store.open_for_reading(store)
+    conn = _store.open_for_reading(store)
+    try:
+        _set_aside_bad_events(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        path = _store.resolve_store_path(store)
+        raise StoreCorruptError(f"{path} is a damaged SQLite file ({exc})") from None
+    return conn
+
+
+_NUMERIC_EVENT_COLUMNS = (
+    "process_id", "pool_id", "connection_id", "checkout_id", "in_use", "idle", "overflow",
+    "waiters", "stack_id", "wait_s", "connect_s", "hold_s", "count",
+)  # fmt: skip
+_SANE_EVENT = f"at BETWEEN 0 AND {_MAX_TIME!r}" + "".join(
+    f" AND ({c} IS NULL OR {c} BETWEEN -1e15 AND 1e15)" for c in _NUMERIC_EVENT_COLUMNS
+)
+"""An event row every reader can take: its time in range, its numbers numbers (a text or a
+blob compares greater than any number in SQLite, and infinity lies outside the bounds)."""
+
+
+def _set_aside_bad_events(conn: sqlite3.Connection) -> None:
+    """Hide events that are not :data:`_SANE_EVENT` behind a temporary ``events`` view.
+
+    The view lives in the connection's own temporary schema (the store stays read-only and
+    untouched) and shadows ``main.events`` for every query; a store without such rows, the
+    normal case, is read directly, at the cost of one scan here.
+    """
+    bad = conn.execute(f"SELECT COUNT(*) FROM main.events WHERE NOT ({_SANE_EVENT})").fetchone()
+    conn.execute("CREATE TEMP TABLE poolscope_ignored (events INTEGER NOT NULL)")
+    conn.execute("INSERT INTO poolscope_ignored VALUES (?)", (int(bad[0] or 0),))
+    if bad[0]:
+        conn.execute(f"CREATE TEMP VIEW events AS SELECT * FROM main.events WHERE {_SANE_EVENT}")
+
+
+def _ignored_events(conn: sqlite3.Connection) -> int:
+    """How many events :func:`open_store` left out of this connection (0 if it did not open it)."""
+    try:
+        return int(conn.execute("SELECT events FROM temp.poolscope_ignored").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -217,6 +277,12 @@ def _load_processes(conn: sqlite3.Connection, now: float) -> pd.DataFrame:
     )
     if df.empty:
         return pd.DataFrame(columns=_PROCESS_COLUMNS)
+    for column in ("started_at", "heartbeat_at", "ended_at"):
+        # A time no process can have (a damaged or edited row) reads as missing.
+        at = pd.to_numeric(df[column], errors="coerce")
+        df[column] = at.where((at >= 0) & (at <= _MAX_TIME))
+    df["heartbeat_at"] = df["heartbeat_at"].fillna(df["started_at"]).fillna(0.0)
+    df["started_at"] = df["started_at"].fillna(df["heartbeat_at"])
     here = socket.gethostname()
     states = []
     seen = []
@@ -264,6 +330,11 @@ def _load_pools(conn: sqlite3.Connection) -> pd.DataFrame:
         "timeout_s, recycle_s, leak_after_s FROM pools ORDER BY id",
         conn,
     )
+    for column in ("timeout_s", "recycle_s", "leak_after_s"):
+        df[column] = pd.to_numeric(df[column], errors="coerce")  # a damaged value: NaN
+    # A leak_after no attach() can have (a damaged or edited row): attach()'s default.
+    usable = (df["leak_after_s"] > 0) & np.isfinite(df["leak_after_s"])
+    df["leak_after_s"] = df["leak_after_s"].where(usable, _DEFAULT_LEAK_AFTER_S)
     size = pd.to_numeric(df["pool_size"], errors="coerce")
     overflow = pd.to_numeric(df["max_overflow"], errors="coerce")
     # max_overflow -1 means "no limit" in SQLAlchemy: no capacity then.
@@ -523,10 +594,10 @@ def _all_pool_names(data: _Data) -> pd.Series:
 
 
 def _leak_after_by_pool(data: _Data) -> pd.Series:
-    rows = data.conn.execute("SELECT id, leak_after_s FROM pools").fetchall()
+    leak_after = _load_pools(data.conn).set_index("id")["leak_after_s"].astype("float64")
     if data.filters.leak_after is not None:
-        return pd.Series({r[0]: data.filters.leak_after for r in rows}, dtype="float64")
-    return pd.Series({r[0]: r[1] for r in rows}, dtype="float64")
+        return pd.Series(data.filters.leak_after, index=leak_after.index, dtype="float64")
+    return leak_after
 
 
 def _classify(df: pd.DataFrame, procs: pd.DataFrame) -> pd.Categorical:
@@ -1240,6 +1311,7 @@ def _summary_dict(
         "suspected_leaks": leak_counts["suspected"],
         "unknown_leaks": leak_counts["unknown"],
         "dropped": int(dropped or 0),
+        "ignored_events": _ignored_events(data.conn),
     }
 
 
@@ -1446,30 +1518,42 @@ def parse_time(text: str) -> float:
     (``2026-11-27T13:00:00``, ``2026-11-27 13:00:00+01:00``, ``...Z``); without an offset,
     UTC.
 
-    :raises ValueError: neither form.
+    :raises ValueError: neither form, or not a time from 1970 to 9999 (``nan``, ``inf``,
+        ``1e400``, ``-5``).
     """
     value = text.strip()
     try:
-        return float(value)
+        at = float(value)
     except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"cannot read {text!r} as a time; give unix seconds or an ISO 8601 time such "
+                "as 2026-11-27T13:00:00"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        at = moment.timestamp()
+    if not 0 <= at <= _MAX_TIME:  # NaN fails every comparison
         raise ValueError(
-            f"cannot read {text!r} as a time; give unix seconds or an ISO 8601 time such as "
-            "2026-11-27T13:00:00"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+            f"{text!r} is not a time between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z "
+            f"(unix seconds 0 to {_MAX_TIME:.0f})"
+        )
+    return at
 
 
 def iso(at: float | None) -> str | None:
-    """Write unix seconds as an ISO 8601 UTC time with milliseconds, e.g. ``...T12:00:01.250Z``."""
-    if at is None or (isinstance(at, float) and math.isnan(at)):
+    """Write unix seconds as an ISO 8601 UTC time with milliseconds, e.g. ``...T12:00:01.250Z``.
+
+    ``None`` for ``None``, NaN and a time outside 0 to :data:`_MAX_TIME`, which has no such
+    writing (a tampered row)."""
+    if at is None:
         return None
-    moment = datetime.fromtimestamp(float(at), tz=timezone.utc)
+    at = float(at)
+    if not 0 <= at <= _MAX_TIME:
+        return None
+    moment = datetime.fromtimestamp(at, tz=timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

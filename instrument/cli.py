@@ -30,6 +30,35 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+_STORE_FILES = {
+    "": "the store itself",
+    "-wal": "the store's write-ahead log",
+    "-shm": "the store's shared-memory file",
+    "-journal": "the store's rollback journal",
+}
+"""The store's own files (its database and SQLite's files next to it), as the CLI names them."""
+
+
+def _clobbers_store(output: str, store: Path) -> str | None:
+    """What of the store writing to ``output`` would overwrite (as :data:`_STORE_FILES`
+    says, with the path), or ``None``.
+
+    Compared by real path (symlinks and relative paths resolved) and, for files that
+    exist, by identity (a hard link has another path but is the same file).
+    """
+    target = Path(output).resolve()
+    for base in dict.fromkeys((store.absolute(), store.resolve())):  # as named, as linked
+        for suffix, what in _STORE_FILES.items():
+            candidate = Path(f"{base}{suffix}")
+            try:
+                same = target == candidate.resolve() or os.path.samefile(target, candidate)
+            except OSError:  # one of them does not exist
+                same = False
+            if same:
+                return f"{what} ({candidate})"
+    return None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="poolscope")
 def cli() -> None:
@@ -78,8 +107,13 @@ def report(
     leaks with --fail-on-leak, 2 unusable input.
     """
     from . import analysis
+    from ._store import resolve_store_path
     from .report import make_report
 
+    if output:
+        clobbered = _clobbers_store(output, resolve_store_path(store))
+        if clobbered:
+            _fail(f"--output {output} is {clobbered}; write the report elsewhere")
     try:
         filters = analysis.Filters(
             pools=pools or None,

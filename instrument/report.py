@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import textwrap
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +97,49 @@ def render_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
 
 
+# ---- escaping ------------------------------------------------------------------------------
+
+# Names, paths and sites come from the application (a thread may name itself anything):
+# each renderer escapes every string of the report once, before it lays anything out.
+_VISIBLE = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{ord(c): f"\\{n}" for c, n in (("\t", "t"), ("\n", "n"), ("\r", "r"))},
+    # Bidirectional overrides and line separators: they reorder or break a terminal line.
+    **{c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                   *range(0x2066, 0x206A))},
+    **{c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)},  # lone surrogates cannot be written
+}  # fmt: skip
+"""Characters a value may not carry onto a terminal, and how they are written instead."""
+
+_MARKDOWN = {
+    **{c: v.replace("\\", "\\\\") for c, v in _VISIBLE.items()},
+    **{ord(c): "\\" + c for c in "\\`*_[]<>|~#&"},
+}
+"""Also backslash-escaped in markdown: what starts code, emphasis, links, raw HTML, table
+cells, headings and entities."""
+
+
+def _visible(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), for a terminal."""
+    return text if text.isprintable() else text.translate(_VISIBLE)
+
+
+def _md(text: str) -> str:
+    """``text`` as literal markdown: controls visible, markup characters backslash-escaped."""
+    return text.translate(_MARKDOWN)
+
+
+def _escaped(value: Any, escape: Callable[[str], str]) -> Any:
+    """A copy of the report ``value`` with ``escape`` applied to every string in it."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: _escaped(v, escape) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v, escape) for v in value]
+    return value
+
+
 # ---- shared formatting ---------------------------------------------------------------------
 
 
@@ -162,6 +206,11 @@ def _headline(report: dict[str, Any]) -> list[str]:
             f"warning: the recorder dropped {s['dropped']} records (its queue was full or the "
             "store could not be written); counts may be low"
         )
+    if s.get("ignored_events"):
+        lines.append(
+            f"warning: {_plural(s['ignored_events'], 'event')} left out: a time out of range or "
+            "not a number where one belongs (a damaged or edited store)"
+        )
     f = report["filters"]
     active = [
         f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
@@ -188,7 +237,7 @@ def _plain(text: str) -> str:
 
 def _leak_rows(leaks: list[dict[str, Any]], code: Callable[[str], str]) -> list[list[str]]:
     """The leak table of the text and markdown reports (header first); ``code`` marks
-    the site up as code."""
+    the pool and site up as code."""
     rows = [["class", "certainty", "count", "max held", "pool", "site"]]
     rows += [
         [
@@ -196,7 +245,7 @@ def _leak_rows(leaks: list[dict[str, Any]], code: Callable[[str], str]) -> list[
             leak["certainty"],
             str(leak["count"]),
             duration(leak["max_held_s"]),
-            leak["pool"],
+            code(leak["pool"]),
             code(leak["site"]),
         ]
         for leak in leaks
@@ -232,6 +281,7 @@ def _site_rows(sites: list[dict[str, Any]], code: Callable[[str], str]) -> list[
     """The first :data:`_MAX_SITES` rows of the site table of the text and markdown
     reports (header first); ``code`` marks the pool and site up as code."""
     rows = [["share", "checkouts", "held total", "p95 hold", "max hold", "pool", "site"]]
+    labels = _site_labels(sites)
     rows += [
         [
             f"{s['pool_time_share'] * 100:.1f}%",
@@ -240,9 +290,9 @@ def _site_rows(sites: list[dict[str, Any]], code: Callable[[str], str]) -> list[
             _ms(s["hold_ms"]["p95"]),
             _ms(s["hold_ms"]["max"]),
             code(s["pool"]),
-            code(_site_label(s, sites)),
+            code(label),
         ]
-        for s in sites[:_MAX_SITES]
+        for s, label in zip(sites[:_MAX_SITES], labels, strict=False)
     ]
     return rows
 
@@ -265,7 +315,11 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  
 
 def render_text(report: dict[str, Any]) -> str:
     """The report for a terminal: summary, leak sites with their stacks, timeouts with their
-    holders, per-pool percentiles, the busiest call sites and sizing advice."""
+    holders, per-pool percentiles, the busiest call sites and sizing advice.
+
+    Control characters in names, paths and sites are written as escapes (``\\x1b``): the
+    only line breaks are the layout's."""
+    report = _escaped(report, _visible)
     lines = [f"poolscope report: {report['store']}", *_headline(report), ""]
 
     lines.append("LEAKS")
@@ -338,12 +392,16 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _site_label(site: dict[str, Any], sites: list[dict[str, Any]]) -> str:
-    """The site, followed by its caller when another stack of the same pool shares it."""
-    twins = sum(1 for s in sites if s["site"] == site["site"] and s["pool"] == site["pool"])
-    if twins > 1 and len(site["stack"]) > 1:
-        return f"{site['site']} ← {site['stack'][1]}"
-    return site["site"]
+def _site_labels(sites: list[dict[str, Any]]) -> list[str]:
+    """Each site's label: the site, followed by its caller when another stack of the same
+    pool shares it. Counted once for all sites, so a report of many sites stays linear."""
+    twins = Counter((s["site"], s["pool"]) for s in sites)
+    return [
+        f"{s['site']} ← {s['stack'][1]}"
+        if twins[s["site"], s["pool"]] > 1 and len(s["stack"]) > 1
+        else s["site"]
+        for s in sites
+    ]
 
 
 def _opt(value: Any) -> str:
@@ -353,24 +411,32 @@ def _opt(value: Any) -> str:
 # ---- markdown ------------------------------------------------------------------------------
 
 
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _md_code(text: str) -> str:
-    return f"`{text}`"
+    # Not a backtick code span: markdown escapes are literal there, so a value could
+    # not be both escaped and shown as it is.
+    return f"<code>{text}</code>"
 
 
 def _md_table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    head = "| " + " | ".join(_md(c) for c in rows[0]) + " |"
+    head = "| " + " | ".join(rows[0]) + " |"
     rule = "|" + "|".join(" ---: " if i in right else " --- " for i in range(len(rows[0]))) + "|"
-    body = ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows[1:]]
+    body = ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return [head, rule, *body]
 
 
+def _md_stack(stack: list[str]) -> list[str]:
+    """A stack as a list of frames, innermost first."""
+    return [f"- {_md_code(frame)}" for frame in stack]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as GitHub-flavoured markdown, for an issue, a wiki page or a CI summary."""
-    out = [f"# poolscope report: `{report['store']}`", ""]
+    """The report as GitHub-flavoured markdown, for an issue, a wiki page or a CI summary.
+
+    Every string of the report is escaped (:func:`_md`) before it is laid out, so a name
+    or a path can neither break a line or a table row nor start markup."""
+    report = _escaped(report, _md)
+    meaning = {_md(k): v for k, v in _CLASS_MEANING.items()}
+    out = [f"# poolscope report: {_md_code(report['store'])}", ""]
     out += [f"- {line}" for line in _headline(report)]
     out += ["", "## Leaks", ""]
     if not report["leaks"]:
@@ -380,26 +446,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         for leak in report["leaks"]:
             out += [
                 "",
-                f"### `{leak['class']}` × {leak['count']} at `{leak['site']}`",
+                f"### {_md_code(leak['class'])} × {leak['count']} at {_md_code(leak['site'])}",
                 "",
-                f"{_CLASS_MEANING[leak['class']].capitalize()}. Pool `{leak['pool']}`, "
-                f"threads {', '.join(f'`{t}`' for t in leak['threads'])}, "
+                f"{meaning[leak['class']].capitalize()}. Pool {_md_code(leak['pool'])}, "
+                f"threads {', '.join(_md_code(t) for t in leak['threads'])}, "
                 f"held up to {duration(leak['max_held_s'])}.",
                 "",
-                "```",
-                *leak["stack"],
-                "```",
+                *_md_stack(leak["stack"]),
             ]
     out += ["", "## Timeouts", ""]
     if not report["timeouts"]:
         out.append("None.")
     for t in report["timeouts"][:_MAX_TIMEOUTS]:
         out.append(
-            f"- **{_when(t['at'])}**, pool `{t['pool']}`: `{t['site']}` (thread `{t['thread']}`) "
-            f"gave up after {duration(t['waited_s'])}; held by:"
+            f"- **{_when(t['at'])}**, pool {_md_code(t['pool'])}: {_md_code(t['site'])} "
+            f"(thread {_md_code(t['thread'])}) gave up after {duration(t['waited_s'])}; held by:"
         )
         for h in t["holders"][:_MAX_HOLDERS]:
-            out.append(f"  - {duration(h['held_s'])} `{h['site']}` (thread `{h['thread']}`)")
+            out.append(
+                f"  - {duration(h['held_s'])} {_md_code(h['site'])} "
+                f"(thread {_md_code(h['thread'])})"
+            )
         if not t["holders"]:
             out.append("  - no recorded checkout")
     if len(report["timeouts"]) > _MAX_TIMEOUTS:
@@ -557,6 +624,11 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(
             f'<p class="warn">The recorder dropped {s["dropped"]} records; counts may be low.</p>'
         )
+    if s.get("ignored_events"):
+        parts.append(
+            f'<p class="warn">{_e(_plural(s["ignored_events"], "event"))} left out: a time out '
+            "of range or not a number where one belongs (a damaged or edited store).</p>"
+        )
 
     charts = [_utilization_svg(series, report["timeouts"]) for series in
               report.get("utilization", [])]  # fmt: skip
@@ -650,7 +722,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>Sites</h2>")
     if report["sites"]:
         rows = []
-        for site in report["sites"]:
+        for site, label in zip(report["sites"], _site_labels(report["sites"]), strict=True):
             share = site["pool_time_share"]
             rows.append(
                 [
@@ -661,7 +733,7 @@ def render_html(report: dict[str, Any]) -> str:
                     _e(_ms(site["hold_ms"]["p95"])),
                     _e(_ms(site["hold_ms"]["max"])),
                     _e(site["pool"]),
-                    f"<details><summary><code>{_e(_site_label(site, report['sites']))}</code>"
+                    f"<details><summary><code>{_e(label)}</code>"
                     "</summary>"
                     f"{_stack_html(site['stack'])}</details>",
                 ]

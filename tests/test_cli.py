@@ -182,6 +182,24 @@ class TestReport:
         assert data["leaks"] == []
 
 
+TAMPERED = {
+    "event at 1e300": ("UPDATE events SET at = 1e300 WHERE id = (SELECT MIN(id) FROM events "
+                       "WHERE kind = 'checkout')", 1),
+    "event at -1e20": ("UPDATE events SET at = -1e20 WHERE id = (SELECT MIN(id) FROM events "
+                       "WHERE kind = 'checkout')", 1),
+    "event at infinity": ("UPDATE events SET at = 9e999 WHERE id = (SELECT MIN(id) FROM events "
+                          "WHERE kind = 'checkout')", 1),
+    "event at a string": ("UPDATE events SET at = 'noon' WHERE id = (SELECT MIN(id) FROM events "
+                          "WHERE kind = 'checkout')", 1),
+    # The checkin is left out: its checkout, still counted, reads as held until the exit.
+    "hold a blob": ("UPDATE events SET hold_s = x'00' WHERE id = (SELECT MIN(id) FROM events "
+                    "WHERE kind = 'checkin')", 1),
+    "process times": ("UPDATE processes SET started_at = 1e300, heartbeat_at = 'x', "
+                      "ended_at = 9e999", 0),
+    "pool leak_after": ("UPDATE pools SET leak_after_s = 'soon'", 0),
+}  # fmt: skip
+
+
 def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
@@ -218,6 +236,30 @@ BAD_STORES = {
         "upgrade poolscope to read it",
     ),
 }
+
+
+class TestTamperedStore:
+    @pytest.mark.parametrize("case", list(TAMPERED))
+    def test_every_format_survives_a_tampered_row(self, leaky: Path, case: str) -> None:
+        """A row with an impossible time or number: every format still renders, the leak is
+        still found, and the report says how many events it left out."""
+        sql, ignored = TAMPERED[case]
+        _writer.shutdown_all()
+        before = json.loads(invoke("report", str(leaky), "--format", "json").stdout)["summary"]
+        conn = sqlite3.connect(leaky)
+        assert conn.execute(sql).rowcount >= 1
+        conn.commit()
+        conn.close()
+        for fmt in ("text", "markdown", "html"):
+            result = invoke("report", str(leaky), "--format", fmt, "--fail-on-leak")
+            assert result.exit_code == 1, result.stderr  # the GC leak is still confirmed
+            assert ("1 event left out" in result.stdout) == bool(ignored), fmt
+        data = json.loads(invoke("report", str(leaky), "--format", "json").stdout)
+        jsonschema.validate(data, SCHEMA, cls=jsonschema.Draft202012Validator)
+        assert data["summary"]["ignored_events"] == ignored
+        assert data["summary"]["confirmed_leaks"] == 1
+        lost = 0 if case == "hold a blob" else ignored
+        assert data["summary"]["checkouts"] == before["checkouts"] - lost
 
 
 class TestBadInput:
@@ -337,6 +379,59 @@ class TestBadInput:
         result = invoke("report", str(leaky), "--output", str(target))
         assert result.exit_code == 2
         assert result.stderr == f"poolscope: cannot write {target}: No such file or directory\n"
+
+    @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-1e20",
+                                       "99999999999999999", "0001-01-01T00:00:00"])  # fmt: skip
+    @pytest.mark.parametrize("option", ["--since", "--until"])
+    def test_times_out_of_range(self, leaky: Path, option: str, value: str) -> None:
+        """A time that is not a number or lies outside 1970 to 9999: exit 2, one line,
+        even with --fail-on-leak on a store with a leak."""
+        result = invoke("report", str(leaky), option, value, "--fail-on-leak")
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"poolscope: {value!r} is not a time between 1970-01-01T00:00:00Z and "
+            "9999-12-31T23:59:59Z (unix seconds 0 to 253402300799)\n"
+        )
+
+    def test_infinite_leak_after(self, leaky: Path) -> None:
+        result = invoke("report", str(leaky), "--leak-after", "inf")
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert (
+            result.stderr == "poolscope: leak_after must be a finite number of seconds, not inf.\n"
+        )
+
+    @pytest.mark.parametrize(
+        ("name", "what"),
+        [
+            ("leaky.db", "the store itself ({store})"),
+            ("./sub/../leaky.db", "the store itself ({store})"),
+            ("symlink.db", "the store itself ({store})"),
+            ("hardlink.db", "the store itself ({store})"),
+            ("leaky.db-wal", "the store's write-ahead log ({store}-wal)"),
+            ("leaky.db-shm", "the store's shared-memory file ({store}-shm)"),
+            ("leaky.db-journal", "the store's rollback journal ({store}-journal)"),
+        ],
+    )
+    def test_output_over_the_store(
+        self, leaky: Path, monkeypatch: pytest.MonkeyPatch, name: str, what: str
+    ) -> None:
+        """-o naming the store or one of SQLite's files next to it (by a relative path, a
+        symlink or a hard link): exit 2, one line, the store byte for byte intact."""
+        _writer.shutdown_all()
+        monkeypatch.chdir(leaky.parent)
+        (leaky.parent / "sub").mkdir()
+        (leaky.parent / "symlink.db").symlink_to(leaky)
+        os.link(leaky, leaky.parent / "hardlink.db")
+        files = {p: p.read_bytes() for p in leaky.parent.glob("leaky.db*")}
+        for fmt in ("text", "html"):
+            result = invoke("report", "leaky.db", "-o", name, "--format", fmt)
+            assert (result.exit_code, result.stdout) == (2, "")
+            assert result.stderr == (
+                f"poolscope: --output {name} is {what.format(store=leaky)}; "
+                "write the report elsewhere\n"
+            )
+        assert {p: p.read_bytes() for p in leaky.parent.glob("leaky.db*")} == files
+        assert invoke("report", "leaky.db", "-o", "report.txt").exit_code == 0
 
     def test_a_real_process_prints_one_line_and_no_traceback(self, tmp_path: Path) -> None:
         """``python -m instrument report`` on a missing store: exit 2, exactly one line."""

@@ -268,6 +268,23 @@ class TestPages:
         assert at.get("plotly_chart"), f"{page} shows no chart"
         assert at.title[0].value
 
+    @pytest.mark.parametrize("page", PAGES)
+    def test_every_page_survives_a_tampered_event(self, store, tmp_path, monkeypatch, page):
+        """Events with a time of 1e300 or a string are left out: each page still renders
+        its charts, with no exception and no error box."""
+        tampered = tmp_path / "tampered.db"
+        with sqlite3.connect(store) as source, sqlite3.connect(tampered) as copy:
+            source.backup(copy)
+        with sqlite3.connect(tampered) as conn:
+            conn.execute("UPDATE events SET at = 1e300 WHERE id = (SELECT MIN(id) FROM events)")
+            conn.execute("UPDATE events SET at = 'noon' WHERE id = (SELECT MAX(id) FROM events)")
+        conn.close()
+        assert _summary(tampered)["ignored_events"] == 2
+        at = _app(tampered, monkeypatch, page)
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        assert at.get("plotly_chart"), f"{page} shows no chart"
+
     def test_overview_kpis_equal_analysis_summary(self, store, monkeypatch):
         """The Overview's KPIs are exactly instrument.analysis.summary's numbers."""
         summary = _summary(store)

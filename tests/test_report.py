@@ -34,6 +34,11 @@ def fn(site: str) -> str:
     return site.rsplit(" in ", 1)[1]
 
 
+def md_escaped(text: str) -> str:
+    """``text`` with the characters markdown gives a meaning to backslash-escaped."""
+    return re.sub(r"([\\`*_\[\]<>|~#&])", r"\\\1", text)
+
+
 @pytest.fixture(scope="module", params=DATABASES)
 def rendered(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -246,9 +251,10 @@ class TestMarkdownAndHtml:
         md = rendered.markdown
         assert "| class | certainty | count | max held | pool | site |" in md
         for leak in rendered.json["leaks"]:
-            assert "```\n" + "\n".join(leak["stack"]) + "\n```" in md
-        assert "## Timeouts" in md and "`holder-1`" in md
-        assert "| `mixed` | QueuePool | 2 | 0 | 2 | 14 | 1 |" in md
+            frames = "\n".join(f"- <code>{md_escaped(frame)}</code>" for frame in leak["stack"])
+            assert f"\n\n{frames}\n" in md
+        assert "## Timeouts" in md and "<code>holder-1</code>" in md
+        assert "| <code>mixed</code> | QueuePool | 2 | 0 | 2 | 14 | 1 |" in md
 
     def test_html_is_one_self_contained_page(self, rendered: SimpleNamespace) -> None:
         """No scripts, links or external references; balanced tags; text is escaped."""
@@ -280,6 +286,24 @@ class TestMarkdownAndHtml:
         # The timeout is a red line on its own pool's chart only.
         timeout_line = 'stroke="#d92d20"'
         assert (charts["mixed"].count(timeout_line), charts["child"].count(timeout_line)) == (1, 0)
+
+    def test_html_with_many_sites(self, rendered: SimpleNamespace) -> None:
+        """Thousands of sites: each gets its row, and only a site that shares its pool with
+        another stack at the same line is labelled with its caller."""
+        template = rendered.data["sites"][0]
+        sites = [
+            {**template, "site": f"app/m{i}.py:{i} in f{i}", "stack": [f"app/m{i}.py:{i} in f{i}",
+             f"app/caller{i}.py:1 in c{i}"]}
+            for i in range(5000)
+        ]  # fmt: skip
+        sites.append({**sites[7], "stack": [sites[7]["site"], "app/other.py:2 in other"]})
+        html = report.render({**rendered.data, "sites": sites}, "html")
+        site_labels = re.findall(r"<details><summary><code>([^<]*)</code></summary><pre>", html)
+        assert len(site_labels) == 5001
+        assert site_labels[7] == "app/m7.py:7 in f7 ← app/caller7.py:1 in c7"
+        assert site_labels[5000] == "app/m7.py:7 in f7 ← app/other.py:2 in other"
+        assert site_labels[8] == "app/m8.py:8 in f8"
+        assert sum("←" in label for label in site_labels) == 2
 
     def test_unknown_format(self) -> None:
         with pytest.raises(ValueError, match="unknown format 'pdf'"):
@@ -319,3 +343,99 @@ class TestPoolsOfOneName:
         assert "(peak 4 of 6)" in pools["orders#2"]["sizing"]["advice"]
         _, only = report.make_report(store, analysis.Filters(pools=("orders#2",)), fmt="json")
         assert [p["name"] for p in only["pools"]] == ["orders#2"]
+
+
+HOSTILE_THREAD = "\x1b]0;pwned\x07\x1b[2J"
+HOSTILE_POOL = "app\n# heading\n<script>alert(1)</script>|x"
+HOSTILE_FILE = "mod\x1b[31m<img src=x onerror=alert(1)>`x`.py"
+HOSTILE_SOURCE = """\
+import gc
+
+
+def leak(engine):
+    engine.connect().exec_driver_sql("select 1")  # never closed: the GC returns it
+    gc.collect()
+"""
+HEADINGS = ["# poolscope report: ", "## Leaks", "### <code>gc\\_reclaimed</code> × 1 at ",
+            "## Timeouts", "## Pools", "## Sites", "## Sizing"]  # fmt: skip
+C0_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+UNESCAPED_PIPE = re.compile(r"(?<!\\)(?:\\\\)*\|")
+RAW_TAG = re.compile(r"(?<!\\)(?:\\\\)*<(script|img)", re.IGNORECASE)
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, sqlite_url: str) -> dict[str, str]:
+    """A store recorded by the real recorder from a thread, a pool and a source file whose
+    names carry terminal escapes, markdown headings, HTML and backticks; in every format."""
+    import importlib.util
+    import threading
+
+    import sqlalchemy as sa
+
+    source = tmp_path / HOSTILE_FILE
+    source.write_text(HOSTILE_SOURCE)
+    spec = importlib.util.spec_from_file_location("hostile_mod", source)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    engine = sa.create_engine(sqlite_url)
+    store = tmp_path / "hostile.db"
+    monitor = instrument.attach(engine, store=store, name=HOSTILE_POOL)
+    thread = threading.Thread(target=module.leak, args=(engine,), name=HOSTILE_THREAD)
+    thread.start()
+    thread.join()
+    monitor.flush()
+    monitor.detach()
+    engine.dispose()
+    out = {fmt: report.make_report(store, fmt=fmt)[0] for fmt in report.FORMATS}
+    data = json.loads(out["json"])
+    assert [(leak["pool"], leak["threads"]) for leak in data["leaks"]] == [
+        (HOSTILE_POOL, [HOSTILE_THREAD])
+    ]
+    assert HOSTILE_FILE in data["leaks"][0]["site"]  # the JSON keeps the values as they are
+    return out
+
+
+class TestHostileNames:
+    def test_text_shows_control_characters_as_escapes(self, hostile: dict[str, str]) -> None:
+        """No escape sequence, bell or carriage return reaches the terminal: they are
+        written as ``\\x1b`` and the only line breaks are the layout's."""
+        text = hostile["text"]
+        assert C0_BUT_NEWLINE.search(text) is None
+        assert "\\x1b]0;pwned\\x07\\x1b[2J" in text
+        assert "app\\n# heading\\n<script>alert(1)</script>|x" in text
+        assert "mod\\x1b[31m<img src=x onerror=alert(1)>`x`.py" in text
+        assert not any(line.startswith(("# heading", "<script")) for line in text.splitlines())
+
+    def test_markdown_escapes_every_value(self, hostile: dict[str, str]) -> None:
+        """No injected heading, no raw HTML tag, and every table row stays one line with
+        its own cells."""
+        md = hostile["markdown"]
+        assert C0_BUT_NEWLINE.search(md) is None
+        assert RAW_TAG.search(md) is None
+        lines = md.splitlines()
+        headings = [line for line in lines if line.lstrip().startswith("#")]
+        assert len(headings) == len(HEADINGS)
+        assert all(h.startswith(want) for h, want in zip(headings, HEADINGS, strict=True))
+        tables = 0
+        for i, line in enumerate(lines):
+            if line.startswith("| ---") or line.startswith("| ---:"):
+                tables += 1
+                head = lines[i - 1]
+                cells = len(UNESCAPED_PIPE.findall(head))
+                for row in lines[i + 1 :]:
+                    if not row.startswith("|"):
+                        break
+                    assert row.endswith(" |") and len(UNESCAPED_PIPE.findall(row)) == cells, row
+        assert tables == 3  # leaks, pools, sites
+        escaped_pool = "app\\\\n\\# heading\\\\n\\<script\\>alert(1)\\</script\\>\\|x"
+        assert f"| <code>{escaped_pool}</code> |" in md  # in the leak table too
+        assert "threads <code>\\\\x1b\\]0;pwned\\\\x07\\\\x1b\\[2J</code>" in md
+
+    def test_html_escapes_every_value(self, hostile: dict[str, str]) -> None:
+        """The HTML report keeps every name as text: no tag from the store, balanced tags."""
+        checker = _Checker()
+        checker.feed(hostile["html"])
+        assert not checker.tags & {"script", "img", "iframe"}
+        assert checker.stack == []
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in hostile["html"]
