@@ -5,7 +5,7 @@ SQLALCHEMY ?= 2.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-sa20 demo lint format bench clean
+.PHONY: setup test test-sa20 test-sqlalchemy demo lint format bench clean
 
 setup: $(VENV)/.installed-$(SQLALCHEMY)
 
@@ -24,6 +24,11 @@ test: setup
 test-sa20:
 	$(MAKE) test VENV=.venv-sa20 SQLALCHEMY=2.0
 
+## test-sqlalchemy: SQLAlchemy's own pool, engine, session and asyncio tests, with and
+## without a monitor on every pool; plus test_pool.py with --pool-leaks (~1.5 min)
+test-sqlalchemy: setup
+	$(PY) -s tests/sqlalchemy_suite/run.py
+
 ## demo: run the sample app for ~30 s on SQLite, then open the dashboard
 demo: setup
 	$(PY) -m instrument demo
@@ -41,4 +46,4 @@ bench: setup
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf .venv .venv-sa20 *.egg-info .pytest_cache
+	rm -rf .venv .venv-sa20 *.egg-info .pytest_cache .cache

@@ -312,12 +312,36 @@ class _LeakCheck:
         return {name: guarded(fn) for name, fn in listeners.items()}
 
     def _install(self) -> None:
-        if not self._installed:
-            from sqlalchemy import event
+        """Listen on ``Pool``; put back any listener something removed since (idempotent).
 
-            for name, fn in self._listeners.items():
+        A suite may clear every class-level pool listener (SQLAlchemy's own
+        ``PoolEventsTest`` calls ``Pool.dispatch._clear()`` after each test), which takes
+        ours too: this runs at each test's setup and end, so the check is blind at most
+        until then. Three ``event.contains`` look-ups per test; nothing on the hot path.
+        """
+        from sqlalchemy import event
+
+        lost = False
+        for name, fn in self._listeners.items():
+            if not event.contains(self._pool_class, name, fn):
                 event.listen(self._pool_class, name, fn)
-            self._installed = True
+                lost = self._installed
+        self._installed = True
+        if lost:
+            self._forget_unseen()
+
+    def _forget_unseen(self) -> None:
+        """Drop the checkouts whose return the listeners, while removed, may have missed.
+
+        An entry is kept only if its connection is still checked out to the same proxy
+        (``_ConnectionRecord.fairy_ref``); the others were returned unseen (or their
+        proxy is gone and nothing can tell how): they are neither leaks nor kept alive.
+        """
+        for record, entry in list(self.open.items()):
+            proxy = entry[_PROXY]()
+            fairy_ref = getattr(record, "fairy_ref", None)
+            if proxy is None or fairy_ref is None or fairy_ref() is not proxy:
+                self.open.pop(record, None)
 
     def _uninstall(self) -> None:
         if self._installed:
@@ -389,6 +413,7 @@ class _LeakCheck:
         item = self._item
         if item is None:
             return [], []
+        self._install()  # listeners removed during the test: judge only what is still out
         if self._open_entries():
             gc.collect()  # a Session or Connection in a reference cycle goes back only now
         t = time.time()

@@ -13,6 +13,10 @@ import sqlalchemy as sa
 
 from instrument import _hooks, _writer
 
+# SQLAlchemy's own suite runs from its sdist through sqlalchemy_suite/run.py (make
+# test-sqlalchemy), never as part of this suite.
+collect_ignore = ["sqlalchemy_suite"]
+
 PG_URL = os.environ.get("POOLSCOPE_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 """The PostgreSQL server the suite uses; override with ``$POOLSCOPE_PG_URL``."""
 

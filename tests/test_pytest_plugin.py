@@ -197,6 +197,55 @@ class TestLeakingTest:
         )
 
 
+class TestPoolEventsCleared:
+    CLEARS = """
+        @pytest.fixture
+        def clears_events_then_closes():
+            conn = engine.connect()
+            yield conn
+            sa.pool.Pool.dispatch._clear()  # as SQLAlchemy's PoolEventsTest teardown does
+            conn.close()
+
+
+        def test_clears_pool_events(clears_events_then_closes):
+            assert clears_events_then_closes.scalar(sa.text("select 1")) == 1
+
+
+        def test_clears_pool_events_again():
+            sa.pool.Pool.dispatch._clear()
+        """
+
+    def test_leak_after_a_suite_clears_pool_events_is_still_flagged(
+        self, pytester: pytest.Pytester, sqlite_url: str
+    ) -> None:
+        """A suite that clears every class-level pool listener still has its later leak
+        flagged, and the connection returned after the clear is not called a leak."""
+        line = write_suite(
+            pytester, sqlite_url, textwrap.dedent(self.CLEARS) + textwrap.dedent(LEAKS["global"])
+        )
+        result = run(pytester, "--pool-leaks", subprocess=True)
+        result.assert_outcomes(passed=CLEAN_TESTS + 3, errors=1)
+        assert teardown_errors(result) == ["test_leaky"]
+        result.stdout.fnmatch_lines(
+            [f"poolscope: test_leaky leaked 1 connection; checked out at test_app.py:{line} *"]
+        )
+        result.stdout.fnmatch_lines(["poolscope: 7 * watched in 8 tests, 1 leak found"])
+
+    def test_marked_test_after_a_clear_is_checked(
+        self, pytester: pytest.Pytester, sqlite_url: str
+    ) -> None:
+        """With the check asked for by a marker, a marked test running after a clear is
+        still checked."""
+        clears = textwrap.dedent(self.CLEARS)
+        leaky = clears.replace("def test_clears", "@pytest.mark.pool_leaks\ndef test_clears")
+        leaky += "\n\n@pytest.mark.pool_leaks\n" + textwrap.dedent(LEAKS["connection"])
+        line = write_suite(pytester, sqlite_url, leaky)
+        result = run(pytester, subprocess=True)
+        result.assert_outcomes(passed=CLEAN_TESTS + 3, errors=1)
+        assert teardown_errors(result) == ["test_leaky"]
+        result.stdout.fnmatch_lines([f"*checked out at test_app.py:{line} in test_leaky*"])
+
+
 class TestOwnFailures:
     def test_a_failing_listener_never_reaches_the_test(
         self, pytester: pytest.Pytester, sqlite_url: str
