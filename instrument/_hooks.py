@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._clock import REAL
 from ._failures import listener_failed as _listener_failed
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path
@@ -106,7 +106,7 @@ class Monitor:
         self._is_async = bool(getattr(dialect, "is_async", False))
         self.name = name or _default_name(engine, pool)
         self.pool_key = next(_pool_keys)
-        self._created_at = time.time()
+        self._created_at = REAL.wall()
         self._url = mask_url(engine.url) if engine is not None else f"<{type(pool).__name__}>"
         self._dialect_name = engine.dialect.name if engine is not None else None
 
@@ -135,7 +135,7 @@ class Monitor:
 
         Each gives the site, thread, asyncio task, seconds held and stack.
         """
-        now = time.time()
+        now = REAL.wall()
         result = []
         for entry in self._open_entries():
             resolved = self._writer.stacks.resolve(entry[_CO_STACK])
@@ -296,7 +296,7 @@ class Monitor:
         if stack_id is None and entry is not None:
             stack_id = entry[_CO_STACK]
         self._writer.emit(
-            (at if at is not None else time.time(), self.pool_key, kind, connection_id,
+            (at if at is not None else REAL.wall(), self.pool_key, kind, connection_id,
              entry[_CO_ID] if entry is not None else None, thread, task, in_use, len(idle),
              in_use - size if in_use > size else 0, len(waiters), stack_id, wait_s, connect_s,
              hold_s, count)
@@ -366,7 +366,7 @@ class Monitor:
         if TimedGet is not None:  # the same, in C: one Python call less per checkout
             return TimedGet(  # type: ignore[no-any-return]
                 wrapped=do_get,
-                perf=time.perf_counter,
+                perf=REAL.perf,
                 waits=self._waits,
                 connect_starts=self._connect_starts,
                 connect_times=self._connect_times,
@@ -374,7 +374,7 @@ class Monitor:
                 timeout_error=exc.TimeoutError,
                 failed=_listener_failed,
             )
-        perf = time.perf_counter
+        perf = REAL.perf
         waits = self._waits
         connect_times = self._connect_times
         connect_starts = self._connect_starts
@@ -409,7 +409,7 @@ class Monitor:
         return _do_get
 
     def _make_creator(self, creator: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        perf = time.perf_counter
+        perf = REAL.perf
         connect_times = self._connect_times
         connect_starts = self._connect_starts
 
@@ -454,7 +454,7 @@ class Monitor:
         suspected = self._suspected
         notices = self._notices
         state = self._state
-        now = time.time
+        now = REAL.wall
         ref = weakref.ref
         next_checkout = _checkout_ids.__next__
         next_connection = _connection_ids.__next__
