@@ -415,7 +415,11 @@ class Monitor:
 
         def _invoke_creator(record: Any) -> Any:
             t0 = connect_starts[record] = perf()
-            connection = creator(record)
+            try:
+                connection = creator(record)
+            except BaseException:  # a failed connect: its record is dropped, forget it too
+                connect_starts.pop(record, None)
+                raise
             connect_times[record] = perf() - t0
             return connection
 

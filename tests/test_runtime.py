@@ -1025,6 +1025,31 @@ class TestAsync:
         ]
 
 
+@pytest.mark.usefixtures("recorder_impl")
+class TestFailedConnects:
+    """Connects that fail leave nothing of theirs in the monitor."""
+
+    def test_failed_connects_do_not_pile_up(self, tmp_path: Path, store_path: Path) -> None:
+        """1,000 failed connects (a database file that cannot be opened) leave no record
+        behind; once it can be opened, the first connect is recorded with its connect time."""
+        app = tmp_path / "not-yet" / "app.db"
+        engine = sa.create_engine(f"sqlite:///{app}")
+        monitor = instrument.attach(engine, store=store_path)
+        for _ in range(1000):
+            with pytest.raises(sa_exc.OperationalError):
+                engine.connect()
+        assert len(monitor._connect_starts) == 0
+        assert len(monitor._connect_times) == len(monitor._waits) == 0
+        app.parent.mkdir()
+        short_checkouts(engine)
+        monitor.flush()
+        ((connect_s,),) = events(store_path, "connect", "connect_s")
+        assert 0 < connect_s < 5
+        ((wait_s,),) = events(store_path, "checkout", "wait_s")
+        assert 0 <= wait_s < 5
+        engine.dispose()
+
+
 @contextmanager
 def _module_scanning_clock(fake: Callable[[], float]) -> Iterator[None]:
     """Replace every module attribute that is the real ``time.time`` or ``perf_counter``
