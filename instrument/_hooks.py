@@ -99,9 +99,12 @@ class Monitor:
         _check_arguments(store, leak_after, name)
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
-        self._event_target: Any = engine if engine is not None else pool
         self._state: list[Any] = _pool_state(pool)
-        self._wrapped_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        # The pools this monitor hooked, each with weak references to the wrappers it set
+        # on it: detach() removes a wrapper only while it is still in place.
+        self._wrapped_pools: weakref.WeakKeyDictionary[Pool, tuple[tuple[str, Any], ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         dialect = engine.dialect if engine is not None else getattr(pool, "_dialect", None)
         self._is_async = bool(getattr(dialect, "is_async", False))
         self.name = name or _default_name(engine, pool)
@@ -123,6 +126,22 @@ class Monitor:
         self._suspected: dict[int, float] = {}
         self._notices: deque[tuple[str, tuple[Any, ...], float]] = deque()
         self._attached = False
+        # The engine (or bare pool) is held weakly: attaching must not keep it, its pool
+        # or its connections alive. The pool's listeners and wrappers hold the monitor
+        # instead. When the engine is gone, its checkouts and records are forgotten, so
+        # that a monitor the application keeps does not keep the pool's records.
+        tables = (
+            self._open,
+            self._shared,
+            self._waits,
+            self._connect_times,
+            self._connect_starts,
+            self._connection_ids,
+            self._suspected,
+        )
+        self._target_ref = weakref.ref(
+            engine if engine is not None else pool, lambda _: [t.clear() for t in tables]
+        )
 
         self._writer: Writer = get_writer(self.store)
         self._listeners = self._make_listeners()
@@ -172,26 +191,26 @@ class Monitor:
             return
         self._attached = False
         target = self._event_target
-        for name, fn in self._listeners.items():
+        for name, fn in self._listeners.items() if target is not None else ():
             try:
                 if event.contains(target, name, fn):
                     event.remove(target, name, fn)
             except Exception:  # an engine already gone has no listeners left to remove
                 logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
-        for pool in list(self._wrapped_pools):
-            _unwrap_pool(pool)
-        self._wrapped_pools = weakref.WeakSet()
+        for pool, wrappers in list(self._wrapped_pools.items()):
+            _unwrap_pool(pool, wrappers)
+        self._wrapped_pools = weakref.WeakKeyDictionary()
         # The returns of connections still checked out can no longer be seen: forget
         # them, or the watchdog would report them as leaks once leak_after has passed.
         self._forget_checkouts()
         with _registry_lock:
-            if _monitors.get(self._event_target) is self:
-                del _monitors[self._event_target]
+            if target is not None and _monitors.get(target) is self:
+                del _monitors[target]
 
     @property
     def attached(self) -> bool:
-        """Whether the listeners are installed."""
-        return self._attached
+        """Whether the listeners are installed (never once the engine or pool is gone)."""
+        return self._attached and self._target_ref() is not None
 
     @property
     def dropped(self) -> int:
@@ -204,8 +223,18 @@ class Monitor:
 
     # -- used by the writer -----------------------------------------------------------
 
+    @property
+    def _event_target(self) -> Any:
+        """The engine or bare pool attached, or ``None`` once the garbage collector took it."""
+        return self._target_ref()
+
+    @property
+    def _pool(self) -> Pool | None:
+        """The pool recorded now (``engine.dispose()`` replaces it), or ``None`` once gone."""
+        return self._state[0]()  # type: ignore[no-any-return]
+
     def pool_info(self) -> dict[str, Any]:
-        pool = self._state[0]
+        pool = self._pool
         is_queue = isinstance(pool, QueuePool)
         return {
             "name": self.name,
@@ -328,9 +357,10 @@ class Monitor:
     # -- installation -------------------------------------------------------------------
 
     def _install(self) -> None:
+        target = self._event_target
         for name, fn in self._listeners.items():
-            event.listen(self._event_target, name, fn)
-        self._wrap(self._state[0])
+            event.listen(target, name, fn)
+        self._wrap(self._pool)
         self._attached = True
         self._writer.pools[self.pool_key] = self.pool_info()
         self._writer.monitors.add(self)
@@ -347,10 +377,10 @@ class Monitor:
         self._state[:] = _pool_state(pool)
         if "_do_get" in vars(pool):  # already ours (or someone else's): leave it
             return
-        pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
-        original_creator = pool._invoke_creator
-        pool._poolscope_creator = original_creator  # type: ignore[attr-defined]
-        pool._invoke_creator = self._make_creator(original_creator)
+        # Only these three names, which the pool class already has, are set on the pool;
+        # each wrapper keeps what it replaced (``__wrapped__``), nothing else is stored.
+        do_get = pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
+        creator = pool._invoke_creator = self._make_creator(pool._invoke_creator)
         recreate = pool.recreate
 
         def _recreate() -> Pool:
@@ -359,8 +389,13 @@ class Monitor:
                 self._wrap(new_pool)
             return new_pool
 
+        _recreate.__wrapped__ = recreate  # type: ignore[attr-defined]
         pool.recreate = _recreate  # type: ignore[method-assign]
-        self._wrapped_pools.add(pool)
+        self._wrapped_pools[pool] = (
+            ("_do_get", weakref.ref(do_get)),
+            ("_invoke_creator", weakref.ref(creator)),
+            ("recreate", weakref.ref(_recreate)),
+        )
 
     def _make_do_get(self, do_get: Callable[[], Any]) -> Callable[[], Any]:
         if TimedGet is not None:  # the same, in C: one Python call less per checkout
@@ -423,6 +458,7 @@ class Monitor:
             connect_times[record] = perf() - t0
             return connection
 
+        _invoke_creator.__wrapped__ = creator  # type: ignore[attr-defined]
         return _invoke_creator
 
     def _on_timeout(self, waited: float) -> None:
@@ -732,18 +768,21 @@ cached, so a thread renamed after its first checkout is recorded under its new n
 
 
 def _pool_state(pool: Pool) -> list[Any]:
-    """Return ``[pool, idle_queue, waiter_list, size]`` read by the listeners with ``len()``.
+    """Return ``[ref(pool), idle_queue, waiter_list, size]``; the listeners read the
+    middle two with ``len()``.
 
     For a ``QueuePool`` these are the pool's own deques (no lock taken to read a
-    length); other pool classes have no idle queue or waiters worth counting.
+    length); other pool classes have no idle queue or waiters worth counting. The
+    pool itself is held weakly (none of these refers to it).
     """
+    ref = weakref.ref(pool)
     if isinstance(pool, QueuePool):
         inner = pool._pool
         if hasattr(inner, "not_empty"):  # threading queue
-            return [pool, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
+            return [ref, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
         aio = inner._queue  # type: ignore[attr-defined]  # AsyncAdaptedQueue
-        return [pool, aio._queue, aio._getters, pool.size()]
-    return [pool, (), (), _NO_SIZE]
+        return [ref, aio._queue, aio._getters, pool.size()]
+    return [ref, (), (), _NO_SIZE]
 
 
 def _recycle_seconds(pool: Pool) -> float | None:
@@ -751,12 +790,21 @@ def _recycle_seconds(pool: Pool) -> float | None:
     return float(recycle) if recycle is not None and recycle >= 0 else None
 
 
-def _unwrap_pool(pool: Pool) -> None:
-    vars(pool).pop("_do_get", None)
-    vars(pool).pop("recreate", None)
-    creator = vars(pool).pop("_poolscope_creator", None)
-    if creator is not None:
-        pool._invoke_creator = creator
+def _unwrap_pool(pool: Pool, wrappers: tuple[tuple[str, Any], ...]) -> None:
+    """Put back what each of ``wrappers`` (name, weak reference) replaced on ``pool``.
+
+    A wrapper no longer in place was replaced by the application since (setting
+    ``pool._creator`` sets ``_invoke_creator``): what it put there stays.
+    """
+    attrs = vars(pool)
+    for name, ref in wrappers:
+        wrapper = ref()
+        if wrapper is None or attrs.get(name) is not wrapper:
+            continue
+        if name == "_invoke_creator":  # the pool's own attribute: the original goes back
+            attrs[name] = wrapper.__wrapped__
+        else:  # a method of the pool's class, shadowed
+            del attrs[name]
 
 
 def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
@@ -793,7 +841,38 @@ def _default_name(engine: Engine | None, pool: Pool) -> str:
     return database or engine.dialect.name
 
 
-_monitors: weakref.WeakKeyDictionary[Any, Monitor] = weakref.WeakKeyDictionary()
+class _Registry:
+    """The attached monitors by engine (or bare pool), both held weakly.
+
+    A monitor lives as long as the listeners and wrappers on its pool hold it (or
+    the application does): the registry keeps neither an engine nor a monitor alive,
+    and an entry goes with its engine.
+    """
+
+    def __init__(self) -> None:
+        self._refs: weakref.WeakKeyDictionary[Any, weakref.ref[Monitor]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, key: Any) -> Monitor | None:
+        try:
+            ref = self._refs.get(key)
+        except TypeError:  # not weakly referenceable: never attached
+            return None
+        return ref() if ref is not None else None
+
+    def __setitem__(self, key: Any, monitor: Monitor) -> None:
+        self._refs[key] = weakref.ref(monitor)
+
+    def __delitem__(self, key: Any) -> None:
+        del self._refs[key]
+
+    def values(self) -> list[Monitor]:
+        monitors = (ref() for ref in list(self._refs.values()))
+        return [monitor for monitor in monitors if monitor is not None]
+
+
+_monitors = _Registry()
 _registry_lock = threading.Lock()
 
 
@@ -820,10 +899,7 @@ def attach(
     sync_engine = getattr(engine, "sync_engine", None)
     key = sync_engine if isinstance(sync_engine, Engine) else engine
     with _registry_lock:
-        try:
-            existing = _monitors.get(key)
-        except TypeError:
-            existing = None
+        existing = _monitors.get(key)
         if existing is not None and existing.attached:
             return existing
     monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)

@@ -680,6 +680,7 @@ typedef struct {
     PyObject *on_timeout;      /* callable(waited) */
     PyObject *timeout_error;   /* sqlalchemy.exc.TimeoutError */
     PyObject *failed;          /* _failures.listener_failed(name) */
+    PyObject *weakreflist;     /* poolscope keeps a weak reference to know it is still set */
 } TimedGet;
 
 static int
@@ -704,6 +705,7 @@ static void
 TimedGet_dealloc(TimedGet *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     TimedGet_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -819,6 +821,7 @@ static PyTypeObject TimedGetType = {
     .tp_name = "instrument._speedups.TimedGet",
     .tp_doc = "A pool's _do_get, timed: waits and connect times by record.",
     .tp_basicsize = sizeof(TimedGet),
+    .tp_weaklistoffset = offsetof(TimedGet, weakreflist),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)TimedGet_init,
