@@ -876,6 +876,22 @@ _monitors = _Registry()
 _registry_lock = threading.Lock()
 
 
+def _existing_monitor(target: Any) -> Monitor | None:
+    """The attached monitor recording ``target``: attached to it, or to the same pool
+    (an engine and its own pool are one pool, recorded once)."""
+    try:
+        engine, pool = _engine_and_pool(target)
+    except TypeError:
+        return None
+    existing = _monitors.get(engine if engine is not None else pool)
+    if existing is not None and existing.attached:
+        return existing
+    for monitor in _monitors.values():
+        if monitor.attached and monitor._pool is pool:
+            return monitor
+    return None
+
+
 def attach(
     engine: Any,
     store: str | os.PathLike[str] | None = None,
@@ -884,7 +900,8 @@ def attach(
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
-    Attaching the same engine (or pool) again returns the monitor it already has.
+    Attaching the same engine (or pool) again returns the monitor it already has, as
+    does attaching an engine's own pool after the engine, or the engine after its pool.
     Recording never raises into the application: a store that cannot be written
     is reported once through ``logging`` and its events are dropped and counted.
 
@@ -896,11 +913,9 @@ def attach(
     :param name: the pool's name in reports. May be ``None`` for the database name.
     """
     _check_arguments(store, leak_after, name)
-    sync_engine = getattr(engine, "sync_engine", None)
-    key = sync_engine if isinstance(sync_engine, Engine) else engine
     with _registry_lock:
-        existing = _monitors.get(key)
-        if existing is not None and existing.attached:
+        existing = _existing_monitor(engine)
+        if existing is not None:
             return existing
     monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)
     with _registry_lock:

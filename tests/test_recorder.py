@@ -1498,3 +1498,39 @@ class TestDetachKeepsTheApplicationsCreator:
         assert vars(pool)["_do_get"] is own_do_get and vars(pool)["recreate"] is own_recreate
         short_checkouts(engine)
         engine.dispose()
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestEngineAndItsPool:
+    """An engine and its own pool are one pool: attaching both gives one monitor."""
+
+    @pytest.mark.parametrize("pool_first", [False, True], ids=["engine-first", "pool-first"])
+    def test_engine_and_its_pool_are_recorded_once(
+        self, sqlite_url: str, store_path: Path, pool_first: bool
+    ) -> None:
+        """attach(engine) and attach(engine.pool), in either order, return the same monitor,
+        and each checkout is recorded once, under one pool."""
+        engine = sa.create_engine(sqlite_url)
+        targets = [engine.pool, engine] if pool_first else [engine, engine.pool]
+        first = instrument.attach(targets[0], store=store_path)
+        second = instrument.attach(targets[1], store=store_path)
+        assert second is first
+        short_checkouts(engine, 5)
+        first.flush()
+        assert query(store_path, "SELECT count(*) FROM pools") == [(1,)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(5,)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkin'") == [(5,)]
+        engine.dispose()
+
+    def test_capture_events_on_an_engine_whose_pool_is_attached(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """capture_events(engine) uses the monitor of the engine's pool, once, and leaves it
+        attached."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine.pool, store=store_path)
+        with capture_events(engine) as events:
+            short_checkouts(engine)
+        assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+        assert monitor.attached
+        engine.dispose()
