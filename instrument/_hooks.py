@@ -128,8 +128,8 @@ class Monitor:
         self._attached = False
         # The engine (or bare pool) is held weakly: attaching must not keep it, its pool
         # or its connections alive. The pool's listeners and wrappers hold the monitor
-        # instead. When the engine is gone, its checkouts and records are forgotten, so
-        # that a monitor the application keeps does not keep the pool's records.
+        # instead. When the engine is gone its checkouts and connection records are
+        # forgotten: a monitor the application keeps holds nothing of a pool that is gone.
         tables = (
             self._open,
             self._shared,
@@ -218,7 +218,7 @@ class Monitor:
         return self._writer.dropped_total + len(self._writer.drops)
 
     def __repr__(self) -> str:
-        state = "attached" if self._attached else "detached"
+        state = "attached" if self.attached else "detached"
         return f"<Monitor {self.name!r} {state} store={str(self.store)!r}>"
 
     # -- used by the writer -----------------------------------------------------------
