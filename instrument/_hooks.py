@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.event.registry import _EventKey
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._clock import REAL
 from ._failures import listener_failed as _listener_failed
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
@@ -115,14 +115,17 @@ class Monitor:
         _check_arguments(store, leak_after, name)
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
-        self._event_target: Any = engine if engine is not None else pool
         self._state: list[Any] = _pool_state(pool)
-        self._wrapped_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        # The pools this monitor hooked, each with weak references to the wrappers it set
+        # on it: detach() removes a wrapper only while it is still in place.
+        self._wrapped_pools: weakref.WeakKeyDictionary[Pool, tuple[tuple[str, Any], ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         dialect = engine.dialect if engine is not None else getattr(pool, "_dialect", None)
         self._is_async = bool(getattr(dialect, "is_async", False))
         self.name = name or _default_name(engine, pool)
         self.pool_key = next(_pool_keys)
-        self._created_at = time.time()
+        self._created_at = REAL.wall()
         self._url = mask_url(engine.url) if engine is not None else f"<{type(pool).__name__}>"
         self._dialect_name = engine.dialect.name if engine is not None else None
         # The monitors of the pools that recreate() made from this one (engine.dispose()),
@@ -147,6 +150,22 @@ class Monitor:
         self._suspected: dict[int, float] = {}
         self._notices: deque[tuple[str, tuple[Any, ...], float]] = deque()
         self._attached = False
+        # The engine (or bare pool) is held weakly: attaching must not keep it, its pool
+        # or its connections alive. The pool's listeners and wrappers hold the monitor
+        # instead. When the engine is gone its checkouts and connection records are
+        # forgotten: a monitor the application keeps holds nothing of a pool that is gone.
+        tables = (
+            self._open,
+            self._shared,
+            self._waits,
+            self._connect_times,
+            self._connect_starts,
+            self._connection_ids,
+            self._suspected,
+        )
+        self._target_ref = weakref.ref(
+            engine if engine is not None else pool, lambda _: [t.clear() for t in tables]
+        )
 
         # A successor writes through its origin's writer: a dispose() after the writers
         # were shut down (at exit) must not start a new one.
@@ -161,7 +180,7 @@ class Monitor:
 
         Each gives the site, thread, asyncio task, seconds held and stack.
         """
-        now = time.time()
+        now = REAL.wall()
         result = []
         entries = self._open_entries()
         for successor in list(self._successors):
@@ -205,28 +224,28 @@ class Monitor:
             if successor is not self:
                 successor.detach()
         target = self._event_target
-        for name, fn in self._listeners.items():
+        for name, fn in self._listeners.items() if target is not None else ():
             try:
                 if event.contains(target, name, fn):
                     event.remove(target, name, fn)
             except Exception:  # an engine already gone has no listeners left to remove
                 logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
-        for pool in list(self._wrapped_pools):
-            _unwrap_pool(pool)
-        self._wrapped_pools = weakref.WeakSet()
+        for pool, wrappers in list(self._wrapped_pools.items()):
+            _unwrap_pool(pool, wrappers)
+        self._wrapped_pools = weakref.WeakKeyDictionary()
         # The returns of connections still checked out can no longer be seen: say so in
         # the store, then forget them, or the watchdog would report them as leaks once
         # leak_after has passed.
         self._unwatch_open_checkouts()
         self._forget_checkouts()
         with _registry_lock:
-            if _monitors.get(self._event_target) is self:
-                del _monitors[self._event_target]
+            if target is not None and _monitors.get(target) is self:
+                del _monitors[target]
 
     @property
     def attached(self) -> bool:
-        """Whether the listeners are installed."""
-        return self._attached
+        """Whether the listeners are installed (never once the engine or pool is gone)."""
+        return self._attached and self._target_ref() is not None
 
     @property
     def dropped(self) -> int:
@@ -234,13 +253,23 @@ class Monitor:
         return self._writer.dropped_total + len(self._writer.drops)
 
     def __repr__(self) -> str:
-        state = "attached" if self._attached else "detached"
+        state = "attached" if self.attached else "detached"
         return f"<Monitor {self.name!r} {state} store={str(self.store)!r}>"
 
     # -- used by the writer -----------------------------------------------------------
 
+    @property
+    def _event_target(self) -> Any:
+        """The engine or bare pool attached, or ``None`` once the garbage collector took it."""
+        return self._target_ref()
+
+    @property
+    def _pool(self) -> Pool | None:
+        """The pool recorded now (``engine.dispose()`` replaces it), or ``None`` once gone."""
+        return self._state[0]()  # type: ignore[no-any-return]
+
     def pool_info(self) -> dict[str, Any]:
-        pool = self._state[0]
+        pool = self._pool
         is_queue = isinstance(pool, QueuePool)
         return {
             "name": self.name,
@@ -331,7 +360,7 @@ class Monitor:
         if stack_id is None and entry is not None:
             stack_id = entry[_CO_STACK]
         self._writer.emit(
-            (at if at is not None else time.time(), self.pool_key, kind, connection_id,
+            (at if at is not None else REAL.wall(), self.pool_key, kind, connection_id,
              entry[_CO_ID] if entry is not None else None, thread, task, in_use, len(idle),
              in_use - size if in_use > size else 0, len(waiters), stack_id, wait_s, connect_s,
              hold_s, count)
@@ -382,9 +411,10 @@ class Monitor:
     # -- installation -------------------------------------------------------------------
 
     def _install(self) -> None:
+        target = self._event_target
         for name, fn in self._listeners.items():
-            event.listen(self._event_target, name, fn)
-        self._wrap(self._state[0])
+            event.listen(target, name, fn)
+        self._wrap(self._pool)
         self._attached = True
         self._writer.pools[self.pool_key] = self.pool_info()
         self._writer.monitors.add(self)
@@ -400,10 +430,10 @@ class Monitor:
         """
         if "_do_get" in vars(pool):  # already ours (or someone else's): leave it
             return
-        pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
-        original_creator = pool._invoke_creator
-        pool._poolscope_creator = original_creator  # type: ignore[attr-defined]
-        pool._invoke_creator = self._make_creator(original_creator)
+        # Only these three names, which the pool class already has, are set on the pool;
+        # each wrapper keeps what it replaced (``__wrapped__``), nothing else is stored.
+        do_get = pool._do_get = self._make_do_get(pool._do_get)  # type: ignore[method-assign]
+        creator = pool._invoke_creator = self._make_creator(pool._invoke_creator)
         recreate = pool.recreate
 
         def _recreate() -> Pool:
@@ -412,8 +442,13 @@ class Monitor:
                 self._hand_over(new_pool)
             return new_pool
 
+        _recreate.__wrapped__ = recreate  # type: ignore[attr-defined]
         pool.recreate = _recreate  # type: ignore[method-assign]
-        self._wrapped_pools.add(pool)
+        self._wrapped_pools[pool] = (
+            ("_do_get", weakref.ref(do_get)),
+            ("_invoke_creator", weakref.ref(creator)),
+            ("recreate", weakref.ref(_recreate)),
+        )
 
     def _hand_over(self, new_pool: Pool) -> None:
         """Give ``new_pool``, which ``recreate()`` made from this monitor's pool, a monitor
@@ -442,6 +477,10 @@ class Monitor:
                 _origin=self,
             )
             self._successors.add(successor)
+            # attach(engine) after dispose() finds the monitor of the engine's new pool,
+            # even once the old pool and its monitor are gone.
+            with _registry_lock:
+                _monitors[new_pool] = successor
         except Exception:  # engine.dispose() goes on, recorded or not
             _listener_failed("_recreate")
 
@@ -449,7 +488,7 @@ class Monitor:
         if TimedGet is not None:  # the same, in C: one Python call less per checkout
             return TimedGet(  # type: ignore[no-any-return]
                 wrapped=do_get,
-                perf=time.perf_counter,
+                perf=REAL.perf,
                 waits=self._waits,
                 connect_starts=self._connect_starts,
                 connect_times=self._connect_times,
@@ -457,7 +496,7 @@ class Monitor:
                 timeout_error=exc.TimeoutError,
                 failed=_listener_failed,
             )
-        perf = time.perf_counter
+        perf = REAL.perf
         waits = self._waits
         connect_times = self._connect_times
         connect_starts = self._connect_starts
@@ -492,16 +531,21 @@ class Monitor:
         return _do_get
 
     def _make_creator(self, creator: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        perf = time.perf_counter
+        perf = REAL.perf
         connect_times = self._connect_times
         connect_starts = self._connect_starts
 
         def _invoke_creator(record: Any) -> Any:
             t0 = connect_starts[record] = perf()
-            connection = creator(record)
+            try:
+                connection = creator(record)
+            except BaseException:  # a failed connect: its record is dropped, forget it too
+                connect_starts.pop(record, None)
+                raise
             connect_times[record] = perf() - t0
             return connection
 
+        _invoke_creator.__wrapped__ = creator  # type: ignore[attr-defined]
         return _invoke_creator
 
     def _on_timeout(self, waited: float) -> None:
@@ -537,7 +581,7 @@ class Monitor:
         suspected = self._suspected
         notices = self._notices
         state = self._state
-        now = time.time
+        now = REAL.wall
         ref = weakref.ref
         next_checkout = _checkout_ids.__next__
         next_connection = _connection_ids.__next__
@@ -811,18 +855,21 @@ cached, so a thread renamed after its first checkout is recorded under its new n
 
 
 def _pool_state(pool: Pool) -> list[Any]:
-    """Return ``[pool, idle_queue, waiter_list, size]`` read by the listeners with ``len()``.
+    """Return ``[ref(pool), idle_queue, waiter_list, size]``; the listeners read the
+    middle two with ``len()``.
 
     For a ``QueuePool`` these are the pool's own deques (no lock taken to read a
-    length); other pool classes have no idle queue or waiters worth counting.
+    length); other pool classes have no idle queue or waiters worth counting. The
+    pool itself is held weakly (none of these refers to it).
     """
+    ref = weakref.ref(pool)
     if isinstance(pool, QueuePool):
         inner = pool._pool
         if hasattr(inner, "not_empty"):  # threading queue
-            return [pool, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
+            return [ref, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
         aio = inner._queue  # type: ignore[attr-defined]  # AsyncAdaptedQueue
-        return [pool, aio._queue, aio._getters, pool.size()]
-    return [pool, (), (), _NO_SIZE]
+        return [ref, aio._queue, aio._getters, pool.size()]
+    return [ref, (), (), _NO_SIZE]
 
 
 def _recycle_seconds(pool: Pool) -> float | None:
@@ -830,12 +877,21 @@ def _recycle_seconds(pool: Pool) -> float | None:
     return float(recycle) if recycle is not None and recycle >= 0 else None
 
 
-def _unwrap_pool(pool: Pool) -> None:
-    vars(pool).pop("_do_get", None)
-    vars(pool).pop("recreate", None)
-    creator = vars(pool).pop("_poolscope_creator", None)
-    if creator is not None:
-        pool._invoke_creator = creator
+def _unwrap_pool(pool: Pool, wrappers: tuple[tuple[str, Any], ...]) -> None:
+    """Put back what each of ``wrappers`` (name, weak reference) replaced on ``pool``.
+
+    A wrapper no longer in place was replaced by the application since (setting
+    ``pool._creator`` sets ``_invoke_creator``): what it put there stays.
+    """
+    attrs = vars(pool)
+    for name, ref in wrappers:
+        wrapper = ref()
+        if wrapper is None or attrs.get(name) is not wrapper:
+            continue
+        if name == "_invoke_creator":  # the pool's own attribute: the original goes back
+            attrs[name] = wrapper.__wrapped__
+        else:  # a method of the pool's class, shadowed
+            del attrs[name]
 
 
 def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
@@ -872,8 +928,57 @@ def _default_name(engine: Engine | None, pool: Pool) -> str:
     return database or engine.dialect.name
 
 
-_monitors: weakref.WeakKeyDictionary[Any, Monitor] = weakref.WeakKeyDictionary()
+class _Registry:
+    """The attached monitors by engine (or bare pool), both held weakly.
+
+    A monitor lives as long as the listeners and wrappers on its pool hold it (or
+    the application does): the registry keeps neither an engine nor a monitor alive,
+    and an entry goes with its engine.
+    """
+
+    def __init__(self) -> None:
+        self._refs: weakref.WeakKeyDictionary[Any, weakref.ref[Monitor]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, key: Any) -> Monitor | None:
+        try:
+            ref = self._refs.get(key)
+        except TypeError:  # not weakly referenceable: never attached
+            return None
+        return ref() if ref is not None else None
+
+    def __setitem__(self, key: Any, monitor: Monitor) -> None:
+        self._refs[key] = weakref.ref(monitor)
+
+    def __delitem__(self, key: Any) -> None:
+        del self._refs[key]
+
+    def values(self) -> list[Monitor]:
+        monitors = (ref() for ref in list(self._refs.values()))
+        return [monitor for monitor in monitors if monitor is not None]
+
+
+_monitors = _Registry()
 _registry_lock = threading.Lock()
+
+
+def _existing_monitor(target: Any) -> Monitor | None:
+    """The attached monitor recording ``target``: attached to it, or to the same pool
+    (an engine and its own pool are one pool, recorded once)."""
+    try:
+        engine, pool = _engine_and_pool(target)
+    except TypeError:
+        return None
+    existing = _monitors.get(engine if engine is not None else pool)
+    if existing is not None and existing.attached and existing._pool is pool:
+        return existing
+    # The engine's or pool's own monitor, the one of the pool that engine.dispose() put in
+    # its place (registered under that pool), or the monitor of the engine a pool is of.
+    for monitor in _monitors.values():
+        if monitor.attached and monitor._pool is pool:
+            return monitor
+    return existing if existing is not None and existing.attached else None
 
 
 def attach(
@@ -884,7 +989,8 @@ def attach(
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
-    Attaching the same engine (or pool) again returns the monitor it already has.
+    Attaching the same engine (or pool) again returns the monitor it already has, as
+    does attaching an engine's own pool after the engine, or the engine after its pool.
     Recording never raises into the application: a store that cannot be written
     is reported once through ``logging`` and its events are dropped and counted.
 
@@ -896,14 +1002,9 @@ def attach(
     :param name: the pool's name in reports. May be ``None`` for the database name.
     """
     _check_arguments(store, leak_after, name)
-    sync_engine = getattr(engine, "sync_engine", None)
-    key = sync_engine if isinstance(sync_engine, Engine) else engine
     with _registry_lock:
-        try:
-            existing = _monitors.get(key)
-        except TypeError:
-            existing = None
-        if existing is not None and existing.attached:
+        existing = _existing_monitor(engine)
+        if existing is not None:
             return existing
     monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)
     with _registry_lock:

@@ -115,7 +115,6 @@ static PyObject *str_checkout;  /* "checkout" */
 static PyObject *str_checkin;   /* "checkin" */
 static PyObject *one;           /* 1, appended to `drops` per dropped record */
 static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL) */
-static PyObject *time_time;     /* time.time, which HotPath's `now` usually is */
 
 #define RECORD_WIDTH 16
 #define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
@@ -145,8 +144,7 @@ typedef struct {
     PyObject *state;           /* list: [pool, idle, waiters, size] */
     PyObject *stack_ids;       /* dict: stack key -> stack id */
     PyObject *next_checkout;   /* callable -> next checkout id */
-    PyObject *now;             /* callable -> unix time (time.time) */
-    int now_is_time;           /* `now` is time.time itself: read the clock in C */
+    PyObject *now;             /* callable -> unix time, if the clock cannot be read in C */
     PyObject *threads;         /* dict: thread ident -> Thread (threading._active) */
     PyObject *fallback_checkout; /* the Python checkout listener, for all else */
     PyObject *fallback_checkin;  /* the Python checkin listener, for all else */
@@ -237,7 +235,6 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     self->events = events;
     self->pool_key_value = PyLong_AsLongLong(pool_key);
     if (self->pool_key_value == -1 && PyErr_Occurred()) return -1;
-    self->now_is_time = now == time_time;
     self->max_queue = max_queue;
     self->max_frames = max_frames;
     return 0;
@@ -417,16 +414,16 @@ out_pool_counts(Out *out, Py_ssize_t idle_extra)
     return 0;
 }
 
-/* Unix time now: from the clock in C when `now` is time.time (the same clock), else by
-   calling `now`. -1.0 with an error set on a failure. */
+/* Unix time now, read from the system's real-time clock as time.time() computes it:
+   never through the time module, whose time() a test may have replaced by a fake.
+   `now` is called only if that clock cannot be read. -1.0 with an error set on a
+   failure. */
 static double
 now_seconds(HotPath *self)
 {
-    if (self->now_is_time) {
-        struct timespec ts;
-        if (clock_gettime(CLOCK_REALTIME, &ts) == 0)  /* as time.time() computes it */
-            return (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
-    }
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) == 0)
+        return (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
     PyObject *at = PyObject_CallNoArgs(self->now);
     if (at == NULL) return -1.0;
     double t = PyFloat_AsDouble(at);
@@ -683,6 +680,7 @@ typedef struct {
     PyObject *on_timeout;      /* callable(waited) */
     PyObject *timeout_error;   /* sqlalchemy.exc.TimeoutError */
     PyObject *failed;          /* _failures.listener_failed(name) */
+    PyObject *weakreflist;     /* poolscope keeps a weak reference to know it is still set */
 } TimedGet;
 
 static int
@@ -707,6 +705,7 @@ static void
 TimedGet_dealloc(TimedGet *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     TimedGet_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -822,6 +821,7 @@ static PyTypeObject TimedGetType = {
     .tp_name = "instrument._speedups.TimedGet",
     .tp_doc = "A pool's _do_get, timed: waits and connect times by record.",
     .tp_basicsize = sizeof(TimedGet),
+    .tp_weaklistoffset = offsetof(TimedGet, weakreflist),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)TimedGet_init,
@@ -850,11 +850,6 @@ PyInit__speedups(void)
     str_checkin = PyUnicode_InternFromString("checkin");
     one = PyLong_FromLong(1);
     null = PyUnicode_InternFromString("");
-    PyObject *time_module = PyImport_ImportModule("time");
-    if (time_module == NULL) return NULL;
-    time_time = PyObject_GetAttrString(time_module, "time");
-    Py_DECREF(time_module);
-    if (time_time == NULL) return NULL;
     if (str_name == NULL || str_checkout == NULL || str_checkin == NULL || one == NULL ||
         null == NULL)
         return NULL;

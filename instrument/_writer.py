@@ -14,13 +14,13 @@ import socket
 import sqlite3
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _store
+from ._clock import REAL
 from ._secrets import masked_argv
 from ._stacks import StackTable
 
@@ -303,7 +303,7 @@ class Writer:
         new_stacks: list[int] = []
         new_pools: list[int] = []
         try:
-            now = time.time()
+            now = REAL.wall()
             if dropped or not self._write_in_one_call(conn, flat, now):
                 conn.execute("BEGIN IMMEDIATE")
                 self._write_stacks(conn, new_stacks)
@@ -450,7 +450,7 @@ class Writer:
             )
 
     def _due_heartbeat(self) -> bool:
-        return self._conn is not None and time.time() - self._last_heartbeat > HEARTBEAT_SECONDS
+        return self._conn is not None and REAL.wall() - self._last_heartbeat > HEARTBEAT_SECONDS
 
     def _write_stacks(self, conn: sqlite3.Connection, written: list[int]) -> None:
         table = self.stacks
@@ -499,7 +499,7 @@ class Writer:
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is not None:
             return self._conn
-        now = time.time()
+        now = REAL.wall()
         if self._failed_at is not None and now - self._failed_at < RETRY_OPEN_SECONDS:
             return None
         try:
@@ -558,14 +558,14 @@ class Writer:
 
     def _watch(self) -> None:
         for monitor in list(self.monitors):
-            monitor.watch(time.time())
+            monitor.watch(REAL.wall())
 
     def _record_end(self, reason: str) -> None:
         conn = self._conn
         if conn is None or self.process_id is None:
             return
         try:
-            now = time.time()
+            now = REAL.wall()
             conn.execute(
                 "UPDATE processes SET ended_at = ?, end_reason = ?, heartbeat_at = ? WHERE id = ?",
                 (now, reason, now, self.process_id),
@@ -615,7 +615,7 @@ def _checked_sqlite_rows(rows: Any, conn: sqlite3.Connection, path: Path) -> Any
     return rows if reached and os.path.realpath(reached) == os.path.realpath(path) else None
 
 
-_process_start = time.time()
+_process_start = REAL.wall()
 _writers: dict[str, Writer] = {}
 _registry_lock = threading.Lock()
 
@@ -778,7 +778,7 @@ def _after_fork_in_child() -> None:
     _forking.clear()  # the child's writers get fresh locks below
     _ending, _deferred_signal = _RUNNING, None
     _registry_lock = threading.Lock()
-    _process_start = time.time()
+    _process_start = REAL.wall()
     for writer in _writers.values():
         writer.reinit_after_fork()
         for monitor in list(writer.monitors):

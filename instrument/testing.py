@@ -72,9 +72,8 @@ def capture_events(
         event. May be ``None`` for the default. Ignored for an engine attached earlier.
     """
     events: list[dict[str, Any]] = []
-    sync_engine = getattr(engine, "sync_engine", None)
-    existing = _hooks._monitors.get(sync_engine if sync_engine is not None else engine)
-    if existing is not None and existing.attached:
+    existing = _hooks._existing_monitor(engine)
+    if existing is not None:
         existing.flush()
         start = _last_event_id(existing.store)
         try:

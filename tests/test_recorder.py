@@ -20,8 +20,10 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import sqlalchemy as sa
@@ -329,7 +331,7 @@ class TestHotPath:
 
         # The pool's wait timer fails too (a start time that is not a number): the
         # connection is handed over all the same.
-        monitor._state[1] = monitor._state[0]._pool.queue  # the idle queue is back
+        monitor._state[1] = monitor._pool._pool.queue  # the idle queue is back
         record = monitor._state[1][0]
         monitor._connect_starts[record] = "not a time"
         with engine.connect() as conn:
@@ -1503,6 +1505,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import sqlalchemy as sa
 
@@ -1707,4 +1710,252 @@ class TestCaptureEvents:
         with pytest.raises(ZeroDivisionError), capture_events(engine) as events, engine.connect():
             1 / 0  # noqa: B018
         assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+        engine.dispose()
+
+
+class _TrackedConnection(sqlite3.Connection):
+    """A DBAPI connection that can be referenced weakly (``sqlite3.Connection`` cannot)."""
+
+    opened: list[weakref.ref] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _TrackedConnection.opened.append(weakref.ref(self))
+
+
+def _count_live(refs: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(ref() is not None for ref in refs)
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestDroppedEnginesAreFreed:
+    """An attached engine, its pool and its DBAPI connections are freed as without poolscope."""
+
+    def _engines(self, tmp_path: Path, count: int, attach_to: Path | None) -> list:
+        """Make, use and drop ``count`` engines; return weak references to them, their pools
+        and their monitors."""
+        _TrackedConnection.opened = []
+        refs: list[tuple[weakref.ref, weakref.ref]] = []
+        monitors = []
+        for i in range(count):
+            engine = sa.create_engine(
+                f"sqlite:///{tmp_path / f'app{i % 4}.db'}",
+                connect_args={"factory": _TrackedConnection},
+            )
+            if attach_to is not None:
+                monitors.append(weakref.ref(instrument.attach(engine, store=attach_to)))
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+            refs.append((weakref.ref(engine), weakref.ref(engine.pool)))
+            del engine, conn
+        return [r for pair in refs for r in pair] + monitors
+
+    def test_two_hundred_dropped_engines_are_freed(self, tmp_path: Path, store_path: Path) -> None:
+        """200 attached engines, once dropped, leave no engine, pool, DBAPI connection or
+        monitor alive after a collection, and every checkout they made is in the store."""
+        bare = self._engines(tmp_path, 200, attach_to=None)
+        assert _count_live(bare) == 0 and _count_live(_TrackedConnection.opened) == 0
+
+        refs = self._engines(tmp_path, 200, attach_to=store_path)
+        assert len(_TrackedConnection.opened) == 200
+        assert _count_live(refs) == 0
+        assert _count_live(_TrackedConnection.opened) == 0
+        writer = _writer.get_writer(store_path)
+        assert len(writer.monitors) == 0 and not _hooks._monitors.values()
+        assert writer.flush()
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(200,)]
+        assert query(store_path, "SELECT count(*) FROM pools") == [(200,)]
+
+    def test_kept_monitor_of_a_disposed_engine(self, tmp_path: Path, store_path: Path) -> None:
+        """A monitor the application keeps lets its disposed and dropped engine, pool and
+        connections go, then reports itself detached; detach() and flush() still work."""
+        _TrackedConnection.opened = []
+        engine = sa.create_engine(
+            f"sqlite:///{tmp_path / 'app.db'}", connect_args={"factory": _TrackedConnection}
+        )
+        monitor = instrument.attach(engine, store=store_path)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+        refs = [weakref.ref(engine), weakref.ref(engine.pool)]
+        engine.dispose()
+        refs.append(weakref.ref(engine.pool))
+        assert monitor.attached
+        del engine, conn
+        assert _count_live(refs) == 0 and _count_live(_TrackedConnection.opened) == 0
+        assert not monitor.attached and monitor.open_checkouts() == []
+        monitor.detach()
+        assert monitor.flush()
+        kinds = query(store_path, "SELECT kind FROM events ORDER BY id")
+        assert kinds == [("connect",), ("checkout",), ("checkin",), ("close",)]
+
+    def test_dropped_postgres_engines_close_their_server_connections(
+        self, pg_url: str, store_path: Path
+    ) -> None:
+        """20 attached PostgreSQL engines, once dropped, leave no server connection open."""
+        app_name = "poolscope_" + uuid.uuid4().hex[:12]
+        probe = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+
+        def server_connections() -> int:
+            with probe.connect() as conn:
+                return conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    (app_name,),
+                ).scalar_one()
+
+        baseline = server_connections()
+        engines = []
+        for _ in range(20):
+            engine = sa.create_engine(pg_url, connect_args={"application_name": app_name})
+            instrument.attach(engine, store=store_path)
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+            engines.append(engine)
+        assert server_connections() == baseline + 20  # each engine keeps its idle connection
+        refs = [weakref.ref(engine) for engine in engines]
+        del engines, engine, conn
+        assert _count_live(refs) == 0
+        deadline = time.monotonic() + 10
+        while server_connections() != baseline and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server ends a backend shortly after its client hangs up
+        assert server_connections() == baseline
+        probe.dispose()
+
+
+class TestPoolStateUntouched:
+    """Attaching leaves no state of poolscope's on the pool object."""
+
+    POOLS = (
+        (QueuePool, {"pool_size": 8, "max_overflow": 10, "timeout": 25, "use_lifo": True}),
+        (QueuePool, {}),
+        (sa.pool.NullPool, {}),
+        (sa.pool.SingletonThreadPool, {}),
+        (sa.pool.StaticPool, {}),
+        (sa.pool.AssertionPool, {}),
+    )
+
+    @pytest.mark.usefixtures("recorder_impl")
+    @pytest.mark.parametrize(
+        ("pool_cls", "pool_args"), POOLS, ids=lambda x: getattr(x, "__name__", "")
+    )
+    def test_recreated_pool_equals_its_origin(self, pool_cls, pool_args, store_path: Path) -> None:
+        """An attached pool's __dict__ gains only names its class has, and a pool it recreates
+        has the same __dict__ as its origin (SQLAlchemy's own test_recreate_state)."""
+        from sqlalchemy.engine import default
+
+        creator = object()
+        p1 = pool_cls(
+            creator=creator,
+            pre_ping=True,
+            reset_on_return="commit",
+            recycle=35,
+            logging_name="somepool",
+            dialect=default.DefaultDialect(),
+            echo="debug",
+            **pool_args,
+        )
+        cls_keys = set(dir(pool_cls))
+        keys_before = set(vars(p1))
+        monitor = instrument.attach(p1, store=store_path)
+        assert set(vars(p1)) <= keys_before | cls_keys
+
+        d1 = dict(vars(p1))
+        p2 = p1.recreate()
+        d2 = dict(vars(p2))
+        for key in cls_keys:
+            d1.pop(key, None)
+            d2.pop(key, None)
+        for key in ("_invoke_creator", "_pool", "_overflow_lock", "_fairy", "_conn", "logger"):
+            if key in d2:
+                d2[key] = mock.ANY
+        assert d1 == d2
+        creator_before = vars(p1)["_invoke_creator"].__wrapped__
+        monitor.detach()
+        for pool in (p1, p2):  # ("dispatch": SQLAlchemy's own, made by any listener)
+            assert set(vars(pool)) - {"dispatch"} == keys_before
+        assert vars(p1)["_invoke_creator"] is creator_before
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestDetachKeepsTheApplicationsCreator:
+    """detach() puts back only the hooks that are still poolscope's."""
+
+    def test_creator_set_after_attach_survives_detach(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A creator the application set on the pool after attaching is still the one used
+        to connect after detach()."""
+        engine = sa.create_engine(sqlite_url, poolclass=sa.pool.NullPool)
+        monitor = instrument.attach(engine, store=store_path)
+        path = sqlite_url.removeprefix("sqlite:///")
+        calls = []
+
+        def new_creator():
+            calls.append(1)
+            return sqlite3.connect(path)
+
+        engine.pool._creator = new_creator
+        short_checkouts(engine)
+        monitor.detach()
+        short_checkouts(engine)
+        assert len(calls) == 2
+        assert vars(engine.pool)["_invoke_creator"] is not None
+        assert "_do_get" not in vars(engine.pool) and "recreate" not in vars(engine.pool)
+        engine.dispose()
+
+    def test_hooks_replaced_after_attach_survive_detach(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """A _do_get or recreate the application set on the pool after attaching stays."""
+        engine = sa.create_engine(sqlite_url)
+        pool = engine.pool
+        monitor = instrument.attach(engine, store=store_path)
+        do_get, recreate = pool._do_get, pool.recreate
+
+        def own_do_get():
+            return do_get()
+
+        def own_recreate():
+            return recreate()
+
+        pool._do_get, pool.recreate = own_do_get, own_recreate
+        monitor.detach()
+        assert vars(pool)["_do_get"] is own_do_get and vars(pool)["recreate"] is own_recreate
+        short_checkouts(engine)
+        engine.dispose()
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestEngineAndItsPool:
+    """An engine and its own pool are one pool: attaching both gives one monitor."""
+
+    @pytest.mark.parametrize("pool_first", [False, True], ids=["engine-first", "pool-first"])
+    def test_engine_and_its_pool_are_recorded_once(
+        self, sqlite_url: str, store_path: Path, pool_first: bool
+    ) -> None:
+        """attach(engine) and attach(engine.pool), in either order, return the same monitor,
+        and each checkout is recorded once, under one pool."""
+        engine = sa.create_engine(sqlite_url)
+        targets = [engine.pool, engine] if pool_first else [engine, engine.pool]
+        first = instrument.attach(targets[0], store=store_path)
+        second = instrument.attach(targets[1], store=store_path)
+        assert second is first
+        short_checkouts(engine, 5)
+        first.flush()
+        assert query(store_path, "SELECT count(*) FROM pools") == [(1,)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(5,)]
+        assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkin'") == [(5,)]
+        engine.dispose()
+
+    def test_capture_events_on_an_engine_whose_pool_is_attached(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """capture_events(engine) uses the monitor of the engine's pool, once, and leaves it
+        attached."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine.pool, store=store_path)
+        with capture_events(engine) as events:
+            short_checkouts(engine)
+        assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
+        assert monitor.attached
         engine.dispose()

@@ -1236,3 +1236,110 @@ class TestAsync:
             ("closer", site_of("async-checkout"), "checkin"),
             ("leaker", site_of("async-leak"), "gc_checkin"),
         ]
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestFailedConnects:
+    """Connects that fail leave nothing of theirs in the monitor."""
+
+    def test_failed_connects_do_not_pile_up(self, tmp_path: Path, store_path: Path) -> None:
+        """1,000 failed connects (a database file that cannot be opened) leave no record
+        behind; once it can be opened, the first connect is recorded with its connect time."""
+        app = tmp_path / "not-yet" / "app.db"
+        engine = sa.create_engine(f"sqlite:///{app}")
+        monitor = instrument.attach(engine, store=store_path)
+        for _ in range(1000):
+            with pytest.raises(sa_exc.OperationalError):
+                engine.connect()
+        assert len(monitor._connect_starts) == 0
+        assert len(monitor._connect_times) == len(monitor._waits) == 0
+        app.parent.mkdir()
+        short_checkouts(engine)
+        monitor.flush()
+        ((connect_s,),) = events(store_path, "connect", "connect_s")
+        assert 0 < connect_s < 5
+        ((wait_s,),) = events(store_path, "checkout", "wait_s")
+        assert 0 <= wait_s < 5
+        engine.dispose()
+
+
+@contextmanager
+def _module_scanning_clock(fake: Callable[[], float]) -> Iterator[None]:
+    """Replace every module attribute that is the real ``time.time`` or ``perf_counter``
+    by ``fake``, as freezegun does, and put them back after."""
+    real = {id(time.time), id(time.perf_counter)}
+    replaced = []
+    for module in list(sys.modules.values()):
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in real:
+                replaced.append((module, name, value))
+                setattr(module, name, fake)
+    try:
+        yield
+    finally:
+        for module, name, value in replaced:
+            setattr(module, name, value)
+
+
+@pytest.mark.usefixtures("recorder_impl")
+class TestRealClock:
+    """Timestamps and durations come from the real clocks, whatever the application mocks."""
+
+    @pytest.mark.parametrize("patcher", ["mock.patch", "module-scan"])
+    def test_mocked_clocks_do_not_reach_the_store(
+        self, sqlite_url: str, store_path: Path, patcher: str
+    ) -> None:
+        """An engine attached while time.time and time.perf_counter return 0 records
+        timestamps of now, real connect, wait and hold times, a heartbeat of now, and the
+        watchdog still flags a checkout held past leak_after."""
+        from unittest import mock
+
+        start = time.time()
+        fake_clock = (
+            _module_scanning_clock(lambda: 0.0)
+            if patcher == "module-scan"
+            else _patched(
+                mock.patch("time.time", return_value=0.0),
+                mock.patch("time.perf_counter", return_value=0.0),
+            )
+        )
+        with fake_clock:
+            assert time.time() == 0.0 and time.perf_counter() == 0.0
+            engine = sa.create_engine(sqlite_url)
+            monitor = instrument.attach(engine, store=store_path, leak_after=0.2)
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+                time.sleep(0.5)
+                monitor.flush()
+                monitor.flush()  # a watchdog round ran after the first flush, and was written
+            short_checkouts(engine)
+            monitor.flush()
+        end = time.time()
+
+        stamps = [at for (at,) in query(store_path, "SELECT at FROM events")]
+        # connect, checkout, leak_suspected, leak_cleared, checkin, checkout, checkin
+        assert len(stamps) == 7
+        assert all(start <= at <= end for at in stamps)
+        ((connect_s,),) = events(store_path, "connect", "connect_s")
+        assert 0 < connect_s < 5
+        assert all(0 <= w < 5 for (w,) in events(store_path, "checkout", "wait_s"))
+        assert [h >= 0.5 for (h,) in events(store_path, "checkin", "hold_s")] == [True, False]
+        ((suspected,),) = events(store_path, "leak_suspected", "hold_s")
+        assert 0.2 <= suspected < 5
+        ((heartbeat, created),) = query(
+            store_path, "SELECT p.heartbeat_at, o.created_at FROM processes p, pools o"
+        )
+        assert start <= heartbeat <= end and start <= created <= end
+        engine.dispose()
+
+
+@contextmanager
+def _patched(*patches) -> Iterator[None]:
+    """Enter every patch of ``patches`` for the block."""
+    for patch in patches:
+        patch.start()
+    try:
+        yield
+    finally:
+        for patch in reversed(patches):
+            patch.stop()
