@@ -381,7 +381,7 @@ class Monitor:
     def _unwatch_open_checkouts(self) -> None:
         """Queue an ``unwatched`` event for each checkout open now, with its hold so far."""
         try:
-            now = time.time()
+            now = REAL.wall()
             open_ = list(self._open.items())
             open_ += [(r, e) for r, entries in list(self._shared.items()) for e in entries]
             for record, entry in open_:

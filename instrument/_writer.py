@@ -729,10 +729,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     try:
         if _ending == _RUNNING:
             _ending = _WRITING
-            deadline = time.monotonic() + TERMINATE_TIMEOUT_SECONDS
+            deadline = REAL.perf() + TERMINATE_TIMEOUT_SECONDS
             # No registry lock: the code this handler interrupted may hold it.
             for writer in list(_writers.values()):
-                writer.shutdown(max(0.0, deadline - time.monotonic()), reason="terminated")
+                writer.shutdown(max(0.0, deadline - REAL.perf()), reason="terminated")
             _ending = _WRITTEN
     except Exception:  # pragma: no cover - whatever happens, die as the default would
         logger.exception("poolscope could not finish writing its store")
