@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
+from ._clock import REAL
 from .exceptions import (
     ForeignStoreError,
     StoreCorruptError,
@@ -158,7 +160,7 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         _refuse_foreign(conn, path)
         for pragma in _PRAGMAS:
-            conn.execute(pragma)
+            _execute_when_free(conn, pragma, busy_timeout_ms)
         conn.execute("BEGIN IMMEDIATE")
         for statement in _split(SCHEMA):
             conn.execute(statement)
@@ -174,6 +176,25 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
         conn.close()
         raise
     return conn
+
+
+def _execute_when_free(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> None:
+    """Run ``sql``, retrying while SQLite says the database is locked.
+
+    Switching a new file to WAL while another process does the same can fail at once
+    with "database is locked", without waiting on the busy timeout (SQLite refuses to
+    wait where waiting could deadlock): several processes starting on one new store
+    would each lose their store. Runs on the writer thread, never the application's.
+    """
+    deadline = REAL.perf() + busy_timeout_ms / 1000
+    while True:
+        try:
+            conn.execute(sql)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or REAL.perf() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:

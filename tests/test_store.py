@@ -8,6 +8,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,40 @@ class TestWriting:
         assert query(written_store, "SELECT count(*) FROM meta WHERE key = 'schema_version'") == [
             (1,)
         ]
+
+
+OPEN_AT = """\
+import sys
+import time
+import time
+from pathlib import Path
+
+from instrument import _store
+
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+_store.connect_for_writing(Path(sys.argv[1])).close()
+"""
+
+
+class TestProcessesCreatingOneStore:
+    def test_processes_that_create_one_new_store_at_once_all_open_it(self, tmp_path: Path) -> None:
+        """Four processes opening one new store at the same instant all open it: switching
+        a new file to WAL can fail at once with 'database is locked' for all but one."""
+        script = tmp_path / "open_at.py"
+        script.write_text(OPEN_AT)
+        for attempt in range(5):
+            store = tmp_path / f"store{attempt}.db"
+            start = time.time() + 0.5
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, str(script), str(store), str(start)],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(4)
+            ]
+            errors = [proc.communicate(timeout=60)[1] for proc in procs]
+            assert [proc.returncode for proc in procs] == [0, 0, 0, 0], errors
+            assert query(store, "PRAGMA journal_mode") == [("wal",)]
