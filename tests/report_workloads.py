@@ -233,7 +233,6 @@ def run_dies_mid_batch(directory: Path, url: str, store: Path) -> int:
         """
         import os, signal
         import time as real_time
-        from instrument import _writer
 
 
         def committed_work():
@@ -246,20 +245,19 @@ def run_dies_mid_batch(directory: Path, url: str, store: Path) -> int:
                 quick_query()
 
 
-        class DieInsideWrite:
-            # The writer reads the clock between inserting a batch and committing it.
-            def __getattr__(self, name):
-                return getattr(real_time, name)
-
-            def time(self):
-                if sys._getframe(1).f_code.co_name == "_write":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real_time.time()
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
         committed_work()
         monitor.flush()
-        _writer.time = DieInsideWrite()
+        # The writer's next insert into events kills the process: inside the write
+        # transaction, after the rows went in and before COMMIT.
+        store_conn = monitor._writer._conn
+        store_conn.create_function("die", 0, die)
+        store_conn.execute(
+            "CREATE TEMP TRIGGER die_inside_write AFTER INSERT ON events BEGIN SELECT die(); END"
+        )
         lost_work()
         real_time.sleep(30)
         """,
