@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from instrument import _hooks, _writer
+from instrument import _failures, _hooks, _writer
 
 # SQLAlchemy's own suite runs from its sdist through sqlalchemy_suite/run.py (make
 # test-sqlalchemy), never as part of this suite.
@@ -126,11 +126,13 @@ def make_engine(db_url: str) -> Iterator:
 
 @pytest.fixture(autouse=True)
 def _reset_poolscope() -> Iterator[None]:
-    """Detach every monitor and stop every writer a test left behind."""
+    """Detach every monitor, stop every writer and forget every listener failure a test
+    left behind."""
     yield
     for monitor in list(_hooks._monitors.values()):
         monitor.detach()
     _writer.shutdown_all(timeout=10.0)
+    _failures.failures.clear()
 
 
 def query(store: Path, sql: str, *params) -> list[tuple]:
