@@ -1162,7 +1162,8 @@ class TestNamesThatAreNotUtf8:
         assert monitor.flush() is True
         engine.dispose()
         [(name, url)] = query(store_path, "SELECT name, url FROM pools")
-        assert name == "app\\xff.db" and url.endswith("app%5Cxff.db")
+        # SQLAlchemy 2.1 quotes the backslash in a rendered URL; 2.0 leaves it.
+        assert name == "app\\xff.db" and url.endswith(("app%5Cxff.db", "app\\xff.db"))
         assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(1,)]
         assert monitor.dropped == 0
 
