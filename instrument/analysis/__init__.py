@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, _store
-from .exceptions import StoreCorruptError
+from .. import __version__, _store
+from ..exceptions import StoreCorruptError
 
 __all__ = [
     "CERTAINTY",
