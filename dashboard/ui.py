@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any
 
@@ -13,14 +12,9 @@ import pandas as pd
 import streamlit as st
 
 from instrument.exceptions import StoreError
+from instrument.render import words
 
-LEAK_CLASSES: dict[str, str] = {
-    "never_returned": "still checked out when its process exited",
-    "gc_reclaimed": "returned only by the garbage collector, never closed by code",
-    "open_at_crash": "still checked out when its process died without a clean exit",
-    "held_too_long": "held past the leak threshold, returned later",
-    "open_now": "held past the leak threshold and still open in a running process",
-}
+LEAK_CLASSES: dict[str, str] = words.LEAK_MEANING
 """Each leak class with the sentence DESIGN.md gives it, in the order pages show them."""
 
 HOW_TO_POINT = (
@@ -32,30 +26,15 @@ HOW_TO_POINT = (
 
 
 def fmt_duration(seconds: float | None) -> str:
-    """Write a duration the way people read it: ``42 µs``, ``12.3 ms``, ``1.50 s``, ``2.5 min``.
-
-    ``None`` or NaN is written as an em dash.
-    """
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "—"
-    seconds = float(seconds)
-    if seconds < 0.001:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1000:.1f} ms"
-    if seconds < 120:
-        return f"{seconds:.2f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    """A duration as every poolscope report writes it (``1.50 s``, ``2m 30s``); ``None`` or
+    NaN as an em dash."""
+    return words.duration(seconds, missing="—")
 
 
 def fmt_time(at: float | None) -> str:
-    """Write unix seconds as a UTC wall-clock time to the millisecond."""
-    if at is None or (isinstance(at, float) and math.isnan(at)):
-        return "—"
-    moment = datetime.fromtimestamp(float(at), tz=timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    """Unix seconds as every poolscope report writes a time (UTC, to the millisecond, with
+    its ``Z``); ``None`` or NaN as an em dash."""
+    return words.when(at, missing="—")
 
 
 def with_times(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:

@@ -417,7 +417,7 @@ class Monitor:
         self._wrap(self._pool)
         self._attached = True
         self._writer.pools[self.pool_key] = self.pool_info()
-        self._writer.monitors.add(self)
+        self._writer.on_tick(self.watch, self.reinit_after_fork)  # the watchdog
 
     def _wrap(self, pool: Pool) -> None:
         """Hook the pool's ``_do_get`` (waits, timeouts), creator (connect time) and ``recreate``.

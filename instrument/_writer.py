@@ -16,16 +16,14 @@ import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _store
 from ._clock import REAL
 from ._secrets import masked_argv
 from ._stacks import StackTable
-
-if TYPE_CHECKING:
-    from ._hooks import Monitor
 
 logger = logging.getLogger("instrument")
 
@@ -166,7 +164,9 @@ class Writer:
         # The C inserter, once the store's connection is known to be the one it reaches.
         self._rows_in_c: Any = None
         self.stacks = StackTable()
-        self.monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+        # Who asked to be called before each batch and in a forked child (see on_tick), held
+        # weakly: owner -> (every_batch, after_fork) as plain functions of the owner.
+        self.ticking: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         # Pool rows to write, by pool key; kept after a monitor is gone, since its
         # queued events still need their pool row.
         self.pools: dict[int, dict[str, Any]] = {}
@@ -191,6 +191,17 @@ class Writer:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.dropped_total = 0
+
+    def on_tick(self, every_batch: Callable[[float], None], after_fork: Callable[[], None]) -> None:
+        """Call ``every_batch(now)`` in the writer thread before each batch (what it emits
+        goes out with that batch), and ``after_fork()`` in a forked child before the writer
+        restarts, for as long as their object lives.
+
+        :param every_batch: a bound method; its object is held weakly, as is
+            ``after_fork``'s (the same object).
+        """
+        owner = every_batch.__self__  # type: ignore[attr-defined]
+        self.ticking[owner] = (every_batch.__func__, after_fork.__func__)  # type: ignore[attr-defined]
 
     # -- producer side ----------------------------------------------------------------
 
@@ -557,8 +568,8 @@ class Writer:
             )
 
     def _watch(self) -> None:
-        for monitor in list(self.monitors):
-            monitor.watch(REAL.wall())
+        for owner, (every_batch, _) in list(self.ticking.items()):
+            every_batch(owner, REAL.wall())
 
     def _record_end(self, reason: str) -> None:
         conn = self._conn
@@ -781,8 +792,8 @@ def _after_fork_in_child() -> None:
     _process_start = REAL.wall()
     for writer in _writers.values():
         writer.reinit_after_fork()
-        for monitor in list(writer.monitors):
-            monitor.reinit_after_fork()
+        for owner, (_, after_fork) in list(writer.ticking.items()):
+            after_fork(owner)
         writer.start()
     _multiprocessing_hooked = False
     util = sys.modules.get("multiprocessing.util")

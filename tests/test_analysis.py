@@ -33,7 +33,7 @@ from report_workloads import (
 
 import instrument
 from instrument import analysis
-from instrument.analysis import Filters
+from instrument.analysis import Filters, _load, _model, _summary
 
 DATABASES = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
 
@@ -143,8 +143,8 @@ def _both_summaries(conn: sqlite3.Connection, filters: Filters) -> SimpleNamespa
     what :func:`analysis.summary` returned, for ``filters``."""
     return SimpleNamespace(
         filters=filters,
-        fast=_plain(analysis._fast_summary(analysis._load(conn, filters))),
-        exact=_plain(analysis._summary_exact(analysis._load(conn, filters))),
+        fast=_plain(_summary._fast_summary(_load._load(conn, filters))),
+        exact=_plain(_summary._summary_exact(_load._load(conn, filters))),
         public=_plain(analysis.summary(conn, filters)),
     )
 
@@ -233,7 +233,7 @@ class TestCheckouts:
             "forget_to_close": ["gc_checkin"],
             "keep_open_now": ["open"],
         }
-        assert list(co.columns[: len(analysis._CHECKOUT_COLUMNS)]) == analysis._CHECKOUT_COLUMNS
+        assert list(co.columns[: len(_model._CHECKOUT_COLUMNS)]) == _model._CHECKOUT_COLUMNS
         assert set(co.loc[co["fn"] == "hold_first", "thread"]) == {"holder-1"}
         assert set(co.loc[co["fn"] == "hold_second", "thread"]) == {"holder-2"}
         assert co["checkout_id"].is_unique
@@ -317,7 +317,7 @@ class TestLeaks:
     def test_pool_filter(self, mixed: SimpleNamespace) -> None:
         """A pool name that is not in the store selects nothing."""
         assert mixed.leaks_other_pool.empty
-        assert list(mixed.leaks_other_pool.columns) == analysis._LEAK_COLUMNS
+        assert list(mixed.leaks_other_pool.columns) == _model._LEAK_COLUMNS
 
     def test_open_at_exit_is_never_returned(self, children: SimpleNamespace) -> None:
         """A connection still open when its process exited cleanly is never_returned."""
@@ -418,7 +418,7 @@ class TestPercentiles:
         pool = mixed.pct_pool.set_index("pool").loc["mixed"]
         assert pool["count"] == mixed.pct["count"].iloc[0]
         assert pool["wait_p95_s"] == pytest.approx(mixed.pct["wait_p95_s"].iloc[0])
-        assert set(mixed.pct_site.columns) == {"site", *analysis._PERCENTILE_COLUMNS}
+        assert set(mixed.pct_site.columns) == {"site", *_model._PERCENTILE_COLUMNS}
 
 
 class TestSites:
@@ -444,7 +444,7 @@ class TestUtilization:
     def test_counts_over_time(self, mixed: SimpleNamespace) -> None:
         """The pool is full (2 of 2) in the bucket of the timeout, 1 in use at the end."""
         util = mixed.util
-        assert list(util.columns[:8]) == analysis._UTILIZATION_COLUMNS[:8]
+        assert list(util.columns[:8]) == _model._UTILIZATION_COLUMNS[:8]
         assert (util["capacity"] == 2).all() and (util["pool_size"] == 2).all()
         assert util["in_use"].max() == 2
         at = mixed.timeouts["at"].iloc[0]

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from instrument import _store, analysis
+from instrument import _store, analysis, report
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -818,13 +818,26 @@ class TestFormats:
             (0.0000042, "4 µs"),
             (0.0123, "12.3 ms"),
             (1.5, "1.50 s"),
-            (150.0, "2.5 min"),
-            (9000.0, "2.5 h"),
+            (90.0, "1m 30s"),
+            (150.0, "2m 30s"),
+            (9000.0, "2h 30m"),
         ],
     )
     def test_durations_read_like_people_write_them(self, seconds, text):
         """Durations get the unit that keeps them short."""
         assert ui.fmt_duration(seconds) == text
+
+    def test_the_dashboard_writes_what_the_report_writes(self):
+        """A duration, a time and a leak class read the same on the dashboard as in the
+        report (one wording each, not "2.5 min" on one and "2m 30s" on the other)."""
+        for seconds in (0.0000042, 0.0123, 1.5, 90.0, 150.0, 9000.0):
+            assert ui.fmt_duration(seconds) == report.duration(seconds)
+        assert ui.fmt_time(1764248957.346) == "2025-11-27 13:09:17.346Z"
+        assert ui.fmt_time(None) == "—"
+        text = report.render_text(_report_with_each_leak_class())
+        for leak_class, meaning in ui.LEAK_CLASSES.items():
+            assert f"{leak_class} × 1 at app.py:1 in f" in text
+            assert f"    {meaning} · pool p" in text
 
     def test_peak_against_capacity(self):
         """Peak use shows against capacity, or alone for a pool without a size."""
@@ -841,3 +854,22 @@ class TestFormats:
             }
         )  # fmt: skip
         assert ui.process_table(frame)["command"].iloc[0] == "run.py --port 80"
+
+
+def _report_with_each_leak_class() -> dict:
+    """A minimal report with one leak of each class, as :func:`analysis.build_report` writes it."""
+    leak = {"site": "app.py:1 in f", "fingerprint": "f", "pool": "p", "count": 1,
+            "first_seen_at": None, "last_seen_at": None, "max_held_s": 1.0,
+            "leak_after_s": 0.5, "threads": ["t"], "processes": [1],
+            "stack": ["app.py:1 in f"]}  # fmt: skip
+    summary = dict.fromkeys(
+        ("processes", "crashed_processes", "terminated_processes", "running_processes",
+         "pools", "events", "checkouts", "open_checkouts", "peak_in_use", "timeouts",
+         "confirmed_leaks", "suspected_leaks", "unknown_leaks", "dropped"), 0)  # fmt: skip
+    summary.update(first_event_at=None, last_event_at=None, capacity=None, wait_p95_s=None)
+    return {
+        "store": "s.db", "summary": summary, "processes": [], "pools": [], "timeouts": [],
+        "sites": [], "filters": dict.fromkeys(("pools", "processes", "since", "until")),
+        "leaks": [{**leak, "class": c, "certainty": analysis.CERTAINTY[c]}
+                  for c in analysis.LEAK_CLASSES],
+    }  # fmt: skip

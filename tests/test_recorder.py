@@ -1763,7 +1763,7 @@ class TestDroppedEnginesAreFreed:
         assert _count_live(refs) == 0
         assert _count_live(_TrackedConnection.opened) == 0
         writer = _writer.get_writer(store_path)
-        assert len(writer.monitors) == 0 and not _hooks._monitors.values()
+        assert len(writer.ticking) == 0 and not _hooks._monitors.values()
         assert writer.flush()
         assert query(store_path, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(200,)]
         assert query(store_path, "SELECT count(*) FROM pools") == [(200,)]

@@ -83,6 +83,35 @@ class TestJson:
         assert rendered.json["schema"] == "poolscope.report/1"
         assert rendered.json == json.loads(json.dumps(rendered.data))
 
+    def test_typed_model_names_the_schema_keys(self) -> None:
+        """Each TypedDict of ``analysis.Report`` has the keys of its object in the schema,
+        with the same ones required, so code written against the types reads real reports."""
+        from instrument.analysis import _model
+
+        defs = SCHEMA["$defs"]
+        props = SCHEMA["properties"]
+        pairs = [
+            (analysis.Report, SCHEMA),
+            (_model.ReportFilters, props["filters"]),
+            (_model.Summary, props["summary"]),
+            (_model.ProcessEntry, props["processes"]["items"]),
+            (_model.PoolEntry, props["pools"]["items"]),
+            (_model.MsStats, defs["ms_stats"]),
+            (_model.Sizing, defs["sizing"]),
+            (_model.LeakEntry, props["leaks"]["items"]),
+            (_model.TimeoutEntry, props["timeouts"]["items"]),
+            (_model.Holder, props["timeouts"]["items"]["properties"]["holders"]["items"]),
+            (_model.SiteEntry, props["sites"]["items"]),
+            (_model.SiteHoldMs, props["sites"]["items"]["properties"]["hold_ms"]),
+            (_model.SiteWaitMs, props["sites"]["items"]["properties"]["wait_ms"]),
+            (_model.UtilizationSeries, props["utilization"]["items"]),
+        ]
+        for typed, obj in pairs:
+            assert set(typed.__annotations__) == set(obj["properties"]), typed.__name__
+            required = set(obj["required"])
+            assert required <= typed.__required_keys__, typed.__name__
+            assert typed.__required_keys__ - required <= {"ignored_events"}, typed.__name__
+
     def test_summary_counts_what_the_workloads_did(self, rendered: SimpleNamespace) -> None:
         """14 checkouts in this process and 11 committed by the children; one timeout; two
         confirmed leaks (GC, open at exit), three suspected, one unknown (killed)."""

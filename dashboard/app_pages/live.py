@@ -56,7 +56,7 @@ def render_live() -> None:
             hide_index=True,
             column_config={"hold_s": st.column_config.NumberColumn("held (s)", format="%.2f")},
         )
-    st.caption(f"As of {ui.fmt_time(time.time())} UTC" + (" · paused" if paused else ""))
+    st.caption(f"As of {ui.fmt_time(time.time())}" + (" · paused" if paused else ""))
 
 
 st.fragment(run_every=None if paused else data.LIVE_REFRESH_S)(render_live)()

@@ -1,0 +1,65 @@
+"""Turns a store into answers: pandas frames of checkouts, utilization, percentiles, timeouts,
+leaks and call sites, plus pool sizing advice and the JSON report built from them.
+
+The report and the dashboard both read the store only through this module, so they agree.
+Times are unix seconds (float) in columns named ``*_at``; durations are seconds in ``*_s``.
+
+Heavy lifting happens in SQLite (pairing, bucketing) and in vectorised pandas on a few
+selected columns: no Python object is built per event row, so a store of a million events
+reports in seconds.
+
+One module per question, all private; this package is the public face:
+
+- ``_model``: the vocabulary (leak classes, columns, :class:`Filters`, times) and the typed
+  shape of the JSON report (:class:`Report`, matching ``report_schema.json``);
+- ``_load``: opening a store, its processes and pools, checkouts paired and classified;
+- ``_usage``: utilization, percentiles and peaks; ``_timeouts``; ``_leaks``; ``_sites``;
+  ``_sizing``; ``_summary``;
+- ``_build``: the JSON report from all of them.
+"""
+
+from __future__ import annotations
+
+from ._build import build_report
+from ._leaks import leaks
+from ._load import checkouts, open_store, pools, processes
+from ._model import (
+    CERTAINTY,
+    LEAK_CLASSES,
+    REPORT_SCHEMA,
+    STALE_HEARTBEAT_S,
+    WAITED_THRESHOLD_S,
+    Filters,
+    Report,
+    iso,
+    parse_time,
+)
+from ._sites import sites
+from ._sizing import sizing_advice
+from ._summary import summary
+from ._timeouts import timeouts
+from ._usage import percentiles, utilization
+
+__all__ = [
+    "CERTAINTY",
+    "LEAK_CLASSES",
+    "REPORT_SCHEMA",
+    "STALE_HEARTBEAT_S",
+    "WAITED_THRESHOLD_S",
+    "Filters",
+    "Report",
+    "build_report",
+    "checkouts",
+    "leaks",
+    "iso",
+    "open_store",
+    "parse_time",
+    "percentiles",
+    "pools",
+    "processes",
+    "sites",
+    "sizing_advice",
+    "summary",
+    "timeouts",
+    "utilization",
+]

@@ -1,0 +1,237 @@
+"""How busy the pools were: utilization over time, wait and hold percentiles, peaks in use."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+import numpy as np
+import pandas as pd
+
+from ._load import _Data, _empty, _event_filter, _frame, _load, _load_pools, _superseded
+from ._model import _PERCENTILE_COLUMNS, _UTILIZATION_COLUMNS, Filters
+from ._timeouts import _timeouts
+
+
+def _nice_interval(span: float, points: int = 300) -> float:
+    raw = max(span / points, 1e-3)
+    steps = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60,
+             120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400]  # fmt: skip
+    for step in steps:
+        if step >= raw:
+            return float(step)
+    return float(math.ceil(raw / 86400) * 86400)
+
+
+def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
+    cond, params = _event_filter(data)
+    lo, hi = data.conn.execute(
+        f"SELECT MIN(at), MAX(at) FROM events WHERE in_use IS NOT NULL {cond}", params
+    ).fetchone()
+    if lo is None:
+        return _empty(_UTILIZATION_COLUMNS)
+    if interval_s is not None and not interval_s > 0:
+        raise ValueError(f"interval_s must be more than 0 seconds, not {interval_s!r}.")
+    dt = float(interval_s) if interval_s else _nice_interval(hi - lo)
+    t0 = math.floor(lo / dt) * dt
+    base = (
+        f"FROM events WHERE in_use IS NOT NULL AND idle IS NOT NULL {cond} "
+        "GROUP BY process_id, pool_id, b"
+    )
+    bucket = "CAST((at - ?) / ? AS INTEGER) AS b"
+    peaks = _frame(
+        f"SELECT process_id, pool_id, {bucket}, MAX(in_use) AS in_use, MIN(idle) AS idle, "
+        f"MAX(overflow) AS overflow, "
+        # A timeout row counts the waiters at that moment in `count` (itself included).
+        f"MAX(CASE WHEN kind = 'timeout' THEN count ELSE waiters END) AS waiters, "
+        f"MAX(id) AS last_id {base}",
+        data.conn,
+        params=[t0, dt, *params],
+    )
+    # The counts after each bucket's last event (rows are written in time order per
+    # process), looked up by primary key: they carry into the buckets without events.
+    ids = [int(i) for i in peaks["last_id"]]
+    rows = []
+    for start in range(0, len(ids), 5000):
+        chunk = ", ".join(str(i) for i in ids[start : start + 5000])
+        rows += data.conn.execute(
+            f"SELECT id, in_use, idle, overflow, waiters FROM events WHERE id IN ({chunk})"
+        ).fetchall()
+    last_rows = pd.DataFrame(rows, columns=["id", "in_use", "idle", "overflow", "waiters"])
+    lasts = peaks[["process_id", "pool_id", "b", "last_id"]].merge(
+        last_rows, left_on="last_id", right_on="id", how="left"
+    )
+    seen = data.processes.set_index("id")["seen_until_at"]
+    all_pools = _load_pools(data.conn)
+    superseded = _superseded(all_pools)
+    all_pools = all_pools.set_index("id")
+    end_bucket = int((hi - t0) // dt)
+    if data.filters.until is not None:
+        end_bucket = max(end_bucket, int((data.filters.until - t0) // dt))
+    frames = []
+    metrics = ["in_use", "idle", "overflow", "waiters"]
+    for (proc, pool_id), group in peaks.groupby(["process_id", "pool_id"], sort=False):
+        last = lasts[(lasts["process_id"] == proc) & (lasts["pool_id"] == pool_id)]
+        first_b = int(group["b"].min())
+        last_b = int(group["b"].max())
+        until_b = (seen.get(proc, hi) - t0) // dt if pool_id not in superseded else last_b
+        stop_b = int(min(max(until_b, last_b), end_bucket))
+        index = pd.RangeIndex(first_b, stop_b + 1)
+        g = group.set_index("b")[metrics].reindex(index)
+        carried = last.set_index("b")[metrics].reindex(index).ffill().shift(1)
+        out = pd.DataFrame(index=index)
+        for m in ("in_use", "overflow", "waiters"):
+            out[m] = np.fmax(g[m].to_numpy(dtype="float64"), carried[m].to_numpy(dtype="float64"))
+        out["idle"] = np.fmin(g["idle"].to_numpy(dtype="float64"),
+                              carried["idle"].to_numpy(dtype="float64"))  # fmt: skip
+        out["pool"] = all_pools.at[pool_id, "name"] if pool_id in all_pools.index else "?"
+        out["pool_size"] = all_pools["pool_size"].get(pool_id, np.nan)
+        out["capacity"] = all_pools["capacity"].get(pool_id, np.nan)
+        out["process_id"] = proc
+        frames.append(out.reset_index(names="b"))
+    if not frames:
+        return _empty(_UTILIZATION_COLUMNS)
+    long = pd.concat(frames, ignore_index=True)
+    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
+    long[num] = long[num].astype("float64")
+    grouped = long.groupby(["pool", "b"], sort=True)
+    out = grouped[num].sum(min_count=1)
+    out["processes"] = grouped["process_id"].nunique()
+    out = out.reset_index()
+    out["at"] = t0 + out["b"] * dt
+    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
+        out[m] = out[m].fillna(0).astype("int64")
+    out["interval_s"] = dt
+    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+
+
+def utilization(
+    conn: sqlite3.Connection, filters: Filters = Filters(), interval_s: float | None = None
+) -> pd.DataFrame:
+    """Pool counts over time, one row per pool name and time bucket.
+
+    ``in_use``, ``overflow`` and ``waiters`` are the most seen at once in the bucket
+    (including what was carried in from before it), ``idle`` the fewest; ``at`` is the
+    bucket start. Pools of the same name in several processes are summed, as are their
+    ``pool_size`` and ``capacity``; ``processes`` says how many contributed.
+
+    :param interval_s: bucket width in seconds. May be ``None`` for about 300 buckets
+        over the recorded span, rounded to a readable width.
+    """
+    return _utilization(_load(conn, filters), interval_s)
+
+
+def _quantiles(values: np.ndarray) -> tuple[float, float, float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (math.nan,) * 4  # type: ignore[return-value]
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return float(p50), float(p95), float(p99), float(values.max())
+
+
+def _percentiles(co: pd.DataFrame, by: str | None) -> pd.DataFrame:
+    if by not in (None, "pool", "site"):
+        raise ValueError(f"by must be None, 'pool' or 'site', not {by!r}.")
+    if by is None:
+        w = _quantiles(co["wait_s"].to_numpy(dtype="float64"))
+        h = _quantiles(co["hold_s"].to_numpy(dtype="float64"))
+        return pd.DataFrame([[len(co), *w, *h]], columns=_PERCENTILE_COLUMNS)
+    if co.empty:
+        return _empty([by, *_PERCENTILE_COLUMNS])
+    grouped = co.groupby(by, observed=True, sort=True)
+    out = pd.DataFrame({"count": grouped.size()})
+    for col, prefix in (("wait_s", "wait"), ("hold_s", "hold")):
+        q = grouped[col].quantile([0.5, 0.95, 0.99]).unstack()
+        out[f"{prefix}_p50_s"] = q[0.5]
+        out[f"{prefix}_p95_s"] = q[0.95]
+        out[f"{prefix}_p99_s"] = q[0.99]
+        out[f"{prefix}_max_s"] = grouped[col].max()
+    out = out.reset_index()
+    out[by] = out[by].astype("object")
+    return out[[by, *_PERCENTILE_COLUMNS]]
+
+
+def percentiles(
+    conn: sqlite3.Connection, filters: Filters = Filters(), by: str | None = None
+) -> pd.DataFrame:
+    """Wait and hold percentiles (p50/p95/p99/max, linear interpolation) of checkouts.
+
+    Waits are the time spent waiting for the pool (connect time excluded). Holds include
+    checkouts still open, counted with the time held so far.
+
+    :param by: ``None`` for one overall row, ``"pool"`` per pool name, ``"site"`` per call site.
+    """
+    return _percentiles(_load(conn, filters).core, by)
+
+
+def _pool_peaks(data: _Data) -> pd.DataFrame:
+    """Per (process, pool): first and last moment seen, peak in use, peak waiting, peak
+    demand (in use + waiting at one moment) and timeouts, from checkouts and timeouts.
+
+    In-use only rises at a checkout, so the checkout rows' counts hold every peak.
+    """
+    if data._peaks is not None:
+        return data._peaks
+    co = data.core
+    to = _timeouts(data)
+    parts = []
+    if len(co):
+        ends = co["returned_at"].fillna(co["checked_out_at"])
+        parts.append(
+            pd.DataFrame(
+                {
+                    "process_id": co["process_id"].to_numpy(),
+                    "pool_id": co["pool_id"].to_numpy(),
+                    "first_at": co["checked_out_at"].to_numpy(),
+                    "last_at": ends.to_numpy(),
+                    "in_use": co["in_use"].to_numpy(dtype="float64"),
+                    "waiting": np.maximum(co["waiters"].to_numpy(dtype="float64"), 0),
+                    "timeout": 0,
+                }
+            )
+        )
+    if len(to):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "process_id": to["process_id"].to_numpy(),
+                    "pool_id": to["pool_id"].to_numpy(),
+                    "first_at": to["at"].to_numpy(dtype="float64"),
+                    "last_at": to["at"].to_numpy(dtype="float64"),
+                    "in_use": to["in_use"].to_numpy(dtype="float64"),
+                    "waiting": to["waiters"].to_numpy(dtype="float64"),
+                    "timeout": 1,
+                }
+            )
+        )
+    if not parts:
+        data._peaks = _empty(
+            [
+                "process_id",
+                "pool_id",
+                "first_at",
+                "last_at",
+                "peak_in_use",
+                "peak_waiting",
+                "peak_demand",
+                "timeouts",
+            ]  # fmt: skip
+        )
+        return data._peaks
+    rows = pd.concat(parts, ignore_index=True)
+    rows["in_use"] = rows["in_use"].where(rows["in_use"] >= 0)
+    rows["demand"] = rows["in_use"].fillna(0) + rows["waiting"].fillna(0)
+    out = (
+        rows.groupby(["process_id", "pool_id"], sort=True)
+        .agg(
+            first_at=("first_at", "min"),
+            last_at=("last_at", "max"),
+            peak_in_use=("in_use", "max"),
+            peak_waiting=("waiting", "max"),
+            peak_demand=("demand", "max"),
+            timeouts=("timeout", "sum"),
+        )
+        .reset_index()
+    )
+    data._peaks = out
+    return out
