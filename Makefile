@@ -5,7 +5,7 @@ SQLALCHEMY ?= 2.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-sa20 test-sqlalchemy demo lint format bench clean
+.PHONY: setup test test-sa20 test-sqlalchemy wheel-check demo lint format bench clean
 
 setup: $(VENV)/.installed-$(SQLALCHEMY)
 
@@ -28,6 +28,11 @@ test-sa20:
 ## without a monitor on every pool; plus test_pool.py with --pool-leaks (~1.5 min)
 test-sqlalchemy: setup
 	$(PY) -s tests/sqlalchemy_suite/run.py
+
+## wheel-check: build the wheel, install it in a fresh venv outside the clone and run
+## demo, report and the dashboard from it (~1 min; no .venv needed)
+wheel-check:
+	PYTHON=$(PYTHON) .ci/wheel-check
 
 ## demo: run the sample app for ~30 s on SQLite, then open the dashboard
 demo: setup
