@@ -30,7 +30,7 @@ test-sqlalchemy: setup
 	$(PY) -s tests/sqlalchemy_suite/run.py
 
 ## wheel-check: build the wheel, install it in a fresh venv outside the clone and run
-## demo, report and the dashboard from it (~1 min; no .venv needed)
+## demo, report and the dashboard from it (1-2 min; no .venv needed)
 wheel-check:
 	PYTHON=$(PYTHON) .ci/wheel-check
 
