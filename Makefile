@@ -5,7 +5,7 @@ SQLALCHEMY ?= 2.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-sa20 test-sqlalchemy demo lint format bench clean
+.PHONY: setup test test-sa20 test-sqlalchemy wheel-check demo lint format bench clean
 
 setup: $(VENV)/.installed-$(SQLALCHEMY)
 
@@ -29,6 +29,11 @@ test-sa20:
 test-sqlalchemy: setup
 	$(PY) -s tests/sqlalchemy_suite/run.py
 
+## wheel-check: build the wheel, install it in a fresh venv outside the clone and run
+## demo, report and the dashboard from it (1-2 min; no .venv needed)
+wheel-check:
+	PYTHON=$(PYTHON) .ci/wheel-check
+
 ## demo: run the sample app for ~30 s on SQLite, then open the dashboard
 demo: setup
 	$(PY) -m instrument demo
@@ -36,7 +41,13 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/lint-imports
+	@# import-linter reads packages from disk: lay out instrument/ as the wheel does, with
+	@# dashboard/ and sample_app/ inside it (symlinked files), and check the layers there.
+	rm -rf build/lint && mkdir -p build/lint
+	cp -rs $(CURDIR)/instrument build/lint/instrument
+	cp -rs $(CURDIR)/dashboard build/lint/instrument/dashboard
+	cp -rs $(CURDIR)/sample_app build/lint/instrument/sample_app
+	cd build/lint && $(CURDIR)/$(VENV)/bin/lint-imports --config $(CURDIR)/pyproject.toml
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import streamlit as st
 
-# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repository root.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from dashboard import access, data, filters, ui  # noqa: E402
-from instrument import analysis  # noqa: E402
-from instrument.exceptions import StoreError  # noqa: E402
+# Streamlit runs this file as a script, so it imports its package by its installed name
+# (a clone's editable install maps dashboard/ to it), as the pages do.
+from instrument import analysis
+from instrument.dashboard import access, data, filters, ui
+from instrument.exceptions import StoreError
 
 _PAGES = Path(__file__).resolve().parent / "app_pages"
 

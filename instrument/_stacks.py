@@ -161,6 +161,9 @@ def _parent_greenlet_frame() -> FrameType | None:
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
+_DEMO_DIR = os.path.join(_PACKAGE_DIR, "sample_app") + os.sep
+"""The demo's shop once installed (``instrument.sample_app``): application code, not poolscope."""
+
 
 def _stdlib_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
@@ -185,14 +188,15 @@ _SQLALCHEMY_DIR = _sqlalchemy_dir()
 def is_application_file(filename: str) -> bool:
     """Tell whether a frame in ``filename`` counts as application code for the site.
 
-    Not application code: SQLAlchemy, poolscope itself, the standard library and
-    generated code (``<string>``, ``<frozen ...>``). Third-party packages count:
-    the site is where *some* code outside the pool machinery asked for a connection.
+    Not application code: SQLAlchemy, poolscope itself (but for the demo's shop installed
+    inside it), the standard library and generated code (``<string>``, ``<frozen ...>``).
+    Third-party packages count: the site is where *some* code outside the pool machinery
+    asked for a connection.
     """
     if not filename or filename.startswith("<"):
         return False
     path = os.path.abspath(filename)
-    if path.startswith(_PACKAGE_DIR):
+    if path.startswith(_PACKAGE_DIR) and not path.startswith(_DEMO_DIR):
         return False
     if _SQLALCHEMY_DIR and path.startswith(_SQLALCHEMY_DIR):
         return False

@@ -14,8 +14,6 @@ import click
 from . import __version__
 from .exceptions import PoolscopeError
 
-_DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-
 
 def _installed(module: str) -> bool:
     try:
@@ -28,6 +26,16 @@ def _fail(message: str) -> NoReturn:
     """Print ``poolscope: <message>`` on stderr and exit 2: the input is unusable."""
     click.echo(f"poolscope: {message}", err=True)
     sys.exit(2)
+
+
+def _require_part(module: str, what: str) -> None:
+    """Exit 2 unless ``module``, a part of poolscope that lives outside ``instrument/`` in a
+    clone, can be imported: it cannot when a clone is run without being installed."""
+    if not _installed(module):
+        _fail(
+            f"{what} is not installed with this poolscope (no {module}): "
+            "pip install 'poolscope[dashboard]', or pip install -e '.[dashboard]' in a clone"
+        )
 
 
 _STORE_FILES = {
@@ -155,15 +163,16 @@ def dashboard(store: str | None, port: int, allow_any_store: bool) -> None:
 
     if not _installed("streamlit"):
         _fail("the dashboard needs Streamlit: pip install 'poolscope[dashboard]'")
-    if not _DASHBOARD_APP.is_file():
-        _fail(f"the dashboard app is missing ({_DASHBOARD_APP}); reinstall poolscope")
+    _require_part("instrument.dashboard", "the dashboard")
+    from .dashboard import APP  # dashboard/app.py in a clone, instrument/dashboard/ installed
+
     path = resolve_store_path(store)
     try:
         analysis.open_store(path).close()
     except PoolscopeError as exc:
         _fail(str(exc))
     command = [
-        sys.executable, "-m", "streamlit", "run", str(_DASHBOARD_APP),
+        sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", "127.0.0.1", "--server.port", str(port),
         # The project's .streamlit/config.toml says the same, but Streamlit reads it
         # only from the current directory: say it here for any directory.
@@ -202,7 +211,8 @@ def dashboard(store: str | None, port: int, allow_any_store: bool) -> None:
 @click.option("--no-dashboard", is_flag=True, help="Stop after printing the report.")
 def demo(duration: float, store: str, no_dashboard: bool) -> None:
     """Run the sample app for about half a minute on SQLite, then open the dashboard."""
-    from sample_app.demo import run_demo
+    _require_part("instrument.sample_app", "the demo's shop")
+    from .sample_app.demo import run_demo  # sample_app/ in a clone, installed inside
 
     code = run_demo(
         Path(store),

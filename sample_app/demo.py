@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-import instrument
 from instrument import PoolscopeError
 from instrument.analysis import open_store
 
@@ -39,9 +38,8 @@ def dashboard_problem(commands: Collection[str]) -> str | None:
         return "this poolscope has no dashboard command yet"
     if importlib.util.find_spec("streamlit") is None:
         return "streamlit is not installed (pip install 'poolscope[dashboard]')"
-    app = Path(instrument.__file__).resolve().parent.parent / "dashboard" / "app.py"
-    if not app.is_file():
-        return f"the dashboard app is missing ({app})"
+    if importlib.util.find_spec("instrument.dashboard") is None:
+        return "this poolscope has no instrument.dashboard package"
     return None
 
 
@@ -75,9 +73,9 @@ def run_demo(
         f"on SQLite, recorded into {store}"
     )
     echo("")
+    shop = ["-m", "instrument.sample_app"]  # `python -m sample_app` works only in a clone
     app = subprocess.run(
-        _python("-m", "sample_app", "--duration", f"{duration:g}", "--store", str(store)),
-        check=False,
+        _python(*shop, "--duration", f"{duration:g}", "--store", str(store)), check=False
     )
     if app.returncode != 0:
         echo(f"poolscope: the sample app failed (exit code {app.returncode})")

@@ -6,18 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from instrument import analysis
+from instrument.dashboard import data, screenshots
 
-from dashboard import data, screenshots  # noqa: E402
-from instrument import analysis  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.browser
 

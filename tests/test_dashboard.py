@@ -19,13 +19,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from instrument import _store, analysis, report
+from instrument.dashboard import access, charts, data, filters, screenshots, ui
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dashboard import access, charts, data, filters, screenshots, ui  # noqa: E402
-
 APP = ROOT / "dashboard" / "app.py"
 PAGES = ["overview", "utilization", "waits", "sites", "leaks", "live"]
 

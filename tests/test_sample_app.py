@@ -15,8 +15,8 @@ from conftest import PG_URL, query, require_postgres
 
 import instrument
 from instrument import _writer, analysis
-from sample_app.__main__ import main
-from sample_app.demo import dashboard_problem
+from instrument.sample_app.__main__ import main
+from instrument.sample_app.demo import dashboard_problem
 
 REPO = Path(__file__).resolve().parents[1]
 

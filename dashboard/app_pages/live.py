@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dashboard import charts, data, ui
 from instrument import analysis
+from instrument.dashboard import charts, data, ui
 
 view = data.current_view()
 

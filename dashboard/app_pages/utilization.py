@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, data, ui
+from instrument.dashboard import charts, data, ui
 
 view = data.current_view()
 util, timeouts, percentiles, sizing = data.load_together(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, ui
+from instrument.dashboard import charts, data, ui
 
 MAX_TIMEOUTS_SHOWN = 50
 
