@@ -225,6 +225,48 @@ def demo(duration: float, store: str, no_dashboard: bool) -> None:
         sys.exit(code)
 
 
+class _OneLineUsageErrors(click.Command):
+    """A command whose usage errors (an unknown option, a bad value) are one line, exit 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            _fail(f"no such option: {exc.option_name} (try 'poolscope {self.name} --help')")
+        except click.UsageError as exc:
+            _fail(exc.format_message())
+
+
+@cli.command(
+    cls=_OneLineUsageErrors,
+    context_settings={"allow_interspersed_args": False},
+)
+@click.option(
+    "--store",
+    metavar="S",
+    help="Store to record into (default: $POOLSCOPE_STORE, else ./poolscope.db here).",
+)
+@click.option(
+    "--leak-after",
+    metavar="S",
+    help="Seconds a hold may last before it is a suspected leak (default: "
+    "$POOLSCOPE_LEAK_AFTER, else 30).",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+def run(store: str | None, leak_after: str | None, command: tuple[str, ...]) -> None:
+    """Run CMD with every SQLAlchemy pool of its Python processes recorded, no code change.
+
+    CMD is executed in place of poolscope (exit status, signals, output and sys.argv are
+    its own); its Python processes, and their workers, attach each engine as it is made.
+    """
+    from ._launch import run_command
+
+    try:
+        run_command(command, store=store, leak_after=leak_after)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     """Entry point of the ``poolscope`` console script."""
     cli()
