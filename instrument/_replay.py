@@ -107,7 +107,7 @@ class Outcome:
             "pool_size": self.pool_size,
             "max_overflow": self.max_overflow,
             "pool_timeout_s": self.timeout_s,
-            "checkouts": self.checkouts,
+            "requests": self.checkouts,
             "timeouts": self.timeouts,
             "wait_p50_ms": self.wait_ms(50),
             "wait_p95_ms": self.wait_ms(95),
