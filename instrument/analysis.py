@@ -44,11 +44,13 @@ __all__ = [
     "percentiles",
     "pools",
     "processes",
+    "replay_demands",
     "sites",
     "sizing_advice",
     "summary",
     "timeouts",
     "utilization",
+    "what_if",
 ]
 
 REPORT_SCHEMA = "poolscope.report/1"
@@ -1348,6 +1350,32 @@ def _replay_sizing(data: _Data, group: pd.DataFrame, mean_in_use: float) -> dict
         "recommended": advice.outcome.as_dict(),
         "total_connections": capacity * processes,
     }
+
+
+def replay_demands(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str, Any]:
+    """The recorded demand of each pool name, as the sizing advice replays it: one
+    ``_replay.Demand`` per process and pool, confirmed leaks included as they happened.
+    Pass one pool's list to :func:`what_if`.
+    """
+    data = _load(conn, filters)
+    out = {}
+    for name, rows in data.pools.groupby("name", sort=True):
+        recorded, _, info = _replay_demands(data, [int(i) for i in rows["id"]])
+        if info["checkouts"] + info["timeouts"]:
+            out[str(name)] = recorded
+    return out
+
+
+def what_if(
+    demands: list[Any], pool_size: int, max_overflow: int, timeout_s: float
+) -> dict[str, Any]:
+    """What the demand of :func:`replay_demands` would have met on a QueuePool of these
+    settings: ``timeouts``, ``wait_p50_ms`` ... ``wait_max_ms``, ``peak``, ``peak_total``
+    (see docs/report-json.md, ``sizing.replay``).
+
+    :raises ValueError: ``timeout_s`` is negative or not a number.
+    """
+    return _replay.replay(demands, pool_size, max_overflow, timeout_s).as_dict()
 
 
 def _settings(outcome: dict[str, Any]) -> str:
