@@ -1406,19 +1406,24 @@ def _apply_replay(entry: dict[str, Any], replayed: dict[str, Any] | None, seen: 
     name = entry["pool"]
     timed_out = replayed["timeouts"]
     asked = f"{replayed['checkouts']} recorded checkouts" + (
-        f" and {timed_out} timed-out requests" if timed_out else ""
+        f" and {timed_out} timed-out request{'' if timed_out == 1 else 's'}" if timed_out else ""
     )
     same = (rec["pool_size"], rec["max_overflow"], rec["pool_timeout_s"]) == (
         cur["pool_size"], cur["max_overflow"], cur["pool_timeout_s"]
     )  # fmt: skip
     text = (
         f"{name}: {seen}. Replaying the {asked} on QueuePool: the recorded {_settings(cur)} "
-        f"gives {_predicted(cur)} (recorded: {entry['timeouts']} timeouts, peak "
-        f"{entry['peak_in_use']})"
+        f"gives {_predicted(cur)} (recorded: {entry['timeouts'] or 'no'} timeout"
+        f"{'' if entry['timeouts'] == 1 else 's'}, peak {entry['peak_in_use']})"
     )
     bound = _fmt_s(replayed["max_wait_p99_ms"] / 1000)
-    if same:
+    if same and not cur["timeouts"]:
         text += f"; it is the smallest with no timeouts and a p99 wait under {bound}: keep it."
+    elif same:
+        text += (
+            f"; without the confirmed leaks it gives {_predicted(rec)}: the size is enough "
+            "once they are fixed."
+        )
     else:
         verb = (
             ""
@@ -1436,8 +1441,9 @@ def _apply_replay(entry: dict[str, Any], replayed: dict[str, Any] | None, seen: 
         n = replayed["leaks_removed"]
         where = ", ".join(replayed["leak_sites"][:3])
         text += (
-            f" {n} confirmed leaked checkout{'' if n == 1 else 's'} (at {where}) "
-            "are left out of the advice's demand: fix these before growing the pool."
+            f" {n} confirmed leaked checkout{'' if n == 1 else 's'} at {where} "
+            f"{'is' if n == 1 else 'are'} left out of the advice's demand: fix these before "
+            "growing the pool."
         )
     entry["advice"] = text
 
