@@ -422,3 +422,32 @@ def site_labels(sites: pd.DataFrame) -> list[str]:
         label = f"{site} · pool {pool}" if several_pools else str(site)
         labels.append(f"{label} [{str(fp)[:8]}]" if twice else label)
     return labels
+
+
+def what_if_chart(
+    recorded: dict[str, float | None],
+    predicted: dict[str, float | None],
+    *,
+    title: str = "What if: waits and timeouts",
+) -> go.Figure:
+    """Recorded against predicted wait percentiles (ms), with both timeout counts in the
+    legend: ``recorded`` and ``predicted`` map ``wait_p50_ms`` ... ``wait_max_ms`` and
+    ``timeouts`` to numbers (``None`` for none)."""
+    keys = ["wait_p50_ms", "wait_p95_ms", "wait_p99_ms", "wait_max_ms"]
+    labels = ["p50", "p95", "p99", "max"]
+    fig = go.Figure()
+    for name, values, color in (
+        ("recorded", recorded, LIMIT_COLOR),
+        ("predicted", predicted, IN_USE_COLOR),
+    ):
+        timeouts = values.get("timeouts") or 0
+        fig.add_bar(
+            x=labels,
+            y=[values.get(k) or 0.0 for k in keys],
+            name=f"{name} ({int(timeouts)} timeout{'' if timeouts == 1 else 's'})",
+            marker_color=color,
+        )
+    fig.update_layout(
+        title=title, barmode="group", height=260, margin=_MARGIN, yaxis_title="wait (ms)"
+    )
+    return fig

@@ -153,6 +153,14 @@ def load_sizing_advice(store: str, token: Token, filters: analysis.Filters) -> l
         return analysis.sizing_advice(conn, filters)
 
 
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=16, show_spinner=False)
+def load_replay_demands(store: str, token: Token, filters: analysis.Filters) -> dict[str, Any]:
+    """Each pool's recorded demand, for the what-if replay (see
+    :func:`instrument.analysis.replay_demands`)."""
+    with _connection(store) as conn:
+        return analysis.replay_demands(conn, filters)
+
+
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
 def load_utilization(
     store: str, token: Token, filters: analysis.Filters, interval_s: float | None = None

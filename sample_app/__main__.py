@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bursts", type=int, default=2, help="repricing bursts (default 2)")
     parser.add_argument(
+        "--burst-width",
+        type=int,
+        default=None,
+        help="threads per repricing burst (default: pool size + max overflow + 6)",
+    )
+    parser.add_argument(
         "--schema",
         default=DEFAULT_SCHEMA,
         help=f"PostgreSQL schema for the shop's tables, dropped and re-created "

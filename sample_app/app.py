@@ -31,6 +31,8 @@ class Options:
     :param store: the poolscope store. May be ``None`` for ``$POOLSCOPE_STORE`` or
         ``./poolscope.db``.
     :param pool_timeout: may be ``None`` for ``min(1.0, leak_after / 2)``.
+    :param burst_width: threads per repricing burst. May be ``None`` for
+        ``pool_size + max_overflow + 6`` (wider than the pool).
     """
 
     url: str | None = None
@@ -43,6 +45,7 @@ class Options:
     max_overflow: int = 5
     pool_timeout: float | None = None
     bursts: int = 2
+    burst_width: int | None = None
     schema: str = db.DEFAULT_SCHEMA
     name: str = "shop"
 
@@ -62,6 +65,10 @@ class Options:
                 f"--pool-timeout must be more than 0 seconds, not {self.pool_timeout}",
             ),
             (self.bursts >= 0, f"--bursts must be 0 or more, not {self.bursts}"),
+            (
+                self.burst_width is None or self.burst_width >= 1,
+                f"--burst-width must be at least 1, not {self.burst_width}",
+            ),
             (
                 self.schema.replace("_", "").isalnum(),
                 f"--schema must be letters, digits and underscores, not {self.schema!r}",
@@ -162,6 +169,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
     )
     store = monitor.store.resolve()
     capacity = options.pool_size + options.max_overflow
+    width = options.burst_width or capacity + 6
     say(f"sample_app: a shop on {engine.url.render_as_string(hide_password=True)}")
     say(
         f"  pool: size {options.pool_size}, overflow {options.max_overflow}, timeout "
@@ -175,7 +183,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
     )
     say(
         f"  traffic: {options.workers} workers for {options.duration:g} s, "
-        f"{options.bursts} burst(s) of {capacity + 6} parallel repricings"
+        f"{options.bursts} burst(s) of {width} parallel repricings"
     )
 
     stats = traffic.Stats()
@@ -206,10 +214,10 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
                 break
             if burst_at and elapsed >= burst_at[0]:
                 burst_at.pop(0)
-                say(f"[{elapsed:5.1f}s] burst: {capacity + 6} repricing threads at once")
+                say(f"[{elapsed:5.1f}s] burst: {width} repricing threads at once")
                 thread = threading.Thread(
                     target=traffic.burst,
-                    args=(shop_, capacity + 6, 1.5 * pool_timeout, rng, stats),
+                    args=(shop_, width, 1.5 * pool_timeout, rng, stats),
                     name=f"reprice-{len(bursts) + 1}",
                 )
                 thread.start()

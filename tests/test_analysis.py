@@ -484,12 +484,14 @@ class TestSizing:
             assert text in advice["advice"]
 
     def test_a_pool_without_pressure_is_left_alone(self, tmp_path: Path, sqlite_url: str) -> None:
-        """No waits, no timeouts: verdict ok, and the same pool_size is recommended."""
+        """No waits, no timeouts: verdict ok, and the replay's advice is no larger than the
+        one connection these one-at-a-time checkouts used."""
         conn = record_quick(tmp_path / "calm.db", sqlite_url, "calm", 5,
                             poolclass=sa.pool.QueuePool, pool_size=4, max_overflow=6)  # fmt: skip
         [advice] = analysis.sizing_advice(conn)
         assert advice["verdict"] == "ok"
-        assert (advice["recommended_pool_size"], advice["recommended_max_overflow"]) == (4, 6)
+        assert (advice["recommended_pool_size"], advice["recommended_max_overflow"]) == (1, 0)
+        assert advice["replay"]["current"]["timeouts"] == 0
         assert "no waits or timeouts" in advice["advice"]
         assert "(peak 1 of 10)" in advice["advice"]
 

@@ -305,7 +305,7 @@ class TestPages:
         """One utilization chart per pool; the orders pool's carries its timeout marker."""
         at = _app(store, monkeypatch, "utilization")
         figures = {fig["layout"]["title"]["text"]: fig for fig in _figures(at)}
-        assert set(figures) == {"Pool billing", "Pool orders"}
+        assert {t for t in figures if t.startswith("Pool ")} == {"Pool billing", "Pool orders"}
         names = _trace_names(figures["Pool orders"])
         assert names == [
             "in use",
@@ -318,6 +318,18 @@ class TestPages:
         ]
         assert "timeout" not in _trace_names(figures["Pool billing"])
         assert _metrics(at)["Peak in use"] == "3"
+
+    def test_what_if_sliders_rerun_the_replay(self, store, monkeypatch):
+        """The orders pool's replay at its recorded settings predicts its one timeout; one
+        more overflow connection on the slider, and the prediction drops to none."""
+        at = _app(store, monkeypatch, "utilization")
+        assert _metrics(at)["Predicted timeouts"] == "1"
+        at.slider(key="wi_overflow_orders").set_value(2).run()
+        assert _metrics(at)["Predicted timeouts"] == "0"
+        chart = next(
+            f for f in _figures(at) if f["layout"]["title"]["text"] == "What if: pool orders"
+        )
+        assert _trace_names(chart) == ["recorded (1 timeout)", "predicted (0 timeouts)"]
 
     def test_waits_page_names_the_holders_of_the_timeout(self, store, monkeypatch):
         """For the timeout, the page lists the three slow reports that held the pool."""

@@ -98,6 +98,8 @@ class TestJson:
             (_model.PoolEntry, props["pools"]["items"]),
             (_model.MsStats, defs["ms_stats"]),
             (_model.Sizing, defs["sizing"]),
+            (_model.Replay, defs["replay"]),
+            (_model.ReplayOutcome, defs["replay_outcome"]),
             (_model.LeakEntry, props["leaks"]["items"]),
             (_model.TimeoutEntry, props["timeouts"]["items"]),
             (_model.Holder, props["timeouts"]["items"]["properties"]["holders"]["items"]),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from instrument.dashboard import charts, data, ui
+from instrument.dashboard import charts, data, ui, what_if
 
 view = data.current_view()
-util, timeouts, percentiles, sizing = data.load_together(
+util, timeouts, percentiles, sizing, demands = data.load_together(
     lambda: data.utilization(view),
     lambda: data.timeouts(view),
     lambda: data.load_percentiles(view.store, view.token, view.filters, "pool"),
     lambda: data.load_sizing_advice(view.store, view.token, view.filters),
+    lambda: data.load_replay_demands(view.store, view.token, view.filters),
 )
 advice = {a["pool"]: a for a in sizing}
 
@@ -39,3 +40,5 @@ for pool, rows in util.groupby("pool", sort=True):
     if pool in advice:
         text = ui.advice_text(advice[pool])
         (st.warning if advice[pool].get("verdict") == "too_small" else st.info)(text)
+    if pool in demands:
+        what_if.render_what_if(pool, demands[pool], advice.get(pool), stats)

@@ -35,7 +35,7 @@ from ._model import (
     parse_time,
 )
 from ._sites import sites
-from ._sizing import sizing_advice
+from ._sizing import replay_demands, sizing_advice, what_if
 from ._summary import summary
 from ._timeouts import timeouts
 from ._usage import percentiles, utilization
@@ -58,8 +58,10 @@ __all__ = [
     "pools",
     "processes",
     "sites",
+    "replay_demands",
     "sizing_advice",
     "summary",
     "timeouts",
     "utilization",
+    "what_if",
 ]

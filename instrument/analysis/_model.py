@@ -245,7 +245,46 @@ class MsStats(TypedDict):
     max: float | None
 
 
-class Sizing(TypedDict):
+class ReplayOutcome(TypedDict):
+    """What the recorded demand met on QueuePool with one set of settings."""
+
+    pool_size: int
+    max_overflow: int
+    pool_timeout_s: float
+    requests: int
+    timeouts: int
+    wait_p50_ms: float | None
+    wait_p95_ms: float | None
+    wait_p99_ms: float | None
+    wait_max_ms: float | None
+    peak: int
+    peak_total: int
+
+
+class Replay(TypedDict):
+    """The recorded demand of one pool name replayed (:mod:`instrument._replay`)."""
+
+    source: Literal["raw_events"]
+    checkouts: int
+    timeouts: int
+    leaks_removed: int
+    leak_sites: list[str]
+    timed_out_hold: Literal["site_median"]
+    max_wait_p99_ms: float
+    peak_demand: int
+    current: ReplayOutcome
+    recommended: ReplayOutcome
+    total_connections: int
+
+
+class _SizingByReplay(TypedDict, total=False):
+    """The keys a sizing entry has when its pool's demand was replayed."""
+
+    recommended_pool_timeout_s: float | None
+    replay: Replay | None
+
+
+class Sizing(_SizingByReplay):
     """Sizing advice for one pool name (:func:`instrument.analysis.sizing_advice`)."""
 
     pool: str

@@ -107,7 +107,9 @@ def render_text(report: dict[str, Any]) -> str:
     if not sized:
         lines.append("  no pool activity to size")
     for advice in sized:
+        # A site's path may hold hyphens (pytest-of-me/...): wrap only at spaces.
         lines += textwrap.wrap(
-            advice["advice"], _WIDTH, initial_indent="  ", subsequent_indent="    "
-        )
+            advice["advice"], _WIDTH, initial_indent="  ", subsequent_indent="    ",
+            break_on_hyphens=False, break_long_words=False,
+        )  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
