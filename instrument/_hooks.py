@@ -24,6 +24,7 @@ from ._failures import listener_failed as _listener_failed
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path, valid_text
+from ._text import visible
 from ._writer import MAX_QUEUE_VALUES, NULL, Writer, get_writer
 
 logger = logging.getLogger("instrument")
@@ -285,7 +286,11 @@ class Monitor:
         }
 
     def watch(self, now: float) -> None:
-        """Writer-thread duty: flag checkouts held past ``leak_after``; log notices."""
+        """Writer-thread duty: flag checkouts held past ``leak_after``; log notices.
+
+        Sites, frames and thread names are logged with their control characters as
+        escapes: a thread may name itself anything, terminal escapes included.
+        """
         notices = self._notices
         while notices:
             kind, entry, held = notices.popleft()
@@ -294,8 +299,8 @@ class Monitor:
                 logger.info(
                     "connection checked out at %s (thread %s) returned after %.1f s, "
                     "past leak_after=%.1f s",
-                    resolved.site,
-                    entry[_CO_THREAD],
+                    visible(resolved.site),
+                    visible(entry[_CO_THREAD]),
                     held,
                     self.leak_after,
                 )
@@ -304,10 +309,10 @@ class Monitor:
                     "connection checked out at %s (thread %s) was never closed: the garbage "
                     "collector returned it after %.1f s. Close it, or use a with block.\n"
                     "  checked out at:\n    %s",
-                    resolved.site,
-                    entry[_CO_THREAD],
+                    visible(resolved.site),
+                    visible(entry[_CO_THREAD]),
                     held,
-                    "\n    ".join(resolved.frames),
+                    "\n    ".join(map(visible, resolved.frames)),
                 )
         limit = self.leak_after
         suspected = self._suspected
@@ -327,11 +332,11 @@ class Monitor:
                 logger.warning(
                     "connection checked out at %s (thread %s) held for %.1f s, past "
                     "leak_after=%.1f s; suspected leak\n  checked out at:\n    %s",
-                    resolved.site,
-                    entry[_CO_THREAD],
+                    visible(resolved.site),
+                    visible(entry[_CO_THREAD]),
                     held,
                     limit,
-                    "\n    ".join(resolved.frames),
+                    "\n    ".join(map(visible, resolved.frames)),
                 )
 
     def _emit(

@@ -401,6 +401,37 @@ class TestGcCheckin:
         assert warnings_[0].levelno == logging.WARNING
         assert site_of("leak-raw") in warnings_[0].getMessage()
 
+    def test_warnings_show_a_hostile_thread_name_escaped(
+        self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The GC and watchdog warnings write a thread name's terminal escapes as ``\\x1b``,
+        never raw, so a log on a terminal cannot be driven by the application's names."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=0.05)
+        hostile = "w\x1b]0;pwned\x07\x1b[2J"
+        held: list[sa.Connection] = []
+
+        def work() -> None:
+            _leak_raw_connection(engine)
+            held.append(engine.connect())
+
+        with caplog.at_level(logging.INFO):
+            thread = threading.Thread(target=work, name=hostile)
+            thread.start()
+            thread.join()
+            gc.collect()
+            time.sleep(0.1)
+            monitor.flush()
+            monitor.flush()  # the writer logs after the batch the first flush waited for
+        held[0].close()
+        engine.dispose()
+        messages = [r.getMessage() for r in caplog.records if "checked out at" in r.getMessage()]
+        assert any("never closed" in m for m in messages), messages
+        assert any("suspected leak" in m for m in messages), messages
+        for message in messages:
+            assert "\x1b" not in message and "\x07" not in message, repr(message)
+            assert "w\\x1b]0;pwned\\x07\\x1b[2J" in message
+
     def test_collector_on_another_thread(self, sqlite_url: str, store_path: Path) -> None:
         """When the garbage collector runs on another thread, the gc_checkin is recorded
         there, with the leaking line as site."""
