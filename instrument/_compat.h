@@ -7,6 +7,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <stddef.h>  /* offsetof: Python.h brings it from 3.11 on, not on 3.10 */
 
 /* 3.11 and 3.12: the stack walk reads the interpreter's own frame records, as greenlet
    and profilers do; PyFrame_GetBack() would allocate a frame object for every caller,

@@ -24,6 +24,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct sqlite3_stmt sqlite3_stmt;
 
 #define SQLITE_OK 0
+#define SQLITE_ROW 100
 #define SQLITE_DONE 101
 #define SQLITE_OPEN_READWRITE 0x00000002
 #define SQLITE_TRANSIENT_ ((void (*)(void *))-1)
@@ -34,6 +35,8 @@ static struct {
     int (*close_v2)(sqlite3 *);
     int (*busy_timeout)(sqlite3 *, int);
     int (*get_autocommit)(sqlite3 *);
+    long long (*last_insert_rowid)(sqlite3 *);
+    long long (*column_int64)(sqlite3_stmt *, int);
     int (*prepare_v2)(sqlite3 *, const char *, int, sqlite3_stmt **, const char **);
     int (*bind_double)(sqlite3_stmt *, int, double);
     int (*bind_int64)(sqlite3_stmt *, int, long long);
@@ -70,6 +73,8 @@ load(PyObject *self, PyObject *args)
     FIND(close_v2, "sqlite3_close_v2")
     FIND(busy_timeout, "sqlite3_busy_timeout")
     FIND(get_autocommit, "sqlite3_get_autocommit")
+    FIND(last_insert_rowid, "sqlite3_last_insert_rowid")
+    FIND(column_int64, "sqlite3_column_int64")
     FIND(prepare_v2, "sqlite3_prepare_v2")
     FIND(bind_double, "sqlite3_bind_double")
     FIND(bind_int64, "sqlite3_bind_int64")
@@ -199,6 +204,78 @@ Store_execute(Store *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* run(sql, params) -> int: one statement, its parameters bound from the sequence `params`
+   (None, int, float or str), stepped once with the GIL released (BEGIN IMMEDIATE may
+   wait for a lock): the first column of its first row, as an integer, if it returns
+   rows (SELECT id ...), else the last inserted rowid. */
+static PyObject *
+Store_run(Store *self, PyObject *args)
+{
+    const char *sql;
+    PyObject *params;
+    if (!PyArg_ParseTuple(args, "sO", &sql, &params)) return NULL;
+    sqlite3 *db = store_db(self);
+    if (db == NULL) return NULL;
+    PyObject *seq = PySequence_Fast(params, "params must be a sequence");
+    if (seq == NULL) return NULL;
+    sqlite3_stmt *stmt = NULL;
+    char error[512] = "";
+    int rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
+    for (Py_ssize_t k = 0; rc == SQLITE_OK && k < PySequence_Fast_GET_SIZE(seq); k++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(seq, k);
+        int i = (int)k + 1;
+        if (v == Py_None) {
+            rc = sq.bind_null(stmt, i);
+        }
+        else if (PyLong_Check(v)) {
+            long long n = PyLong_AsLongLong(v);
+            if (n == -1 && PyErr_Occurred()) goto fail;
+            rc = sq.bind_int64(stmt, i, n);
+        }
+        else if (PyFloat_Check(v)) {
+            rc = sq.bind_double(stmt, i, PyFloat_AS_DOUBLE(v));
+        }
+        else if (PyUnicode_Check(v)) {
+            Py_ssize_t len;
+            const char *text = PyUnicode_AsUTF8AndSize(v, &len);
+            if (text == NULL) goto fail;
+            if (len > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "a str past 2 GB cannot be bound");
+                goto fail;
+            }
+            rc = sq.bind_text(stmt, i, text, (int)len, SQLITE_TRANSIENT_);
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "a value of type %.100s cannot be bound",
+                         Py_TYPE(v)->tp_name);
+            goto fail;
+        }
+    }
+    long long result = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (rc == SQLITE_OK) {
+        rc = sq.step(stmt);
+        if (rc == SQLITE_ROW) {
+            result = sq.column_int64(stmt, 0);
+            rc = SQLITE_OK;
+        }
+        else if (rc == SQLITE_DONE) {
+            result = sq.last_insert_rowid(db);
+            rc = SQLITE_OK;
+        }
+    }
+    if (rc != SQLITE_OK) snprintf(error, sizeof error, "%s", sq.errmsg(db));
+    if (stmt != NULL) sq.finalize(stmt);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(seq);
+    if (rc != SQLITE_OK) return sqlite_error(error, rc);
+    return PyLong_FromLongLong(result);
+fail:
+    if (stmt != NULL) sq.finalize(stmt);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyObject *
 Store_close(Store *self, PyObject *Py_UNUSED(ignored))
 {
@@ -224,6 +301,9 @@ static PyMethodDef Store_methods[] = {
      "filename() -> str: the main database file, as SQLite reports it."},
     {"execute", (PyCFunction)Store_execute, METH_VARARGS,
      "execute(sql): run an SQL script (no parameters, no rows) on this handle."},
+    {"run", (PyCFunction)Store_run, METH_VARARGS,
+     "run(sql, params) -> int: one statement with its parameters; the first column of its "
+     "first row, or the last inserted rowid."},
     {"close", (PyCFunction)Store_close, METH_NOARGS, "close(): close the handle."},
     {"forget", (PyCFunction)Store_forget, METH_NOARGS,
      "forget(): drop the handle without closing it (in a forked child)."},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -16,6 +17,7 @@ import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,27 +279,34 @@ class Writer:
         # The stack and pool rows this batch writes: marked as written only once it commits.
         new_stacks: list[int] = []
         new_pools: list[int] = []
+        # One transaction per batch, on one connection: the C inserter's own handle where
+        # it is open, else the sqlite3 connection.
+        store = self._c_store
+        run = store.run if store is not None else functools.partial(_run, conn)
         try:
             now = REAL.wall()
-            if dropped or not self._write_in_one_call(conn, flat, now):
-                conn.execute("BEGIN IMMEDIATE")
-                self._write_stacks(conn, new_stacks)
-                self._write_pools(conn, new_pools)
-                self._insert_in_python(conn, flat)
+            if dropped or not self._write_in_one_call(flat, now):
+                run("BEGIN IMMEDIATE", ())
+                self._write_stacks(run, new_stacks)
+                self._write_pools(run, new_pools)
+                if store is not None:
+                    self._insert_in_c(store, flat)
+                else:
+                    self._insert_in_python(conn, flat)
                 if dropped:
-                    conn.execute(
+                    run(
                         "INSERT INTO events (at, process_id, pool_id, kind, count) "
                         "VALUES (?, ?, ?, 'dropped', ?)",
                         (now, pid, next(iter(self._pool_ids.values()), 0), dropped),
                     )
-                conn.execute(self._heartbeat(now))
-                conn.execute("COMMIT")
+                run(self._heartbeat(now), ())
+                run("COMMIT", ())
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
         except Exception as exc:  # sqlite3.Error, OSError, or anything else: never left open
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            with contextlib.suppress(Exception):
+                run("ROLLBACK", ())
             self._unwrite(new_stacks, new_pools)
             self._pending_drops += nrecords
             self.dropped_total += nrecords
@@ -352,11 +361,11 @@ class Writer:
         self._stack_ids = {}
         self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
 
-    def _write_in_one_call(self, conn: sqlite3.Connection, flat: Any, now: float) -> bool:
+    def _write_in_one_call(self, flat: Any, now: float) -> bool:
         """The common batch (no new stack or pool to write first) as one transaction in C, on
         the C inserter's own handle: BEGIN, the rows, the heartbeat and COMMIT with the GIL
         released once (rolled back there on a failure). False, having written nothing, where
-        it cannot: then the batch is one transaction on the sqlite3 connection instead.
+        it cannot (see ``_write``).
 
         Each release of the GIL costs the writer a wait to take it back, during which the
         application wakes it at every release of its own: one release instead of four
@@ -365,18 +374,18 @@ class Writer:
         store = self._c_store
         if store is None or self.stacks.pending or self.pools.keys() - self._pool_ids:
             return False
+        return self._insert_in_c(store, flat, "BEGIN IMMEDIATE", self._heartbeat(now) + "; COMMIT")
+
+    def _insert_in_c(self, store: Any, flat: Any, before: str = "", after: str = "") -> bool:
+        """Run ``before``, insert the records and run ``after`` on the C inserter's handle
+        ``store``, with the GIL released once."""
+        remap = {POOL: self._pool_ids, STACK: self._stack_ids}
         return bool(
             self._rows.insert(
-                store,
-                flat,
-                self._insert_many,
-                ROWS_PER_STATEMENT,
-                self._insert_one,
-                {POOL: self._pool_ids, STACK: self._stack_ids},
-                "BEGIN IMMEDIATE",
-                self._heartbeat(now) + "; COMMIT",
+                store, flat, self._insert_many, ROWS_PER_STATEMENT, self._insert_one, remap,
+                before, after,
             )
-        )
+        )  # fmt: skip
 
     def _heartbeat(self, now: float) -> str:
         """The statement that marks this process alive at ``now`` (numbers only, inlined)."""
@@ -418,30 +427,29 @@ class Writer:
     def _due_heartbeat(self) -> bool:
         return self._conn is not None and REAL.wall() - self._last_heartbeat > HEARTBEAT_SECONDS
 
-    def _write_stacks(self, conn: sqlite3.Connection, written: list[int]) -> None:
+    def _write_stacks(self, run: _Run, written: list[int]) -> None:
         table = self.stacks
         pending = table.pending
         while pending:
             local = pending.popleft()
             written.append(local)
             resolved = table.resolve(local)
-            conn.execute(
+            run(
                 "INSERT OR IGNORE INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)",
                 (resolved.fingerprint, resolved.site, json.dumps(resolved.frames)),
             )
-            row = conn.execute(
+            self._stack_ids[local] = run(
                 "SELECT id FROM stacks WHERE fingerprint = ?", (resolved.fingerprint,)
-            ).fetchone()
-            self._stack_ids[local] = row[0]
+            )
 
-    def _write_pools(self, conn: sqlite3.Connection, written: list[int]) -> None:
+    def _write_pools(self, run: _Run, written: list[int]) -> None:
         for pool_key, info in list(self.pools.items()):
             if pool_key in self._pool_ids:
                 continue
             # A name or URL may hold a lone surrogate (from a file name), which SQLite's
             # text cannot: written with the bytes it stands for escaped.
             info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
-            cur = conn.execute(
+            self._pool_ids[pool_key] = run(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
                 "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -459,7 +467,6 @@ class Writer:
                     info["created_at"],
                 ),
             )
-            self._pool_ids[pool_key] = cur.lastrowid  # type: ignore[assignment]
             written.append(pool_key)
 
     def _connection(self) -> sqlite3.Connection | None:
@@ -575,6 +582,18 @@ class Writer:
         self._pending_drops = 0
         self.written = 0
         self.dropped_total = 0
+
+
+_Run = Callable[[str, Sequence[Any]], Any]
+"""Run one statement with its parameters: the first column of its first row, if it returns
+rows, else the last inserted rowid (``_sqlite_rows.Store.run``, or ``_run``)."""
+
+
+def _run(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    """``_sqlite_rows.Store.run`` for a sqlite3 connection."""
+    cur = conn.execute(sql, params)
+    row = cur.fetchone()
+    return row[0] if row is not None else cur.lastrowid
 
 
 def _open_c_store(rows: Any, path: Path) -> Any:
