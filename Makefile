@@ -2,17 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 SQLALCHEMY ?= 2.1
+EXTRAS ?= test,dashboard
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The other Pythons we claim (requires-python), found under pyenv or on PATH.
+PYTHONS ?= 3.10 3.12 3.13
+PYENV_ROOT ?= $(HOME)/.pyenv
+RECORDER_TESTS := tests/test_recorder.py tests/test_runtime.py tests/test_store.py \
+	tests/test_report.py
 
-.PHONY: setup test test-sa20 test-sqlalchemy wheel-check demo lint format bench clean
+.PHONY: setup test test-sa20 test-sqlalchemy test-pythons test-python test-no-cext \
+	wheel-check demo lint format bench clean
 
 setup: $(VENV)/.installed-$(SQLALCHEMY)
 
-$(VENV)/.installed-$(SQLALCHEMY): pyproject.toml
+$(VENV)/.installed-$(SQLALCHEMY): pyproject.toml setup.py $(wildcard instrument/*.c instrument/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dashboard]' 'sqlalchemy~=$(SQLALCHEMY).0'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' 'sqlalchemy~=$(SQLALCHEMY).0'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -33,6 +40,27 @@ test-sqlalchemy: setup
 ## demo, report and the dashboard from it (1-2 min; no .venv needed)
 wheel-check:
 	PYTHON=$(PYTHON) .ci/wheel-check
+
+## test-pythons: the recorder, runtime, store and report tests on every other Python we
+## claim, each in its own venv with the C helpers built (CI=true: a missing one fails;
+## SQLAlchemy 2.0 on 3.10, 2.1 on the others), then once without the helpers
+test-pythons:
+	@set -e; for v in $(PYTHONS); do $(MAKE) --no-print-directory test-python PYVER=$$v; done
+	$(MAKE) --no-print-directory test-no-cext
+
+test-python:
+	@py=; for c in $$(ls -d $(PYENV_ROOT)/versions/$(PYVER).*/bin/python$(PYVER) 2>/dev/null \
+		| sort -rV) $$(command -v python$(PYVER)); do \
+		if "$$c" -c '' 2>/dev/null; then py=$$c; break; fi; done; \
+	test -n "$$py" || { echo "no working python$(PYVER) (in $(PYENV_ROOT) or on PATH)"; exit 1; }; \
+	$(MAKE) --no-print-directory setup PYTHON=$$py VENV=.venv-py$(PYVER) EXTRAS=test \
+		SQLALCHEMY=$(if $(filter 3.10,$(PYVER)),2.0,2.1)
+	CI=true POOLSCOPE_REQUIRE_CEXT=1 .venv-py$(PYVER)/bin/python -m pytest $(RECORDER_TESTS) \
+		-q -p no:cacheprovider $(PYTEST_ARGS)
+
+## test-no-cext: the same tests with POOLSCOPE_NO_CEXT=1 (pure Python; the C runs skip)
+test-no-cext: setup
+	POOLSCOPE_NO_CEXT=1 $(PY) -m pytest $(RECORDER_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ## demo: run the sample app for ~30 s on SQLite, then open the dashboard
 demo: setup
@@ -58,4 +86,4 @@ bench: setup
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf .venv .venv-sa20 *.egg-info .pytest_cache .cache
+	rm -rf .venv .venv-sa20 .venv-py3.* *.egg-info .pytest_cache .cache

@@ -27,13 +27,13 @@ setup(
         Extension(
             "instrument._speedups",
             ["instrument/_speedups.c"],
-            depends=["instrument/_events_api.h"],
+            depends=["instrument/_events_api.h", "instrument/_compat.h", "instrument/_record.h"],
             optional=True,
         ),
         Extension(
             "instrument._sqlite_rows",
             ["instrument/_sqlite_rows.c"],
-            depends=["instrument/_events_api.h"],
+            depends=["instrument/_events_api.h", "instrument/_compat.h", "instrument/_record.h"],
             optional=True,
         ),
     ],

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger("instrument")
+logger = logging.getLogger("poolscope")
 
 failures: list[str] = []
 """Names of the listeners that failed in this process, one entry per failure."""

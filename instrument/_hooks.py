@@ -21,13 +21,24 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._clock import REAL
 from ._failures import listener_failed as _listener_failed
+from ._record import (
+    CO_AT,
+    CO_ID,
+    CO_STACK,
+    CO_TASK,
+    CO_THREAD,
+    MAX_QUEUE_VALUES,
+    NO_SIZE,
+    NULL,
+    returned_by_gc,
+)
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path, valid_text
 from ._text import visible
-from ._writer import MAX_QUEUE_VALUES, NULL, Writer, get_writer
+from ._writer import Writer, get_writer
 
-logger = logging.getLogger("instrument")
+logger = logging.getLogger("poolscope")
 
 DEFAULT_LEAK_AFTER_SECONDS = 30.0
 
@@ -38,8 +49,8 @@ _checkout_ids = itertools.count(1)
 _connection_ids = itertools.count(1)
 _pool_keys = itertools.count(1)
 
-# Entry layout of Monitor._open values (a tuple, cheaper to build than an object).
-_CO_ID, _CO_AT, _CO_THREAD, _CO_STACK, _CO_FAIRY, _CO_TASK = range(6)
+# Monitor._open maps a connection record to its open checkout's entry: a tuple laid out
+# as _record.ENTRY_FIELDS (CO_ID ... CO_TASK).
 
 
 class OpenCheckout(NamedTuple):
@@ -188,15 +199,15 @@ class Monitor:
             if successor is not self:
                 entries += successor._open_entries()
         for entry in entries:
-            resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+            resolved = self._writer.stacks.resolve(entry[CO_STACK])
             result.append(
                 OpenCheckout(
-                    checkout_id=entry[_CO_ID],
+                    checkout_id=entry[CO_ID],
                     site=resolved.site,
-                    thread=entry[_CO_THREAD],
-                    task=entry[_CO_TASK],
-                    held_s=now - entry[_CO_AT],
-                    checked_out_at=entry[_CO_AT],
+                    thread=entry[CO_THREAD],
+                    task=entry[CO_TASK],
+                    held_s=now - entry[CO_AT],
+                    checked_out_at=entry[CO_AT],
                     stack=list(resolved.frames),
                 )
             )
@@ -294,13 +305,13 @@ class Monitor:
         notices = self._notices
         while notices:
             kind, entry, held = notices.popleft()
-            resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+            resolved = self._writer.stacks.resolve(entry[CO_STACK])
             if kind == "leak_cleared":
                 logger.info(
                     "connection checked out at %s (thread %s) returned after %.1f s, "
                     "past leak_after=%.1f s",
                     visible(resolved.site),
-                    visible(entry[_CO_THREAD]),
+                    visible(entry[CO_THREAD]),
                     held,
                     self.leak_after,
                 )
@@ -310,30 +321,30 @@ class Monitor:
                     "collector returned it after %.1f s. Close it, or use a with block.\n"
                     "  checked out at:\n    %s",
                     visible(resolved.site),
-                    visible(entry[_CO_THREAD]),
+                    visible(entry[CO_THREAD]),
                     held,
                     "\n    ".join(map(visible, resolved.frames)),
                 )
         limit = self.leak_after
         suspected = self._suspected
         for entry in self._open_entries():
-            held = now - entry[_CO_AT]
-            if held > limit and entry[_CO_ID] not in suspected:
-                suspected[entry[_CO_ID]] = now
+            held = now - entry[CO_AT]
+            if held > limit and entry[CO_ID] not in suspected:
+                suspected[entry[CO_ID]] = now
                 self._emit(
                     "leak_suspected",
                     entry=entry,
-                    thread=entry[_CO_THREAD],
-                    task=entry[_CO_TASK],
+                    thread=entry[CO_THREAD],
+                    task=entry[CO_TASK],
                     hold_s=held,
                     at=now,
                 )
-                resolved = self._writer.stacks.resolve(entry[_CO_STACK])
+                resolved = self._writer.stacks.resolve(entry[CO_STACK])
                 logger.warning(
                     "connection checked out at %s (thread %s) held for %.1f s, past "
                     "leak_after=%.1f s; suspected leak\n  checked out at:\n    %s",
                     visible(resolved.site),
-                    visible(entry[_CO_THREAD]),
+                    visible(entry[CO_THREAD]),
                     held,
                     limit,
                     "\n    ".join(map(visible, resolved.frames)),
@@ -363,10 +374,10 @@ class Monitor:
         in_use = len(self._open)
         _, idle, waiters, size = self._state
         if stack_id is None and entry is not None:
-            stack_id = entry[_CO_STACK]
+            stack_id = entry[CO_STACK]
         self._writer.emit(
             (at if at is not None else REAL.wall(), self.pool_key, kind, connection_id,
-             entry[_CO_ID] if entry is not None else None, thread, task, in_use, len(idle),
+             entry[CO_ID] if entry is not None else None, thread, task, in_use, len(idle),
              in_use - size if in_use > size else 0, len(waiters), stack_id, wait_s, connect_s,
              hold_s, count)
         )  # fmt: skip
@@ -394,9 +405,9 @@ class Monitor:
                     "unwatched",
                     entry=entry,
                     connection_id=self._connection_ids.get(record),
-                    thread=entry[_CO_THREAD],
-                    task=entry[_CO_TASK],
-                    hold_s=now - entry[_CO_AT],
+                    thread=entry[CO_THREAD],
+                    task=entry[CO_TASK],
+                    hold_s=now - entry[CO_AT],
                     at=now,
                 )
         except Exception:  # detach() never raises into the application
@@ -573,7 +584,7 @@ class Monitor:
         """
         writer = self._writer
         queue = writer.queue
-        append = queue.extend  # flat queue: a record is RECORD_WIDTH values
+        append = queue.extend  # flat queue: a record is _record.RECORD_WIDTH values
         drop = writer.drops.append
         max_queue = MAX_QUEUE_VALUES
         key = self.pool_key
@@ -653,7 +664,7 @@ class Monitor:
                 previous = open_.get(record)
                 if previous is not None:  # a StaticPool's one record, checked out again
                     shared.setdefault(record, []).append(previous)
-                open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)
+                open_[record] = (checkout_id, t, thread, sid, ref(proxy), task)  # ENTRY_FIELDS
                 if len(queue) < max_queue:
                     in_use = len(open_)
                     _, idle, waiters, size = state
@@ -696,19 +707,19 @@ class Monitor:
 
         def _close(record: Any, entry: tuple[Any, ...], t: float, returning: bool | None) -> None:
             """Record the return of the checkout ``entry`` of ``record`` at ``t``."""
-            held = t - entry[1]
-            if suspected and suspected.pop(entry[0], None) is not None:
+            held = t - entry[CO_AT]
+            if suspected and suspected.pop(entry[CO_ID], None) is not None:
                 notices.append(("leak_cleared", entry, held))
                 emit(
                     "leak_cleared",
                     entry=entry,
                     connection_id=connection_ids.get(record),
-                    thread=entry[2],
-                    task=entry[5],
+                    thread=entry[CO_THREAD],
+                    task=entry[CO_TASK],
                     hold_s=held,
                     at=t,
                 )
-            if entry[4]() is None:
+            if returned_by_gc(entry):
                 kind = "gc_checkin"
                 notices.append((kind, entry, held))
             else:
@@ -718,7 +729,7 @@ class Monitor:
                 _, idle, waiters, size = state
                 # A QueuePool puts the returned connection in its idle queue (capped at
                 # its size: past it, the connection is closed); other pools keep none.
-                n_idle = len(idle) + 1 if returning and size != _NO_SIZE else len(idle)
+                n_idle = len(idle) + 1 if returning and size != NO_SIZE else len(idle)
                 try:
                     thread = local.thread._name
                 except AttributeError:
@@ -731,14 +742,14 @@ class Monitor:
                         key,
                         kind,
                         connection_ids.get(record, NULL),
-                        entry[0],
+                        entry[CO_ID],
                         thread,
-                        entry[5] or NULL,
+                        entry[CO_TASK] or NULL,
                         in_use,
                         n_idle if n_idle < size else size,
                         in_use - size if in_use > size else 0,
                         len(waiters),
-                        entry[3],
+                        entry[CO_STACK],
                         NULL,
                         NULL,
                         held,
@@ -848,9 +859,6 @@ class Monitor:
         return listeners
 
 
-_NO_SIZE = 1 << 62
-"""Stands for "no size" so that ``in_use > size`` is simply false for unsized pools."""
-
 _thread_names = threading.local()
 """Per-thread cache of the ``Thread`` object: ``current_thread()`` costs a lookup per event.
 
@@ -874,7 +882,7 @@ def _pool_state(pool: Pool) -> list[Any]:
             return [ref, inner.queue, inner.not_empty._waiters, pool.size()]  # type: ignore[attr-defined]
         aio = inner._queue  # type: ignore[attr-defined]  # AsyncAdaptedQueue
         return [ref, aio._queue, aio._getters, pool.size()]
-    return [ref, (), (), _NO_SIZE]
+    return [ref, (), (), NO_SIZE]
 
 
 def _recycle_seconds(pool: Pool) -> float | None:

@@ -1,29 +1,15 @@
 /* C helpers for poolscope's hot path: stack keys, and the common case of the
    checkout and checkin listeners. Optional: without a compiler, the pure-Python
    listeners in _hooks.py do the same work, a few microseconds slower. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <frameobject.h>
+#define POOLSCOPE_WALKS_FRAMES 1
+#include "_compat.h"
+
 #include <pythread.h>
 #include <stdint.h>
 #include <time.h>
 
 #include "_events_api.h"
-
-/* On 3.11 and 3.12 the walk reads the interpreter's own frame records, as greenlet
-   and profilers do: PyFrame_GetBack() would allocate a frame object for every
-   caller, which costs more than the rest of the walk on a deep stack. */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
-#  define POOLSCOPE_FRAME_RECORDS 1
-#  ifndef Py_BUILD_CORE
-#    define Py_BUILD_CORE 1
-#  endif
-#  include <internal/pycore_frame.h>
-#endif
-
-#if PY_VERSION_HEX < 0x030B0000
-static int PyFrame_GetLasti(PyFrameObject *frame) { return frame->f_lasti; }
-#endif
+#include "_record.h"
 
 #define FNV_BASIS 1469598103934665603ULL
 #define FNV_PRIME 1099511628211ULL
@@ -114,10 +100,8 @@ static PyObject *str_name;      /* "_name" */
 static PyObject *str_checkout;  /* "checkout" */
 static PyObject *str_checkin;   /* "checkin" */
 static PyObject *one;           /* 1, appended to `drops` per dropped record */
-static PyObject *null;          /* "": NULL in a queued record (see _writer.NULL) */
+static PyObject *null;          /* "": NULL in a queued record (see _record.NULL) */
 
-#define RECORD_WIDTH 16
-#define NO_SIZE (1LL << 62)  /* _hooks._NO_SIZE: the size of a pool without one */
 #define THREAD_SLOTS 8  /* threads whose name is found without a lookup in threading */
 
 /* A thread seen before, by its thread state's id (never reused in a process, unlike
@@ -392,7 +376,7 @@ out_finish(Out *out)
 }
 
 /* The pool's counts after an event (in use, idle, overflow and waiters) into the
-   record's columns 7 to 10. */
+   record's in_use, idle, overflow and waiters. */
 static int
 out_pool_counts(Out *out, Py_ssize_t idle_extra)
 {
@@ -407,10 +391,10 @@ out_pool_counts(Out *out, Py_ssize_t idle_extra)
     }
     if (idle_extra && size != NO_SIZE) n_idle += idle_extra;
     if (n_idle > size) n_idle = (Py_ssize_t)size;
-    out_int(out, 7, n_in_use);
-    out_int(out, 8, n_idle);
-    out_int(out, 9, n_in_use > size ? n_in_use - size : 0);
-    out_int(out, 10, n_waiters);
+    out_int(out, F_IN_USE, n_in_use);
+    out_int(out, F_IDLE, n_idle);
+    out_int(out, F_OVERFLOW, n_in_use > size ? n_in_use - size : 0);
+    out_int(out, F_WAITERS, n_waiters);
     return 0;
 }
 
@@ -471,7 +455,8 @@ checkout_fast(HotPath *self, PyObject *record, PyObject *proxy)
     if ((at = PyFloat_FromDouble(t)) == NULL) goto done;
     if ((checkout_id = PyObject_CallNoArgs(self->next_checkout)) == NULL) goto done;
     if ((ref = PyWeakref_NewRef(proxy, NULL)) == NULL) goto done;
-    entry = PyTuple_Pack(6, checkout_id, at, thread, sid, ref, Py_None);
+    /* The entry, in _record.ENTRY_FIELDS order (CO_ID ... CO_TASK). */
+    entry = PyTuple_Pack(ENTRY_WIDTH, checkout_id, at, thread, sid, ref, Py_None);
     if (entry == NULL || PyDict_SetItem(self->open, record, entry) < 0) goto done;
     PyObject *wait = dict_take(self->waits, record, 1);
     PyObject *connect = dict_take(self->connect_times, record, 1);
@@ -485,19 +470,19 @@ checkout_fast(HotPath *self, PyObject *record, PyObject *proxy)
         Out out;
         rc = out_start(&out, self);
         if (rc == 0) {
-            out_float(&out, 0, t);
-            out_int(&out, 1, self->pool_key_value);
-            out_value(&out, 2, str_checkout);
-            out_id(&out, 3, self->connection_ids, record);
-            out_value(&out, 4, checkout_id);
-            out_value(&out, 5, thread);
-            out_null(&out, 6);
+            out_float(&out, F_AT, t);
+            out_int(&out, F_POOL, self->pool_key_value);
+            out_value(&out, F_KIND, str_checkout);
+            out_id(&out, F_CONNECTION_ID, self->connection_ids, record);
+            out_value(&out, F_CHECKOUT_ID, checkout_id);
+            out_value(&out, F_THREAD, thread);
+            out_null(&out, F_TASK);
             out_pool_counts(&out, 0);
-            out_value(&out, 11, sid);
-            out_value(&out, 12, wait);
-            out_value(&out, 13, connect);
-            out_null(&out, 14);
-            out_null(&out, 15);
+            out_value(&out, F_STACK, sid);
+            out_value(&out, F_WAIT_S, wait);
+            out_value(&out, F_CONNECT_S, connect);
+            out_null(&out, F_HOLD_S);
+            out_null(&out, F_COUNT);
             rc = out_finish(&out);
         }
     }
@@ -519,22 +504,6 @@ done:
     return result;
 }
 
-/* Whether the weak reference `ref` still points to its object: 1, 0, or -1 on an error. */
-static int
-proxy_alive(PyObject *ref)
-{
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject *proxy;
-    int alive = PyWeakref_GetRef(ref, &proxy);
-    Py_XDECREF(proxy);
-    return alive;
-#else
-    PyObject *proxy = PyWeakref_GetObject(ref);  /* borrowed */
-    if (proxy == NULL) return -1;
-    return proxy != Py_None;
-#endif
-}
-
 /* Record a checkin by code, as the Python checkin listener does: Py_True when done,
    Py_False when it left everything to the Python listener, NULL on an error.
 
@@ -549,10 +518,11 @@ checkin_fast(HotPath *self, PyObject *record)
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_TRUE;  /* checked out before attach: nothing to record */
     }
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6 ||
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != ENTRY_WIDTH ||
         PyDict_GET_SIZE(self->suspected) || PyDict_GET_SIZE(self->shared))
         Py_RETURN_FALSE;
-    int alive = proxy_alive(PyTuple_GET_ITEM(entry, 4));
+    /* _record.returned_by_gc(): the proxy already gone, the GC returned it. */
+    int alive = poolscope_weakref_alive(PyTuple_GET_ITEM(entry, CO_PROXY));
     if (alive < 0) return NULL;
     if (!alive) Py_RETURN_FALSE;  /* gc_checkin */
     PyObject *thread = thread_name(self);
@@ -562,26 +532,26 @@ checkin_fast(HotPath *self, PyObject *record)
     double t = now_seconds(self);
     if (t == -1.0 && PyErr_Occurred()) goto done;
     if (PyDict_DelItem(self->open, record) < 0) goto done;
-    double held = t - PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
+    double held = t - PyFloat_AsDouble(PyTuple_GET_ITEM(entry, CO_AT));
     if (PyErr_Occurred()) goto done;
     if (queue_size(self) < self->max_queue) {
         Out out;
         if (out_start(&out, self) < 0) goto done;
-        out_float(&out, 0, t);
-        out_int(&out, 1, self->pool_key_value);
-        out_value(&out, 2, str_checkin);
-        out_id(&out, 3, self->connection_ids, record);
-        out_value(&out, 4, PyTuple_GET_ITEM(entry, 0));
-        out_value(&out, 5, thread);
-        PyObject *task = PyTuple_GET_ITEM(entry, 5);  /* the checkout's task, if any */
-        if (task == Py_None) out_null(&out, 6);
-        else out_value(&out, 6, task);
+        out_float(&out, F_AT, t);
+        out_int(&out, F_POOL, self->pool_key_value);
+        out_value(&out, F_KIND, str_checkin);
+        out_id(&out, F_CONNECTION_ID, self->connection_ids, record);
+        out_value(&out, F_CHECKOUT_ID, PyTuple_GET_ITEM(entry, CO_ID));
+        out_value(&out, F_THREAD, thread);
+        PyObject *task = PyTuple_GET_ITEM(entry, CO_TASK);  /* the checkout's task, if any */
+        if (task == Py_None) out_null(&out, F_TASK);
+        else out_value(&out, F_TASK, task);
         out_pool_counts(&out, 1);
-        out_value(&out, 11, PyTuple_GET_ITEM(entry, 3));
-        out_null(&out, 12);
-        out_null(&out, 13);
-        out_float(&out, 14, held);
-        out_null(&out, 15);
+        out_value(&out, F_STACK, PyTuple_GET_ITEM(entry, CO_STACK));
+        out_null(&out, F_WAIT_S);
+        out_null(&out, F_CONNECT_S);
+        out_float(&out, F_HOLD_S, held);
+        out_null(&out, F_COUNT);
         if (out_finish(&out) < 0) goto done;
     }
     else if (drop_record(self) < 0) {
@@ -835,6 +805,7 @@ static PyTypeObject TimedGetType = {
 static PyMethodDef methods[] = {
     {"stack_key", (PyCFunction)(void (*)(void))stack_key, METH_FASTCALL,
      "stack_key(skip, max_frames) -> int: hash of (code, lasti) per frame, innermost first."},
+    RECORD_LAYOUT_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -856,6 +827,10 @@ PyInit__speedups(void)
     if (PyType_Ready(&HotPathType) < 0 || PyType_Ready(&TimedGetType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    if (poolscope_declare_gil(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&HotPathType);
     if (PyModule_AddObject(m, "HotPath", (PyObject *)&HotPathType) < 0) {
         Py_DECREF(&HotPathType);

@@ -3,39 +3,40 @@
    The sqlite3 module binds every value of every row while holding the GIL, so the
    writer thread took the GIL for about as long as the application spent in the
    listeners. Here the queued values are read into C once, under the GIL (a type
-   check each), and then bound and stepped with the GIL released, on the very
-   sqlite3 handle of the writer's own sqlite3.Connection, inside its transaction.
+   check each), and then bound and stepped with the GIL released, on a SQLite handle
+   of this module's own (Store), opened on the writer's store file.
 
    The SQLite functions are looked up in the library the sqlite3 module itself
    uses (dlsym on its extension module), never linked separately: two copies of
-   SQLite in one process would not see each other's file locks. Where that lookup
-   fails (no dlopen, a statically linked module with hidden symbols, a different
-   library version), available() is False and the writer binds through sqlite3. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+   SQLite in one process would not see each other's file locks. Only SQLite's public
+   C API is used, nothing of the sqlite3 module's objects. Where that lookup fails
+   (no dlopen, a statically linked module with hidden symbols, a different library
+   version), load() is False and the writer binds through sqlite3. */
+#include "_compat.h"
+
 #include <stdint.h>
 #include <string.h>
 
 #include "_events_api.h"
-
-/* The Connection layout below is known for CPython 3.8 to 3.14; on another version the
-   helper stays off rather than read a handle from a layout it has not seen. It stays
-   off without a GIL too: take() moves a list's items as only the GIL makes safe. */
-#if (defined(__unix__) || defined(__APPLE__)) && PY_VERSION_HEX < 0x030F0000 && \
-    !defined(Py_GIL_DISABLED)
-#  include <dlfcn.h>
-#  define HAVE_DLOPEN 1
-#endif
+#include "_record.h"
 
 typedef struct sqlite3 sqlite3;
 typedef struct sqlite3_stmt sqlite3_stmt;
 
 #define SQLITE_OK 0
+#define SQLITE_ROW 100
 #define SQLITE_DONE 101
+#define SQLITE_OPEN_READWRITE 0x00000002
 #define SQLITE_TRANSIENT_ ((void (*)(void *))-1)
 #define SQLITE_STATIC_ ((void (*)(void *))0)
 
 static struct {
+    int (*open_v2)(const char *, sqlite3 **, int, const char *);
+    int (*close_v2)(sqlite3 *);
+    int (*busy_timeout)(sqlite3 *, int);
+    int (*get_autocommit)(sqlite3 *);
+    long long (*last_insert_rowid)(sqlite3 *);
+    long long (*column_int64)(sqlite3_stmt *, int);
     int (*prepare_v2)(sqlite3 *, const char *, int, sqlite3_stmt **, const char **);
     int (*bind_double)(sqlite3_stmt *, int, double);
     int (*bind_int64)(sqlite3_stmt *, int, long long);
@@ -52,14 +53,6 @@ static struct {
 
 static int loaded = 0;
 
-/* The leading fields of the sqlite3 module's Connection object: the handle comes
-   first after the object header in every CPython from 3.8 to 3.14. */
-typedef struct {
-    PyObject_HEAD
-    sqlite3 *db;
-} ConnectionHead;
-
-static PyObject *connection_type = NULL; /* sqlite3.Connection */
 static PyObject *operational_error = NULL; /* sqlite3.OperationalError */
 
 /* load(module_path, version_number) -> bool: find SQLite's functions in the library
@@ -70,12 +63,18 @@ load(PyObject *self, PyObject *args)
     const char *path;
     int expected;
     if (!PyArg_ParseTuple(args, "si", &path, &expected)) return NULL;
-#ifdef HAVE_DLOPEN
+#ifdef POOLSCOPE_HAVE_DLOPEN
     void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
     if (handle == NULL) Py_RETURN_FALSE;
 #  define FIND(field, name)                                     \
         *(void **)(&sq.field) = dlsym(handle, name);            \
         if (sq.field == NULL) { loaded = 0; Py_RETURN_FALSE; }
+    FIND(open_v2, "sqlite3_open_v2")
+    FIND(close_v2, "sqlite3_close_v2")
+    FIND(busy_timeout, "sqlite3_busy_timeout")
+    FIND(get_autocommit, "sqlite3_get_autocommit")
+    FIND(last_insert_rowid, "sqlite3_last_insert_rowid")
+    FIND(column_int64, "sqlite3_column_int64")
     FIND(prepare_v2, "sqlite3_prepare_v2")
     FIND(bind_double, "sqlite3_bind_double")
     FIND(bind_int64, "sqlite3_bind_int64")
@@ -99,33 +98,227 @@ load(PyObject *self, PyObject *args)
 #endif
 }
 
-static sqlite3 *
-handle_of(PyObject *conn)
+/* ---- Store: this module's own SQLite handle on the writer's store ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sqlite3 *db;  /* NULL once closed or forgotten */
+} Store;
+
+static PyTypeObject StoreType;
+
+/* Run `sql` (any number of statements, no parameters) unless it is empty. */
+static int
+run_script(sqlite3 *db, const char *sql, char *error, size_t error_size)
 {
+    if (sql[0] == '\0') return SQLITE_OK;
+    int rc = sq.exec(db, sql, NULL, NULL, NULL);
+    if (rc != SQLITE_OK) snprintf(error, error_size, "%s", sq.errmsg(db));
+    return rc;
+}
+
+static PyObject *
+sqlite_error(const char *message, int rc)
+{
+    PyErr_Format(operational_error, "%s (SQLite error %d)", message, rc);
+    return NULL;
+}
+
+/* open(path, busy_timeout_ms, pragmas) -> Store: a handle of its own on the existing
+   database `path` (never created here: the writer's sqlite3 connection makes the store
+   and its schema), with the busy timeout set and the SQL script `pragmas` run. */
+static PyObject *
+store_open(PyObject *module, PyObject *args)
+{
+    PyObject *path;
+    int busy_timeout_ms;
+    const char *pragmas;
+    if (!PyArg_ParseTuple(args, "O&is", PyUnicode_FSConverter, &path, &busy_timeout_ms,
+                          &pragmas))
+        return NULL;
     if (!loaded) {
+        Py_DECREF(path);
         PyErr_SetString(PyExc_RuntimeError, "SQLite's functions were not loaded");
         return NULL;
     }
-    int ok = PyObject_IsInstance(conn, connection_type);
-    if (ok <= 0) {
-        if (ok == 0) PyErr_SetString(PyExc_TypeError, "expected a sqlite3.Connection");
+    sqlite3 *db = NULL;
+    char error[512] = "";
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sq.open_v2(PyBytes_AS_STRING(path), &db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc != SQLITE_OK) snprintf(error, sizeof error, "%s", db ? sq.errmsg(db) : "no memory");
+    if (rc == SQLITE_OK) rc = sq.busy_timeout(db, busy_timeout_ms);
+    if (rc == SQLITE_OK) rc = run_script(db, pragmas, error, sizeof error);
+    if (rc != SQLITE_OK && db != NULL) {
+        sq.close_v2(db);
+        db = NULL;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (rc != SQLITE_OK) return sqlite_error(error, rc);
+    Store *store = PyObject_New(Store, &StoreType);
+    if (store == NULL) {
+        sq.close_v2(db);
         return NULL;
     }
-    sqlite3 *db = ((ConnectionHead *)conn)->db;
-    if (db == NULL) PyErr_SetString(operational_error, "the connection is closed");
-    return db;
+    store->db = db;
+    return (PyObject *)store;
 }
 
-/* filename(conn) -> str: the main database file of a sqlite3.Connection, as SQLite
-   reports it; the writer checks it against its store before trusting insert(). */
-static PyObject *
-filename(PyObject *self, PyObject *conn)
+static void
+Store_dealloc(Store *self)
 {
-    sqlite3 *db = handle_of(conn);
+    if (self->db != NULL) sq.close_v2(self->db);
+    PyObject_Free(self);
+}
+
+static sqlite3 *
+store_db(Store *self)
+{
+    if (self->db == NULL) PyErr_SetString(operational_error, "the store handle is closed");
+    return self->db;
+}
+
+static PyObject *
+Store_filename(Store *self, PyObject *Py_UNUSED(ignored))
+{
+    sqlite3 *db = store_db(self);
     if (db == NULL) return NULL;
     const char *name = sq.db_filename(db, "main");
     return PyUnicode_DecodeFSDefault(name ? name : "");
 }
+
+static PyObject *
+Store_execute(Store *self, PyObject *args)
+{
+    const char *sql;
+    if (!PyArg_ParseTuple(args, "s", &sql)) return NULL;
+    sqlite3 *db = store_db(self);
+    if (db == NULL) return NULL;
+    char error[512] = "";
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_script(db, sql, error, sizeof error);
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) return sqlite_error(error, rc);
+    Py_RETURN_NONE;
+}
+
+/* run(sql, params) -> int: one statement, its parameters bound from the sequence `params`
+   (None, int, float or str), stepped once with the GIL released (BEGIN IMMEDIATE may
+   wait for a lock): the first column of its first row, as an integer, if it returns
+   rows (SELECT id ...), else the last inserted rowid. */
+static PyObject *
+Store_run(Store *self, PyObject *args)
+{
+    const char *sql;
+    PyObject *params;
+    if (!PyArg_ParseTuple(args, "sO", &sql, &params)) return NULL;
+    sqlite3 *db = store_db(self);
+    if (db == NULL) return NULL;
+    PyObject *seq = PySequence_Fast(params, "params must be a sequence");
+    if (seq == NULL) return NULL;
+    sqlite3_stmt *stmt = NULL;
+    char error[512] = "";
+    int rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
+    for (Py_ssize_t k = 0; rc == SQLITE_OK && k < PySequence_Fast_GET_SIZE(seq); k++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(seq, k);
+        int i = (int)k + 1;
+        if (v == Py_None) {
+            rc = sq.bind_null(stmt, i);
+        }
+        else if (PyLong_Check(v)) {
+            long long n = PyLong_AsLongLong(v);
+            if (n == -1 && PyErr_Occurred()) goto fail;
+            rc = sq.bind_int64(stmt, i, n);
+        }
+        else if (PyFloat_Check(v)) {
+            rc = sq.bind_double(stmt, i, PyFloat_AS_DOUBLE(v));
+        }
+        else if (PyUnicode_Check(v)) {
+            Py_ssize_t len;
+            const char *text = PyUnicode_AsUTF8AndSize(v, &len);
+            if (text == NULL) goto fail;
+            if (len > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "a str past 2 GB cannot be bound");
+                goto fail;
+            }
+            rc = sq.bind_text(stmt, i, text, (int)len, SQLITE_TRANSIENT_);
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "a value of type %.100s cannot be bound",
+                         Py_TYPE(v)->tp_name);
+            goto fail;
+        }
+    }
+    long long result = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (rc == SQLITE_OK) {
+        rc = sq.step(stmt);
+        if (rc == SQLITE_ROW) {
+            result = sq.column_int64(stmt, 0);
+            rc = SQLITE_OK;
+        }
+        else if (rc == SQLITE_DONE) {
+            result = sq.last_insert_rowid(db);
+            rc = SQLITE_OK;
+        }
+    }
+    if (rc != SQLITE_OK) snprintf(error, sizeof error, "%s", sq.errmsg(db));
+    if (stmt != NULL) sq.finalize(stmt);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(seq);
+    if (rc != SQLITE_OK) return sqlite_error(error, rc);
+    return PyLong_FromLongLong(result);
+fail:
+    if (stmt != NULL) sq.finalize(stmt);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *
+Store_close(Store *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->db != NULL) {
+        sqlite3 *db = self->db;
+        self->db = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        sq.close_v2(db);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Store_forget(Store *self, PyObject *Py_UNUSED(ignored))
+{
+    self->db = NULL;  /* a forked child's copy: the parent's, neither to use nor to close */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Store_methods[] = {
+    {"filename", (PyCFunction)Store_filename, METH_NOARGS,
+     "filename() -> str: the main database file, as SQLite reports it."},
+    {"execute", (PyCFunction)Store_execute, METH_VARARGS,
+     "execute(sql): run an SQL script (no parameters, no rows) on this handle."},
+    {"run", (PyCFunction)Store_run, METH_VARARGS,
+     "run(sql, params) -> int: one statement with its parameters; the first column of its "
+     "first row, or the last inserted rowid."},
+    {"close", (PyCFunction)Store_close, METH_NOARGS, "close(): close the handle."},
+    {"forget", (PyCFunction)Store_forget, METH_NOARGS,
+     "forget(): drop the handle without closing it (in a forked child)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "instrument._sqlite_rows.Store",
+    .tp_basicsize = sizeof(Store),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A SQLite handle of this module's own on the writer's store (see open()).",
+    .tp_dealloc = (destructor)Store_dealloc,
+    .tp_methods = Store_methods,
+};
 
 /* ---- Events: the writer's queue, as C values ---------------------------------------- */
 
@@ -256,7 +449,7 @@ store_invalid_text(Events *self, PyObject *v, Cell *cell)
 }
 
 /* One value into a cell: None, int (bool included), float or str; else TypeError. The
-   empty str, which is how the listeners write NULL (see _writer.NULL), is held as NULL.
+   empty str, which is how the listeners write NULL (see _record.NULL), is held as NULL.
    Text is checked first: most of a record's values are text or NULL. */
 static int
 store_value(Events *self, PyObject *v, Cell *cell)
@@ -551,40 +744,31 @@ run(sqlite3 *db, const char *sql, const Cell *cells, Py_ssize_t ncells, int per_
     return rc;
 }
 
-/* Run `sql` (any number of statements, no parameters) unless it is empty. */
-static int
-run_script(sqlite3 *db, const char *sql, char *error, size_t error_size)
-{
-    if (sql[0] == '\0') return SQLITE_OK;
-    int rc = sq.exec(db, sql, NULL, NULL, NULL);
-    if (rc != SQLITE_OK) snprintf(error, error_size, "%s", sq.errmsg(db));
-    return rc;
-}
-
-/* insert(conn, events, many_sql, rows_per_statement, one_sql, remap, before, after)
+/* insert(store, events, many_sql, rows_per_statement, one_sql, remap, before, after)
    -> True
 
    Insert the records of `events` (an Events the writer took from the queue) through
-   `conn`: whole groups of `rows_per_statement` records with `many_sql`, the rest one by
+   `store` (a Store): whole groups of `rows_per_statement` records with `many_sql`, the rest one by
    one with `one_sql`, between the SQL scripts `before` and `after` (each may be empty),
    all with the GIL released once: the writer's BEGIN, its heartbeat and COMMIT go here,
    since every release is a wait for the GIL to come back, which the application pays
    for in wake-ups while the writer waits. `remap` maps a column index to a dict (int ->
    int) through which that column's values are translated (a value it lacks becomes
-   NULL). Raises sqlite3.OperationalError if SQLite fails part-way (the caller rolls
-   back). Nothing else may use `events` meanwhile. */
+   NULL). Raises sqlite3.OperationalError if SQLite fails part-way, having rolled back
+   the transaction `before` began. Nothing else may use `events` meanwhile. */
 static PyObject *
 insert(PyObject *self, PyObject *args)
 {
-    PyObject *conn, *remap;
+    PyObject *remap;
+    Store *store;
     Events *events;
     Py_ssize_t rows_per_statement;
     const char *many_sql, *one_sql, *before, *after;
-    if (!PyArg_ParseTuple(args, "OO!snsO!ss", &conn, &EventsType, &events, &many_sql,
-                          &rows_per_statement, &one_sql, &PyDict_Type, &remap, &before,
-                          &after))
+    if (!PyArg_ParseTuple(args, "O!O!snsO!ss", &StoreType, &store, &EventsType, &events,
+                          &many_sql, &rows_per_statement, &one_sql, &PyDict_Type, &remap,
+                          &before, &after))
         return NULL;
-    sqlite3 *db = handle_of(conn);
+    sqlite3 *db = store_db(store);
     if (db == NULL) return NULL;
     Py_ssize_t width = events->width, n = Events_length(events);
     if (rows_per_statement <= 0 || width * rows_per_statement > INT32_MAX) {
@@ -619,28 +803,29 @@ insert(PyObject *self, PyObject *args)
             rc = run(db, one_sql, cells + whole, n - whole, (int)width, text, maps, width,
                      error, sizeof error);
         if (rc == SQLITE_OK) rc = run_script(db, after, error, sizeof error);
+        /* Never left open: the next batch's BEGIN would fail, and every batch after. */
+        if (rc != SQLITE_OK && !sq.get_autocommit(db)) sq.exec(db, "ROLLBACK", NULL, NULL, NULL);
         Py_END_ALLOW_THREADS
         Py_DECREF(events);
     }
     for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
     PyMem_Free(maps);
     if (failed) return NULL;
-    if (rc != SQLITE_OK) {
-        PyErr_Format(operational_error, "%s (SQLite error %d)", error, rc);
-        return NULL;
-    }
+    if (rc != SQLITE_OK) return sqlite_error(error, rc);
     Py_RETURN_TRUE;
 }
 
 static PyMethodDef methods[] = {
     {"load", load, METH_VARARGS,
      "load(module_path, version_number) -> bool: find SQLite in the sqlite3 module's library."},
-    {"filename", filename, METH_O,
-     "filename(conn) -> str: the main database file of a sqlite3.Connection."},
+    {"open", store_open, METH_VARARGS,
+     "open(path, busy_timeout_ms, pragmas) -> Store: a SQLite handle of this module's own "
+     "on the existing database path."},
     {"insert", insert, METH_VARARGS,
-     "insert(conn, events, many_sql, rows_per_statement, one_sql, remap, before, after) -> "
+     "insert(store, events, many_sql, rows_per_statement, one_sql, remap, before, after) -> "
      "True: run before, insert the records of an Events, run after, with the GIL released "
-     "once."},
+     "once (rolled back on a failure)."},
+    RECORD_LAYOUT_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -654,13 +839,16 @@ PyInit__sqlite_rows(void)
 {
     PyObject *sqlite3_module = PyImport_ImportModule("sqlite3");
     if (sqlite3_module == NULL) return NULL;
-    connection_type = PyObject_GetAttrString(sqlite3_module, "Connection");
     operational_error = PyObject_GetAttrString(sqlite3_module, "OperationalError");
     Py_DECREF(sqlite3_module);
-    if (connection_type == NULL || operational_error == NULL) return NULL;
-    if (PyType_Ready(&EventsType) < 0) return NULL;
+    if (operational_error == NULL) return NULL;
+    if (PyType_Ready(&EventsType) < 0 || PyType_Ready(&StoreType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    if (poolscope_declare_gil(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *api = PyCapsule_New((void *)&events_api, EVENTS_API_CAPSULE, NULL);
     if (api == NULL || PyModule_AddObject(m, "_events_api", api) < 0) {
         Py_XDECREF(api);

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
+from . import _native
 from ._store import valid_text
 
 MAX_FRAMES = 48
@@ -139,14 +140,11 @@ def _py_stack_key(skip: int, max_frames: int) -> int:
     return hash(tuple(key))
 
 
-HotPath: Any
-TimedGet: Any
-try:
-    from ._speedups import HotPath, TimedGet, stack_key
-except ImportError:  # built without a C compiler: same behaviour, a few µs slower
-    stack_key = _py_stack_key
-    HotPath = None
-    TimedGet = None
+_speedups = _native.load("_speedups")
+HotPath: Any = _speedups.HotPath if _speedups is not None else None
+TimedGet: Any = _speedups.TimedGet if _speedups is not None else None
+# Without the helper (not built, or off: see _native): same behaviour, a few µs slower.
+stack_key = _speedups.stack_key if _speedups is not None else _py_stack_key
 
 
 def _parent_greenlet_frame() -> FrameType | None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ._clock import REAL
+from ._record import EVENT_COLUMNS as EVENT_COLUMNS  # the order the writer inserts them
 from .exceptions import (
     ForeignStoreError,
     StoreCorruptError,
@@ -23,27 +24,6 @@ SCHEMA_VERSION = 1
 APPLICATION = "poolscope"
 
 DEFAULT_STORE = "poolscope.db"
-
-EVENT_COLUMNS = (
-    "at",
-    "process_id",
-    "pool_id",
-    "kind",
-    "connection_id",
-    "checkout_id",
-    "thread",
-    "task",
-    "in_use",
-    "idle",
-    "overflow",
-    "waiters",
-    "stack_id",
-    "wait_s",
-    "connect_s",
-    "hold_s",
-    "count",
-)
-"""Columns of ``events`` in the order the writer inserts them."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -118,7 +98,7 @@ LEFT JOIN events AS r
 WHERE o.kind = 'checkout';
 """
 
-_PRAGMAS = (
+WRITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
 )
@@ -148,7 +128,13 @@ def resolve_store_path(store: str | os.PathLike[str] | None) -> Path:
     return Path(store).expanduser()
 
 
-def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+WRITE_BUSY_TIMEOUT_MS = 5000
+"""How long the writer's connections wait for a lock another process holds on the store."""
+
+
+def connect_for_writing(
+    path: Path, busy_timeout_ms: int = WRITE_BUSY_TIMEOUT_MS
+) -> sqlite3.Connection:
     """Open (creating if needed) the store at ``path`` with the current schema.
 
     Raises ``sqlite3.Error`` or ``OSError``; the writer catches and counts them.
@@ -159,7 +145,7 @@ def connect_for_writing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Conn
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         _refuse_foreign(conn, path)
-        for pragma in _PRAGMAS:
+        for pragma in WRITE_PRAGMAS:
             _execute_when_free(conn, pragma, busy_timeout_ms)
         conn.execute("BEGIN IMMEDIATE")
         for statement in _split(SCHEMA):

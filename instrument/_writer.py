@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -16,29 +17,28 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _store
+from . import _native, _store
 from ._clock import REAL
+from ._record import (
+    EVENT_COLUMNS,
+    MAX_QUEUE_VALUES,
+    NULLABLE,
+    POOL,
+    RECORD_WIDTH,
+    STACK,
+)
+from ._record import NULL as NULL  # the benchmarks and tests read it here too
 from ._secrets import masked_argv
 from ._stacks import StackTable
 
-logger = logging.getLogger("instrument")
+logger = logging.getLogger("poolscope")
 
 Record = tuple[Any, ...]
-"""One event as the hot path builds it: ``(at, pool_key, kind, connection_id,
-checkout_id, thread, task, in_use, idle, overflow, waiters, stack_local_id,
-wait_s, connect_s, hold_s, count)``."""
-
-RECORD_WIDTH = 16
-"""Values per record: listeners ``extend`` the flat queue by exactly this many."""
-
-MAX_QUEUE = 200_000
-"""Records held in memory before new ones are dropped (and counted)."""
-
-MAX_QUEUE_VALUES = MAX_QUEUE * RECORD_WIDTH
+"""One event as the hot path builds it: ``_record.RECORD_FIELDS``, in that order."""
 
 SCHEDULE_DELAY_SECONDS = 0.5
 """How long the writer sleeps between batches, unless the queue holds a full batch.
@@ -73,16 +73,6 @@ RETRY_OPEN_SECONDS = 5.0
 ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
 
-NULL = ""
-"""Stands for NULL in a record the hot path queues.
-
-The sqlite3 module binds a str, int or float directly, but looks ``None`` up in its
-adapter registry first; with half a record's values absent, that lookup cost about
-as much as the rest of the insert. So the listeners queue ``NULL`` rather than ``None``.
-A list queue's INSERT turns it back with ``NULLIF(?, '')`` in every column that may be
-absent; an ``Events`` queue holds it as NULL from the start, and its INSERT binds ``?``.
-"""
-
 # A record is the events row without process_id (a literal in the statement); its
 # pool key and stack id are this process's own numbers, mapped to the store's ids
 # column-wise (map over a slice) rather than row by row. A queued list holds NULL as
@@ -91,44 +81,26 @@ _NULLABLE = "NULLIF(?, '')"
 
 
 def _row(nullable: str) -> str:
-    """One row of the events INSERT, with ``nullable`` for each column that may be NULL."""
-    return (
-        "(?, {pid}, ?, ?, "  # at, process_id, pool_id, kind
-        + ", ".join([nullable] * 4)  # connection_id, checkout_id, thread, task
-        + ", ?, ?, ?, ?, ?, "  # in_use, idle, overflow, waiters, stack_id
-        + ", ".join([nullable] * 4)  # wait_s, connect_s, hold_s, count
-        + ")"
-    )
+    """One row of the events INSERT, with ``nullable`` for each column that may be NULL:
+    the record's values in order, and this process's id (``{pid}``) after the first."""
+    values = [nullable if k in NULLABLE else "?" for k in range(RECORD_WIDTH)]
+    values.insert(EVENT_COLUMNS.index("process_id"), "{pid}")
+    return f"({', '.join(values)})"
 
 
 _ROW_FROM_LIST = _row(_NULLABLE)
 _ROW_FROM_EVENTS = _row("?")
-_INSERT_PREFIX = f"INSERT INTO events ({', '.join(_store.EVENT_COLUMNS)}) VALUES "
-_POOL_AT = 1
-_STACK_AT = 11
+_INSERT_PREFIX = f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
 
+sqlite_rows = _native.load("_sqlite_rows")
+"""The C inserter (``_sqlite_rows.c``), or ``None`` where it is off (see ``_native``).
+Where it is, the queue is its ``Events``: records held as C values, which the writer binds
+and steps with the GIL released, on a SQLite handle of the inserter's own, and frees
+without it. Where it is not, the queue is a flat list, bound through ``executemany``,
+which holds the GIL for every value."""
 
-def _load_sqlite_rows() -> Any:
-    """The C inserter, if built and able to reach the sqlite3 module's own SQLite; else None."""
-    try:
-        import _sqlite3
-
-        from . import _sqlite_rows
-    except ImportError:
-        return None
-    major, minor, patch = sqlite3.sqlite_version_info
-    try:
-        found = _sqlite_rows.load(_sqlite3.__file__, major * 1_000_000 + minor * 1000 + patch)
-    except (AttributeError, TypeError):  # a built-in module has no file to look in
-        return None
-    return _sqlite_rows if found else None
-
-
-sqlite_rows = _load_sqlite_rows()
-"""The C inserter (``_sqlite_rows.c``), or ``None`` where it is not built or cannot find
-SQLite. Where it is, the queue is its ``Events``: records held as C values, which the
-writer binds and steps with the GIL released, and frees without it. Where it is not, the
-queue is a flat list, bound through ``executemany``, which holds the GIL for every value."""
+C_PRAGMAS = "; ".join(_store.WRITE_PRAGMAS)
+"""Run on the C inserter's own handle as it opens: the sqlite3 connection's own."""
 
 
 class _FlushMarker:
@@ -161,8 +133,9 @@ class Writer:
         self._markers: list[_FlushMarker] = []
         self._insert_one = ""
         self._insert_many = ""
-        # The C inserter, once the store's connection is known to be the one it reaches.
-        self._rows_in_c: Any = None
+        # The C inserter's own SQLite handle on the store (a _sqlite_rows.Store), opened
+        # with the connection and checked to name the same file; None where it cannot be.
+        self._c_store: Any = None
         self.stacks = StackTable()
         # Who asked to be called before each batch and in a forked child (see on_tick), held
         # weakly: owner -> (every_batch, after_fork) as plain functions of the owner.
@@ -313,28 +286,34 @@ class Writer:
         # The stack and pool rows this batch writes: marked as written only once it commits.
         new_stacks: list[int] = []
         new_pools: list[int] = []
+        # One transaction per batch, on one connection: the C inserter's own handle where
+        # it is open, else the sqlite3 connection.
+        store = self._c_store
+        run = store.run if store is not None else functools.partial(_run, conn)
         try:
             now = REAL.wall()
-            if dropped or not self._write_in_one_call(conn, flat, now):
-                conn.execute("BEGIN IMMEDIATE")
-                self._write_stacks(conn, new_stacks)
-                self._write_pools(conn, new_pools)
-                if not self._insert_in_c(conn, flat):
+            if dropped or not self._write_in_one_call(flat, now):
+                run("BEGIN IMMEDIATE", ())
+                self._write_stacks(run, new_stacks)
+                self._write_pools(run, new_pools)
+                if store is not None:
+                    self._insert_in_c(store, flat)
+                else:
                     self._insert_in_python(conn, flat)
                 if dropped:
-                    conn.execute(
+                    run(
                         "INSERT INTO events (at, process_id, pool_id, kind, count) "
                         "VALUES (?, ?, ?, 'dropped', ?)",
                         (now, pid, next(iter(self._pool_ids.values()), 0), dropped),
                     )
-                conn.execute(self._heartbeat(now))
-                conn.execute("COMMIT")
+                run(self._heartbeat(now), ())
+                run("COMMIT", ())
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
         except Exception as exc:  # sqlite3.Error, OSError, or anything else: never left open
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            with contextlib.suppress(Exception):
+                run("ROLLBACK", ())
             self._unwrite(new_stacks, new_pools)
             self._pending_drops += nrecords
             self.dropped_total += nrecords
@@ -389,18 +368,31 @@ class Writer:
         self._stack_ids = {}
         self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
 
-    def _write_in_one_call(self, conn: sqlite3.Connection, flat: Any, now: float) -> bool:
-        """The common batch (no new stack or pool to write first) as one transaction in C:
-        BEGIN, the rows, the heartbeat and COMMIT with the GIL released once. False, having
-        written nothing, where it cannot.
+    def _write_in_one_call(self, flat: Any, now: float) -> bool:
+        """The common batch (no new stack or pool to write first) as one transaction in C, on
+        the C inserter's own handle: BEGIN, the rows, the heartbeat and COMMIT with the GIL
+        released once (rolled back there on a failure). False, having written nothing, where
+        it cannot (see ``_write``).
 
         Each release of the GIL costs the writer a wait to take it back, during which the
         application wakes it at every release of its own: one release instead of four
         statements' worth measured about two and a half points of a fast SQLite loop.
         """
-        if not self._rows_in_c or self.stacks.pending or self.pools.keys() - self._pool_ids:
+        store = self._c_store
+        if store is None or self.stacks.pending or self.pools.keys() - self._pool_ids:
             return False
-        return self._insert_in_c(conn, flat, "BEGIN IMMEDIATE", self._heartbeat(now) + "; COMMIT")
+        return self._insert_in_c(store, flat, "BEGIN IMMEDIATE", self._heartbeat(now) + "; COMMIT")
+
+    def _insert_in_c(self, store: Any, flat: Any, before: str = "", after: str = "") -> bool:
+        """Run ``before``, insert the records and run ``after`` on the C inserter's handle
+        ``store``, with the GIL released once."""
+        remap = {POOL: self._pool_ids, STACK: self._stack_ids}
+        return bool(
+            self._rows.insert(
+                store, flat, self._insert_many, ROWS_PER_STATEMENT, self._insert_one, remap,
+                before, after,
+            )
+        )  # fmt: skip
 
     def _heartbeat(self, now: float) -> str:
         """The statement that marks this process alive at ``now`` (numbers only, inlined)."""
@@ -409,32 +401,11 @@ class Writer:
             f"WHERE id = {int(self.process_id)}"  # type: ignore[arg-type]
         )
 
-    def _insert_in_c(
-        self, conn: sqlite3.Connection, flat: Any, before: str = "", after: str = ""
-    ) -> bool:
-        """Run ``before``, insert the records and run ``after``, with the GIL released;
-        False (nothing run) where the C inserter is not in use."""
-        if not self._rows_in_c or not (flat or before or after):
-            return False
-        remap = {_POOL_AT: self._pool_ids, _STACK_AT: self._stack_ids}
-        return bool(
-            self._rows_in_c.insert(
-                conn,
-                flat,
-                self._insert_many,
-                ROWS_PER_STATEMENT,
-                self._insert_one,
-                remap,
-                before,
-                after,
-            )
-        )
-
     def _insert_in_python(self, conn: sqlite3.Connection, flat: Any) -> None:
-        if not isinstance(flat, list):  # an Events the C inserter may not write here
+        if not isinstance(flat, list):  # an Events: its values as Python objects
             flat = flat.tolist()
-        flat[_POOL_AT::RECORD_WIDTH] = map(self._pool_ids.get, flat[_POOL_AT::RECORD_WIDTH])
-        flat[_STACK_AT::RECORD_WIDTH] = map(self._stack_ids.get, flat[_STACK_AT::RECORD_WIDTH])
+        flat[POOL::RECORD_WIDTH] = map(self._pool_ids.get, flat[POOL::RECORD_WIDTH])
+        flat[STACK::RECORD_WIDTH] = map(self._stack_ids.get, flat[STACK::RECORD_WIDTH])
         conn.execute("SAVEPOINT records")
         try:
             self._executemany(conn, flat)
@@ -463,30 +434,29 @@ class Writer:
     def _due_heartbeat(self) -> bool:
         return self._conn is not None and REAL.wall() - self._last_heartbeat > HEARTBEAT_SECONDS
 
-    def _write_stacks(self, conn: sqlite3.Connection, written: list[int]) -> None:
+    def _write_stacks(self, run: _Run, written: list[int]) -> None:
         table = self.stacks
         pending = table.pending
         while pending:
             local = pending.popleft()
             written.append(local)
             resolved = table.resolve(local)
-            conn.execute(
+            run(
                 "INSERT OR IGNORE INTO stacks (fingerprint, site, frames) VALUES (?, ?, ?)",
                 (resolved.fingerprint, resolved.site, json.dumps(resolved.frames)),
             )
-            row = conn.execute(
+            self._stack_ids[local] = run(
                 "SELECT id FROM stacks WHERE fingerprint = ?", (resolved.fingerprint,)
-            ).fetchone()
-            self._stack_ids[local] = row[0]
+            )
 
-    def _write_pools(self, conn: sqlite3.Connection, written: list[int]) -> None:
+    def _write_pools(self, run: _Run, written: list[int]) -> None:
         for pool_key, info in list(self.pools.items()):
             if pool_key in self._pool_ids:
                 continue
             # A name or URL may hold a lone surrogate (from a file name), which SQLite's
             # text cannot: written with the bytes it stands for escaped.
             info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
-            cur = conn.execute(
+            self._pool_ids[pool_key] = run(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
                 "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -504,7 +474,6 @@ class Writer:
                     info["created_at"],
                 ),
             )
-            self._pool_ids[pool_key] = cur.lastrowid  # type: ignore[assignment]
             written.append(pool_key)
 
     def _connection(self) -> sqlite3.Connection | None:
@@ -552,7 +521,7 @@ class Writer:
         self._insert_one = _INSERT_PREFIX + row
         self._insert_many = _INSERT_PREFIX + ", ".join([row] * ROWS_PER_STATEMENT)
         self._conn = conn
-        self._rows_in_c = _checked_sqlite_rows(self._rows, conn, self.path)
+        self._c_store = _open_c_store(self._rows, self.path)
         self._failed_at = None
         self._last_heartbeat = now
         return conn
@@ -585,6 +554,10 @@ class Writer:
             self._report_failure(exc)
 
     def _close(self) -> None:
+        if self._c_store is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._c_store.close()
+            self._c_store = None
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
@@ -601,6 +574,9 @@ class Writer:
             self._spare = self._rows.Events(RECORD_WIDTH)
         self._markers = []
         self._conn = None  # the parent's handle is not ours to use or close
+        if self._c_store is not None:
+            self._c_store.forget()
+            self._c_store = None
         self._pool_ids = {}
         self._stack_ids = {}
         # Every stack this process knows needs its store id again (same fingerprint).
@@ -615,15 +591,39 @@ class Writer:
         self.dropped_total = 0
 
 
-def _checked_sqlite_rows(rows: Any, conn: sqlite3.Connection, path: Path) -> Any:
-    """The C inserter ``rows``, if the SQLite handle it reads from ``conn`` is this store's."""
+_Run = Callable[[str, Sequence[Any]], Any]
+"""Run one statement with its parameters: the first column of its first row, if it returns
+rows, else the last inserted rowid (``_sqlite_rows.Store.run``, or ``_run``)."""
+
+
+def _run(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    """``_sqlite_rows.Store.run`` for a sqlite3 connection."""
+    cur = conn.execute(sql, params)
+    row = cur.fetchone()
+    return row[0] if row is not None else cur.lastrowid
+
+
+def _open_c_store(rows: Any, path: Path) -> Any:
+    """A SQLite handle of the C inserter ``rows``'s own on the store at ``path`` (opened
+    after the sqlite3 connection made the store and its schema), with the same busy timeout
+    and synchronous setting; ``None`` where it cannot be opened, or names another file than
+    the store (the batches then go through the sqlite3 connection)."""
     if rows is None:
         return None
     try:
-        reached = rows.filename(conn)
-    except Exception:
+        store = rows.open(os.fsdecode(path), _store.WRITE_BUSY_TIMEOUT_MS, C_PRAGMAS)
+    except Exception as exc:  # sqlite3.Error, or anything else: the sqlite3 path works
+        logger.debug("poolscope's C inserter cannot open %s (%s)", path, exc)
         return None
-    return rows if reached and os.path.realpath(reached) == os.path.realpath(path) else None
+    try:
+        reached = store.filename()
+        if reached and os.path.realpath(reached) == os.path.realpath(path):
+            return store
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        store.close()
+    return None
 
 
 _process_start = REAL.wall()

@@ -67,8 +67,27 @@ def _clobbers_store(output: str, store: Path) -> str | None:
     return None
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--version``: poolscope's version, then which C helpers this interpreter loads."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import _native
+
+    click.echo(f"poolscope, version {__version__}")
+    for line in _native.describe().splitlines():
+        click.echo(f"C helper {line}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="poolscope")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and which C helpers are loaded, and exit.",
+)
 def cli() -> None:
     """poolscope: who held your SQLAlchemy pool's connections, for how long, and which never
     came back."""

@@ -39,6 +39,13 @@ from typing import Any
 
 import pytest
 
+from ._record import CO_AT as _AT
+from ._record import CO_ID as _SEQ
+from ._record import CO_PROXY as _PROXY
+from ._record import CO_STACK as _STACK
+from ._record import CO_THREAD as _THREAD
+from ._record import returned_by_gc
+
 _CHECK_KEY = pytest.StashKey["_LeakCheck"]()
 _TOTALS_KEY = pytest.StashKey["dict[str, int]"]()
 _PENDING_KEY = pytest.StashKey[str]()
@@ -47,9 +54,8 @@ _PLUGIN_NAME = "poolscope-leak-check"
 _HARNESS_MODULES = ("_pytest.", "pytest.", "pluggy.", "xdist.")
 _TOTAL_FIELDS = ("tests", "checkouts", "leaks", "allowed", "over_budget")
 
-# Entry layout of _LeakCheck.open values (a tuple, cheaper to build than an object):
-# (sequence number, checked out at, thread name, stack id, weak reference to the proxy).
-_SEQ, _AT, _THREAD, _STACK, _PROXY = range(5)
+# _LeakCheck.open maps a connection record to the recorder's open-checkout entry
+# (_record.ENTRY_FIELDS), its checkout id being the check's own sequence number.
 
 
 # ---- options, markers, fixture (always registered, cost nothing) -------------------------
@@ -288,7 +294,7 @@ class _LeakCheck:
                 sid = capture_async()
             else:
                 sid = capture()
-            open_[record] = (next_seq(), now(), current_thread().name, sid, ref(proxy))
+            open_[record] = (next_seq(), now(), current_thread().name, sid, ref(proxy), None)
 
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.checkin``: by code if the proxy still exists, else by the GC."""
@@ -296,14 +302,14 @@ class _LeakCheck:
             if entry is None:
                 return
             held = now() - entry[_AT]
-            by_code = entry[_PROXY]() is not None
+            by_code = not returned_by_gc(entry)
             if not by_code or held > budget[0]:
                 returned.append((entry, held, by_code))
 
         def _on_detach(dbapi_connection: Any, record: Any) -> None:
             """``PoolEvents.detach``: on async dialects the GC detaches a leaked connection."""
             entry = open_.pop(record, None)
-            if entry is not None and entry[_PROXY]() is None:
+            if entry is not None and returned_by_gc(entry):
                 returned.append((entry, now() - entry[_AT], False))
 
         from ._failures import guarded  # their own failure never reaches the test

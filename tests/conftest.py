@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from instrument import _failures, _hooks, _writer
+from instrument import _failures, _hooks, _native, _writer
 
 # SQLAlchemy's own suite runs from its sdist through sqlalchemy_suite/run.py (make
 # test-sqlalchemy), never as part of this suite.
@@ -64,8 +64,11 @@ def recorder_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     "c" is the hot listeners' helper (``_speedups``) and the writer's inserter
     (``_sqlite_rows``); "python" turns both off. Monitors and writers made during
     the test use it. Without the compiled helpers the C run is skipped, except under
-    CI, which builds them and must not lose that coverage.
+    CI, which builds them and must not lose that coverage; and skipped too where
+    ``POOLSCOPE_NO_CEXT=1`` turns them off on purpose (a run of the pure-Python path).
     """
+    if request.param == "c" and _native.disabled():
+        pytest.skip("POOLSCOPE_NO_CEXT is set: the C helpers are off")
     if request.param == "python":
         monkeypatch.setattr(_hooks, "HotPath", None)
         monkeypatch.setattr(_hooks, "TimedGet", None)

@@ -252,7 +252,12 @@ def run_dies_mid_batch(directory: Path, url: str, store: Path) -> int:
         committed_work()
         monitor.flush()
         # The writer's next insert into events kills the process: inside the write
-        # transaction, after the rows went in and before COMMIT.
+        # transaction, after the rows went in and before COMMIT. It writes through its
+        # sqlite3 connection here (a trigger on the C inserter's handle cannot call Python).
+        with monitor._writer._io_lock:
+            if monitor._writer._c_store is not None:
+                monitor._writer._c_store.close()
+                monitor._writer._c_store = None
         store_conn = monitor._writer._conn
         store_conn.create_function("die", 0, die)
         store_conn.execute(

@@ -261,12 +261,12 @@ class TestOwnFailures:
                     raise RuntimeError("boom")
 
                 monkeypatch.setattr(stacks, "stack_key", boom)  # the listener's stack capture
-                with caplog.at_level(logging.ERROR, logger="instrument"):
+                with caplog.at_level(logging.ERROR, logger="poolscope"):
                     with engine.connect() as conn:
                         assert conn.scalar(sa.text("select 1")) == 1
                     with engine.connect() as conn:
                         assert conn.scalar(sa.text("select 1")) == 1
-                failures = [r for r in caplog.records if r.name == "instrument"]
+                failures = [r for r in caplog.records if r.name == "poolscope"]
                 assert len(failures) == 1
                 assert "_on_checkout failed" in failures[0].getMessage()
             """

@@ -312,7 +312,7 @@ class TestHotPath:
         """When the checkout and checkin listeners fail themselves, queries go on; the
         failures are counted and the first is logged once, with its traceback."""
         monkeypatch.setattr(_failures, "failures", [])
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path)
         short_checkouts(engine)  # a connection is open and idle before anything breaks
@@ -534,7 +534,7 @@ class TestAttach:
         self, make_engine, store_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A connection checked out before detach() is forgotten: the watchdog never flags it."""
-        caplog.set_level(logging.INFO, logger="instrument")
+        caplog.set_level(logging.INFO, logger="poolscope")
         engine = make_engine()
         monitor = instrument.attach(engine, store=store_path, leak_after=1.0)
         conn = engine.connect()
@@ -896,7 +896,7 @@ class TestBrokenStore:
         # Retry opening the store at every batch: the failure must still be reported once.
         monkeypatch.setattr(_writer, "RETRY_OPEN_SECONDS", 0.0)
         engine = sa.create_engine(sqlite_url)
-        caplog.set_level(logging.DEBUG, logger="instrument")
+        caplog.set_level(logging.DEBUG, logger="poolscope")
         monitor = instrument.attach(engine, store=store)
         for i in range(3):
             with engine.connect() as conn:
@@ -908,7 +908,7 @@ class TestBrokenStore:
         engine.dispose()
         problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(problems) == 1, [r.getMessage() for r in problems]
-        assert problems[0].name == "instrument"
+        assert problems[0].name == "poolscope"
         assert problems[0].levelno == logging.ERROR
         assert str(store) in problems[0].getMessage()
         assert not store.exists()
@@ -927,7 +927,7 @@ class TestBrokenStore:
             "connect_for_writing",
             functools.partial(_store.connect_for_writing, busy_timeout_ms=100),
         )
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path)
         with engine.connect():
@@ -959,7 +959,7 @@ class TestBrokenStore:
         """A row SQLite refuses part-way through a batch (here a NOT NULL column left
         empty) rolls back that batch, whose events are counted as dropped; the error is
         logged once and the next batch is written."""
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path)
         writer = monitor._writer
@@ -1011,6 +1011,11 @@ def _work(engine: sa.Engine) -> None:
         pass
 
 
+def _work_times(engine: sa.Engine, times: int) -> None:
+    for _ in range(times):
+        _work(engine)
+
+
 def _other(engine: sa.Engine) -> None:
     with engine.connect():  # <- other
         pass
@@ -1050,22 +1055,28 @@ class TestStoreFaults:
         """A batch the full disk refuses (the first: the pool and stack rows with it) is
         counted as dropped; once there is room, its pool and stack rows are written again, so
         each later checkout has its pool and its own site, and the one never closed shows."""
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, name="orders")
         writer = monitor._writer
         with writer._io_lock:  # the writer waits: its process row, then a disk with no room
             conn = writer._connection()
             assert conn is not None
+            # The limit is per connection: on the C inserter's own handle too, if open.
+            handles = [conn.execute]
+            if writer._c_store is not None:
+                handles.append(writer._c_store.execute)
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {pages}")
+            for execute in handles:
+                execute(f"PRAGMA max_page_count = {pages}")
             for _ in range(300):  # more than the events table's one page holds
                 _work(engine)
         assert monitor.flush() is True
         assert monitor.dropped == 601  # connect, 300 checkouts and checkins
         assert query(store_path, "SELECT count(*) FROM events") == [(0,)]
         with writer._io_lock:
-            conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+            for execute in handles:
+                execute("PRAGMA max_page_count = 1073741823")  # room again
         for _ in range(3):
             _other(engine)
         for _ in range(5):
@@ -1096,7 +1107,7 @@ class TestStoreFaults:
         """A store deleted (or replaced by another poolscope store) while recording is noticed
         at the next batch and said once; the process, pool and stack rows go into the store
         now at that path, with everything recorded after."""
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, name="orders")
         _work(engine)
@@ -1123,6 +1134,153 @@ class TestStoreFaults:
         messages = [r.getMessage() for r in caplog.records]
         assert len(messages) == 1 and "deleted or replaced" in messages[0], messages
         held.close()
+        engine.dispose()
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, with ``env`` added to (or, as "", removed from)
+    this one's environment."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("POOLSCOPE_")}
+    full.update(env)
+    full = {k: v for k, v in full.items() if v}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=full
+    )
+
+
+_RECORD_SOME = """
+import sqlite3, sys, tempfile
+import sqlalchemy as sa
+import instrument
+from instrument import _hooks, _writer
+
+d = tempfile.mkdtemp()
+engine = sa.create_engine(f"sqlite:///{d}/app.db")
+monitor = instrument.attach(engine, store=f"{d}/store.db")
+for _ in range(3):
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+assert monitor.flush()
+rows = sqlite3.connect(f"{d}/store.db").execute(
+    "SELECT kind, thread, task, hold_s IS NULL FROM events ORDER BY id").fetchall()
+print(_hooks.HotPath is not None, _writer.sqlite_rows is not None, rows)
+"""
+
+
+class TestNativeHelpers:
+    def test_each_helper_reports_the_record_contract_python_defines(self) -> None:
+        """Each built C helper was compiled with the record width, field positions, NO_SIZE
+        and open-checkout entry that ``_record`` defines, and those match the store's
+        events columns."""
+        from instrument import _native, _record
+
+        assert _record.LAYOUT["width"] == len(_record.RECORD_FIELDS) == 16
+        renamed = {"pool": "pool_id", "stack": "stack_id"}
+        assert [renamed.get(f, f) for f in _record.RECORD_FIELDS] == [
+            c for c in _store.EVENT_COLUMNS if c != "process_id"
+        ]
+        built = 0
+        for name in _native.HELPERS:
+            try:
+                module = importlib.import_module(f"instrument.{name}")
+            except ImportError:
+                continue
+            assert module.layout() == _record.LAYOUT, name
+            built += 1
+        if not built and os.environ.get("CI"):
+            pytest.fail("no C helper is built; CI builds them", pytrace=False)
+
+    def test_a_helper_built_for_another_layout_is_left_off_with_a_warning(self) -> None:
+        """A C helper whose layout differs from the record contract is not used: the
+        pure-Python path writes the same rows, and a WARNING on logger ``poolscope`` says
+        which helper is off and why."""
+        if importlib.util.find_spec("instrument._speedups") is None:
+            pytest.skip("the C helpers are not built")
+        patch = "from instrument import _record\n_record.LAYOUT = {**_record.LAYOUT, 'width': 17}\n"
+        proc = _run_python(patch + _RECORD_SOME)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("False False ")
+        assert "('checkout', 'MainThread', None, 1)" in proc.stdout
+        assert "('checkin', 'MainThread', None, 0)" in proc.stdout
+        assert "C helper _speedups is off (built for another record layout" in proc.stderr
+        assert "C helper _sqlite_rows is off (built for another record layout" in proc.stderr
+
+    def test_require_cext_turns_a_refused_helper_into_an_import_error(self) -> None:
+        """With ``POOLSCOPE_REQUIRE_CEXT=1`` a helper that cannot be used stops the import
+        of the recorder with an ImportError naming it, rather than running without it."""
+        if importlib.util.find_spec("instrument._speedups") is None:
+            pytest.skip("the C helpers are not built")
+        patch = (
+            "from instrument import _record\n_record.LAYOUT = {**_record.LAYOUT, 'no_size': 1}\n"
+        )
+        proc = _run_python(patch + _RECORD_SOME, POOLSCOPE_REQUIRE_CEXT="1")
+        assert proc.returncode == 1
+        assert "ImportError: poolscope's C helper _speedups is required but off" in proc.stderr
+
+    def test_no_cext_turns_both_helpers_off_and_version_says_which_are_loaded(self) -> None:
+        """``POOLSCOPE_NO_CEXT=1`` records through pure Python, the same rows, without a
+        warning; ``poolscope --version`` says for each helper whether it is loaded."""
+        proc = _run_python(_RECORD_SOME, POOLSCOPE_NO_CEXT="1")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("False False ")
+        assert "('checkin', 'MainThread', None, 0)" in proc.stdout
+        assert proc.stderr == ""
+        version = (
+            "import sys; from instrument.cli import main; sys.argv[1:] = ['--version']; main()"
+        )
+        off = _run_python(version, POOLSCOPE_NO_CEXT="1")
+        assert off.stdout.splitlines() == [
+            f"poolscope, version {instrument.__version__}",
+            "C helper _speedups: off (POOLSCOPE_NO_CEXT is set)",
+            "C helper _sqlite_rows: off (POOLSCOPE_NO_CEXT is set)",
+        ]
+        on = _run_python(version)
+        built = importlib.util.find_spec("instrument._speedups") is not None
+        if built or os.environ.get("CI"):
+            assert on.stdout.splitlines()[1:] == [
+                "C helper _speedups: loaded",
+                "C helper _sqlite_rows: loaded",
+            ]
+
+    @pytest.mark.parametrize("recorder_impl", ["c"], indirect=True)
+    def test_a_batch_the_c_handle_cannot_write_is_rolled_back_whole(
+        self, recorder_impl: str, sqlite_url: str, store_path: Path
+    ) -> None:
+        """The C inserter writes the common batch through a SQLite handle of its own on the
+        store; a batch it cannot write is rolled back whole (no row, no heartbeat, no
+        transaction left open) and counted as dropped, and the next batches go in."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+
+        def work(times: int) -> None:  # from one thread's stack each time: no new stack row
+            worker = threading.Thread(target=_work_times, args=(engine, times), name="worker")
+            worker.start()
+            worker.join()
+
+        work(1)
+        assert monitor.flush() is True
+        writer = monitor._writer
+        handle = writer._c_store
+        assert handle is not None
+        assert os.path.realpath(handle.filename()) == os.path.realpath(store_path)
+        (beat,) = query(store_path, "SELECT heartbeat_at FROM processes")[0]
+        with writer._io_lock:
+            handle.execute("PRAGMA query_only = ON")  # this handle alone may not write
+            work(3)
+        assert monitor.flush() is True
+        assert monitor.dropped == 6
+        assert query(store_path, "SELECT count(*) FROM events") == [(3,)]  # the first work
+        assert query(store_path, "SELECT heartbeat_at FROM processes") == [(beat,)]
+        with writer._io_lock:
+            handle.execute("PRAGMA query_only = OFF")
+        work(1)  # with the drop count: through the sqlite3 connection
+        assert monitor.flush() is True
+        work(1)  # the common batch again: through the C handle
+        assert monitor.flush() is True
+        assert writer._c_store is handle
+        kinds = query(store_path, "SELECT kind, count FROM events ORDER BY id")
+        done = [("checkout", None), ("checkin", None)]
+        assert kinds[3:] == [*done, ("dropped", 6), *done]
         engine.dispose()
 
 
@@ -1259,10 +1417,10 @@ def test_queue_is_written_where_the_c_inserter_cannot_reach_the_store(
     store_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Where the C inserter may not write through the store's connection (the handle
-    it reads names another file), the records queued as C values are written through
-    the sqlite3 module instead, text and NULLs intact."""
-    monkeypatch.setattr(_writer, "_checked_sqlite_rows", lambda rows, conn, path: None)
+    """Where the C inserter cannot open its own handle on the store (or the one it opens
+    names another file), the records queued as C values are written through the sqlite3
+    module instead, text and NULLs intact."""
+    monkeypatch.setattr(_writer, "_open_c_store", lambda rows, path: None)
     engine = sa.create_engine(sqlite_url)
     monitor = instrument.attach(engine, store=store_path)
     assert not isinstance(monitor._writer.queue, list)
@@ -1277,7 +1435,7 @@ def test_queue_is_written_where_the_c_inserter_cannot_reach_the_store(
     assert done.wait(10)
     monitor.flush()
     engine.dispose()
-    assert monitor._writer._rows_in_c is None
+    assert monitor._writer._c_store is None
     rows = query(
         store_path,
         "SELECT kind, thread, task, hold_s IS NOT NULL, stack_id IS NOT NULL "

@@ -390,13 +390,13 @@ class TestGcCheckin:
         """A gc_checkin is also reported once on logger ``instrument``, naming the site."""
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, leak_after=60)
-        with caplog.at_level(logging.INFO, logger="instrument"):
+        with caplog.at_level(logging.INFO, logger="poolscope"):
             _leak_raw_connection(engine)
             gc.collect()
             monitor.flush()
             monitor.flush()  # the writer logs after the batch the first flush waited for
         engine.dispose()
-        warnings_ = [r for r in caplog.records if r.name == "instrument"]
+        warnings_ = [r for r in caplog.records if r.name == "poolscope"]
         assert len(warnings_) == 1
         assert warnings_[0].levelno == logging.WARNING
         assert site_of("leak-raw") in warnings_[0].getMessage()
@@ -580,7 +580,7 @@ class TestWatchdog:
         its site, thread, held seconds and stack; returning it gets leak_cleared and one INFO."""
         engine = make_engine()
         monitor = instrument.attach(engine, store=store_path, leak_after=0.3)
-        with caplog.at_level(logging.INFO, logger="instrument"):
+        with caplog.at_level(logging.INFO, logger="poolscope"):
             conn = engine.connect()  # long-hold
             conn.exec_driver_sql("select 1")
             (checkout,) = monitor.open_checkouts()
@@ -588,7 +588,7 @@ class TestWatchdog:
             monitor.flush()
             monitor.flush()  # a watchdog round ran after the first flush, and was written
             suspected = events(store_path, "leak_suspected", "checkout_id", "hold_s", "stack_id")
-            logged_while_held = [r for r in caplog.records if r.name == "instrument"]
+            logged_while_held = [r for r in caplog.records if r.name == "poolscope"]
             conn.close()
             monitor.flush()
             monitor.flush()  # the writer logs after the batch the first flush waited for
@@ -613,7 +613,7 @@ class TestWatchdog:
         assert len(cleared) == 1
         assert cleared[0][0] == checkout.checkout_id
         assert cleared[0][1] >= max(0.8, hold_s)
-        records = [r for r in caplog.records if r.name == "instrument"]
+        records = [r for r in caplog.records if r.name == "poolscope"]
         assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
         assert site_of("long-hold") in records[1].getMessage()
         checkins = events(store_path, "checkin", "checkout_id")
@@ -625,7 +625,7 @@ class TestWatchdog:
         """Checkouts returned before leak_after never produce watchdog events or log lines."""
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, leak_after=5)
-        with caplog.at_level(logging.INFO, logger="instrument"):
+        with caplog.at_level(logging.INFO, logger="poolscope"):
             short_checkouts(engine, 50)
             monitor.watch(time.time() + 3600)  # a watchdog pass an hour later flags none
             monitor.flush()
@@ -633,7 +633,7 @@ class TestWatchdog:
         engine.dispose()
         assert not events(store_path, "leak_suspected")
         assert not events(store_path, "leak_cleared")
-        assert not [r for r in caplog.records if r.name == "instrument"]
+        assert not [r for r in caplog.records if r.name == "poolscope"]
 
 
 # -------------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class TestWriting:
             "(SELECT count(*) FROM pools), (SELECT count(*) FROM stacks)"
         )
         before = query(written_store, counts)
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         monitor = instrument.attach(engine, store=written_store)
         for _ in range(3):
             with engine.connect() as conn:
@@ -247,7 +247,7 @@ class TestWriting:
             conn.executemany("INSERT INTO orders (total) VALUES (?)", [(9.5,), (12.0,)])
         conn.close()
         before = hashlib.sha256(theirs.read_bytes()).hexdigest()
-        caplog.set_level(logging.WARNING, logger="instrument")
+        caplog.set_level(logging.WARNING, logger="poolscope")
         monitor = instrument.attach(engine, store=theirs)
         for _ in range(3):
             with engine.connect() as conn:
