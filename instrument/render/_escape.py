@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._text import VISIBLE as _VISIBLE
+from .._text import visible as visible  # re-exported for the renderers
 
 _MARKDOWN = {
     **{c: v.replace("\\", "\\\\") for c, v in _VISIBLE.items()},
