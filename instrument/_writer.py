@@ -488,8 +488,8 @@ class Writer:
             info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
             cur = conn.execute(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
-                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at, pre_ping) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     self.process_id,
                     info["name"],
@@ -502,6 +502,7 @@ class Writer:
                     info["recycle_s"],
                     info["leak_after_s"],
                     info["created_at"],
+                    info.get("pre_ping"),
                 ),
             )
             self._pool_ids[pool_key] = cur.lastrowid  # type: ignore[assignment]
