@@ -78,16 +78,18 @@ def _recycle(data: _Data, pool_ids: list[int], recycle_s: float | None) -> dict[
     keys = keys.drop_duplicates().astype("int64")
     history = pd.DataFrame(columns=["process_id", "connection_id", "kind", "at"])
     if len(keys):
-        pairs = " OR ".join(
-            f"(process_id = {p} AND connection_id = {c})" for p, c in keys.itertuples(index=False)
-        )
+        # Connection ids are per process: read those ids, keep the (process, id) pairs.
+        ids = sorted({int(c) for c in keys["connection_id"]})
         history = _frame(
             "SELECT process_id, connection_id, kind, at FROM events "
-            f"WHERE kind IN ('connect', 'checkin') AND ({pairs}){scope}"
+            f"WHERE kind IN ('connect', 'checkin'){_in_list('connection_id', ids)}{scope}"
             + (" AND at <= ?" if until is not None else ""),
             data.conn,
             [until] if until is not None else [],
         )
+        wanted = pd.MultiIndex.from_frame(keys)
+        mine = pd.MultiIndex.from_frame(history[["process_id", "connection_id"]].astype("int64"))
+        history = history[mine.isin(wanted)]
     found = _frame(
         "SELECT process_id, pool_id, checkout_id, at FROM events WHERE kind = 'checkout' "
         f"AND checkout_id IN ({', '.join(str(int(c)) for c in inv['checkout_id'].dropna())})"
