@@ -171,33 +171,36 @@ def _costs(data: _Data, pool_ids: list[int], recycle: int | None) -> tuple[int, 
     connection it did not just open) and the reconnects ``pool_recycle=recycle`` would
     cost (checkouts of a connection older than that, each replacing it: its age counts
     again from there)."""
-    scope, window, params = _scope(data, pool_ids, "e")
-    rows = _frame(
-        "SELECT e.process_id, e.connection_id, e.at, e.connect_s, c.at AS connected_at "
-        "FROM events AS e LEFT JOIN events AS c ON c.kind = 'connect' "
-        "AND c.process_id = e.process_id AND c.connection_id = e.connection_id "
-        "AND c.pool_id = e.pool_id "
-        f"WHERE e.kind = 'checkout'{scope}{window} "
-        "ORDER BY e.process_id, e.connection_id, e.at",
-        data.conn,
+    scope, window, params = _scope(data, pool_ids)
+    [(pings,)] = data.conn.execute(
+        f"SELECT count(*) - count(connect_s) FROM events WHERE kind = 'checkout'{scope}{window}",
+        params,
+    ).fetchall()
+    if recycle is None:
+        return int(pings or 0), None
+    connects = {
+        (p, c): at
+        for p, c, at in data.conn.execute(
+            "SELECT process_id, connection_id, at FROM events WHERE kind = 'connect' "
+            f"AND connection_id IS NOT NULL{scope}"
+        )
+    }
+    cursor = data.conn.execute(
+        "SELECT process_id, connection_id, at FROM events WHERE kind = 'checkout' "
+        f"AND connection_id IS NOT NULL{scope}{window} ORDER BY process_id, connection_id, at",
         params,
     )
-    pings = int(rows["connect_s"].isna().sum()) if len(rows) else 0
-    if recycle is None:
-        return pings, None
     reconnects = 0
     last_key, born = None, 0.0
-    for key_p, key_c, at, connected in zip(
-        rows["process_id"], rows["connection_id"], rows["at"], rows["connected_at"], strict=True
-    ):
-        key = (key_p, key_c)
-        if key != last_key or pd.isna(key_c):
+    for p, c, at in cursor:
+        key = (p, c)
+        if key != last_key:
             last_key = key
-            born = at if pd.isna(connected) else connected
+            born = connects.get(key, at)
         if at - born > recycle:
             reconnects += 1
             born = at
-    return pings, reconnects
+    return int(pings or 0), reconnects
 
 
 def recycle_sentence(recycle: dict[str, Any]) -> str:
