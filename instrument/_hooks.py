@@ -292,6 +292,7 @@ class Monitor:
             "max_overflow": getattr(pool, "_max_overflow", None) if is_queue else None,
             "timeout_s": pool.timeout() if is_queue else None,
             "recycle_s": _recycle_seconds(pool),
+            "pre_ping": bool(getattr(pool, "_pre_ping", False)),
             "leak_after_s": self.leak_after,
             "created_at": self._created_at,
         }
@@ -792,11 +793,11 @@ class Monitor:
             _on_event.__doc__ = f"``PoolEvents.{kind}``: recorded with its checkout, if any."
             return _on_event
 
-        record_invalidate = _simple("invalidate")
         disconnection = exc.DisconnectionError
 
         def _on_invalidate(dbapi_connection: Any, record: Any, exception: Any = None) -> None:
-            """``PoolEvents.invalidate``: recorded with its checkout, if any.
+            """``PoolEvents.invalidate``: recorded with its checkout, if any, and in ``count``
+            whether it was a disconnect (1), another error (0) or had no exception (NULL).
 
             A ``DisconnectionError`` while ``record`` is checked out means a checkout
             listener refused the connection and SQLAlchemy retries the checkout with a
@@ -804,7 +805,14 @@ class Monitor:
             application: it is closed here as a ``checkin``, or it would stay open forever.
             """
             try:
-                record_invalidate(dbapi_connection, record, exception)
+                emit(
+                    "invalidate",
+                    entry=open_.get(record),
+                    connection_id=connection_ids.get(record),
+                    thread=_thread(),
+                    task=task_name() if task_name else None,
+                    count=_disconnect_flag(state[0](), dbapi_connection, exception),
+                )
                 if isinstance(exception, disconnection) and record in open_:
                     _returned(record, None)
             except Exception:  # never raise into the application
@@ -883,6 +891,31 @@ def _pool_state(pool: Pool) -> list[Any]:
         aio = inner._queue  # type: ignore[attr-defined]  # AsyncAdaptedQueue
         return [ref, aio._queue, aio._getters, pool.size()]
     return [ref, (), (), NO_SIZE]
+
+
+def _disconnect_flag(pool: Pool | None, dbapi_connection: Any, exception: Any) -> int | None:
+    """Whether an invalidation's ``exception`` was a disconnect: 1, 0, or ``None`` for none.
+
+    A disconnect is a ``DisconnectionError`` (a failed ``pool_pre_ping``, or a checkout
+    listener's refusal), a ``DBAPIError`` that says it invalidated the connection, or a
+    raw DBAPI error the pool's dialect judges one (what ``Connection`` passes on a
+    disconnect). Only this judgement is recorded, never the exception's text, which can
+    hold a statement's parameters. Runs on an invalidation, never on a checkout.
+    """
+    if exception is None:
+        return None
+    if isinstance(exception, exc.DisconnectionError):
+        return 1
+    if isinstance(exception, exc.DBAPIError):
+        return 1 if exception.connection_invalidated else 0
+    dialect = getattr(pool, "_dialect", None)
+    error = getattr(getattr(dialect, "dbapi", None), "Error", None)
+    if not isinstance(error, type) or not isinstance(exception, error):
+        return 0
+    try:
+        return 1 if dialect.is_disconnect(exception, dbapi_connection, None) else 0  # type: ignore[union-attr]
+    except Exception:  # a dialect that cannot tell: not counted as a disconnect
+        return 0
 
 
 def _recycle_seconds(pool: Pool) -> float | None:

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS pools (
     timeout_s     REAL,
     recycle_s     REAL,
     leak_after_s  REAL NOT NULL,
-    created_at    REAL NOT NULL
+    created_at    REAL NOT NULL,
+    pre_ping      INTEGER                 -- 1/0; NULL in rows older poolscopes wrote
 );
 CREATE TABLE IF NOT EXISTS stacks (
     id            INTEGER PRIMARY KEY,
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
     connect_s     REAL,                   -- checkout, connect: time opening a DBAPI connection
     hold_s        REAL,                   -- checkin, gc_checkin, leak_*: time held
     count         INTEGER                 -- dropped: records lost; timeout: waiters
+                                          -- invalidate: 1 disconnect, 0 other error
 );
 CREATE INDEX IF NOT EXISTS events_by_checkout
     ON events (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL;
@@ -150,6 +152,7 @@ def connect_for_writing(
         conn.execute("BEGIN IMMEDIATE")
         for statement in _split(SCHEMA):
             conn.execute(statement)
+        _add_columns(conn)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -162,6 +165,25 @@ def connect_for_writing(
         conn.close()
         raise
     return conn
+
+
+ADDED_COLUMNS = {"pools": (("pre_ping", "INTEGER"),)}
+"""Columns added to schema 1 since its first release: a store made before gets them when
+opened for writing; readers check that a column is there before they read it."""
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the :data:`ADDED_COLUMNS` a store lacks (in the caller's transaction)."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    """Whether ``table`` of the store open on ``conn`` has ``column`` (an added one may not)."""
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 def _execute_when_free(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> None:

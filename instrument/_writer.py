@@ -458,8 +458,8 @@ class Writer:
             info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
             self._pool_ids[pool_key] = run(
                 "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
-                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at, pre_ping) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     self.process_id,
                     info["name"],
@@ -472,6 +472,7 @@ class Writer:
                     info["recycle_s"],
                     info["leak_after_s"],
                     info["created_at"],
+                    info.get("pre_ping"),
                 ),
             )
             written.append(pool_key)

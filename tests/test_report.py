@@ -100,6 +100,8 @@ class TestJson:
             (_model.Sizing, defs["sizing"]),
             (_model.Replay, defs["replay"]),
             (_model.ReplayOutcome, defs["replay_outcome"]),
+            (_model.Recycle, defs["recycle"]),
+            (_model.PrePingCost, defs["recycle"]["properties"]["pre_ping_cost"]),
             (_model.LeakEntry, props["leaks"]["items"]),
             (_model.TimeoutEntry, props["timeouts"]["items"]),
             (_model.Holder, props["timeouts"]["items"]["properties"]["holders"]["items"]),

@@ -277,11 +277,34 @@ class Replay(TypedDict):
     total_connections: int
 
 
+class PrePingCost(TypedDict):
+    """What each remedy for dropped connections would have cost on the window's checkouts."""
+
+    pings: int
+    recycle_reconnects: int | None
+
+
+class Recycle(TypedDict):
+    """Invalidated connections of one pool name and the recycle / pre-ping advice."""
+
+    invalidations: int
+    disconnects: int
+    median_idle_s_at_disconnect: float | None
+    min_idle_s_at_disconnect: float | None
+    max_age_s: float | None
+    pool_recycle_s: float | None
+    pre_ping: bool | None
+    recommended_pool_recycle_s: int | None
+    pre_ping_cost: PrePingCost
+
+
 class _SizingByReplay(TypedDict, total=False):
-    """The keys a sizing entry has when its pool's demand was replayed."""
+    """The keys a sizing entry has when its pool's demand was replayed (and, from the same
+    version on, its invalidations were read)."""
 
     recommended_pool_timeout_s: float | None
     replay: Replay | None
+    recycle: Recycle | None
 
 
 class Sizing(_SizingByReplay):

@@ -13,6 +13,7 @@ import pandas as pd
 from .. import _replay
 from ._load import _Data, _frame, _in_list, _load, _load_pools, _superseded
 from ._model import WAITED_THRESHOLD_S, Filters
+from ._recycle import _recycle, recycle_sentence
 from ._timeouts import _timeouts
 from ._usage import _pool_peaks
 
@@ -148,6 +149,14 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
             calm = f"no waits or timeouts (peak {peak} of {capacity})"
             seen = f"{little}; {observed}; {pressure if pressured else calm}"
             _apply_replay(entry, _replay_sizing(data, group, mean_in_use), seen)
+        recycle_s = pd.to_numeric(pool_rows["recycle_s"], errors="coerce").dropna()
+        entry["recycle"] = recycle = _recycle(
+            data,
+            [int(i) for i in group["pool_id"]],
+            float(recycle_s.min()) if len(recycle_s) else None,
+        )
+        if recycle is not None:
+            entry["advice"] += recycle_sentence(recycle)
         advice.append(entry)
     return advice
 
