@@ -66,8 +66,45 @@ def install() -> None:
             _hook_sqlalchemy()
         else:
             sys.meta_path.insert(0, _SQLAlchemyFinder())
+        _handle_sigterm_from_the_start()
     except Exception:
         _warn_once("install", "poolscope: could not watch this process's engines")
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------
+
+
+def _handle_sigterm_from_the_start() -> None:
+    """Handle a default SIGTERM from the process's start, as the recorder does once it writes.
+
+    A server may save SIGTERM's disposition before the application makes its engines and,
+    at shutdown, put it back and raise SIGTERM again (a uvicorn worker does): saved as the
+    default, the worker would die of it before its records are written, and be reported
+    as crashed. Installed here, the handler is what such a server saves and raises. Only
+    from the main thread and only over ``SIG_DFL``; a program's own handler replaces it.
+    """
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        return
+    import signal
+
+    with contextlib.suppress(ValueError, OSError, RuntimeError):
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM under the default disposition: the recorder's handler writes what is queued
+    and marks the end ``terminated``; either way the process then dies of the signal,
+    exactly as it would have."""
+    writer = sys.modules.get("instrument._writer")
+    if writer is not None:
+        writer._on_sigterm(signum, frame)
+        return
+    import signal
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 # ---- waiting for SQLAlchemy ------------------------------------------------------------------
