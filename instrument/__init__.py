@@ -25,11 +25,11 @@ from .exceptions import (
 )
 
 if _typing.TYPE_CHECKING:
-    from ._hooks import DEFAULT_LEAK_AFTER_SECONDS, Monitor, OpenCheckout, attach
+    from ._hooks import DEFAULT_LEAK_AFTER_SECONDS, Monitor, OpenCheckout, attach, monitor_of
 
 # The recorder (and SQLAlchemy with it) is imported on first use, so that merely
 # loading poolscope (the pytest plugin's entry point does) costs and changes nothing.
-_LAZY = {"DEFAULT_LEAK_AFTER_SECONDS", "Monitor", "OpenCheckout", "attach"}
+_LAZY = {"DEFAULT_LEAK_AFTER_SECONDS", "Monitor", "OpenCheckout", "attach", "monitor_of"}
 
 
 def __getattr__(name: str) -> _typing.Any:
@@ -59,4 +59,5 @@ __all__ = [
     "StoreVersionError",
     "__version__",
     "attach",
+    "monitor_of",
 ]

@@ -36,7 +36,7 @@ from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path, valid_text
 from ._text import visible
-from ._writer import Writer, get_writer
+from ._writer import Writer, get_writer, retire
 
 logger = logging.getLogger("poolscope")
 
@@ -253,6 +253,33 @@ class Monitor:
         with _registry_lock:
             if target is not None and _monitors.get(target) is self:
                 del _monitors[target]
+
+    @property
+    def store_ids(self) -> tuple[int, int] | None:
+        """``(process_id, pool_id)``: this process's and this pool's ids in the store, as
+        ``events`` rows carry them; ``None`` until the writer has written both rows.
+
+        .. versionadded:: 0.2
+        """
+        process_id = self._writer.process_id
+        pool_id = self._writer.pool_id(self.pool_key)
+        if process_id is None or pool_id is None:
+            return None
+        return process_id, pool_id
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Detach, write everything queued, and stop the store's background writer if no
+        other attached monitor of this process writes to that store; idempotent.
+
+        For a store that lives only as long as this monitor (a test's, a short tool's).
+
+        :param timeout: seconds to wait at most for the queued records to be written.
+
+        .. versionadded:: 0.2
+        """
+        self.detach()
+        self._writer.flush(timeout)
+        retire(self._writer, timeout)
 
     @property
     def attached(self) -> bool:
@@ -1025,6 +1052,16 @@ def _existing_monitor(target: Any) -> Monitor | None:
         if monitor.attached and monitor._pool is pool:
             return monitor
     return existing if existing is not None and existing.attached else None
+
+
+def monitor_of(target: Any) -> Monitor | None:
+    """The attached monitor recording ``target`` (an ``Engine``, an ``AsyncEngine`` or a
+    ``Pool``), or ``None``: what ``attach(target)`` would return without attaching.
+
+    .. versionadded:: 0.2
+    """
+    with _registry_lock:
+        return _existing_monitor(target)
 
 
 def attach(

@@ -176,6 +176,10 @@ class Writer:
         owner = every_batch.__self__  # type: ignore[attr-defined]
         self.ticking[owner] = (every_batch.__func__, after_fork.__func__)  # type: ignore[attr-defined]
 
+    def pool_id(self, pool_key: int) -> int | None:
+        """The store's id of the pool row written for ``pool_key``; ``None`` until written."""
+        return self._pool_ids.get(pool_key)
+
     # -- producer side ----------------------------------------------------------------
 
     def emit(self, record: Record) -> None:
@@ -811,6 +815,18 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+
+
+def retire(writer: Writer, timeout: float = 10.0) -> bool:
+    """Drain and stop ``writer`` if no attached monitor writes through it any more, and
+    forget it (a later ``attach()`` to its store starts a new one); return whether it did."""
+    if any(getattr(owner, "attached", False) for owner in list(writer.ticking.keys())):
+        return False
+    with _registry_lock:
+        if _writers.get(str(writer.path)) is writer:
+            del _writers[str(writer.path)]
+    writer.shutdown(timeout=timeout)
+    return True
 
 
 def shutdown_all(timeout: float = 10.0, reason: str | None = None) -> None:

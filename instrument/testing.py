@@ -16,7 +16,6 @@ order they happened. Our own test suite uses this helper too.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,12 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import _hooks, _store, _writer
+from . import Monitor, attach, monitor_of
+from ._store import EVENT_COLUMNS, open_for_reading
 
 __all__ = ["EVENT_FIELDS", "capture_events"]
 
 _ROW_COLUMNS = tuple(
-    c for c in _store.EVENT_COLUMNS if c not in ("at", "kind", "process_id", "pool_id", "stack_id")
+    c for c in EVENT_COLUMNS if c not in ("at", "kind", "process_id", "pool_id", "stack_id")
 )
 """The ``events`` columns a captured event keeps as they are, in the store's order."""
 
@@ -72,7 +72,7 @@ def capture_events(
         event. May be ``None`` for the default. Ignored for an engine attached earlier.
     """
     events: list[dict[str, Any]] = []
-    existing = _hooks._existing_monitor(engine)
+    existing = monitor_of(engine)
     if existing is not None:
         existing.flush()
         start = _last_event_id(existing.store)
@@ -86,7 +86,7 @@ def capture_events(
     directory = Path(tempfile.mkdtemp(prefix="poolscope-capture-"))
     kwargs = {} if leak_after is None else {"leak_after": leak_after}
     try:
-        monitor = _hooks.attach(engine, store=directory / "capture.db", **kwargs)
+        monitor = attach(engine, store=directory / "capture.db", **kwargs)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -97,14 +97,13 @@ def capture_events(
             monitor.flush()
             events.extend(_read(monitor, 0))
         finally:
-            monitor.detach()
-            _shutdown_writer(monitor.store)
+            monitor.close()
             shutil.rmtree(directory, ignore_errors=True)
 
 
 def _last_event_id(store: Path) -> int:
     try:
-        conn = _store.open_for_reading(store)
+        conn = open_for_reading(store)
     except Exception:  # nothing written yet (or unwritable): every later event is new
         return 0
     try:
@@ -113,14 +112,13 @@ def _last_event_id(store: Path) -> int:
         conn.close()
 
 
-def _read(monitor: _hooks.Monitor, after_id: int) -> list[dict[str, Any]]:
-    writer = monitor._writer
-    pool_id = writer._pool_ids.get(monitor.pool_key)
-    if writer.process_id is None or pool_id is None:
+def _read(monitor: Monitor, after_id: int) -> list[dict[str, Any]]:
+    ids = monitor.store_ids
+    if ids is None:
         return []
-    conn = _store.open_for_reading(monitor.store)
+    conn = open_for_reading(monitor.store)
     try:
-        rows = conn.execute(_SELECT, (writer.process_id, pool_id, after_id)).fetchall()
+        rows = conn.execute(_SELECT, (*ids, after_id)).fetchall()
     finally:
         conn.close()
     events = []
@@ -129,12 +127,3 @@ def _read(monitor: _hooks.Monitor, after_id: int) -> list[dict[str, Any]]:
         event["stack"] = json.loads(event["stack"]) if event["stack"] else []
         events.append(event)
     return events
-
-
-def _shutdown_writer(store: Path) -> None:
-    """Stop the temporary store's writer thread; nothing else writes to that file."""
-    key = os.path.abspath(store)
-    with _writer._registry_lock:
-        writer = _writer._writers.pop(key, None)
-    if writer is not None:
-        writer.shutdown(timeout=10.0)

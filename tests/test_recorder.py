@@ -2118,3 +2118,60 @@ class TestEngineAndItsPool:
         assert [e["kind"] for e in events] == ["connect", "checkout", "checkin"]
         assert monitor.attached
         engine.dispose()
+
+
+class TestPublicHandles:
+    def test_monitor_of_finds_the_monitor_without_attaching(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """monitor_of() returns None for an engine not attached (and attaches nothing), and
+        the engine's monitor for the engine and for its pool once attached."""
+        engine = sa.create_engine(sqlite_url)
+        assert instrument.monitor_of(engine) is None
+        assert instrument.monitor_of(engine) is None and not store_path.exists()
+        monitor = instrument.attach(engine, store=store_path)
+        assert instrument.monitor_of(engine) is monitor
+        assert instrument.monitor_of(engine.pool) is monitor
+        monitor.detach()
+        assert instrument.monitor_of(engine) is None
+        engine.dispose()
+
+    def test_store_ids_name_the_rows_events_carry(self, sqlite_url: str, store_path: Path) -> None:
+        """store_ids is (process_id, pool_id) of the monitor's events once written."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path)
+        short_checkouts(engine, 2)
+        assert monitor.flush() is True
+        ids = monitor.store_ids
+        assert ids is not None
+        assert query(
+            store_path,
+            "SELECT count(*) FROM events "
+            "WHERE kind = 'checkout' AND process_id = ? AND pool_id = ?",
+            *ids,
+        ) == [(2,)]
+        engine.dispose()
+
+    def test_close_stops_the_writer_only_when_no_other_monitor_uses_it(
+        self, sqlite_url: str, tmp_path: Path, store_path: Path
+    ) -> None:
+        """close() writes what is queued and stops the store's writer thread, unless another
+        attached monitor still writes to that store, which then goes on recording."""
+        first = sa.create_engine(sqlite_url)
+        second = sa.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+        m1 = instrument.attach(first, store=store_path, name="first")
+        m2 = instrument.attach(second, store=store_path, name="second")
+        writers = lambda: [t for t in threading.enumerate() if t.name.startswith("poolscope")]  # noqa: E731
+        short_checkouts(first)
+        m1.close()
+        assert not m1.attached and len(writers()) == 1
+        short_checkouts(second)
+        m2.close()
+        assert writers() == []
+        assert query(
+            store_path,
+            "SELECT p.name, count(*) FROM events e JOIN pools p ON p.id = e.pool_id "
+            "WHERE e.kind = 'checkout' GROUP BY p.name ORDER BY p.name",
+        ) == [("first", 1), ("second", 1)]
+        first.dispose()
+        second.dispose()
