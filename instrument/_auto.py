@@ -98,7 +98,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     exactly as it would have."""
     writer = sys.modules.get("instrument._writer")
     if writer is not None:
-        writer._on_sigterm(signum, frame)
+        writer.on_sigterm(signum, frame)
         return
     import signal
 

@@ -707,7 +707,7 @@ _sigterm_installed = False
 
 
 def _install_sigterm_handler() -> None:
-    """Handle SIGTERM while its disposition is the default (see ``_on_sigterm``).
+    """Handle SIGTERM while its disposition is the default (see ``on_sigterm``).
 
     Only from the main thread (the only one that may set a handler), only where SIGTERM's
     handler is ``SIG_DFL``: an application's own handler, or ``SIG_IGN``, is left alone,
@@ -722,12 +722,12 @@ def _install_sigterm_handler() -> None:
     _sigterm_installed = True
     try:
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            signal.signal(signal.SIGTERM, on_sigterm)
     except (ValueError, OSError, RuntimeError):  # not the main interpreter, or no signals
         pass
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM with the default disposition (a container stop, ``Pool.terminate()``): write
     everything queued and mark the process's end ``'terminated'``, then restore the default
     and raise the signal again, so that the process dies of it exactly as it would have.

@@ -960,7 +960,7 @@ _SIGNAL_SCRIPT = textwrap.dedent(
         signal.signal(signal.SIGTERM, own_handler)
     handler = signal.getsignal(signal.SIGTERM)
     print("default" if handler == signal.SIG_DFL else
-          "poolscope" if handler is getattr(_writer, "_on_sigterm", None) else "app",
+          "poolscope" if handler is getattr(_writer, "on_sigterm", None) else "app",
           flush=True)
     held = [engine.connect() for _ in range(3)]
     for conn in held:
