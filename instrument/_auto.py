@@ -246,7 +246,7 @@ def _warn_once(key: str, message: str, exc_info: bool = False) -> None:
     with contextlib.suppress(Exception):  # logging itself broken: stay silent
         import logging
 
-        logging.getLogger("instrument").warning(message, exc_info=exc_info)
+        logging.getLogger("poolscope").warning(message, exc_info=exc_info)
 
 
 def same_signature(original: Callable[..., Any], after: Callable[[Any], None]) -> Any:

@@ -1081,7 +1081,7 @@ def attach(
     :param store: the SQLite store to write. May be ``None`` for ``$POOLSCOPE_STORE``,
         else ``./poolscope.db``.
     :param leak_after: seconds a checkout may be held before it is reported as a
-        suspected leak (one ``leak_suspected`` event and one WARNING on logger ``instrument``).
+        suspected leak (one ``leak_suspected`` event and one WARNING on logger ``poolscope``).
     :param name: the pool's name in reports. May be ``None`` for the database name.
     """
     _check_arguments(store, leak_after, name)

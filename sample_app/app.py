@@ -119,7 +119,7 @@ def show_poolscope_warnings(out: TextIO) -> None:
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("  poolscope %(levelname)s: %(message)s"))
     handler.addFilter(_FirstWarningPerSite())
-    logger = logging.getLogger("instrument")
+    logger = logging.getLogger("poolscope")
     logger.addHandler(handler)
     logger.propagate = False
     # SQLAlchemy warns about each garbage-collected connection, one line each; poolscope's

@@ -251,7 +251,7 @@ class TestOwnFailures:
         self, pytester: pytest.Pytester, sqlite_url: str
     ) -> None:
         """If the plugin's own listener raises, the test's checkout still works: the test
-        passes and the failure is logged once on logger ``instrument``."""
+        passes and the failure is logged once on logger ``poolscope``."""
         broken = """
             def test_checkout_survives(monkeypatch, caplog):
                 import logging

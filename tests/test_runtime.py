@@ -387,7 +387,7 @@ class TestGcCheckin:
     def test_gc_checkin_logs_a_warning_with_the_site(
         self, sqlite_url: str, store_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """A gc_checkin is also reported once on logger ``instrument``, naming the site."""
+        """A gc_checkin is also reported once on logger ``poolscope``, naming the site."""
         engine = sa.create_engine(sqlite_url)
         monitor = instrument.attach(engine, store=store_path, leak_after=60)
         with caplog.at_level(logging.INFO, logger="poolscope"):

@@ -15,8 +15,6 @@ attached and the checkouts recorded, so the runner can tell the attachment worke
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import os
 import weakref
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 import instrument
+from instrument._auto import same_signature
 
 _STORE = os.environ.get("POOLSCOPE_SUITE_STORE", "poolscope-suite.db")
 # POOLSCOPE_SUITE_DRY_RUN=1: every hook of this plugin, but no monitor (checks the plugin
@@ -88,41 +87,8 @@ def _wrap_init(cls: type) -> None:
     (``pool_size``, ``pool_pre_ping``...), and a ``*args, **kwargs`` wrapper would hide them.
     """
     original = vars(cls)["__init__"]
-    params, call, defaults = [], [], {}
-    star = False
-    for p in inspect.signature(original).parameters.values():
-        text = p.name
-        if p.default is not p.empty:
-            defaults[p.name] = p.default
-            text += f"=_defaults[{p.name!r}]"
-        if p.kind is p.VAR_POSITIONAL:
-            star = True
-            params.append(f"*{p.name}")
-            call.append(f"*{p.name}")
-        elif p.kind is p.VAR_KEYWORD:
-            params.append(f"**{p.name}")
-            call.append(f"**{p.name}")
-        elif p.kind is p.KEYWORD_ONLY:
-            if not star:
-                star = True
-                params.append("*")
-            params.append(text)
-            call.append(f"{p.name}={p.name}")
-        else:
-            params.append(text)
-            call.append(p.name)
-    self_name = next(iter(inspect.signature(original).parameters))
-    source = (
-        f"def __init__({', '.join(params)}):\n"
-        f"    _original({', '.join(call)})\n"
-        f"    _built(_cls, {self_name})\n"
-    )
-    namespace: dict[str, Any] = {}
-    scope = {"_original": original, "_built": _built, "_cls": cls, "_defaults": defaults}
-    exec(source, scope, namespace)
-    wrapper = functools.update_wrapper(namespace["__init__"], original)
     _wrapped[cls] = original
-    cls.__init__ = wrapper  # type: ignore[misc]
+    cls.__init__ = same_signature(original, lambda pool: _built(cls, pool))  # type: ignore[misc]
 
 
 def _built(cls: type, pool: Any) -> None:
