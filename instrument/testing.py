@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import Monitor, attach, monitor_of
-from ._store import EVENT_COLUMNS, open_for_reading
+from ._store import EVENT_COLUMNS as _EVENT_COLUMNS
+from ._store import open_for_reading as _open_for_reading
 
 __all__ = ["EVENT_FIELDS", "capture_events"]
 
 _ROW_COLUMNS = tuple(
-    c for c in EVENT_COLUMNS if c not in ("at", "kind", "process_id", "pool_id", "stack_id")
+    c for c in _EVENT_COLUMNS if c not in ("at", "kind", "process_id", "pool_id", "stack_id")
 )
 """The ``events`` columns a captured event keeps as they are, in the store's order."""
 
@@ -103,7 +104,7 @@ def capture_events(
 
 def _last_event_id(store: Path) -> int:
     try:
-        conn = open_for_reading(store)
+        conn = _open_for_reading(store)
     except Exception:  # nothing written yet (or unwritable): every later event is new
         return 0
     try:
@@ -116,7 +117,7 @@ def _read(monitor: Monitor, after_id: int) -> list[dict[str, Any]]:
     ids = monitor.store_ids
     if ids is None:
         return []
-    conn = open_for_reading(monitor.store)
+    conn = _open_for_reading(monitor.store)
     try:
         rows = conn.execute(_SELECT, (*ids, after_id)).fetchall()
     finally:

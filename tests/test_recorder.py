@@ -2153,15 +2153,16 @@ class TestPublicHandles:
         engine.dispose()
 
     def test_close_stops_the_writer_only_when_no_other_monitor_uses_it(
-        self, sqlite_url: str, tmp_path: Path, store_path: Path
+        self, sqlite_url: str, tmp_path: Path
     ) -> None:
         """close() writes what is queued and stops the store's writer thread, unless another
         attached monitor still writes to that store, which then goes on recording."""
+        store_path = tmp_path / f"close-{uuid.uuid4().hex[:8]}.db"  # names its writer thread
         first = sa.create_engine(sqlite_url)
         second = sa.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
         m1 = instrument.attach(first, store=store_path, name="first")
         m2 = instrument.attach(second, store=store_path, name="second")
-        writers = lambda: [t for t in threading.enumerate() if t.name.startswith("poolscope")]  # noqa: E731
+        writers = lambda: [t for t in threading.enumerate() if t.name.endswith(store_path.name)]  # noqa: E731
         short_checkouts(first)
         m1.close()
         assert not m1.attached and len(writers()) == 1
