@@ -30,23 +30,10 @@ EVENT_COLUMNS = (
 )
 """Columns of ``events`` in the order the writer inserts them."""
 
-RECORD_FIELDS = (
-    "at",
-    "pool",
-    "kind",
-    "connection_id",
-    "checkout_id",
-    "thread",
-    "task",
-    "in_use",
-    "idle",
-    "overflow",
-    "waiters",
-    "stack",
-    "wait_s",
-    "connect_s",
-    "hold_s",
-    "count",
+RECORD_FIELDS = tuple(
+    {"pool_id": "pool", "stack_id": "stack"}.get(column, column)
+    for column in EVENT_COLUMNS
+    if column != "process_id"
 )
 """One event as the hot path queues it: the events row without ``process_id`` (a literal
 in the INSERT), with this process's own pool key and stack id in ``pool`` and ``stack``

@@ -1168,17 +1168,20 @@ print(_hooks.HotPath is not None, _writer.sqlite_rows is not None, rows)
 
 
 class TestNativeHelpers:
-    def test_each_helper_reports_the_record_contract_python_defines(self) -> None:
+    def test_each_helper_reports_the_record_contract_python_defines(self, store_path: Path) -> None:
         """Each built C helper was compiled with the record width, field positions, NO_SIZE
-        and open-checkout entry that ``_record`` defines, and those match the store's
-        events columns."""
+        and open-checkout entry that ``_record`` defines, and those match the columns of
+        the ``events`` table a new store has."""
         from instrument import _native, _record
 
-        assert _record.LAYOUT["width"] == len(_record.RECORD_FIELDS) == 16
+        _store.connect_for_writing(store_path).close()
+        table = [row[1] for row in query(store_path, "PRAGMA table_info(events)")]
         renamed = {"pool": "pool_id", "stack": "stack_id"}
+        assert _record.LAYOUT["width"] == len(_record.RECORD_FIELDS) == 16
         assert [renamed.get(f, f) for f in _record.RECORD_FIELDS] == [
-            c for c in _store.EVENT_COLUMNS if c != "process_id"
+            c for c in table if c not in ("id", "process_id")
         ]
+        assert sorted(table) == sorted(["id", *_record.EVENT_COLUMNS])
         built = 0
         for name in _native.HELPERS:
             try:

@@ -275,11 +275,25 @@ def _in_list(column: str, values: list[int] | None) -> str:
 
 def _event_filter(data: _Data, alias: str = "") -> tuple[str, list[Any]]:
     """SQL conditions (starting with `` AND``) restricting events to the filters."""
+    window, params = _event_window(data, alias)
+    return _event_scope(data, data.pool_ids, alias) + window, params
+
+
+def _event_scope(data: _Data, pool_ids: list[int] | None, alias: str = "") -> str:
+    """SQL conditions (starting with `` AND``) restricting events to ``pool_ids`` (all for
+    ``None``) in the filters' processes."""
     prefix = f"{alias}." if alias else ""
-    sql = _in_list(f"{prefix}pool_id", data.pool_ids)
+    sql = _in_list(f"{prefix}pool_id", pool_ids)
     if data.filters.processes is not None:
         sql += _in_list(f"{prefix}process_id", list(data.filters.processes))
-    params: list[Any] = []
+    return sql
+
+
+def _event_window(data: _Data, alias: str = "") -> tuple[str, list[Any]]:
+    """SQL conditions (starting with `` AND``) restricting events to the filters' window,
+    with their parameters."""
+    prefix = f"{alias}." if alias else ""
+    sql, params = "", []
     if data.filters.since is not None:
         sql += f" AND {prefix}at >= ?"
         params.append(data.filters.since)

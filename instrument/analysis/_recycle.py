@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._store import has_column
-from ._load import _Data, _frame, _in_list
+from ._load import _Data, _event_scope, _event_window, _frame, _in_list
 
 RECYCLE_MARGIN = 0.9
 """The advised ``pool_recycle`` is this fraction of the shortest idle time at a disconnect
@@ -148,22 +148,10 @@ def _recycle(data: _Data, pool_ids: list[int], recycle_s: float | None) -> dict[
     }
 
 
-def _scope(data: _Data, pool_ids: list[int], alias: str = "") -> tuple[str, str, list[Any]]:
+def _scope(data: _Data, pool_ids: list[int]) -> tuple[str, str, list[Any]]:
     """SQL conditions for the events of ``pool_ids`` in the filters' processes, and for
     the filters' window, with the window's parameters."""
-    a = f"{alias}." if alias else ""
-    procs = data.filters.processes
-    scope = _in_list(f"{a}pool_id", pool_ids) + (
-        _in_list(f"{a}process_id", list(procs)) if procs is not None else ""
-    )
-    window, params = "", []
-    if data.filters.since is not None:
-        window += f" AND {a}at >= ?"
-        params.append(data.filters.since)
-    if data.filters.until is not None:
-        window += f" AND {a}at <= ?"
-        params.append(data.filters.until)
-    return scope, window, params
+    return (_event_scope(data, pool_ids), *_event_window(data))
 
 
 def _costs(data: _Data, pool_ids: list[int], recycle: int | None) -> tuple[int, int | None]:
