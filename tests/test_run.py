@@ -42,6 +42,22 @@ def _launcher(*args: str) -> list[str]:
     return [sys.executable, "-m", "instrument", "run", *args]
 
 
+def _sigterm_when_ready(*args: str) -> int:
+    """Run ``poolscope run ARGS``, send it SIGTERM once the program prints ``ready``, and
+    check that it died of that signal; return its pid."""
+    proc = subprocess.Popen(
+        _launcher(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == -signal.SIGTERM
+    finally:
+        _stop(proc)
+    return proc.pid
+
+
 def _report(store: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "instrument", "report", str(store), "--format", "json"],
@@ -235,21 +251,13 @@ class TestScript:
             """,
         )
         store = tmp_path / "s.db"
-        proc = subprocess.Popen(
-            _launcher("--store", str(store), "--", sys.executable, str(script),
-                      f"sqlite:///{tmp_path / 'a.db'}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        pid = _sigterm_when_ready(
+            "--store", str(store), "--", sys.executable, str(script),
+            f"sqlite:///{tmp_path / 'a.db'}",
         )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline() == "ready\n"
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(20) == -signal.SIGTERM
-        finally:
-            _stop(proc)
         data = _report(store)
         assert [p["state"] for p in data["processes"]] == ["terminated"]
-        assert data["processes"][0]["pid"] == proc.pid  # the launcher became the program
+        assert data["processes"][0]["pid"] == pid  # the launcher became the program
         assert [leak["class"] for leak in data["leaks"]] == ["open_at_crash"]
 
     def test_sigterm_to_a_program_without_sqlalchemy(self, tmp_path: Path) -> None:
@@ -264,17 +272,7 @@ class TestScript:
             """,
         )
         store = tmp_path / "s.db"
-        proc = subprocess.Popen(
-            _launcher("--store", str(store), "--", sys.executable, str(script)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline() == "ready\n"
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(20) == -signal.SIGTERM
-        finally:
-            _stop(proc)
+        _sigterm_when_ready("--store", str(store), "--", sys.executable, str(script))
         assert not store.exists()
 
 
