@@ -106,6 +106,11 @@ class StackTable:
             self.pending.append(sid)
         return sid
 
+    def pend_all(self) -> None:
+        """Queue every stack known to be written again: the store that had their rows is
+        not this writer's any more (a forked child, a store deleted or replaced)."""
+        self.pending = deque(sorted(set(self.frames) | set(self._resolved)))
+
     def resolve(self, sid: int) -> ResolvedStack:
         """Return the text form of stack ``sid``; computed once, then cached."""
         resolved = self._resolved.get(sid)

@@ -16,7 +16,6 @@ import sqlite3
 import sys
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -370,7 +369,7 @@ class Writer:
         """Forget which pool and stack rows the store has: all are written again."""
         self._pool_ids = {}
         self._stack_ids = {}
-        self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
+        self.stacks.pend_all()
 
     def _write_in_one_call(self, flat: Any, now: float) -> bool:
         """The common batch (no new stack or pool to write first) as one transaction in C, on
@@ -582,10 +581,8 @@ class Writer:
         if self._c_store is not None:
             self._c_store.forget()
             self._c_store = None
-        self._pool_ids = {}
-        self._stack_ids = {}
-        # Every stack this process knows needs its store id again (same fingerprint).
-        self.stacks.pending = deque(sorted(set(self.stacks.frames) | set(self.stacks._resolved)))
+        # Every pool and stack this process knows needs its store id again.
+        self._forget_written_rows()
         self._wake = threading.Event()
         self._io_lock = threading.Lock()
         self._thread = None
