@@ -2130,7 +2130,6 @@ class TestPublicHandles:
         """monitor_of() returns None for an engine not attached (and attaches nothing), and
         the engine's monitor for the engine and for its pool once attached."""
         engine = sa.create_engine(sqlite_url)
-        assert instrument.monitor_of(engine) is None
         assert instrument.monitor_of(engine) is None and not store_path.exists()
         monitor = instrument.attach(engine, store=store_path)
         assert instrument.monitor_of(engine) is monitor
