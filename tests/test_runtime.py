@@ -1032,18 +1032,30 @@ class TestCrashWindow:
         """A process SIGKILLed 0.4 s after attaching, busy checking out, has its row, the 3
         connections it held (open at crash) and its checkouts up to half a second before the
         kill on disk: the first batch is written soon after the first events."""
-        code, lines, killed_at = _signal_child(
-            sqlite_url, store_path, "busy", signal.SIGKILL, delay=0.4
-        )
-        assert code == -signal.SIGKILL
-        assert lines[1] == "ready"
-        assert query(store_path, "SELECT ended_at, end_reason FROM processes") == [(None, None)]
-        assert _leak_counts(store_path)["open_at_crash"] >= 3  # and maybe one mid-checkout
-        ((written, last_at),) = query(
-            store_path, "SELECT count(*), max(at) FROM events WHERE kind = 'checkout'"
-        )
-        assert written > 3
-        assert killed_at - last_at < _writer.SCHEDULE_DELAY_SECONDS + 0.5
+        # The bound is a time: on a machine too loaded to schedule the writer (or to sync
+        # the new store's file) within 0.4 s, one kill can come first. Three tries, each
+        # held to every assertion but the timing ones, of which one try must meet all.
+        seen = []
+        for attempt in range(3):
+            store = store_path.with_name(f"attempt{attempt}.db")
+            code, lines, killed_at = _signal_child(
+                sqlite_url, store, "busy", signal.SIGKILL, delay=0.4
+            )
+            assert code == -signal.SIGKILL
+            assert lines[1] == "ready"
+            assert query(store, "SELECT ended_at, end_reason FROM processes") == [(None, None)]
+            ((written, last_at),) = query(
+                store, "SELECT count(*), max(at) FROM events WHERE kind = 'checkout'"
+            )
+            held = _leak_counts(store).get("open_at_crash", 0)  # and maybe one mid-checkout
+            seen.append((held, written, None if last_at is None else killed_at - last_at))
+            if (
+                held >= 3
+                and written > 3
+                and killed_at - last_at < _writer.SCHEDULE_DELAY_SECONDS + 0.5
+            ):
+                return
+        pytest.fail(f"no try had its held connections and first checkouts on disk: {seen}")
 
 
 class TestSigterm:
