@@ -442,6 +442,18 @@ class Diagnoser:
         self._idle.set()
 
 
+def restore_has_events(engine: Any) -> None:
+    """Put ``engine`` back on SQLAlchemy's fast statement path once no ``ConnectionEvents``
+    listener is left on it: listening set its ``_has_events``, and removing does not clear
+    it. Left alone where the application's own listeners remain."""
+    try:
+        dispatch = engine.dispatch
+        if not any(getattr(dispatch, name) for name in dispatch._event_names):
+            vars(engine).pop("_has_events", None)
+    except Exception:  # leave the engine as it is
+        _listener_failed("restore_has_events")
+
+
 def _blocker(pid: int) -> dict[str, Any]:
     """A blocking backend: its pid, and the site of this process's checkout that holds it
     (``None`` where it is not one of ours)."""

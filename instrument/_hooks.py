@@ -20,7 +20,7 @@ from sqlalchemy.event.registry import _EventKey
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._clock import REAL
-from ._diagnose import DEFAULT_DIAGNOSE, Diagnoser, check_diagnose
+from ._diagnose import DEFAULT_DIAGNOSE, Diagnoser, check_diagnose, restore_has_events
 from ._failures import listener_failed as _listener_failed
 from ._record import (
     CO_AT,
@@ -161,6 +161,7 @@ class Monitor:
             else Diagnoser(diagnose, engine.url if engine is not None else None, self._dialect_name)
         )
         self._diagnose_listeners: list[tuple[Any, str, Callable[..., None]]] = []
+        self._had_events = True
 
         self._open: dict[Any, tuple[Any, ...]] = {}
         # Older checkouts of a record checked out again before its return: a StaticPool
@@ -262,6 +263,8 @@ class Monitor:
                     event.remove(where, name, fn)
             except Exception:  # an engine already gone has no listeners left to remove
                 logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
+        if self._diagnose_listeners and isinstance(target, Engine) and not self._had_events:
+            restore_has_events(target)
         self._diagnose_listeners = []
         for pool, wrappers in list(self._wrapped_pools.items()):
             _unwrap_pool(pool, wrappers)
@@ -496,6 +499,8 @@ class Monitor:
                 m._diagnose_listeners for m in self._successors if m is not self
             ):
                 listen += [(target, n, f) for n, f in diagnoser.engine_listeners().items()]
+            # Listening sets the engine's _has_events for good; detach() takes it back.
+            self._had_events = "_has_events" in vars(target)
             for where, name, fn in listen:
                 event.listen(where, name, fn)
             self._diagnose_listeners = listen
