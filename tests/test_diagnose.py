@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import sqlalchemy as sa
 from conftest import query, unique_table
@@ -16,6 +18,7 @@ from instrument._diagnose import mask_sql
 from instrument.analysis import build_report, open_store
 from instrument.render.words import diagnosis as diagnosis_text
 
+SCHEMA = json.loads((Path(instrument.__file__).parent / "report_schema.json").read_text())
 HOLD_S = 1.5  # how long each test holds: well past leak_after, and 10 % of it is 150 ms
 LEAK_AFTER_S = 0.5
 
@@ -197,6 +200,7 @@ class TestOnPostgres:
         monitor.flush()
         try:
             report = _report(store_path)
+            jsonschema.validate(report, SCHEMA, cls=jsonschema.Draft202012Validator)
             d = _leak_at(report, "pay")["diagnosis"]
             assert d["kind"] == "lock_wait"
             assert d["server"]["wait_event_type"] == "Lock"
