@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from typing import Any
 
 import pandas as pd
 
-from ._load import _Data
-from ._model import iso
+from ._load import _Data, _load
+from ._model import Filters, iso
 
 DIAGNOSIS_KINDS = ("slow_sql", "idle_in_transaction", "idle", "lock_wait")
 """``slow_sql``: held mostly running statements; ``idle_in_transaction``: mostly idle with a
@@ -123,3 +124,37 @@ def leak_diagnoses(data: _Data, leak_frame: pd.DataFrame) -> list[dict[str, Any]
         best.get((r.leak_class, r.pool, r.fingerprint), (0.0, None))[1]
         for r in leak_frame.itertuples(index=False)
     ]
+
+
+_DIAGNOSIS_COLUMNS = [
+    "process_id", "pool_id", "checkout_id", "pool", "leak_class", "fingerprint", "site",
+    "hold_s", "kind", "diagnosis",
+]  # fmt: skip
+
+
+def diagnoses(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Every diagnosed checkout in the filters: one row per checkout with its pool, leak
+    class (NaN where it is no leak), fingerprint, site, hold, ``kind`` and the whole
+    ``diagnosis`` dict (as in the JSON report), longest held first.
+
+    .. versionadded:: 0.2
+    """
+    data = _load(conn, filters)
+    found = _diagnoses(data)
+    co = data.core
+    if not found or co.empty:
+        return pd.DataFrame(columns=_DIAGNOSIS_COLUMNS)
+    keys = list(zip(co["process_id"], co["pool_id"], co["checkout_id"], strict=True))
+    mask = [(int(p), int(q), int(c)) in found for p, q, c in keys]
+    rows = co[mask]
+    out = rows[["process_id", "pool_id", "checkout_id", "pool", "leak_class", "fingerprint",
+                "site", "hold_s"]].copy()  # fmt: skip
+    for col in ("pool", "leak_class", "fingerprint", "site"):
+        out[col] = out[col].astype("object")
+    out["diagnosis"] = [
+        found[(int(p), int(q), int(c))]
+        for p, q, c in zip(out["process_id"], out["pool_id"], out["checkout_id"], strict=True)
+    ]
+    out["kind"] = [d["kind"] for d in out["diagnosis"]]
+    out = out.sort_values("hold_s", ascending=False, na_position="last")
+    return out[_DIAGNOSIS_COLUMNS].reset_index(drop=True)
