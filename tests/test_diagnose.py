@@ -17,6 +17,7 @@ import instrument
 from instrument._diagnose import mask_sql
 from instrument.analysis import build_report, open_store
 from instrument.render.words import diagnosis as diagnosis_text
+from instrument.report import render
 
 SCHEMA = json.loads((Path(instrument.__file__).parent / "report_schema.json").read_text())
 HOLD_S = 1.5  # how long each test holds: well past leak_after, and 10 % of it is 150 ms
@@ -164,6 +165,9 @@ class TestOnPostgres:
                 assert d["statements"] is None and d["sql_s"] is None
         text = diagnosis_text(_leak_at(report, "sleeps_in_sql")["diagnosis"])
         assert "(server: active since " in text and "select pg_sleep($1)" in text
+        for fmt in ("text", "markdown", "html"):  # one line per diagnosed leak in each
+            rendered = render(report, fmt)
+            assert rendered.count("idle in transaction (server: idle in transaction") == 1
 
     def test_lock_wait_names_the_blocker(self, pg_url: str, store_path: Path) -> None:
         """A checkout waiting on a row lock another thread's checkout holds is a lock wait,

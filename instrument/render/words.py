@@ -83,7 +83,9 @@ def diagnosis(d: dict | None) -> str:  # type: ignore[type-arg]
             if (d.get(key) or 0) >= 0.001:
                 parts.append(f"{duration(d[key])} {words}")
     elif d.get("kind"):
-        parts.append(DIAGNOSIS_MEANING[d["kind"]])
+        # The kind as the report has it, or escaped for markdown (idle\_in\_transaction).
+        kind = str(d["kind"]).replace("\\", "")
+        parts.append(DIAGNOSIS_MEANING.get(kind, kind))
     text = f"held {duration(d.get('held_s'))}: {', '.join(parts) or 'no breakdown'}"
     server = d.get("server")
     if server:
