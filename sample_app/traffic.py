@@ -27,6 +27,7 @@ DECK: dict[str, int] = {
     "sales_report": 1,
     "export": 1,
     "card_checkout": 1,
+    "restock": 1,
 }
 """How many of each request one worker makes per round; each round is shuffled."""
 
@@ -117,6 +118,10 @@ def handle(kind: str, shop_: Shop, rng: random.Random, stats: Stats) -> None:
     elif kind == "card_checkout":
         order_id = shop.place_order(sessions, customer, _basket(rng))
         bugs.charge_card_inside_transaction(engine, order_id, shop_.provider)
+    elif kind == "restock":
+        if engine.dialect.name == "postgresql":  # SQLite locks the whole file, not a row
+            product = rng.randint(1, PRODUCTS)
+            bugs.restock_while_buying(engine, product, 1.5 * shop_.hold_unit_s)
     else:  # pragma: no cover - DECK and this function are edited together
         raise ValueError(f"unknown request kind {kind!r}")
 

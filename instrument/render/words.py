@@ -91,7 +91,7 @@ def diagnosis(d: dict | None) -> str:  # type: ignore[type-arg]
     if server:
         state = server.get("state") or "unknown"
         said = f"{state} since {_clock(server.get('state_change'))}"
-        if server.get("wait_event_type"):
+        if server.get("wait_event_type") and state == "active":  # idle ones wait on the client
             said += f", waiting on {server['wait_event_type']}/{server.get('wait_event')}"
         if server.get("query"):
             said += f", {'running' if state == 'active' else 'last'} {server['query']}"
