@@ -310,3 +310,39 @@ class TestOnPostgres:
         assert d["kind"] == "idle_in_transaction"
         assert d["server"]["state"] == "idle in transaction"
         assert _near(d["idle_in_transaction_s"], HOLD_S)
+
+
+@pytest.mark.postgres
+class TestSampleApp:
+    def test_bugs_are_diagnosed(self, pg_url: str, store_path: Path) -> None:
+        """The shop's card charge is idle in transaction; its buy-now waits on the lock of
+        the slow restock, which the diagnosis names."""
+        import random
+
+        from instrument.sample_app import bugs, db
+
+        schema = unique_table()
+        engine, bound = db.make_engine(
+            pg_url, pool_size=3, max_overflow=0, pool_timeout=10, schema=schema
+        )
+        db.create_schema(engine, bound, schema)
+        try:
+            db.seed(bound, random.Random(1))
+            monitor = instrument.attach(
+                engine, store=store_path, leak_after=LEAK_AFTER_S, diagnose=True
+            )
+            bugs.restock_while_buying(bound, 1, HOLD_S)
+            provider = bugs.PaymentProvider(fast_s=HOLD_S, slow_s=HOLD_S)
+            bugs.charge_card_inside_transaction(bound, 1, provider)
+            monitor.flush()
+            report = _report(store_path)
+            charge = _leak_at(report, "charge_card_inside_transaction")["diagnosis"]
+            assert charge["kind"] == "idle_in_transaction"
+            buy = _leak_at(report, "buy_product_now")["diagnosis"]
+            assert buy["kind"] == "lock_wait"
+            assert [b["site"].rsplit(" in ", 1)[1] for b in buy["blocked_by"]] == [
+                "restock_product_slowly"
+            ]
+        finally:
+            db.drop_schema(engine, bound, schema)
+            engine.dispose()
