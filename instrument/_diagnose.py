@@ -47,6 +47,10 @@ DEFAULT_DIAGNOSE = "server"
 MAX_PENDING = 10_000
 """Diagnoses queued for the writer at most; past it they are dropped and counted."""
 
+MAX_REQUESTS = 100
+"""Samples waiting for the server at most; past it (a server slow to answer during a
+storm of timeouts) new ones are dropped and counted."""
+
 MAX_QUERY_CHARS = 200
 """A masked statement is cut to this many characters."""
 
@@ -288,6 +292,9 @@ class Diagnoser:
             return
         now = REAL.wall()
         if self.server:
+            if len(self._requests) >= MAX_REQUESTS:  # the server is slow to answer: drop
+                self.dropped += 1
+                return
             self._requests.append((weakref.ref(monitor), items, now))
             self._idle.clear()
             self._start()
@@ -310,7 +317,7 @@ class Diagnoser:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(1.0)
+            self._wake.wait()
             self._wake.clear()
             while self._requests:
                 ref, items, at = self._requests.popleft()
@@ -328,6 +335,8 @@ class Diagnoser:
                 except Exception:
                     _listener_failed("_diagnose")
             if not self._requests:
+                # No backend of ours lingers on the server between flagged holds.
+                self._close()
                 self._idle.set()
 
     def _diagnose(

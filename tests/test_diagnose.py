@@ -346,3 +346,39 @@ class TestSampleApp:
         finally:
             db.drop_schema(engine, bound, schema)
             engine.dispose()
+
+
+@pytest.mark.postgres
+class TestSamplerFailure:
+    def test_a_failed_sample_is_counted_and_the_breakdown_kept(
+        self, pg_url: str, store_path: Path
+    ) -> None:
+        """When poolscope's own connection cannot be made (here: the engine's URL names a
+        closed port, its creator the real server), the application is untouched, the
+        failure is counted, and the diagnosis keeps its breakdown without a server view."""
+        import psycopg
+
+        real = sa.make_url(pg_url)
+        engine = sa.create_engine(
+            "postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
+            creator=lambda: psycopg.connect(
+                host=real.host, port=real.port or 5432, user=real.username, dbname=real.database
+            ),
+        )
+        monitor = instrument.attach(
+            engine, store=store_path, leak_after=LEAK_AFTER_S, diagnose=True
+        )
+
+        def sleeps_in_transaction() -> None:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("select 1").scalar() == 1
+                time.sleep(LEAK_AFTER_S * 3)
+                conn.commit()
+
+        sleeps_in_transaction()
+        monitor.flush()
+        engine.dispose()
+        assert monitor._diagnoser.failures == 1
+        d = _leak_at(_report(store_path), "sleeps_in_transaction")["diagnosis"]
+        assert d["kind"] == "idle_in_transaction" and d["server"] is None
+        assert _near(d["idle_in_transaction_s"], LEAK_AFTER_S * 3)
