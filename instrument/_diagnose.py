@@ -326,8 +326,14 @@ class Diagnoser:
                     continue
                 try:
                     samples = self._sample(items)
-                except Exception:  # the server's view is a bonus: count, go on without it
+                except Exception as exc:  # the server's view is a bonus: count, go on
                     self.failures += 1
+                    if self.failures == 1:  # the type only: a driver's text may hold anything
+                        logger.warning(
+                            "poolscope could not ask PostgreSQL about a long hold (%s); "
+                            "diagnoses go on without the server's view",
+                            type(exc).__name__,
+                        )
                     self._close()
                     samples = None
                 try:
