@@ -34,7 +34,7 @@ from typing import Any
 
 from ._clock import REAL
 from ._failures import listener_failed as _listener_failed
-from ._record import CO_AT, CO_ID, CO_STACK
+from ._record import CO_AT, CO_ID, CO_STACK, returned_by_gc
 
 logger = logging.getLogger("poolscope")
 
@@ -264,8 +264,9 @@ class Diagnoser:
                 _listener_failed("_on_checkout_diagnose")
 
         def _on_checkin(dbapi_connection: Any, record: Any) -> None:
-            """``PoolEvents.checkin``: a hold past ``leak_after`` (or diagnosed earlier, at a
-            timeout) gets its full breakdown written."""
+            """``PoolEvents.checkin``: a hold past ``leak_after``, one diagnosed earlier (at a
+            timeout) and one the garbage collector returned (a leak) get their whole
+            breakdown written."""
             try:
                 b = table.pop(id(dbapi_connection), None)
                 entry = open_.get(record)
@@ -273,7 +274,7 @@ class Diagnoser:
                     return
                 now = wall()
                 held = now - entry[CO_AT]
-                if held > leak_after or entry[CO_ID] in diagnosed:
+                if held > leak_after or entry[CO_ID] in diagnosed or returned_by_gc(entry):
                     diagnosed.discard(entry[CO_ID])
                     m = monitor_ref()
                     if m is not None:

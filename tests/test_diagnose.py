@@ -382,3 +382,23 @@ class TestSamplerFailure:
         d = _leak_at(_report(store_path), "sleeps_in_transaction")["diagnosis"]
         assert d["kind"] == "idle_in_transaction" and d["server"] is None
         assert _near(d["idle_in_transaction_s"], LEAK_AFTER_S * 3)
+
+
+class TestLeaks:
+    def test_a_gc_returned_leak_is_diagnosed(self, sqlite_url: str, store_path: Path) -> None:
+        """A connection the garbage collector returned, held under leak_after, still gets
+        its breakdown (diagnose=True)."""
+        import gc
+
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=store_path, leak_after=30, diagnose=True)
+
+        def forget_connection() -> None:
+            conn = engine.connect()
+            conn.exec_driver_sql("select 1")
+
+        forget_connection()
+        gc.collect()
+        monitor.flush()
+        d = _leak_at(_report(store_path), "forget_connection")["diagnosis"]
+        assert d["complete"] and d["statements"] == 1 and d["kind"] is not None
