@@ -103,6 +103,30 @@ class TestBreakdownOnSQLite:
         assert _near(d["idle_in_transaction_s"], HOLD_S)
         assert d["server"] is None and d["blocked_by"] == []
 
+    def test_after_dispose(self, sqlite_url: str, store_path: Path) -> None:
+        """The pool engine.dispose() puts in place is diagnosed too, once each, and
+        detach() takes every listener off."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(
+            engine, store=store_path, leak_after=LEAK_AFTER_S, diagnose=True
+        )
+        engine.dispose()
+
+        def idle_after_dispose() -> None:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+                conn.commit()
+                time.sleep(LEAK_AFTER_S * 3)
+
+        idle_after_dispose()
+        monitor.flush()
+        d = _leak_at(_report(store_path), "idle_after_dispose")["diagnosis"]
+        assert d["kind"] == "idle" and d["statements"] == 1
+        assert _near(d["idle_s"], LEAK_AFTER_S * 3)
+        monitor.detach()
+        assert not engine.dispatch.before_cursor_execute
+        assert not engine.pool.dispatch.checkout and not engine.pool.dispatch.checkin
+
     def test_server_only_writes_nothing_on_sqlite(self, sqlite_url: str, store_path: Path) -> None:
         """The default (server view only) has nothing to say on SQLite: no diagnosis."""
         engine = sa.create_engine(sqlite_url)
