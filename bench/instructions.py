@@ -12,9 +12,13 @@ Variants: ``bare`` (no poolscope), ``noop`` (a checkout and a checkin listener t
 do nothing: SQLAlchemy's own dispatch), ``noop-checkout`` (the checkout one alone),
 ``poolscope`` (attached, the C helpers on,
 the writer held off), ``python`` (the same without the C helpers), and ``writer``
-(what writing one event costs the writer thread, from queue to disk).
+(what writing one event costs the writer thread, from queue to disk). For
+``diagnose=``: ``noop-statement`` (a ``before_cursor_execute`` and an
+``after_cursor_execute`` listener that do nothing: SQLAlchemy's slower statement path
+alone), ``diagnose-off`` (``poolscope`` with ``diagnose=False``) and ``diagnose-on``
+(``diagnose=True``: the breakdown's listeners); ``poolscope`` has the default.
 
-    python bench/instructions.py [--iterations 3000] [--depth 0]
+    python bench/instructions.py [--iterations 3000] [--depth 0] [--variants a,b,...]
 
 Needs valgrind. ``--depth`` runs the loop under that many extra Python frames.
 """
@@ -44,10 +48,14 @@ if variant in ("noop", "noop-checkout"):
     event.listen(engine, "checkout", lambda *args: None)
     if variant == "noop":
         event.listen(engine, "checkin", lambda *args: None)
+elif variant == "noop-statement":
+    event.listen(engine, "before_cursor_execute", lambda *args: None)
+    event.listen(engine, "after_cursor_execute", lambda *args: None)
 elif variant != "bare":
     if variant == "python":
         _hooks.HotPath = _hooks.TimedGet = _writer.sqlite_rows = None
-    monitor = instrument.attach(engine, store=Path(tmp) / "store.db")
+    options = {"diagnose-off": {"diagnose": False}, "diagnose-on": {"diagnose": True}}
+    monitor = instrument.attach(engine, store=Path(tmp) / "store.db", **options.get(variant, {}))
     monitor.flush()
     monitor._writer._io_lock.acquire()  # the writer waits: listeners only
 
@@ -78,6 +86,12 @@ os._exit(0)
 """
 
 
+VARIANTS = (
+    "bare", "noop", "noop-checkout", "noop-statement", "poolscope", "diagnose-off",
+    "diagnose-on", "python", "writer",
+)  # fmt: skip
+
+
 def count(variant: str, iterations: int, depth: int) -> int:
     """Instructions executed by a child running ``variant`` for ``iterations``."""
     result = subprocess.run(
@@ -95,11 +109,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--depth", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("bench/instructions.py needs valgrind", file=sys.stderr)
         return 2
-    variants = ["bare", "noop", "noop-checkout", "poolscope", "python", "writer"]
+    variants = [v for v in VARIANTS if v in args.variants.split(",") or v == "bare"]
     jobs = [(v, n) for v in variants for n in (0, args.iterations)]
     print(f"running {len(jobs)} children under valgrind (a few minutes)...", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -109,11 +124,12 @@ def main() -> int:
     per = {v: (counts[v, args.iterations] - counts[v, 0]) / args.iterations for v in variants}
     bare = per["bare"]
     print(f"instructions per iteration (depth {args.depth}, {args.iterations:,} iterations)")
-    for v in ("bare", "noop", "noop-checkout", "poolscope", "python"):
+    for v in [v for v in variants if v != "writer"]:
         extra = f"  +{per[v] - bare:,.0f} ({per[v] / bare - 1:+.1%})" if v != "bare" else ""
         print(f"  {v:13s} {per[v]:10,.0f}{extra}")
-    # writer: n/2 more loop iterations held, then written: 2 events each
-    print(f"  writer        {per['writer'] - per['poolscope'] / 2:10,.0f} per event written")
+    if "writer" in per and "poolscope" in per:
+        # writer: n/2 more loop iterations held, then written: 2 events each
+        print(f"  writer        {per['writer'] - per['poolscope'] / 2:10,.0f} per event written")
     return 0
 
 

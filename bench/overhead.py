@@ -14,8 +14,13 @@ and the first variant always followed the last one's settling.)
 Prints the median over rounds of the throughput ratio against the same round's
 bare one (higher is better; 1.0 means no cost).
 
+``--statements N`` runs N statements per checkout and commits (default: one statement,
+no commit). ``--diagnose`` adds a ``full`` variant per ``diagnose`` setting that is not
+the default (``diagnose=False`` and ``diagnose=True``): ``diagnose=True`` installs
+``ConnectionEvents`` listeners, which put every statement on SQLAlchemy's slower path.
+
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
-                             [--sqlite-only | --postgres-only]
+                             [--sqlite-only | --postgres-only] [--statements N] [--diagnose]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -36,6 +42,12 @@ from instrument import _writer
 
 ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
 SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
+
+
+STATEMENTS = 1  # per checkout; more than one: committed at the end
+
+DIAGNOSE_VARIANTS = {"full": None, "diagnose_off": False, "diagnose_on": True}
+"""The ``full`` variants, each with its ``diagnose`` setting (``None``: the default)."""
 
 
 def _loop(
@@ -49,9 +61,16 @@ def _loop(
         lock.acquire()  # the writer thread waits on this lock: listeners only
     try:
         t0 = time.perf_counter()
-        for _ in range(n):
-            with engine.connect() as c:
-                c.exec_driver_sql("select 1")
+        if STATEMENTS == 1:
+            for _ in range(n):
+                with engine.connect() as c:
+                    c.exec_driver_sql("select 1")
+        else:
+            for _ in range(n):
+                with engine.connect() as c:
+                    for _ in range(STATEMENTS):
+                        c.exec_driver_sql("select 1")
+                    c.commit()
         elapsed = time.perf_counter() - t0
     finally:
         if lock is not None:
@@ -76,7 +95,9 @@ def _settle(monitor: instrument.Monitor) -> None:
         conn.close()
 
 
-def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict[str, float]:
+def measure(
+    url: str, seconds: float, store: Path, round_seconds: float, diagnose: bool = False
+) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
     Every variant runs on one engine, and so on the same database connection (and, on
@@ -89,19 +110,28 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
     writer = _writer.get_writer(store)
     written, dropped = writer.written, writer.dropped_total + len(writer.drops)
 
+    setting: Any = "unset"
+
     def prepare(name: str) -> instrument.Monitor | None:
-        nonlocal monitor
-        if name in ("bare", "detached") and monitor is not None:
+        nonlocal monitor, setting
+        wanted = DIAGNOSE_VARIANTS.get(name)
+        if monitor is not None and (
+            name in ("bare", "detached") or (name in DIAGNOSE_VARIANTS and wanted != setting)
+        ):
             monitor.detach()
             _settle(monitor)
             monitor = None
         if name == "detached":  # attached, then detached: nothing may be left behind
             instrument.attach(engine, store=store, name="detached").detach()
-        if name in ("listeners", "full") and monitor is None:
-            monitor = instrument.attach(engine, store=store, name="full")
+        if name in ("listeners", *DIAGNOSE_VARIANTS) and monitor is None:
+            setting = wanted
+            options = {} if wanted is None else {"diagnose": wanted}
+            monitor = instrument.attach(engine, store=store, name="full", **options)
         return monitor
 
     variants = ["bare", "detached", "listeners", "full"]
+    if diagnose:
+        variants += ["diagnose_off", "diagnose_on"]
     for name in variants:  # warm up: connection made, stacks interned
         _loop(engine, 200, prepare(name))
     prepare("bare")
@@ -134,7 +164,8 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
 def report(label: str, r: dict[str, float]) -> None:
     bare = r["bare"]
     print(f"{label}: bare {bare:,.0f} it/s ({1e6 / bare:.1f} µs/it)")
-    for name in ("detached", "listeners", "full"):
+    for name in [k for k in r if k.endswith("_ratio")]:
+        name = name[: -len("_ratio")]
         cost_us = 1e6 / r[name] - 1e6 / bare
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
@@ -147,6 +178,7 @@ def report(label: str, r: dict[str, float]) -> None:
 
 
 def main() -> int:
+    global STATEMENTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=SECONDS, help="seconds per database")
     parser.add_argument(
@@ -157,14 +189,23 @@ def main() -> int:
     )
     parser.add_argument("--sqlite-only", action="store_true")
     parser.add_argument("--postgres-only", action="store_true")
+    parser.add_argument(
+        "--statements", type=int, default=STATEMENTS, help="statements per checkout"
+    )
+    parser.add_argument(
+        "--diagnose", action="store_true", help="add a full variant per diagnose setting"
+    )
     args = parser.parse_args()
+    STATEMENTS = args.statements
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
         if not args.postgres_only:
-            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds)
+            r = measure(
+                f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds, args.diagnose
+            )
             report("SQLite", r)
         if not args.sqlite_only:
-            r = measure(args.postgres_url, args.seconds, store, args.round_seconds)
+            r = measure(args.postgres_url, args.seconds, store, args.round_seconds, args.diagnose)
             report("PostgreSQL", r)
         _writer.shutdown_all()
     return 0

@@ -31,6 +31,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from instrument import analysis, report
 from instrument.exceptions import StoreCorruptError
+from instrument.render import words
 
 CACHE_TTL_S = 600
 """How long a cached result may live; the token already invalidates it when the store changes."""
@@ -194,6 +195,13 @@ def load_sites(store: str, token: Token, filters: analysis.Filters) -> pd.DataFr
 
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_diagnoses(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
+    """Why long holds were held (see :func:`instrument.analysis.diagnoses`)."""
+    with _connection(store) as conn:
+        return analysis.diagnoses(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
 def load_leaks(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
     """Leaks by class and site (see :func:`instrument.analysis.leaks`)."""
     with _connection(store) as conn:
@@ -290,6 +298,32 @@ def sites(view: View) -> pd.DataFrame:
 def leaks(view: View) -> pd.DataFrame:
     """:func:`load_leaks` for ``view``."""
     return load_leaks(view.store, view.token, view.filters)
+
+
+def diagnoses(view: View) -> pd.DataFrame:
+    """:func:`load_diagnoses` for ``view``."""
+    return load_diagnoses(view.store, view.token, view.filters)
+
+
+def why_of_leak(found: pd.DataFrame, leak_class: str, pool: str, fingerprint: str) -> str:
+    """One line on why the longest diagnosed hold of a leak group was held; ``""`` for none."""
+    if found.empty:
+        return ""
+    mine = found[
+        (found["leak_class"] == leak_class)
+        & (found["pool"] == pool)
+        & (found["fingerprint"] == fingerprint)
+    ]
+    return words.diagnosis(mine["diagnosis"].iloc[0]) if len(mine) else ""
+
+
+def why_of_holders(found: pd.DataFrame, process_id: int, checkout_ids: list[int]) -> list[str]:
+    """For each of ``checkout_ids`` (holders at a timeout of ``process_id``), one line on why
+    it was held; ``""`` for none."""
+    if found.empty:
+        return ["" for _ in checkout_ids]
+    mine = found[found["process_id"] == process_id].set_index("checkout_id")["diagnosis"]
+    return [words.diagnosis(mine.get(c)) if c in mine.index else "" for c in checkout_ids]
 
 
 def checkouts(view: View) -> pd.DataFrame:

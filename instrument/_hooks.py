@@ -20,6 +20,7 @@ from sqlalchemy.event.registry import _EventKey
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._clock import REAL
+from ._diagnose import DEFAULT_DIAGNOSE, Diagnoser, check_diagnose, restore_has_events
 from ._failures import listener_failed as _listener_failed
 from ._record import (
     CO_AT,
@@ -112,6 +113,7 @@ class Monitor:
     :param leak_after: seconds a checkout may be held before the watchdog reports
         it as a suspected leak.
     :param name: the pool's name in reports. May be ``None`` for the database name.
+    :param diagnose: ``False``, ``"server"`` or ``True``; see :func:`attach`.
     """
 
     def __init__(
@@ -121,10 +123,13 @@ class Monitor:
         store: str | os.PathLike[str] | None = None,
         leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
         name: str | None = None,
+        diagnose: bool | str = DEFAULT_DIAGNOSE,
         _origin: Monitor | None = None,
     ) -> None:
         engine, pool = _engine_and_pool(target)
         _check_arguments(store, leak_after, name)
+        check_diagnose(diagnose)
+        self.diagnose = diagnose
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
         self._state: list[Any] = _pool_state(pool)
@@ -148,6 +153,15 @@ class Monitor:
             self._url = _origin._url
             self._dialect_name = _origin._dialect_name
             self._successors = _origin._successors
+        # The line's breakdowns and sampler (see _diagnose), shared with its successors: the
+        # statement listeners stay on the engine when dispose() replaces the pool.
+        self._diagnoser: Diagnoser = (
+            _origin._diagnoser
+            if _origin is not None
+            else Diagnoser(diagnose, engine.url if engine is not None else None, self._dialect_name)
+        )
+        self._diagnose_listeners: list[tuple[Any, str, Callable[..., None]]] = []
+        self._had_events = True
 
         self._open: dict[Any, tuple[Any, ...]] = {}
         # Older checkouts of a record checked out again before its return: a StaticPool
@@ -220,6 +234,7 @@ class Monitor:
         :param timeout: seconds to wait at most. May be ``None`` to wait without limit.
         :returns: ``False`` if the timeout passed first.
         """
+        self._diagnoser.settle(timeout)  # the server samples asked for so far, taken
         return self._writer.flush(timeout)
 
     def detach(self) -> None:
@@ -242,6 +257,15 @@ class Monitor:
                     event.remove(target, name, fn)
             except Exception:  # an engine already gone has no listeners left to remove
                 logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
+        for where, name, fn in self._diagnose_listeners:
+            try:
+                if event.contains(where, name, fn):
+                    event.remove(where, name, fn)
+            except Exception:  # an engine already gone has no listeners left to remove
+                logger.debug("poolscope: could not remove listener %s", name, exc_info=True)
+        if self._diagnose_listeners and isinstance(target, Engine) and not self._had_events:
+            restore_has_events(target)
+        self._diagnose_listeners = []
         for pool, wrappers in list(self._wrapped_pools.items()):
             _unwrap_pool(pool, wrappers)
         self._wrapped_pools = weakref.WeakKeyDictionary()
@@ -355,10 +379,12 @@ class Monitor:
                 )
         limit = self.leak_after
         suspected = self._suspected
+        flagged: list[tuple[Any, ...]] = []
         for entry in self._open_entries():
             held = now - entry[CO_AT]
             if held > limit and entry[CO_ID] not in suspected:
                 suspected[entry[CO_ID]] = now
+                flagged.append(entry)
                 self._emit(
                     "leak_suspected",
                     entry=entry,
@@ -377,6 +403,15 @@ class Monitor:
                     limit,
                     "\n    ".join(map(visible, resolved.frames)),
                 )
+        if flagged and self.diagnose is not False:
+            ids = {entry[CO_ID] for entry in flagged}
+            self._diagnoser.flagged(self, [i for i in self._open_items() if i[1][CO_ID] in ids])
+
+    def _open_items(self) -> list[tuple[Any, tuple[Any, ...]]]:
+        """Every open checkout as (connection record, entry), shared records included."""
+        items = list(self._open.items())
+        items += [(r, e) for r, entries in list(self._shared.items()) for e in entries]
+        return items
 
     def _emit(
         self,
@@ -456,6 +491,19 @@ class Monitor:
 
     def _install(self) -> None:
         target = self._event_target
+        diagnoser = self._diagnoser
+        if diagnoser.breakdown:
+            # Before poolscope's own pool listeners: at checkin the checkout is still open.
+            listen = [(target, n, f) for n, f in diagnoser.pool_listeners(self, self._open).items()]
+            if isinstance(target, Engine) and not any(
+                m._diagnose_listeners for m in self._successors if m is not self
+            ):
+                listen += [(target, n, f) for n, f in diagnoser.engine_listeners().items()]
+            # Listening sets the engine's _has_events for good; detach() takes it back.
+            self._had_events = "_has_events" in vars(target)
+            for where, name, fn in listen:
+                event.listen(where, name, fn)
+            self._diagnose_listeners = listen
         for name, fn in self._listeners.items():
             event.listen(target, name, fn)
         self._wrap(self._pool)
@@ -506,7 +554,11 @@ class Monitor:
         monitor attaches fresh ones; this monitor goes on recording the old pool.
         """
         try:
-            for name, fn in self._listeners.items():
+            inherited = list(self._listeners.items())
+            inherited += [
+                (n, f) for w, n, f in self._diagnose_listeners if hasattr(new_pool.dispatch, n)
+            ]
+            for name, fn in inherited:
                 collection = getattr(new_pool.dispatch, name)
                 if fn in getattr(collection, "listeners", ()):
                     # Inherited under this monitor's registration (its target's key):
@@ -518,6 +570,7 @@ class Monitor:
                 store=self.store,
                 leak_after=self.leak_after,
                 name=self.name,
+                diagnose=self.diagnose,
                 _origin=self,
             )
             self._successors.add(successor)
@@ -603,6 +656,8 @@ class Monitor:
             wait_s=waited,
             count=len(self._state[2]) + 1,  # the waiters, and the caller that gave up
         )
+        if self.diagnose is not False:  # every holder, sampled off this thread
+            self._diagnoser.flagged(self, self._open_items())
 
     def _make_listeners(self) -> dict[str, Callable[..., None]]:
         """Build the listener closures; everything they touch is bound to a local.
@@ -1069,6 +1124,7 @@ def attach(
     store: str | os.PathLike[str] | None = None,
     leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
     name: str | None = None,
+    diagnose: bool | str = DEFAULT_DIAGNOSE,
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
@@ -1083,13 +1139,23 @@ def attach(
     :param leak_after: seconds a checkout may be held before it is reported as a
         suspected leak (one ``leak_suspected`` event and one WARNING on logger ``poolscope``).
     :param name: the pool's name in reports. May be ``None`` for the database name.
+    :param diagnose: why long holds were held. ``"server"`` (the default, free on the hot
+        path): for each checkout flagged past ``leak_after`` and each holder at a pool
+        timeout, PostgreSQL's ``pg_stat_activity`` view of its connection (state, wait
+        event, masked statement, blocking checkout), sampled over poolscope's own
+        connection. ``True``: also the hold's breakdown (statements, SQL time, idle in a
+        transaction, idle) on any dialect, from statement listeners that cost a few
+        microseconds per statement. ``False``: neither.
+
+        .. versionadded:: 0.2
     """
     _check_arguments(store, leak_after, name)
+    check_diagnose(diagnose)
     with _registry_lock:
         existing = _existing_monitor(engine)
         if existing is not None:
             return existing
-    monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)
+    monitor = Monitor(engine, store=store, leak_after=leak_after, name=name, diagnose=diagnose)
     with _registry_lock:
         _monitors[monitor._event_target] = monitor
     return monitor

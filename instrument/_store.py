@@ -100,6 +100,62 @@ LEFT JOIN events AS r
 WHERE o.kind = 'checkout';
 """
 
+# -- diagnoses (issue 18): one row per diagnosed checkout; kept like the notable rows ----
+# A long hold (past leak_after), a leak or a pool timeout's holder gets one row, written
+# when the watchdog flags it (complete = 0: the breakdown so far) and again at its return
+# (complete = 1). The server_* columns are the first sample of pg_stat_activity, kept.
+DIAGNOSES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS diagnoses (
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    checkout_id   INTEGER NOT NULL,
+    at            REAL NOT NULL,          -- when the breakdown below was taken
+    hold_s        REAL,                   -- held until then
+    complete      INTEGER NOT NULL,       -- 1: the breakdown covers the whole hold
+    statements    INTEGER,                -- NULL: no breakdown (diagnose="server")
+    sql_s         REAL,
+    idle_in_transaction_s REAL,
+    idle_s        REAL,
+    server_at     REAL,                   -- NULL: no server view (not PostgreSQL, or failed)
+    server_pid    INTEGER,
+    server_state  TEXT,                   -- pg_stat_activity.state
+    xact_start    REAL,
+    state_change  REAL,
+    wait_event_type TEXT,
+    wait_event    TEXT,
+    query         TEXT,                   -- literals masked; never a parameter
+    blocked_by    TEXT,                   -- JSON list of {pid, site, checkout_id}
+    PRIMARY KEY (process_id, pool_id, checkout_id)
+);
+"""
+
+DIAGNOSIS_COLUMNS = (
+    "checkout_id", "at", "hold_s", "complete", "statements", "sql_s",
+    "idle_in_transaction_s", "idle_s", "server_at", "server_pid", "server_state",
+    "xact_start", "state_change", "wait_event_type", "wait_event", "query", "blocked_by",
+)  # fmt: skip
+"""The columns after ``process_id, pool_id`` that the writer upserts."""
+
+_BREAKDOWN = ("at", "hold_s", "complete", "statements", "sql_s", "idle_in_transaction_s", "idle_s")
+UPSERT_DIAGNOSIS = (
+    f"INSERT INTO diagnoses (process_id, pool_id, {', '.join(DIAGNOSIS_COLUMNS)}) "
+    f"VALUES (?, ?, {', '.join('?' * len(DIAGNOSIS_COLUMNS))}) "
+    "ON CONFLICT (process_id, pool_id, checkout_id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = CASE WHEN excluded.complete >= diagnoses.complete THEN excluded.{c} "
+        f"ELSE diagnoses.{c} END"
+        for c in _BREAKDOWN
+    )
+    + ", "
+    + ", ".join(
+        f"{c} = CASE WHEN diagnoses.server_at IS NULL THEN excluded.{c} ELSE diagnoses.{c} END"
+        for c in DIAGNOSIS_COLUMNS[8:]
+    )
+)
+"""A diagnosis: the breakdown replaced unless the row's is complete and the new one is
+not; the server's view kept from the first sample that had one."""
+# -- end of diagnoses --------------------------------------------------------------------
+
 WRITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
@@ -151,6 +207,8 @@ def connect_for_writing(
             _execute_when_free(conn, pragma, busy_timeout_ms)
         conn.execute("BEGIN IMMEDIATE")
         for statement in _split(SCHEMA):
+            conn.execute(statement)
+        for statement in _split(DIAGNOSES_SCHEMA):  # diagnoses (issue 18)
             conn.execute(statement)
         _add_columns(conn)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

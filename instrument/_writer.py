@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _native, _store
 from ._clock import REAL
+from ._diagnose import diagnosis_row
 from ._record import (
     EVENT_COLUMNS,
     MAX_QUEUE_VALUES,
@@ -163,6 +164,9 @@ class Writer:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.dropped_total = 0
+        # Diagnoses of long holds and timeout holders (see _diagnose), written with the
+        # next batch; appended by the diagnose thread and the listeners.
+        self.diagnoses: list[tuple[Any, ...]] = []
 
     def on_tick(self, every_batch: Callable[[float], None], after_fork: Callable[[], None]) -> None:
         """Call ``every_batch(now)`` in the writer thread before each batch (what it emits
@@ -254,7 +258,13 @@ class Writer:
         queue = self.queue  # taken after the markers: all they wait for is in it
         n = len(queue)
         n -= n % RECORD_WIDTH
-        if not n and not self.drops and not markers and not self._due_heartbeat():
+        if (
+            not n
+            and not self.drops
+            and not markers
+            and not self.diagnoses
+            and not self._due_heartbeat()
+        ):
             return
         if self._rows is not None:
             flat = queue.take(self._spare)
@@ -295,7 +305,8 @@ class Writer:
         run = store.run if store is not None else functools.partial(_run, conn)
         try:
             now = REAL.wall()
-            if dropped or not self._write_in_one_call(flat, now):
+            diagnoses = self._take_diagnoses()
+            if dropped or diagnoses or not self._write_in_one_call(flat, now):
                 run("BEGIN IMMEDIATE", ())
                 self._write_stacks(run, new_stacks)
                 self._write_pools(run, new_pools)
@@ -303,6 +314,8 @@ class Writer:
                     self._insert_in_c(store, flat)
                 else:
                     self._insert_in_python(conn, flat)
+                if diagnoses:
+                    self._write_diagnoses(run, diagnoses)
                 if dropped:
                     run(
                         "INSERT INTO events (at, process_id, pool_id, kind, count) "
@@ -321,6 +334,20 @@ class Writer:
             self._pending_drops += nrecords
             self.dropped_total += nrecords
             self._report_failure(exc)
+
+    def _take_diagnoses(self) -> list[tuple[Any, ...]]:
+        """The diagnoses queued so far (see ``_diagnose``), taken off the list."""
+        n = len(self.diagnoses)
+        taken = self.diagnoses[:n]
+        del self.diagnoses[:n]
+        return taken
+
+    def _write_diagnoses(self, run: _Run, diagnoses: list[tuple[Any, ...]]) -> None:
+        """Upsert one ``diagnoses`` row per queued diagnosis whose pool row is written."""
+        for item in diagnoses:
+            pool_id = self._pool_ids.get(item[0])
+            if pool_id is not None:
+                run(_store.UPSERT_DIAGNOSIS, (self.process_id, pool_id, *diagnosis_row(item)))
 
     def _unwrite(self, stacks: list[int], pools: list[int]) -> None:
         """Mark the stack and pool rows of a batch rolled back as not written: they go out

@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_SCHEMA})",
     )
     parser.add_argument("--name", default="shop", help="pool name in the report (default shop)")
+    parser.add_argument(
+        "--diagnose",
+        choices=("off", "server", "on"),
+        default="server",
+        help="why long holds were held: off, server (PostgreSQL's view; the default) or on "
+        "(also the breakdown: SQL, idle in transaction, idle)",
+    )
     return parser
 
 

@@ -48,6 +48,7 @@ class Options:
     burst_width: int | None = None
     schema: str = db.DEFAULT_SCHEMA
     name: str = "shop"
+    diagnose: str = "server"  # off | server | on: attach(diagnose=False | "server" | True)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with one sentence for the first option that is unusable."""
@@ -65,6 +66,10 @@ class Options:
                 f"--pool-timeout must be more than 0 seconds, not {self.pool_timeout}",
             ),
             (self.bursts >= 0, f"--bursts must be 0 or more, not {self.bursts}"),
+            (
+                self.diagnose in ("off", "server", "on"),
+                f"--diagnose must be off, server or on, not {self.diagnose!r}",
+            ),
             (
                 self.burst_width is None or self.burst_width >= 1,
                 f"--burst-width must be at least 1, not {self.burst_width}",
@@ -165,7 +170,11 @@ def run(options: Options, out: TextIO = sys.stdout) -> int:
         schema=options.schema,
     )
     monitor = instrument.attach(
-        engine, store=options.store, leak_after=options.leak_after, name=options.name
+        engine,
+        store=options.store,
+        leak_after=options.leak_after,
+        name=options.name,
+        diagnose={"off": False, "server": "server", "on": True}[options.diagnose],
     )
     store = monitor.store.resolve()
     capacity = options.pool_size + options.max_overflow

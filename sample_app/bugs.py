@@ -11,7 +11,10 @@ the line where the connection was checked out. What poolscope reports for each:
   the first page, kept alive by a reference cycle until the garbage collector runs.
 - ``reprice_product_in_burst``: ``timeout`` - a fan-out wider than the pool.
 - ``charge_card_inside_transaction``: ``held_too_long`` - a slow external API call
-  made while holding the connection.
+  made while holding the connection; its diagnosis: idle in transaction.
+- ``restock_product_slowly``: ``held_too_long`` - a row updated, then a slow supplier call
+  inside the same transaction; ``buy_product_now`` on that product waits on the row lock
+  (its diagnosis on PostgreSQL: ``lock_wait``, blocked by ``restock_product_slowly``).
 """
 
 from __future__ import annotations
@@ -242,3 +245,53 @@ def charge_card_inside_transaction(
         reference = provider.charge(total)  # BUG: external call while holding the connection
         conn.execute(orders.update().where(orders.c.id == order_id).values(status="paid"))
     return reference
+
+
+# -- 6. a row lock held across a slow call, and the handler that waits on it -----------------
+
+
+def restock_product_slowly(
+    engine: sa.Engine, product_id: int, supplier_s: float, locked: threading.Event
+) -> None:
+    """Restock a product: add the delivery to its stock, confirm with the supplier.
+
+    BUG: updates the product's row first, then calls the supplier inside the same
+    transaction, so the row stays locked for as long as the supplier takes; every
+    handler that writes that row waits (poolscope: ``held_too_long``, diagnosed idle in
+    transaction; the waiter's diagnosis is ``lock_wait``, blocked by this function).
+    Fix: call the supplier first, then update in a short transaction.
+    """
+    with engine.begin() as conn:
+        conn.execute(
+            products.update().where(products.c.id == product_id).values(stock=products.c.stock + 10)
+        )
+        locked.set()
+        time.sleep(supplier_s)  # BUG: the supplier's API, called while the row is locked
+
+
+def buy_product_now(engine: sa.Engine, product_id: int) -> None:
+    """The "buy now" button: take one off the product's stock (waits on a restock's lock)."""
+    with engine.begin() as conn:
+        conn.execute(
+            products.update().where(products.c.id == product_id).values(stock=products.c.stock - 1)
+        )
+
+
+def restock_while_buying(engine: sa.Engine, product_id: int, supplier_s: float) -> None:
+    """A restock and a purchase of one product at once, the purchase second.
+
+    On SQLite a writer locks the whole file, not a row: there the shop skips this pair
+    (see ``traffic.handle``).
+    """
+    locked = threading.Event()
+    restock = threading.Thread(
+        target=restock_product_slowly,
+        args=(engine, product_id, supplier_s, locked),
+        name=f"{threading.current_thread().name}-restock",
+    )
+    restock.start()
+    try:
+        if locked.wait(10 * supplier_s + 5):
+            buy_product_now(engine, product_id)
+    finally:
+        restock.join()

@@ -27,12 +27,17 @@ DECK: dict[str, int] = {
     "sales_report": 1,
     "export": 1,
     "card_checkout": 1,
+    "restock": 1,
 }
 """How many of each request one worker makes per round; each round is shuffled."""
 
 SEARCH_TERMS = ("item 1", "coffee", "garden item", "toys item 2", "book", "kitchen")
 
 PRODUCTS = len(CATEGORIES) * PRODUCTS_PER_CATEGORY
+
+RESTOCKED = range(PRODUCTS - 3, PRODUCTS + 1)
+"""The products the restock bug locks: never in an order basket, so that the correct
+``place_order`` never waits on its lock (the purchase that does is in ``bugs.py``)."""
 
 
 @dataclass
@@ -86,7 +91,7 @@ def describe(exc: BaseException) -> str:
 
 
 def _basket(rng: random.Random) -> list[tuple[int, int]]:
-    ids = rng.sample(range(1, PRODUCTS + 1), rng.randint(1, 3))
+    ids = rng.sample(range(1, RESTOCKED.start), rng.randint(1, 3))
     return [(pid, rng.randint(1, 2)) for pid in sorted(ids)]  # sorted: no lock-order deadlocks
 
 
@@ -117,6 +122,10 @@ def handle(kind: str, shop_: Shop, rng: random.Random, stats: Stats) -> None:
     elif kind == "card_checkout":
         order_id = shop.place_order(sessions, customer, _basket(rng))
         bugs.charge_card_inside_transaction(engine, order_id, shop_.provider)
+    elif kind == "restock":
+        if engine.dialect.name == "postgresql":  # SQLite locks the whole file, not a row
+            product = rng.choice(RESTOCKED)
+            bugs.restock_while_buying(engine, product, 1.5 * shop_.hold_unit_s)
     else:  # pragma: no cover - DECK and this function are edited together
         raise ValueError(f"unknown request kind {kind!r}")
 

@@ -81,7 +81,7 @@ def main(store, app_db):
                               pool_size=2, max_overflow=1, pool_timeout=0.3)
     billing = sa.create_engine(f"sqlite:///{app_db}", poolclass=sa.pool.QueuePool,
                                pool_size=1, max_overflow=0)
-    instrument.attach(orders, store=store, leak_after=0.25, name="orders")
+    instrument.attach(orders, store=store, leak_after=0.25, name="orders", diagnose=True)
     instrument.attach(billing, store=store, leak_after=30.0, name="billing")
     for _ in range(40):
         place_order(orders)
@@ -339,6 +339,7 @@ class TestPages:
         assert list(holders["site"].str.endswith("in slow_report")) == [True] * 3
         assert sorted(holders["thread"]) == ["report-0", "report-1", "report-2"]
         assert (holders["held_s"] > 0).all()
+        assert holders["why"].str.startswith("held ").all()  # diagnose=True: the breakdown
         expander = at.expander[0]
         assert "in export" in expander.label and "3 holders" in expander.label
         by_site = next(df.value for df in at.dataframe if "most_held" in df.value.columns)
@@ -382,6 +383,7 @@ class TestPages:
         assert tables["never_returned"]["site"].iloc[0].endswith("in keep_forever")
         assert tables["held_too_long"]["count"].sum() == 3
         assert any("in keep_forever" in c.value for c in at.code)
+        assert any(t.value.startswith("Why: held ") for t in at.text)  # diagnose=True
         labels = {b.label for b in at.get("download_button")}
         assert "Download JSON report" in labels
 

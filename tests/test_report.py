@@ -109,6 +109,9 @@ class TestJson:
             (_model.SiteHoldMs, props["sites"]["items"]["properties"]["hold_ms"]),
             (_model.SiteWaitMs, props["sites"]["items"]["properties"]["wait_ms"]),
             (_model.UtilizationSeries, props["utilization"]["items"]),
+            (_model.Diagnosis, defs["diagnosis"]),
+            (_model.ServerView, defs["diagnosis"]["properties"]["server"]["oneOf"][1]),
+            (_model.Blocker, defs["diagnosis"]["properties"]["blocked_by"]["items"]),
         ]
         for typed, obj in pairs:
             assert set(typed.__annotations__) == set(obj["properties"]), typed.__name__
@@ -214,7 +217,8 @@ class TestText:
 
     def test_timeouts_with_holders(self, rendered: SimpleNamespace) -> None:
         section = rendered.text.split("\nTIMEOUTS\n")[1].split("\nPOOLS")[0]
-        lines = section.splitlines()
+        # On PostgreSQL each holder is followed by its diagnosis ("why: ..."; see test_diagnose).
+        lines = [line for line in section.splitlines() if not line.lstrip().startswith("why: ")]
         assert re.search(r"  pool mixed: gave up after \d+\.\d ms, 1 caller waiting$", lines[0])
         assert re.fullmatch(r"    caller: \S+ in wait_and_time_out \(thread MainThread\)", lines[1])
         assert lines[2] == "    held by 2 checkouts at that moment:"

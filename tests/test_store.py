@@ -71,6 +71,7 @@ class TestSchema:
             written_store, "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view')"
         )
         assert sorted(objects) == [
+            ("table", "diagnoses"),
             ("table", "events"),
             ("table", "meta"),
             ("table", "pools"),

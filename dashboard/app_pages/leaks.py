@@ -7,7 +7,9 @@ import streamlit as st
 from instrument.dashboard import charts, data, ui
 
 view = data.current_view()
-leaks, summary = data.load_together(lambda: data.leaks(view), lambda: data.summary(view))
+leaks, summary, diagnosed = data.load_together(
+    lambda: data.leaks(view), lambda: data.summary(view), lambda: data.diagnoses(view)
+)
 
 st.title("Leaks")
 threshold = view.filters.leak_after
@@ -65,5 +67,8 @@ for leak_class, meaning in ui.LEAK_CLASSES.items():
         key=f"leaks-{leak_class}",
     )
     for row in rows.itertuples(index=False):
+        why = data.why_of_leak(diagnosed, row.leak_class, row.pool, row.fingerprint)
         with st.expander(f"{row.site} · pool {row.pool} · {row.count}×"):
+            if why:
+                st.text(f"Why: {why}")  # plain text: a site or statement is never markup
             ui.render_stack(row.stack)

@@ -10,11 +10,12 @@ from instrument.dashboard import charts, data, ui
 MAX_TIMEOUTS_SHOWN = 50
 
 view = data.current_view()
-checkouts, percentiles, overall, timeouts = data.load_together(
+checkouts, percentiles, overall, timeouts, diagnosed = data.load_together(
     lambda: data.checkouts(view),
     lambda: data.load_percentiles(view.store, view.token, view.filters, "pool"),
     lambda: data.load_percentiles(view.store, view.token, view.filters, None).iloc[0],
     lambda: data.timeouts(view),
+    lambda: data.diagnoses(view),
 )
 over_time = data.wait_percentiles_over_time(checkouts)
 
@@ -76,8 +77,13 @@ else:
             f"{ui.fmt_time(row.at)} · pool {row.pool} · {row.site} (thread {row.thread}) "
             f"waited {ui.fmt_duration(row.waited_s)} · {len(holders)} holders"
         )
+        holders["why"] = data.why_of_holders(
+            diagnosed, int(row.process_id), [int(c) for c in holders["checkout_id"]]
+        )
         with st.expander(title, expanded=number == 0):
-            shown = ["site", "thread", "task", "held_s", "checkout_id"]
+            shown = ["site", "thread", "task", "held_s", "checkout_id", "why"]
+            if not holders["why"].any():
+                shown.remove("why")
             if holders["task"].isna().all():
                 shown.remove("task")
             st.dataframe(

@@ -14,13 +14,14 @@ One module per question, all private; this package is the public face:
   shape of the JSON report (:class:`Report`, matching ``report_schema.json``);
 - ``_load``: opening a store, its processes and pools, checkouts paired and classified;
 - ``_usage``: utilization, percentiles and peaks; ``_timeouts``; ``_leaks``; ``_sites``;
-  ``_sizing``; ``_summary``;
+  ``_sizing``; ``_summary``; ``_diagnosis`` (why long holds were held);
 - ``_build``: the JSON report from all of them.
 """
 
 from __future__ import annotations
 
 from ._build import build_report
+from ._diagnosis import DIAGNOSIS_KINDS, diagnoses
 from ._leaks import leaks
 from ._load import checkouts, open_store, pools, processes
 from ._model import (
@@ -42,6 +43,7 @@ from ._usage import percentiles, utilization
 
 __all__ = [
     "CERTAINTY",
+    "DIAGNOSIS_KINDS",
     "LEAK_CLASSES",
     "REPORT_SCHEMA",
     "STALE_HEARTBEAT_S",
@@ -50,6 +52,7 @@ __all__ = [
     "Report",
     "build_report",
     "checkouts",
+    "diagnoses",
     "leaks",
     "iso",
     "open_store",

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ._diagnosis import diagnosis_of, leak_diagnoses
 from ._leaks import _leaks
 from ._load import _Data, _load, _load_pools
 from ._model import _PERCENTILE_COLUMNS, REPORT_SCHEMA, Filters, Report, iso
@@ -127,8 +128,11 @@ def build_report(
             "threads": list(r.threads),
             "processes": list(r.processes),
             "stack": list(r.stack),
+            "diagnosis": diagnosis,
         }
-        for r in leak_frame.itertuples(index=False)
+        for r, diagnosis in zip(
+            leak_frame.itertuples(index=False), leak_diagnoses(data, leak_frame), strict=True
+        )
     ]
     timeout_entries = [
         {
@@ -150,6 +154,7 @@ def build_report(
                     "held_s": h["held_s"],
                     "checkout_id": h["checkout_id"],
                     "checked_out_at": iso(h["checked_out_at"]),
+                    "diagnosis": diagnosis_of(data, r.process_id, r.pool_id, h["checkout_id"]),
                 }
                 for h in r.holders
             ],

@@ -353,6 +353,40 @@ class PoolEntry(TypedDict):
     sizing: Sizing | None
 
 
+class ServerView(TypedDict):
+    """PostgreSQL's ``pg_stat_activity`` row for a hold's backend, when it was flagged."""
+
+    at: str
+    pid: int | None
+    state: str | None
+    xact_start: str | None
+    state_change: str | None
+    wait_event_type: str | None
+    wait_event: str | None
+    query: str | None
+
+
+class Blocker(TypedDict):
+    """A backend holding the lock a hold waited on; ``site`` where it is our checkout."""
+
+    site: str | None
+    pid: int
+
+
+class Diagnosis(TypedDict):
+    """Why a hold was held (``attach(diagnose=...)``); see ``report_schema.json``."""
+
+    kind: Literal["slow_sql", "idle_in_transaction", "idle", "lock_wait"] | None
+    held_s: float | None
+    complete: bool
+    statements: int | None
+    sql_s: float | None
+    idle_in_transaction_s: float | None
+    idle_s: float | None
+    server: ServerView | None
+    blocked_by: list[Blocker]
+
+
 # "class" is a keyword: this one is spelt the functional way.
 LeakEntry = TypedDict(
     "LeakEntry",
@@ -370,6 +404,7 @@ LeakEntry = TypedDict(
         "threads": list[str],
         "processes": list[int],
         "stack": list[str],
+        "diagnosis": Diagnosis | None,
     },
 )
 """Leaked checkouts of one class, pool and stack."""
@@ -384,6 +419,7 @@ class Holder(TypedDict):
     held_s: float
     checkout_id: int
     checked_out_at: str
+    diagnosis: Diagnosis | None
 
 
 class TimeoutEntry(TypedDict):

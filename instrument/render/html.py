@@ -12,7 +12,7 @@ from typing import Any
 from ..analysis import parse_time
 from ._common import _headline, _ms, _opt, _quartet, _site_labels
 from ._escape import Html, h, join
-from .words import duration, plural, when
+from .words import diagnosis, duration, plural, when
 
 _CSS = Html("""
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;
@@ -138,6 +138,11 @@ def _stack(stack: list[str]) -> Html:
     return h("<pre>{}</pre>", "\n".join(stack))
 
 
+def _why(d: dict[str, Any] | None) -> Html:
+    """A hold's diagnosis as one line, or nothing."""
+    return h('<div class="why">why: {}</div>', diagnosis(d)) if d else Html("")
+
+
 def _leaks(leaks: list[dict[str, Any]]) -> Html:
     rows = [
         [
@@ -148,9 +153,10 @@ def _leaks(leaks: list[dict[str, Any]]) -> Html:
             leak["pool"],
             h(
                 '<details><summary><code>{}</code> <span class="muted">threads {}</span>'
-                "</summary>{}</details>",
+                "</summary>{}{}</details>",
                 leak["site"],
                 ", ".join(leak["threads"]),
+                _why(leak.get("diagnosis")),
                 _stack(leak["stack"]),
             ),
         ]  # fmt: skip
@@ -164,8 +170,8 @@ def _timeouts(timeouts: list[dict[str, Any]]) -> Html:
     rows = []
     for t in timeouts:
         holders = join(
-            h('<li>{} <code>{}</code> <span class="muted">thread {}</span></li>',
-              duration(hd["held_s"]), hd["site"], hd["thread"])
+            h('<li>{} <code>{}</code> <span class="muted">thread {}</span>{}</li>',
+              duration(hd["held_s"]), hd["site"], hd["thread"], _why(hd.get("diagnosis")))
             for hd in t["holders"]
         )  # fmt: skip
         rows.append(

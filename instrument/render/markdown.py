@@ -6,7 +6,7 @@ from typing import Any
 
 from ._common import MAX_HOLDERS, MAX_TIMEOUTS, _headline, _leak_rows, _pool_rows, _site_rows
 from ._escape import escaped, md
-from .words import LEAK_MEANING, duration, when
+from .words import LEAK_MEANING, diagnosis, duration, when
 
 
 def _md_code(text: str) -> str:
@@ -50,6 +50,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"threads {', '.join(_md_code(t) for t in leak['threads'])}, "
                 f"held up to {duration(leak['max_held_s'])}.",
                 "",
+                *([f"Why: {diagnosis(leak['diagnosis'])}.", ""] if leak.get("diagnosis") else []),
                 *_md_stack(leak["stack"]),
             ]
     out += ["", "## Timeouts", ""]
@@ -64,6 +65,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"  - {duration(h['held_s'])} {_md_code(h['site'])} "
                 f"(thread {_md_code(h['thread'])})"
+                + (f": {diagnosis(h['diagnosis'])}" if h.get("diagnosis") else "")
             )
         if not t["holders"]:
             out.append("  - no recorded checkout")

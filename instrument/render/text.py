@@ -16,7 +16,7 @@ from ._common import (
     _site_rows,
 )
 from ._escape import escaped, visible
-from .words import LEAK_MEANING, duration, plural, when
+from .words import LEAK_MEANING, diagnosis, duration, plural, when
 
 _WIDTH = 100
 
@@ -56,6 +56,8 @@ def render_text(report: dict[str, Any]) -> str:
                 f"{'thread' if len(leak['threads']) == 1 else 'threads'} "
                 f"{', '.join(leak['threads'])}"
             )
+            if leak.get("diagnosis"):
+                lines.append(f"    why: {diagnosis(leak['diagnosis'])}")
             lines += [f"      {frame}" for frame in leak["stack"]]
     lines.append("")
 
@@ -77,6 +79,8 @@ def render_text(report: dict[str, Any]) -> str:
                 lines.append(
                     f"      {duration(h['held_s']):>9}  {h['site']}  (thread {h['thread']}{task})"
                 )
+                if h.get("diagnosis"):
+                    lines.append(f"                 why: {diagnosis(h['diagnosis'])}")
             if len(holders) > MAX_HOLDERS:
                 lines.append(f"      … and {len(holders) - MAX_HOLDERS} more")
         else:

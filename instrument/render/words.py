@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
-__all__ = ["LEAK_MEANING", "duration", "plural", "when"]
+__all__ = ["DIAGNOSIS_MEANING", "LEAK_MEANING", "diagnosis", "duration", "plural", "when"]
 
 LEAK_MEANING = {
     "never_returned": "still checked out when its process exited",
@@ -53,3 +53,54 @@ def when(at: str | float | None, missing: str = "-") -> str:
 def plural(n: int, word: str, plural: str | None = None) -> str:
     """``1 pool``, ``2 pools``; ``plural`` for a word that does not just take an ``s``."""
     return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+DIAGNOSIS_MEANING = {
+    "slow_sql": "running SQL",
+    "idle_in_transaction": "idle in transaction",
+    "idle": "idle, no transaction open",
+    "lock_wait": "waiting on a lock",
+}
+"""What each diagnosis kind means, as the sentence after a hold's time."""
+
+
+def _clock(at: str | None) -> str:
+    """The time of day of an ISO 8601 time, to the tenth of a second: ``12:00:01.2``."""
+    return at[11:21] if isinstance(at, str) and len(at) >= 21 else "?"
+
+
+def diagnosis(d: dict | None) -> str:  # type: ignore[type-arg]
+    """One line for a hold's diagnosis: ``held 3.02 s: 1 statement, 4 ms SQL, 3.01 s idle in
+    transaction (server: idle in transaction since 12:00:01.2, last UPDATE orders SET ...)``;
+    ``""`` for none."""
+    if not d:
+        return ""
+    parts = []
+    if d.get("statements") is not None:
+        parts.append(plural(int(d["statements"]), "statement"))
+        parts.append(f"{duration(d.get('sql_s'))} SQL")
+        for key, words in (("idle_in_transaction_s", "idle in transaction"), ("idle_s", "idle")):
+            if (d.get(key) or 0) >= 0.001:
+                parts.append(f"{duration(d[key])} {words}")
+    elif d.get("kind"):
+        # The kind as the report has it, or escaped for markdown (idle\_in\_transaction).
+        kind = str(d["kind"]).replace("\\", "")
+        parts.append(DIAGNOSIS_MEANING.get(kind, kind))
+    text = f"held {duration(d.get('held_s'))}: {', '.join(parts) or 'no breakdown'}"
+    server = d.get("server")
+    if server:
+        state = server.get("state") or "unknown"
+        said = f"{state} since {_clock(server.get('state_change'))}"
+        if server.get("wait_event_type") and state == "active":  # idle ones wait on the client
+            said += f", waiting on {server['wait_event_type']}/{server.get('wait_event')}"
+        if server.get("query"):
+            said += f", {'running' if state == 'active' else 'last'} {server['query']}"
+        text += f" (server: {said})"
+    blockers = d.get("blocked_by") or []
+    if blockers:
+        named = [
+            f"{b['site']} (pid {b['pid']})" if b.get("site") else f"pid {b['pid']} (not ours)"
+            for b in blockers
+        ]
+        text += f"; blocked by {', '.join(named)}"
+    return text
