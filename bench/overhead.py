@@ -14,8 +14,12 @@ and the first variant always followed the last one's settling.)
 Prints the median over rounds of the throughput ratio against the same round's
 bare one (higher is better; 1.0 means no cost).
 
+With ``--metrics``, a fifth variant, ``metrics``: ``full`` with ``meter_provider=`` an
+OpenTelemetry SDK ``MeterProvider`` whose periodic reader collects every second (into an
+exporter that keeps nothing): the ``db.client.connection.*`` instruments on top.
+
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
-                             [--sqlite-only | --postgres-only]
+                             [--sqlite-only | --postgres-only] [--metrics]
 """
 
 from __future__ import annotations
@@ -76,7 +80,32 @@ def _settle(monitor: instrument.Monitor) -> None:
         conn.close()
 
 
-def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict[str, float]:
+def _meter_provider() -> object:
+    """An SDK ``MeterProvider`` collecting every second into an exporter that drops it all."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        MetricExporter,
+        MetricExportResult,
+        PeriodicExportingMetricReader,
+    )
+
+    class _Discard(MetricExporter):
+        def export(self, metrics_data, timeout_millis=10_000, **kwargs):  # noqa: ANN001
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):  # noqa: ANN001
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kwargs):  # noqa: ANN001
+            pass
+
+    reader = PeriodicExportingMetricReader(_Discard(), export_interval_millis=1000)
+    return MeterProvider(metric_readers=[reader])
+
+
+def measure(
+    url: str, seconds: float, store: Path, round_seconds: float, metrics: bool = False
+) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
     Every variant runs on one engine, and so on the same database connection (and, on
@@ -86,22 +115,28 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
     """
     engine = sa.create_engine(url)
     monitor: instrument.Monitor | None = None
+    monitor_metered = False
+    provider = _meter_provider() if metrics else None
     writer = _writer.get_writer(store)
     written, dropped = writer.written, writer.dropped_total + len(writer.drops)
 
     def prepare(name: str) -> instrument.Monitor | None:
-        nonlocal monitor
-        if name in ("bare", "detached") and monitor is not None:
+        nonlocal monitor, monitor_metered
+        metered = name == "metrics"
+        if monitor is not None and (name in ("bare", "detached") or metered != monitor_metered):
             monitor.detach()
             _settle(monitor)
             monitor = None
         if name == "detached":  # attached, then detached: nothing may be left behind
             instrument.attach(engine, store=store, name="detached").detach()
-        if name in ("listeners", "full") and monitor is None:
-            monitor = instrument.attach(engine, store=store, name="full")
+        if name in ("listeners", "full", "metrics") and monitor is None:
+            monitor = instrument.attach(
+                engine, store=store, name=name, meter_provider=provider if metered else None
+            )
+            monitor_metered = metered
         return monitor
 
-    variants = ["bare", "detached", "listeners", "full"]
+    variants = ["bare", "detached", "listeners", "full"] + (["metrics"] if metrics else [])
     for name in variants:  # warm up: connection made, stacks interned
         _loop(engine, 200, prepare(name))
     prepare("bare")
@@ -121,6 +156,8 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
             ratios[name].append(rates[name][-1] / rates["bare"][-1])
     prepare("bare")  # detached and flushed: the writer has written everything
     engine.dispose()
+    if provider is not None:
+        provider.shutdown()
     result = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in ratios.items():
         result[f"{name}_ratio"] = statistics.median(r)
@@ -134,7 +171,9 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
 def report(label: str, r: dict[str, float]) -> None:
     bare = r["bare"]
     print(f"{label}: bare {bare:,.0f} it/s ({1e6 / bare:.1f} µs/it)")
-    for name in ("detached", "listeners", "full"):
+    for name in ("detached", "listeners", "full", "metrics"):
+        if name not in r:
+            continue
         cost_us = 1e6 / r[name] - 1e6 / bare
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
@@ -157,14 +196,21 @@ def main() -> int:
     )
     parser.add_argument("--sqlite-only", action="store_true")
     parser.add_argument("--postgres-only", action="store_true")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also the variant 'metrics': full, with OpenTelemetry metrics (needs the SDK)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
         if not args.postgres_only:
-            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds)
+            r = measure(
+                f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds, args.metrics
+            )
             report("SQLite", r)
         if not args.sqlite_only:
-            r = measure(args.postgres_url, args.seconds, store, args.round_seconds)
+            r = measure(args.postgres_url, args.seconds, store, args.round_seconds, args.metrics)
             report("PostgreSQL", r)
         _writer.shutdown_all()
     return 0

@@ -98,12 +98,15 @@ class Instruments:
         self.pools: weakref.WeakSet[PoolMetrics] = weakref.WeakSet()
 
         def histogram(name: str, description: str) -> Any:
-            return meter.create_histogram(
-                name,
-                unit="s",
-                description=description,
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
-            )
+            try:
+                return meter.create_histogram(
+                    name,
+                    unit="s",
+                    description=description,
+                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+                )
+            except TypeError:  # an API older than 1.23 takes no advice: the SDK's buckets
+                return meter.create_histogram(name, unit="s", description=description)
 
         self.create_time = histogram(
             "db.client.connection.create_time", "The time it took to create a new connection."
