@@ -47,7 +47,7 @@ minutes (a wait past the pool's timeout, a hold past ``leak_after``). The conven
 none for these metrics, and the SDK's default boundaries are made for milliseconds. A
 ``View`` of the application's ``MeterProvider`` overrides them."""
 
-YIELD_EVERY_RECORDS = 32
+YIELD_EVERY_RECORDS = 8
 """Histogram measurements between two releases of the GIL by the writer thread.
 
 Each measurement costs the SDK several microseconds of Python; a batch's worth in one go
