@@ -12,7 +12,9 @@ so that one round's backlog never slows another variant. (An engine per variant,
 a fixed order, biased whole runs by up to 3 %: each connection has its own speed,
 and the first variant always followed the last one's settling.)
 Prints the median over rounds of the throughput ratio against the same round's
-bare one (higher is better; 1.0 means no cost).
+bare one (higher is better; 1.0 means no cost), and, where Linux tells, the writer
+thread's CPU time per iteration (its records written, up to the flush after the round):
+unlike the ratios, machine load barely moves it.
 
 With ``--metrics``, a fifth variant, ``metrics``: ``full`` with ``meter_provider=`` an
 OpenTelemetry SDK ``MeterProvider`` whose periodic reader collects every second (into an
@@ -30,6 +32,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +45,29 @@ ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
 SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
 
 
+def _thread_cpu_s(thread: threading.Thread | None) -> float:
+    """CPU time ``thread`` has run so far, in seconds (Linux's schedstat, in ns); 0 elsewhere."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:  # type: ignore[union-attr]
+            return int(f.read().split()[0]) / 1e9
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0.0
+
+
+writer_cpu: dict[str, list[float]] = {}
+"""Per variant, the writer thread's CPU seconds per iteration in each round, written
+records included (its work after the round, up to the flush, is counted with it)."""
+
+
 def _loop(
     engine: sa.Engine,
     n: int,
     monitor: instrument.Monitor | None = None,
     hold_writer: bool = False,
+    variant: str | None = None,
 ) -> float:
+    writer_thread = monitor._writer._thread if monitor is not None else None
+    cpu0 = _thread_cpu_s(writer_thread)
     lock = monitor._writer._io_lock if monitor is not None and hold_writer else None
     if lock is not None:
         lock.acquire()  # the writer thread waits on this lock: listeners only
@@ -62,6 +82,8 @@ def _loop(
             lock.release()
     if monitor is not None:
         _settle(monitor)
+        if variant is not None:
+            writer_cpu.setdefault(variant, []).append((_thread_cpu_s(writer_thread) - cpu0) / n)
     return elapsed
 
 
@@ -150,7 +172,9 @@ def measure(
         shuffle(order)
         for name in order:
             watched = prepare(name)
-            seconds_taken = _loop(engine, per_round, watched, hold_writer=name == "listeners")
+            seconds_taken = _loop(
+                engine, per_round, watched, hold_writer=name == "listeners", variant=name
+            )
             rates[name].append(per_round / seconds_taken)
         for name in ratios:  # the same round: drift in machine load cancels out
             ratios[name].append(rates[name][-1] / rates["bare"][-1])
@@ -161,6 +185,9 @@ def measure(
     result = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in ratios.items():
         result[f"{name}_ratio"] = statistics.median(r)
+    for name, cpu in writer_cpu.items():
+        result[f"{name}_writer_us"] = statistics.median(cpu) * 1e6
+    writer_cpu.clear()
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
     result["events_written"] = writer.written - written
@@ -175,9 +202,11 @@ def report(label: str, r: dict[str, float]) -> None:
         if name not in r:
             continue
         cost_us = 1e6 / r[name] - 1e6 / bare
+        writer_us = r.get(f"{name}_writer_us")
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
             f"(+{cost_us:.2f} µs/it)"
+            + (f"  writer thread CPU {writer_us:.2f} µs/it" if writer_us else "")
         )
     print(
         f"  {int(r['rounds'])} rounds of {int(r['per_round'])} per variant; events written "

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -427,3 +429,51 @@ class TestArguments:
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "3 {'db.client.connection.pool.name': 'g'}"
+
+
+class TestExporters:
+    def test_prometheus_reader_as_the_readme_sets_it_up(
+        self, sqlite_url: str, store_path: Path
+    ) -> None:
+        """The README's Prometheus set-up serves the metrics under Prometheus's names for
+        them, with the pool name as a label, over a real scrape."""
+        pytest.importorskip("opentelemetry.exporter.prometheus")
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        server, thread = start_http_server(port=0, addr="127.0.0.1")
+        reader = PrometheusMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        engine = sa.create_engine(sqlite_url)
+        try:
+            monitor = instrument.attach(
+                engine, store=store_path, name=NAME, meter_provider=provider
+            )
+            short_checkouts(engine, 3)
+            monitor.flush()
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        finally:
+            engine.dispose()
+            provider.shutdown()
+            server.shutdown()
+            thread.join(10)
+
+        def sample(name: str) -> float:
+            pattern = rf'^{name}{{db_client_connection_pool_name="{NAME}"[^}}]*}} (\S+)$'
+            (found,) = re.findall(pattern, text, re.MULTILINE)
+            return float(found)
+
+        assert sample("db_client_connection_use_time_seconds_count") == 3
+        assert sample("db_client_connection_wait_time_seconds_count") == 3
+        assert sample("db_client_connection_create_time_seconds_count") == 1
+        assert sample("db_client_connection_max") == 15  # SQLAlchemy's default 5 + 10
+        assert sample("db_client_connection_idle_max") == 5
+        assert sample("db_client_connection_pending_requests") == 0
+        assert re.search(
+            r'^db_client_connection_count\{db_client_connection_pool_name="orders",'
+            r'db_client_connection_state="idle"[^}]*\} 1\.0$',
+            text,
+            re.MULTILINE,
+        )
