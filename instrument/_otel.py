@@ -95,7 +95,9 @@ class Instruments:
         from . import __version__
 
         meter = provider.get_meter(SCOPE, __version__)
-        self.pools: weakref.WeakSet[PoolMetrics] = weakref.WeakSet()
+        # Added to by attach() while a collection may be reading it: both under the lock.
+        self._pools: weakref.WeakSet[PoolMetrics] = weakref.WeakSet()
+        self._lock = threading.Lock()
 
         def histogram(name: str, description: str) -> Any:
             try:
@@ -153,9 +155,16 @@ class Instruments:
 
     # -- collection time: read lengths, nothing else -------------------------------------
 
+    def add(self, pool: PoolMetrics) -> None:
+        """Observe ``pool`` from the next collection on, for as long as it lives."""
+        with self._lock:
+            self._pools.add(pool)
+
     def _by_name(self) -> dict[str, list[PoolMetrics]]:
+        with self._lock:
+            snapshot = list(self._pools)
         pools: dict[str, list[PoolMetrics]] = {}
-        for pool in list(self.pools):
+        for pool in snapshot:
             if pool.reporting():
                 pools.setdefault(pool.name, []).append(pool)
         return pools
@@ -357,7 +366,7 @@ def report(monitor: Any, meter_provider: Any) -> None:
         return
     pool_metrics = PoolMetrics(instruments, monitor, monitor.pool_info(), monitor._state)
     feed.add(key, pool_metrics)
-    instruments.pools.add(pool_metrics)
+    instruments.add(pool_metrics)
     # The feed holds the PoolMetrics (and so the instruments' set does) until the monitor
     # is gone and the batch holding its last records is read.
     weakref.finalize(monitor, feed.forget, key)
