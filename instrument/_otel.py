@@ -32,6 +32,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._record import CONNECT_S, HOLD_S, KIND, POOL, RECORD_WIDTH, WAIT_S
 
+_global_provider: Any = None
+"""What ``meter_provider=True`` means in this process, once asked (see ``meter_provider_of``)."""
+
 SCOPE = "poolscope"
 """The instrumentation scope (meter name) of every instrument."""
 
@@ -69,10 +72,17 @@ def meter_provider_of(meter_provider: Any) -> Any:
 
     :raises ValueError: for anything that has no ``get_meter()``.
     """
+    global _global_provider
     if meter_provider is None or meter_provider is False:
         return None
     if meter_provider is True:
-        return metrics.get_meter_provider()
+        # The first answer, kept: before the application sets its provider, that is the
+        # API's proxy, which then forwards to it. Asking again afterwards would give the
+        # SDK's provider itself, and a second set of instruments of the same names there.
+        with _instruments_lock:
+            if _global_provider is None:
+                _global_provider = metrics.get_meter_provider()
+            return _global_provider
     if not callable(getattr(meter_provider, "get_meter", None)):
         raise ValueError(
             "meter_provider must be an OpenTelemetry MeterProvider, True for the global one, "

@@ -399,8 +399,8 @@ class TestArguments:
         assert done.stdout.strip() == "[]"
 
     def test_true_means_the_global_provider(self, tmp_path: Path) -> None:
-        """``meter_provider=True`` reports to OpenTelemetry's global provider (set before
-        or after attaching)."""
+        """``meter_provider=True`` reports to OpenTelemetry's global provider, set before or
+        after attaching: pools attached either side of it are reported once each."""
         code = (
             "import sqlalchemy as sa, instrument\n"
             "from opentelemetry import metrics\n"
@@ -411,14 +411,21 @@ class TestArguments:
             "                       meter_provider=True)\n"
             "reader = InMemoryMetricReader()\n"
             "metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))\n"
+            f"later = sa.create_engine('sqlite:///{tmp_path}/app2.db')\n"
+            f"instrument.attach(later, store='{tmp_path}/store.db', name='h',\n"
+            "                  meter_provider=True)\n"
             "for _ in range(3):\n"
             "    with engine.connect(): pass\n"
+            "with later.connect(): pass\n"
             "m.flush()\n"
             "data = reader.get_metrics_data()\n"
-            "found = {x.name: x for r in data.resource_metrics\n"
-            "         for s in r.scope_metrics for x in s.metrics}\n"
-            "(p,) = found['db.client.connection.use_time'].data.data_points\n"
-            "print(p.count, dict(p.attributes))\n"
+            "found = [x for r in data.resource_metrics for s in r.scope_metrics\n"
+            "         for x in s.metrics]\n"
+            "for x in found:\n"
+            "    if x.name in ('db.client.connection.use_time', 'db.client.connection.max'):\n"
+            "        for p in x.data.data_points:\n"
+            "            print(x.name, getattr(p, 'count', getattr(p, 'value', None)),\n"
+            "                  p.attributes['db.client.connection.pool.name'])\n"
         )
         done = subprocess.run(
             [sys.executable, "-c", code],
@@ -428,7 +435,12 @@ class TestArguments:
             env={k: v for k, v in os.environ.items() if not k.startswith("POOLSCOPE_")},
         )
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "3 {'db.client.connection.pool.name': 'g'}"
+        assert sorted(done.stdout.splitlines()) == [
+            "db.client.connection.max 15 g",
+            "db.client.connection.max 15 h",
+            "db.client.connection.use_time 1 h",
+            "db.client.connection.use_time 3 g",
+        ]
 
 
 class TestExporters:
