@@ -20,6 +20,7 @@ poolscope reports it.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import weakref
@@ -360,7 +361,22 @@ def feed_of(writer: Any) -> RecordFeed:
             return consumer
     feed = RecordFeed()
     writer.consumers.append(feed)
+    # A MeterProvider shuts down (and exports one last time) at exit, from an atexit handler
+    # it registered as it was made; this one, registered later, runs before it: what the
+    # writer still has queued is measured in time for that export.
+    atexit.register(_measure_queued, weakref.ref(writer))
     return feed
+
+
+def _measure_queued(writer_ref: weakref.ref[Any]) -> None:
+    """At exit: let the writer take (and so measure) what it still has queued, briefly."""
+    writer = writer_ref()
+    if writer is not None and writer.consumers:
+        writer.flush(timeout=EXIT_FLUSH_SECONDS)
+
+
+EXIT_FLUSH_SECONDS = 2.0
+"""The longest the exit waits for the writer to measure what is queued (see ``feed_of``)."""
 
 
 def report(monitor: Any, meter_provider: Any) -> None:

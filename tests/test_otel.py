@@ -352,6 +352,43 @@ class TestLifecycle:
         finally:
             engine.dispose()
 
+    def test_the_last_records_reach_the_providers_last_export(self, tmp_path: Path) -> None:
+        """A process that exits with checkouts still queued has them in its provider's
+        final export (at exit), without calling ``flush()``, even where poolscope's own
+        exit handler was registered before the provider's (and so runs after it)."""
+        code = (
+            "import sqlalchemy as sa, instrument\n"
+            "import instrument._hooks  # its exit handler first, as after an earlier attach\n"
+            "from opentelemetry.sdk.metrics import MeterProvider\n"
+            "from opentelemetry.sdk.metrics.export import (\n"
+            "    MetricExporter, MetricExportResult, PeriodicExportingMetricReader)\n"
+            "class Print(MetricExporter):\n"
+            "    def export(self, data, timeout_millis=10_000, **kw):\n"
+            "        for r in data.resource_metrics:\n"
+            "            for s in r.scope_metrics:\n"
+            "                for x in s.metrics:\n"
+            "                    if x.name == 'db.client.connection.use_time':\n"
+            "                        print('use_time', x.data.data_points[0].count)\n"
+            "        return MetricExportResult.SUCCESS\n"
+            "    def force_flush(self, timeout_millis=10_000): return True\n"
+            "    def shutdown(self, timeout_millis=10_000, **kw): pass\n"
+            "reader = PeriodicExportingMetricReader(Print(), export_interval_millis=600_000)\n"
+            "provider = MeterProvider(metric_readers=[reader])\n"
+            f"engine = sa.create_engine('sqlite:///{tmp_path}/app.db')\n"
+            f"instrument.attach(engine, store='{tmp_path}/store.db', meter_provider=provider)\n"
+            "for _ in range(5):\n"
+            "    with engine.connect(): pass\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("POOLSCOPE_")},
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["use_time", "5"]
+
 
 class TestArguments:
     def test_not_a_provider_is_a_value_error(self, sqlite_url: str, store_path: Path) -> None:
