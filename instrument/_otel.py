@@ -371,7 +371,8 @@ def feed_of(writer: Any) -> RecordFeed:
 def _measure_queued(writer_ref: weakref.ref[Any]) -> None:
     """At exit: let the writer take (and so measure) what it still has queued, briefly."""
     writer = writer_ref()
-    if writer is not None and writer.consumers:
+    thread = writer._thread if writer is not None else None
+    if thread is not None and thread.is_alive():  # a writer shut down already is left so
         writer.flush(timeout=EXIT_FLUSH_SECONDS)
 
 
