@@ -11,7 +11,7 @@ imports OpenTelemetry. Two sources, neither on the hot path:
 - **the pool itself, at collection time** (connection counts, limits, pending requests):
   observable instruments whose callbacks read lengths (``len()`` of the monitor's open
   checkouts, of the pool's idle queue and of its waiters) and the limits read at attach.
-  They take no lock and call nothing on the pool: collecting changes nothing.
+  They take none of the pool's locks and call nothing on it: collecting changes nothing.
 
 Names, units and instrument kinds follow OpenTelemetry's semantic conventions for database
 client metrics; every point carries ``db.client.connection.pool.name``, the pool's name as
