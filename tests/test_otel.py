@@ -286,6 +286,49 @@ class TestInstruments:
         finally:
             engine.dispose()
 
+    def test_an_async_engine(self, tmp_path: Path, store_path: Path, reader) -> None:
+        """An ``AsyncEngine``'s pool reports the same way: its checkouts' wait and use times,
+        its connection counts and a caller awaiting a connection as a pending request."""
+        import asyncio
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        async def work() -> tuple[int, dict[str, int]]:
+            engine = create_async_engine(
+                f"sqlite+aiosqlite:///{tmp_path / 'async.db'}",
+                poolclass=sa.pool.AsyncAdaptedQueuePool,
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=10,
+            )
+            monitor = instrument.attach(
+                engine, store=store_path, name=NAME, meter_provider=reader.provider
+            )
+            for _ in range(3):
+                async with engine.connect() as conn:
+                    await conn.exec_driver_sql("select 1")
+            held = await engine.connect()
+            waiter = asyncio.ensure_future(engine.connect())
+            pending = 0
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                pending = value(collect(reader), "db.client.connection.pending_requests")
+                if pending:
+                    break
+            seen = counts(collect(reader))
+            await held.close()
+            await (await waiter).close()
+            monitor.flush()
+            await engine.dispose()
+            return pending, seen
+
+        pending, seen = asyncio.run(work())
+        assert pending == 1
+        assert seen == {"used": 1, "idle": 0}
+        found = collect(reader)
+        assert histogram(found, "db.client.connection.use_time").count == 5
+        assert histogram(found, "db.client.connection.wait_time").count == 5
+
 
 class TestLifecycle:
     def test_attach_again_with_a_provider_reports_there(
