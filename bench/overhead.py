@@ -12,7 +12,13 @@ so that one round's backlog never slows another variant. (An engine per variant,
 a fixed order, biased whole runs by up to 3 %: each connection has its own speed,
 and the first variant always followed the last one's settling.)
 Prints the median over rounds of the throughput ratio against the same round's
-bare one (higher is better; 1.0 means no cost).
+bare one (higher is better; 1.0 means no cost), and, where Linux tells, the writer
+thread's CPU time per iteration (its records written, up to the flush after the round):
+unlike the ratios, machine load barely moves it.
+
+With ``--metrics``, a fifth variant, ``metrics``: ``full`` with ``meter_provider=`` an
+OpenTelemetry SDK ``MeterProvider`` whose periodic reader collects every second (into an
+exporter that keeps nothing): the ``db.client.connection.*`` instruments on top.
 
 ``--statements N`` runs N statements per checkout and commits (default: one statement,
 no commit). ``--diagnose`` adds a ``full`` variant per ``diagnose`` setting that is not
@@ -20,7 +26,8 @@ the default (``diagnose=False`` and ``diagnose=True``): ``diagnose=True`` instal
 ``ConnectionEvents`` listeners, which put every statement on SQLAlchemy's slower path.
 
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
-                             [--sqlite-only | --postgres-only] [--statements N] [--diagnose]
+                             [--sqlite-only | --postgres-only] [--statements N]
+                             [--diagnose] [--metrics]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,10 +52,21 @@ ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
 SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
 
 
-STATEMENTS = 1  # per checkout; more than one: committed at the end
+def _thread_cpu_s(thread: threading.Thread | None) -> float:
+    """CPU time ``thread`` has run so far, in seconds (Linux's schedstat, in ns); 0 elsewhere."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:  # type: ignore[union-attr]
+            return int(f.read().split()[0]) / 1e9
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0.0
 
-DIAGNOSE_VARIANTS = {"full": None, "diagnose_off": False, "diagnose_on": True}
-"""The ``full`` variants, each with its ``diagnose`` setting (``None``: the default)."""
+
+writer_cpu: dict[str, list[float]] = {}
+"""Per variant, the writer thread's CPU seconds per iteration in each round, written
+records included (its work after the round, up to the flush, is counted with it)."""
+
+
+STATEMENTS = 1  # per checkout; more than one: committed at the end
 
 
 def _loop(
@@ -55,7 +74,10 @@ def _loop(
     n: int,
     monitor: instrument.Monitor | None = None,
     hold_writer: bool = False,
+    variant: str | None = None,
 ) -> float:
+    writer_thread = monitor._writer._thread if monitor is not None else None
+    cpu0 = _thread_cpu_s(writer_thread)
     lock = monitor._writer._io_lock if monitor is not None and hold_writer else None
     if lock is not None:
         lock.acquire()  # the writer thread waits on this lock: listeners only
@@ -77,6 +99,8 @@ def _loop(
             lock.release()
     if monitor is not None:
         _settle(monitor)
+        if variant is not None:
+            writer_cpu.setdefault(variant, []).append((_thread_cpu_s(writer_thread) - cpu0) / n)
     return elapsed
 
 
@@ -95,8 +119,36 @@ def _settle(monitor: instrument.Monitor) -> None:
         conn.close()
 
 
+def _meter_provider() -> object:
+    """An SDK ``MeterProvider`` collecting every second into an exporter that drops it all."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        MetricExporter,
+        MetricExportResult,
+        PeriodicExportingMetricReader,
+    )
+
+    class _Discard(MetricExporter):
+        def export(self, metrics_data, timeout_millis=10_000, **kwargs):  # noqa: ANN001
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):  # noqa: ANN001
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kwargs):  # noqa: ANN001
+            pass
+
+    reader = PeriodicExportingMetricReader(_Discard(), export_interval_millis=1000)
+    return MeterProvider(metric_readers=[reader])
+
+
 def measure(
-    url: str, seconds: float, store: Path, round_seconds: float, diagnose: bool = False
+    url: str,
+    seconds: float,
+    store: Path,
+    round_seconds: float,
+    metrics: bool = False,
+    diagnose: bool = False,
 ) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
@@ -107,31 +159,34 @@ def measure(
     """
     engine = sa.create_engine(url)
     monitor: instrument.Monitor | None = None
+    monitored_as: str | None = None
+    provider = _meter_provider() if metrics else None
+    # The attached variants, each with its attach() options.
+    attached: dict[str, dict[str, Any]] = {"listeners": {}, "full": {}}
+    if diagnose:
+        attached |= {"diagnose_off": {"diagnose": False}, "diagnose_on": {"diagnose": True}}
+    if metrics:
+        attached["metrics"] = {"meter_provider": provider}
     writer = _writer.get_writer(store)
     written, dropped = writer.written, writer.dropped_total + len(writer.drops)
 
-    setting: Any = "unset"
+    def options_of(name: str | None) -> dict[str, Any] | None:
+        return attached.get(name) if name is not None else None
 
     def prepare(name: str) -> instrument.Monitor | None:
-        nonlocal monitor, setting
-        wanted = DIAGNOSE_VARIANTS.get(name)
-        if monitor is not None and (
-            name in ("bare", "detached") or (name in DIAGNOSE_VARIANTS and wanted != setting)
-        ):
+        nonlocal monitor, monitored_as
+        if monitor is not None and options_of(name) != options_of(monitored_as):
             monitor.detach()
             _settle(monitor)
             monitor = None
         if name == "detached":  # attached, then detached: nothing may be left behind
             instrument.attach(engine, store=store, name="detached").detach()
-        if name in ("listeners", *DIAGNOSE_VARIANTS) and monitor is None:
-            setting = wanted
-            options = {} if wanted is None else {"diagnose": wanted}
-            monitor = instrument.attach(engine, store=store, name="full", **options)
+        if name in attached and monitor is None:
+            monitor = instrument.attach(engine, store=store, name="full", **attached[name])
+        monitored_as = name if monitor is not None else None
         return monitor
 
-    variants = ["bare", "detached", "listeners", "full"]
-    if diagnose:
-        variants += ["diagnose_off", "diagnose_on"]
+    variants = ["bare", "detached", *attached]
     for name in variants:  # warm up: connection made, stacks interned
         _loop(engine, 200, prepare(name))
     prepare("bare")
@@ -145,15 +200,22 @@ def measure(
         shuffle(order)
         for name in order:
             watched = prepare(name)
-            seconds_taken = _loop(engine, per_round, watched, hold_writer=name == "listeners")
+            seconds_taken = _loop(
+                engine, per_round, watched, hold_writer=name == "listeners", variant=name
+            )
             rates[name].append(per_round / seconds_taken)
         for name in ratios:  # the same round: drift in machine load cancels out
             ratios[name].append(rates[name][-1] / rates["bare"][-1])
     prepare("bare")  # detached and flushed: the writer has written everything
     engine.dispose()
+    if provider is not None:
+        provider.shutdown()
     result = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in ratios.items():
         result[f"{name}_ratio"] = statistics.median(r)
+    for name, cpu in writer_cpu.items():
+        result[f"{name}_writer_us"] = statistics.median(cpu) * 1e6
+    writer_cpu.clear()
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
     result["events_written"] = writer.written - written
@@ -167,9 +229,11 @@ def report(label: str, r: dict[str, float]) -> None:
     for name in [k for k in r if k.endswith("_ratio")]:
         name = name[: -len("_ratio")]
         cost_us = 1e6 / r[name] - 1e6 / bare
+        writer_us = r.get(f"{name}_writer_us")
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
             f"(+{cost_us:.2f} µs/it)"
+            + (f"  writer thread CPU {writer_us:.2f} µs/it" if writer_us else "")
         )
     print(
         f"  {int(r['rounds'])} rounds of {int(r['per_round'])} per variant; events written "
@@ -190,6 +254,11 @@ def main() -> int:
     parser.add_argument("--sqlite-only", action="store_true")
     parser.add_argument("--postgres-only", action="store_true")
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also the variant 'metrics': full, with OpenTelemetry metrics (needs the SDK)",
+    )
+    parser.add_argument(
         "--statements", type=int, default=STATEMENTS, help="statements per checkout"
     )
     parser.add_argument(
@@ -201,11 +270,23 @@ def main() -> int:
         store = Path(tmp) / "bench.db"
         if not args.postgres_only:
             r = measure(
-                f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds, args.diagnose
+                f"sqlite:///{tmp}/app.db",
+                args.seconds,
+                store,
+                args.round_seconds,
+                args.metrics,
+                args.diagnose,
             )
             report("SQLite", r)
         if not args.sqlite_only:
-            r = measure(args.postgres_url, args.seconds, store, args.round_seconds, args.diagnose)
+            r = measure(
+                args.postgres_url,
+                args.seconds,
+                store,
+                args.round_seconds,
+                args.metrics,
+                args.diagnose,
+            )
             report("PostgreSQL", r)
         _writer.shutdown_all()
     return 0

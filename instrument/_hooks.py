@@ -114,6 +114,8 @@ class Monitor:
         it as a suspected leak.
     :param name: the pool's name in reports. May be ``None`` for the database name.
     :param diagnose: ``False``, ``"server"`` or ``True``; see :func:`attach`.
+    :param meter_provider: an OpenTelemetry ``MeterProvider`` to report the pool's
+        ``db.client.connection.*`` metrics to, ``True`` for the global one. May be ``None``.
     """
 
     def __init__(
@@ -124,12 +126,14 @@ class Monitor:
         leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
         name: str | None = None,
         diagnose: bool | str = DEFAULT_DIAGNOSE,
+        meter_provider: Any = None,
         _origin: Monitor | None = None,
     ) -> None:
         engine, pool = _engine_and_pool(target)
         _check_arguments(store, leak_after, name)
         check_diagnose(diagnose)
         self.diagnose = diagnose
+        _check_meter_provider(meter_provider)
         self.leak_after = float(leak_after)
         self.store: Path = resolve_store_path(store)
         self._state: list[Any] = _pool_state(pool)
@@ -197,6 +201,10 @@ class Monitor:
         # were shut down (at exit) must not start a new one.
         self._writer: Writer = _origin._writer if _origin is not None else get_writer(self.store)
         self._listeners = self._make_listeners()
+        # The MeterProviders this pool reports to: a successor reports where its origin does.
+        self._meter_providers: list[Any] = []
+        for provider in _origin._meter_providers if _origin is not None else [meter_provider]:
+            self._report_metrics(provider)  # before the listeners: from the first record on
         self._install()
 
     # -- public ---------------------------------------------------------------------
@@ -304,6 +312,15 @@ class Monitor:
         self.detach()
         self._writer.flush(timeout)
         retire(self._writer, timeout)
+
+    def _report_metrics(self, meter_provider: Any) -> None:
+        """Report this pool's ``db.client.connection.*`` metrics to ``meter_provider`` too
+        (see ``_otel``); nothing for ``None`` or ``False``, once per provider."""
+        if meter_provider is None or meter_provider is False:
+            return
+        _otel_module().report(self, meter_provider)
+        if meter_provider not in self._meter_providers:
+            self._meter_providers.append(meter_provider)
 
     @property
     def attached(self) -> bool:
@@ -1034,6 +1051,35 @@ def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
         raise ValueError(f"name must be a non-empty string, not {name!r}.")
 
 
+def _check_meter_provider(meter_provider: Any) -> None:
+    """Raise ``ValueError`` for a ``meter_provider`` that is not one (without importing
+    OpenTelemetry), ``ImportError`` naming what to install where one is asked for and
+    OpenTelemetry's API is missing."""
+    if meter_provider is None or meter_provider is False:
+        return
+    if meter_provider is not True and not callable(getattr(meter_provider, "get_meter", None)):
+        raise ValueError(
+            "meter_provider must be an OpenTelemetry MeterProvider, True for the global one, "
+            f"or None, not {meter_provider!r}."
+        )
+    _otel_module()
+
+
+def _otel_module() -> Any:
+    """``instrument._otel``, imported on first use; ``ImportError`` naming the extra to
+    install where OpenTelemetry's API is missing."""
+    try:
+        from . import _otel
+    except ImportError as exc:
+        if not (exc.name or "").startswith("opentelemetry"):
+            raise
+        raise ImportError(
+            "meter_provider= needs OpenTelemetry's API (opentelemetry-api), which is not "
+            "installed: pip install 'poolscope[otel]'."
+        ) from exc
+    return _otel
+
+
 def _engine_and_pool(target: Any) -> tuple[Engine | None, Pool]:
     sync_engine = getattr(target, "sync_engine", None)  # AsyncEngine
     if isinstance(sync_engine, Engine):
@@ -1125,6 +1171,7 @@ def attach(
     leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
     name: str | None = None,
     diagnose: bool | str = DEFAULT_DIAGNOSE,
+    meter_provider: Any = None,
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
@@ -1146,16 +1193,32 @@ def attach(
         connection. ``True``: also the hold's breakdown (statements, SQL time, idle in a
         transaction, idle) on any dialect, from statement listeners that cost a few
         microseconds per statement. ``False``: neither.
+    :param meter_provider: an OpenTelemetry ``MeterProvider`` (the SDK's) to report the
+        pool's ``db.client.connection.*`` metrics to, or ``True`` for the global one
+        (``opentelemetry.metrics.get_meter_provider()``). May be ``None`` (or ``False``)
+        for none. Needs ``opentelemetry-api`` (``pip install 'poolscope[otel]'``); given to
+        an engine attached already, its monitor reports there too.
 
         .. versionadded:: 0.2
     """
     _check_arguments(store, leak_after, name)
     check_diagnose(diagnose)
+    _check_meter_provider(meter_provider)
     with _registry_lock:
         existing = _existing_monitor(engine)
-        if existing is not None:
-            return existing
-    monitor = Monitor(engine, store=store, leak_after=leak_after, name=name, diagnose=diagnose)
+    if existing is not None:
+        existing._report_metrics(meter_provider)
+        for successor in list(existing._successors):
+            successor._report_metrics(meter_provider)
+        return existing
+    monitor = Monitor(
+        engine,
+        store=store,
+        leak_after=leak_after,
+        name=name,
+        diagnose=diagnose,
+        meter_provider=meter_provider,
+    )
     with _registry_lock:
         _monitors[monitor._event_target] = monitor
     return monitor

@@ -140,6 +140,9 @@ class Writer:
         # Who asked to be called before each batch and in a forked child (see on_tick), held
         # weakly: owner -> (every_batch, after_fork) as plain functions of the owner.
         self.ticking: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+        # Who reads every batch as it is taken, before it is written (see _consume).
+        self.consumers: list[Callable[[Any], None]] = []
+        self._reported_consumer = False
         # Pool rows to write, by pool key; kept after a monitor is gone, since its
         # queued events still need their pool row.
         self.pools: dict[int, dict[str, Any]] = {}
@@ -275,6 +278,7 @@ class Writer:
         if ndrops:
             del self.drops[:ndrops]
         try:
+            self._consume(flat)
             self._write(flat, ndrops)
         finally:
             for marker in markers:
@@ -283,6 +287,20 @@ class Writer:
                 # Its buffers kept for the queue's next batch.
                 flat.clear(SPARE_CAPACITY_RECORDS)
                 self._spare = flat
+
+    def _consume(self, flat: Any) -> None:
+        """Hand the batch ``flat`` (a flat list, or an ``Events``) to each of ``consumers``,
+        in the writer thread, before it is written: so they see every record the queue
+        took, whether or not the store can be written. A consumer must not change it. One
+        that raises is logged once; the batch is written all the same.
+        """
+        for consumer in self.consumers:
+            try:
+                consumer(flat)
+            except Exception:  # the store is written all the same
+                if not self._reported_consumer:
+                    self._reported_consumer = True
+                    logger.exception("poolscope: a record consumer failed; continuing")
 
     def _write(self, flat: Any, ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH
