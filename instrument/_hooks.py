@@ -34,7 +34,7 @@ from ._record import (
 )
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
-from ._store import resolve_store_path, valid_text
+from ._store import PostgresStore, resolve_store_path, valid_text
 from ._text import visible
 from ._writer import Writer, get_writer, retire
 
@@ -107,8 +107,9 @@ class Monitor:
     """Records every event of one pool into a store. Made by :func:`instrument.attach`.
 
     :param target: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
-    :param store: the SQLite store path. May be ``None`` for ``$POOLSCOPE_STORE``,
-        else ``./poolscope.db``.
+    :param store: the SQLite store path, or a PostgreSQL store's URL
+        (``postgresql+psycopg://...``). May be ``None`` for ``$POOLSCOPE_STORE``, else
+        ``./poolscope.db``.
     :param leak_after: seconds a checkout may be held before the watchdog reports
         it as a suspected leak.
     :param name: the pool's name in reports. May be ``None`` for the database name.
@@ -126,7 +127,7 @@ class Monitor:
         engine, pool = _engine_and_pool(target)
         _check_arguments(store, leak_after, name)
         self.leak_after = float(leak_after)
-        self.store: Path = resolve_store_path(store)
+        self.store: Path | PostgresStore = resolve_store_path(store)
         self._state: list[Any] = _pool_state(pool)
         # The pools this monitor hooked, each with weak references to the wrappers it set
         # on it: detach() removes a wrapper only while it is still in place.
@@ -974,7 +975,11 @@ def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
     if not leak_after > 0:
         raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
     if store is not None and (not isinstance(store, (str, os.PathLike)) or not os.fspath(store)):
-        raise ValueError(f"store must be a file path, not {store!r}.")
+        raise ValueError(f"store must be a file path or a PostgreSQL URL, not {store!r}.")
+    if isinstance(resolve_store_path(store), PostgresStore):  # ValueError: another database
+        from ._pg_store import psycopg
+
+        psycopg()  # ImportError naming the extra to install
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, not {name!r}.")
 
@@ -1078,8 +1083,11 @@ def attach(
     is reported once through ``logging`` and its events are dropped and counted.
 
     :param engine: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
-    :param store: the SQLite store to write. May be ``None`` for ``$POOLSCOPE_STORE``,
-        else ``./poolscope.db``.
+    :param store: the SQLite store to write (a file path), or a PostgreSQL store
+        (``postgresql+psycopg://user:pw@host/db``, optional ``?schema=NAME``, default
+        ``poolscope``). May be ``None`` for ``$POOLSCOPE_STORE``, else ``./poolscope.db``.
+    :raises ValueError: ``store`` is a URL of another database than PostgreSQL.
+    :raises ImportError: a PostgreSQL store without psycopg 3 (``poolscope[postgres]``).
     :param leak_after: seconds a checkout may be held before it is reported as a
         suspected leak (one ``leak_suspected`` event and one WARNING on logger ``poolscope``).
     :param name: the pool's name in reports. May be ``None`` for the database name.

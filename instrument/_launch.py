@@ -43,7 +43,11 @@ def launch_environment(
     env["PYTHONPATH"] = os.pathsep.join([bootstrap, *rest])
     env[AUTO_ENV] = "1"
     path = resolve_store_path(store if store is not None else env.get("POOLSCOPE_STORE") or None)
-    env["POOLSCOPE_STORE"] = str(path.absolute())
+    # A URL as given (its password too: the environment is the program's own), a path made
+    # absolute.
+    env["POOLSCOPE_STORE"] = (
+        str(path.absolute()) if isinstance(path, Path) else str(store or env["POOLSCOPE_STORE"])
+    )
     if seconds is not None:
         env[LEAK_AFTER_ENV] = repr(seconds)
     return env

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._clock import REAL
 from ._record import EVENT_COLUMNS as EVENT_COLUMNS  # the order the writer inserts them
@@ -123,11 +127,110 @@ def valid_text(text: str) -> str:
     return text
 
 
-def resolve_store_path(store: str | os.PathLike[str] | None) -> Path:
-    """Return the store path: ``store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``."""
+DEFAULT_PG_SCHEMA = "poolscope"
+"""The PostgreSQL schema a store URL records into unless its ``?schema=`` names another."""
+
+POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql", "postgres")
+"""URL schemes that name a PostgreSQL store (written through psycopg 3)."""
+
+_DB_SCHEMES = frozenset(
+    {"sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "redshift",
+     "cockroachdb", "snowflake", "duckdb", "clickhouse", "mongodb", "redis", "db2", "sybase",
+     "firebird", "teradata", "trino", "presto", "bigquery", "databricks", "hana", "ibm_db_sa"}
+)  # fmt: skip
+"""Schemes that make ``scheme:...`` a database URL, not a file name, even without ``//``."""
+
+_URL_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):(//)?")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class PostgresStore:
+    """A PostgreSQL store: the server's URL and the schema poolscope's tables live in.
+
+    ``str()`` gives the URL with its password (and secret query values) as ``***``: that
+    is all that ever reaches a log line, an error or the store.
+    """
+
+    conninfo: str = field(repr=False)
+    """The URL as libpq takes it (``postgresql://...``), password included: never shown."""
+    schema: str
+    """The schema holding the tables (``poolscope`` unless the URL's ``?schema=`` says)."""
+    display: str
+    """The URL as given, secrets masked."""
+
+    @property
+    def name(self) -> str:
+        return self.display
+
+    def __str__(self) -> str:
+        return self.display
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.display!r})"
+
+
+def parse_store(store: str | os.PathLike[str]) -> Path | PostgresStore:
+    """Tell what ``store`` names: a SQLite file (a path) or a PostgreSQL store (a URL).
+
+    :raises ValueError: ``store`` looks like a URL (``scheme://``, or ``scheme:`` with a
+        database's scheme) but not one of PostgreSQL's, or a PostgreSQL URL with a bad
+        ``?schema=``.
+    """
+    text = os.fspath(store)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    match = _URL_LIKE.match(text)
+    if match is None:
+        return Path(text).expanduser()
+    scheme = match.group(1).lower()
+    if scheme in POSTGRES_SCHEMES and match.group(2):
+        return _postgres_store(text)
+    if not match.group(2) and scheme.split("+")[0] not in _DB_SCHEMES:
+        return Path(text).expanduser()  # "C:\\stores\\a.db", "notes:1.db": a file name
+    from ._secrets import masked_argv
+
+    shown = masked_argv([text])[0]
+    if scheme.startswith(("postgresql+", "postgres+")):
+        raise ValueError(
+            f"poolscope writes to PostgreSQL through psycopg 3, not {scheme.split('+')[1]}: "
+            f"give the store as postgresql+psycopg://... (not {shown})"
+        )
+    raise ValueError(
+        f"store {shown} is neither a file path (a SQLite store) nor a postgresql+psycopg:// "
+        "URL (a PostgreSQL store); poolscope records into no other database"
+    )
+
+
+def _postgres_store(url: str) -> PostgresStore:
+    from ._secrets import masked_argv
+
+    shown = masked_argv([url])[0]
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    schema = schemas[-1] if schemas else DEFAULT_PG_SCHEMA
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(
+            f"?schema={schema!r} in store {shown} is not a plain PostgreSQL name (letters, "
+            "digits and _, not starting with a digit, at most 63)"
+        )
+    rest = [(k, v) for k, v in query if k != "schema"]
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+    return PostgresStore(conninfo=conninfo, schema=schema.lower(), display=shown)
+
+
+def resolve_store_path(store: str | os.PathLike[str] | None) -> Path | PostgresStore:
+    """Return the store: ``store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``; a
+    path for a SQLite file, a :class:`PostgresStore` for a PostgreSQL URL.
+
+    :raises ValueError: a URL of another database (see :func:`parse_store`).
+    """
     if store is None:
         store = os.environ.get("POOLSCOPE_STORE") or DEFAULT_STORE
-    return Path(store).expanduser()
+    if isinstance(store, PostgresStore | Path):
+        return store
+    return parse_store(store)
 
 
 WRITE_BUSY_TIMEOUT_MS = 5000
@@ -160,6 +263,8 @@ def connect_for_writing(
         elif int(row[0]) > SCHEMA_VERSION:
             conn.execute("ROLLBACK")
             raise StoreVersionError(_newer_message(path, int(row[0])))
+        # Which store this is, wherever its file is copied: push maps its rows by it.
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (str(uuid.uuid4()),))
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
@@ -255,6 +360,10 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
     :raises StoreVersionError: written by a newer poolscope.
     """
     path = resolve_store_path(store)
+    if isinstance(path, PostgresStore):
+        from . import _pg_store
+
+        return _pg_store.open_for_reading(path)
     if not path.exists():
         raise StoreNotFoundError(
             f"no store at {path} (attach poolscope to an engine to create one)"

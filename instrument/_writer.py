@@ -633,13 +633,19 @@ _writers: dict[str, Writer] = {}
 _registry_lock = threading.Lock()
 
 
-def get_writer(path: Path) -> Writer:
-    """Return this process's writer for ``path``, creating and starting it once."""
-    key = os.path.abspath(path)
+def get_writer(path: Path | _store.PostgresStore) -> Writer:
+    """Return this process's writer for ``path`` (a SQLite file, or a PostgreSQL store),
+    creating and starting it once."""
+    key = str(path) if isinstance(path, _store.PostgresStore) else os.path.abspath(path)
     with _registry_lock:
         writer = _writers.get(key)
         if writer is None:
-            writer = _writers[key] = Writer(Path(key))
+            if isinstance(path, _store.PostgresStore):
+                from ._pg_writer import PostgresWriter
+
+                writer = _writers[key] = PostgresWriter(path)
+            else:
+                writer = _writers[key] = Writer(Path(key))
             _hook_multiprocessing_exit()
         _install_sigterm_handler()
         writer.start()
