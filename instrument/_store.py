@@ -158,6 +158,8 @@ class PostgresStore:
     """The schema holding the tables (``poolscope`` unless the URL's ``?schema=`` says)."""
     display: str
     """The URL as given, secrets masked."""
+    url: str = field(repr=False, default="")
+    """The URL as given, password included: never shown."""
 
     @property
     def name(self) -> str:
@@ -217,7 +219,7 @@ def _postgres_store(url: str) -> PostgresStore:
         )
     rest = [(k, v) for k, v in query if k != "schema"]
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
-    return PostgresStore(conninfo=conninfo, schema=schema.lower(), display=shown)
+    return PostgresStore(conninfo=conninfo, schema=schema.lower(), display=shown, url=url)
 
 
 def resolve_store_path(store: str | os.PathLike[str] | None) -> Path | PostgresStore:

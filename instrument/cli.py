@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -26,6 +26,22 @@ def _fail(message: str) -> NoReturn:
     """Print ``poolscope: <message>`` on stderr and exit 2: the input is unusable."""
     click.echo(f"poolscope: {message}", err=True)
     sys.exit(2)
+
+
+def _store_of(store: str | None) -> Any:
+    """The store ``store`` names (a path, or a PostgreSQL store); exit 2 for a URL of
+    another database, or a PostgreSQL URL without psycopg installed."""
+    from ._store import PostgresStore, resolve_store_path
+
+    try:
+        resolved = resolve_store_path(store)
+        if isinstance(resolved, PostgresStore):
+            from ._pg_store import psycopg
+
+            psycopg()
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    return resolved
 
 
 def _require_part(module: str, what: str) -> None:
@@ -130,15 +146,16 @@ def report(
 ) -> None:
     """Report leaks, timeouts with their holders, percentiles and sizing advice from STORE.
 
-    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db. Exit status: 0 fine, 1 confirmed
+    STORE is a SQLite file or a PostgreSQL store's URL (postgresql+psycopg://...); it
+    defaults to $POOLSCOPE_STORE, else ./poolscope.db. Exit status: 0 fine, 1 confirmed
     leaks with --fail-on-leak, 2 unusable input.
     """
     from . import analysis
-    from ._store import resolve_store_path
     from .report import make_report
 
-    if output:
-        clobbered = _clobbers_store(output, resolve_store_path(store))
+    path = _store_of(store)
+    if output and isinstance(path, Path):
+        clobbered = _clobbers_store(output, path)
         if clobbered:
             _fail(f"--output {output} is {clobbered}; write the report elsewhere")
     try:
@@ -148,7 +165,7 @@ def report(
             until=analysis.parse_time(until) if until is not None else None,
             leak_after=leak_after,
         )
-        text, data = make_report(store, filters, fmt)
+        text, data = make_report(path, filters, fmt)
     except (PoolscopeError, ValueError) as exc:
         _fail(str(exc))
     if output:
@@ -174,29 +191,35 @@ def report(
 def dashboard(store: str | None, port: int, allow_any_store: bool) -> None:
     """Open the Streamlit dashboard on STORE at http://127.0.0.1:PORT.
 
-    STORE defaults to $POOLSCOPE_STORE, else ./poolscope.db. The sidebar opens only the
+    STORE is a SQLite file or a PostgreSQL store's URL; it defaults to $POOLSCOPE_STORE,
+    else ./poolscope.db. The sidebar opens only the
     stores of STORE's directory, unless --allow-any-store.
     """
     from . import analysis
-    from ._store import resolve_store_path
 
     if not _installed("streamlit"):
         _fail("the dashboard needs Streamlit: pip install 'poolscope[dashboard]'")
     _require_part("instrument.dashboard", "the dashboard")
     from .dashboard import APP  # dashboard/app.py in a clone, instrument/dashboard/ installed
 
-    path = resolve_store_path(store)
+    path = _store_of(store)
     try:
         analysis.open_store(path).close()
     except PoolscopeError as exc:
         _fail(str(exc))
+    env = dict(os.environ)
+    if isinstance(path, Path):
+        store_args = ["--store", str(path.resolve())]
+    else:  # a URL may hold a password: through the environment, never the command line
+        env["POOLSCOPE_STORE"] = path.url
+        store_args = []
     command = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", "127.0.0.1", "--server.port", str(port),
         # The project's .streamlit/config.toml says the same, but Streamlit reads it
         # only from the current directory: say it here for any directory.
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--", "--store", str(path.resolve()),
+        "--", *store_args,
         *(["--allow-any-store"] if allow_any_store else []),
     ]  # fmt: skip
     click.echo(f"poolscope dashboard: http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
@@ -205,9 +228,9 @@ def dashboard(store: str | None, port: int, allow_any_store: bool) -> None:
     if os.name == "posix":
         # Become Streamlit: a terminate or Ctrl+C sent to this process reaches the server,
         # which would otherwise be left running behind an exited parent.
-        os.execv(sys.executable, command)
+        os.execve(sys.executable, command, env)
     try:
-        sys.exit(subprocess.call(command))
+        sys.exit(subprocess.call(command, env=env))
     except KeyboardInterrupt:
         sys.exit(0)
 
@@ -242,6 +265,44 @@ def demo(duration: float, store: str, no_dashboard: bool) -> None:
     )
     if code:
         sys.exit(code)
+
+
+@cli.command()
+@click.argument("source", metavar="STORE.db")
+@click.option(
+    "--to", "target", required=True, metavar="URL",
+    help="The PostgreSQL store to copy into (postgresql+psycopg://...).",
+)  # fmt: skip
+def push(source: str, target: str) -> None:
+    """Copy the SQLite store STORE.db into the PostgreSQL store URL, idempotently.
+
+    Pushing the same store twice, or again after it grew, copies only what is new.
+    """
+    from ._push import push as push_store
+    from ._store import PostgresStore
+
+    source_path = _store_of(source)
+    if not isinstance(source_path, Path):
+        _fail(f"push copies a SQLite store (a file), not {source_path}")
+    target_store = _store_of(target)
+    if not isinstance(target_store, PostgresStore):
+        _fail(f"--to takes a PostgreSQL store's URL (postgresql+psycopg://...), not {target}")
+    shown = {"done": 0}
+
+    def progress(done: int, total: int) -> None:
+        # A line per tenth on long pushes: visible in a CI log as on a terminal.
+        if total >= 100_000 and done * 10 // total > shown["done"] * 10 // total:
+            click.echo(f"poolscope push: {done:,} of {total:,} events", err=True)
+        shown["done"] = done
+
+    try:
+        result = push_store(source_path, target_store, progress=progress)
+    except PoolscopeError as exc:
+        _fail(str(exc))
+    click.echo(
+        f"poolscope push: {source_path} -> {target_store}: {result.events} events, "
+        f"{result.processes} processes, {result.pools} pools, {result.stacks} stacks added"
+    )
 
 
 class _OneLineUsageErrors(click.Command):
