@@ -99,6 +99,7 @@ def connect(store: PostgresStore, **kwargs: Any) -> Any:
     :raises StoreUnreachableError: the server cannot be reached or refuses the connection.
     """
     pg = psycopg()
+    kwargs.setdefault("application_name", f"poolscope {store.schema}")
     try:
         return pg.connect(store.conninfo, connect_timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
     except pg.Error as exc:
@@ -144,7 +145,12 @@ def ensure_schema(conn: Any, store: PostgresStore) -> None:
             return
         if version is not None and version > SCHEMA_VERSION:
             raise StoreVersionError(_newer(store, version))
-        for statement in _tables(store.schema):
+        exists = conn.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (store.schema,)
+        ).fetchone()
+        # CREATE SCHEMA checks the database's CREATE privilege even when the schema exists:
+        # a writer role that owns a schema made for it needs none.
+        for statement in _tables(store.schema)[1 if exists else 0 :]:
             conn.execute(statement)
         s = f'"{store.schema}"'
         conn.execute(

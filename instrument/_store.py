@@ -196,7 +196,7 @@ def parse_store(store: str | os.PathLike[str]) -> Path | PostgresStore:
     if scheme.startswith(("postgresql+", "postgres+")):
         raise ValueError(
             f"poolscope writes to PostgreSQL through psycopg 3, not {scheme.split('+')[1]}: "
-            f"give the store as postgresql+psycopg://... (not {shown})"
+            f"give the store as a postgresql+psycopg:// URL, not {shown}"
         )
     raise ValueError(
         f"store {shown} is neither a file path (a SQLite store) nor a postgresql+psycopg:// "
