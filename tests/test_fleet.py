@@ -3,9 +3,7 @@ secrets and roles. Every test on the real server records into a schema of its ow
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,14 +17,13 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import PG_URL, require_postgres
 
 import instrument
 from instrument import _hooks, _record, _writer
 from instrument._store import PostgresStore, parse_store
 from instrument.cli import cli
 from instrument.report import make_report
-
-from conftest import PG_URL, require_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -473,9 +470,11 @@ class TestRoles:
                 del report["generated_at"], report["store"]
             assert read == owned
             # The reader cannot write.
-            with psycopg.connect(_conninfo(as_reader.split("?")[0])) as conn:
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    conn.execute(f'DELETE FROM "{schema}".events')
+            with (
+                psycopg.connect(_conninfo(as_reader.split("?")[0])) as conn,
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+            ):
+                conn.execute(f'DELETE FROM "{schema}".events')
         finally:
             with _admin() as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
