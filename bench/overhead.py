@@ -15,7 +15,10 @@ Prints the median over rounds of the throughput ratio against the same round's
 bare one (higher is better; 1.0 means no cost).
 
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
-                             [--sqlite-only | --postgres-only]
+                             [--sqlite-only | --postgres-only] [--store URL]
+
+``--store`` records into a PostgreSQL store (``postgresql+psycopg://...?schema=...``;
+its schema is dropped first and after) instead of a SQLite file.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import instrument
-from instrument import _writer
+from instrument import _pg_store, _writer
+from instrument._store import PostgresStore, parse_store
 
 ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
 SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
@@ -69,6 +73,8 @@ def _settle(monitor: instrument.Monitor) -> None:
     round the writer's own checkpoints are part of its cost, and are timed.
     """
     monitor.flush()
+    if isinstance(monitor.store, PostgresStore):
+        return  # no WAL of poolscope's to checkpoint
     conn = sqlite3.connect(monitor.store)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -76,7 +82,7 @@ def _settle(monitor: instrument.Monitor) -> None:
         conn.close()
 
 
-def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict[str, float]:
+def measure(url: str, seconds: float, store: Path | str, round_seconds: float) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
     Every variant runs on one engine, and so on the same database connection (and, on
@@ -86,7 +92,7 @@ def measure(url: str, seconds: float, store: Path, round_seconds: float) -> dict
     """
     engine = sa.create_engine(url)
     monitor: instrument.Monitor | None = None
-    writer = _writer.get_writer(store)
+    writer = _writer.get_writer(parse_store(store))
     written, dropped = writer.written, writer.dropped_total + len(writer.drops)
 
     def prepare(name: str) -> instrument.Monitor | None:
@@ -157,9 +163,16 @@ def main() -> int:
     )
     parser.add_argument("--sqlite-only", action="store_true")
     parser.add_argument("--postgres-only", action="store_true")
+    parser.add_argument("--store", help="a PostgreSQL store URL (default: a SQLite file)")
     args = parser.parse_args()
+    pg_store = parse_store(args.store) if args.store else None
+    if pg_store is not None and not isinstance(pg_store, PostgresStore):
+        parser.error("--store takes a PostgreSQL store URL")
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "bench.db"
+        store: Path | str = Path(tmp) / "bench.db"
+        if pg_store is not None:
+            _drop(pg_store)
+            store = args.store
         if not args.postgres_only:
             r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds)
             report("SQLite", r)
@@ -167,7 +180,14 @@ def main() -> int:
             r = measure(args.postgres_url, args.seconds, store, args.round_seconds)
             report("PostgreSQL", r)
         _writer.shutdown_all()
+        if pg_store is not None:
+            _drop(pg_store)
     return 0
+
+
+def _drop(store: PostgresStore) -> None:
+    with _pg_store.connect(store, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
 
 
 if __name__ == "__main__":
