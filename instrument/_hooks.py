@@ -219,7 +219,8 @@ class Monitor:
         """Block until everything recorded so far is on disk (or counted as dropped).
 
         :param timeout: seconds to wait at most. May be ``None`` to wait without limit.
-        :returns: ``False`` if the timeout passed first.
+        :returns: ``False`` if the timeout passed first, or (at once) if a PostgreSQL
+            store cannot be reached: its records then stay queued, up to the queue's bound.
         """
         return self._writer.flush(timeout)
 

@@ -9,10 +9,12 @@ numbers are the SQLite store's by construction, and reading needs only ``SELECT`
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,37 +181,103 @@ def _newer(store: PostgresStore, version: int) -> str:
     )
 
 
-def open_for_reading(
-    store: PostgresStore, since: float | None = None, until: float | None = None
-) -> sqlite3.Connection:
+def open_for_reading(store: PostgresStore) -> sqlite3.Connection:
     """Copy ``store`` into a temporary SQLite store and open that read-only.
 
-    Every process, pool and stack row is copied, and the events at or after ``since`` and
-    at or before ``until`` where given (all of them otherwise). Only ``SELECT`` is run on
-    the server. The copy's file is unlinked once open: it goes when the connection closes.
+    Every process, pool, stack and event row is copied with plain ``SELECT``s: reading
+    needs no other privilege. The copy is kept (in the temporary directory, removed at
+    exit) and opened again while the store has not changed since (:func:`token`): a
+    dashboard's many loads of one state copy it once.
 
     :raises StoreUnreachableError: the server cannot be reached.
     :raises StoreNotFoundError: no poolscope store in that schema.
     :raises StoreVersionError: written by a newer poolscope.
     """
     pg = psycopg()
-    fd, name = tempfile.mkstemp(prefix="poolscope-pg-", suffix=".db")
-    os.close(fd)
-    os.unlink(name)  # connect_for_writing makes it afresh, with the schema
-    path = Path(name)
-    try:
-        with connect(store) as conn:
+    key = f"{store.conninfo} {store.schema}"
+    with _copies_lock, connect(store) as conn:
+        try:
+            _check_version(conn, store)
+            now = _token(conn, store)
+            cached = _copies.get(key)
+            if cached is not None and cached[0] == now and os.path.exists(cached[1]):
+                return _store.open_for_reading(cached[1])
+            fd, name = tempfile.mkstemp(prefix="poolscope-pg-", suffix=".db")
+            os.close(fd)
+            os.unlink(name)  # connect_for_writing makes it afresh, with the schema
+            path = Path(name)
             try:
-                copy_into_sqlite(conn, store, path, since=since, until=until)
-            except pg.Error as exc:
-                raise StoreUnreachableError(
-                    f"cannot read the PostgreSQL store {store} ({safe_error(exc, store)})"
-                ) from None
+                copy_into_sqlite(conn, store, path)
+            except BaseException:
+                _remove(path)
+                raise
+        except pg.Error as exc:
+            raise StoreUnreachableError(
+                f"cannot read the PostgreSQL store {store} ({safe_error(exc, store)})"
+            ) from None
+        if cached is not None:
+            _remove(cached[1])  # a reader still holding it open keeps reading it
+        _copies[key] = (now, path)
         return _store.open_for_reading(path)
-    finally:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            with contextlib.suppress(OSError):
-                os.unlink(f"{path}{suffix}")
+
+
+def token(store: PostgresStore) -> tuple[Any, ...]:
+    """A cheap fingerprint of ``store``'s contents: it changes whenever a row is written
+    (the newest ids, the processes' count, newest heartbeat and ends).
+
+    :raises StoreError: as :func:`open_for_reading`.
+    """
+    pg = psycopg()
+    with connect(store) as conn:
+        try:
+            _check_version(conn, store)
+            return _token(conn, store)
+        except pg.Error as exc:
+            raise StoreUnreachableError(
+                f"cannot read the PostgreSQL store {store} ({safe_error(exc, store)})"
+            ) from None
+
+
+def _token(conn: Any, store: PostgresStore) -> tuple[Any, ...]:
+    s = f'"{store.schema}"'
+    row = conn.execute(
+        f"SELECT (SELECT max(id) FROM {s}.events), (SELECT max(id) FROM {s}.pools), "
+        f"(SELECT max(id) FROM {s}.stacks), count(*), max(heartbeat_at), count(ended_at) "
+        f"FROM {s}.processes"
+    ).fetchone()
+    conn.rollback()
+    return tuple(row)
+
+
+def _check_version(conn: Any, store: PostgresStore) -> None:
+    version = _version(conn, store)
+    conn.rollback()  # no transaction left open on the reader's session
+    if version is None:
+        raise StoreNotFoundError(
+            f"no poolscope store in schema {store.schema} of {store} (attach poolscope "
+            "with this URL to create one)"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreVersionError(_newer(store, version))
+
+
+_copies: dict[str, tuple[tuple[Any, ...], Path]] = {}
+"""The SQLite copy of each PostgreSQL store read in this process, with its token."""
+
+_copies_lock = threading.Lock()
+
+
+def _remove(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}{suffix}")
+
+
+@atexit.register
+def _remove_copies() -> None:
+    for _, path in list(_copies.values()):
+        _remove(path)
+    _copies.clear()
 
 
 def copy_into_sqlite(
@@ -220,15 +288,9 @@ def copy_into_sqlite(
     until: float | None = None,
     batch_rows: int = 50_000,
 ) -> None:
-    """Copy the rows of ``store`` (over ``conn``) into a new SQLite store at ``path``."""
-    version = _version(conn, store)
-    if version is None:
-        raise StoreNotFoundError(
-            f"no poolscope store in schema {store.schema} of {store} (attach poolscope "
-            "with this URL to create one)"
-        )
-    if version > SCHEMA_VERSION:
-        raise StoreVersionError(_newer(store, version))
+    """Copy the rows of ``store`` (over ``conn``) into a new SQLite store at ``path``;
+    only the events at or after ``since`` and at or before ``until``, where given."""
+    _check_version(conn, store)
     out = _store.connect_for_writing(path)
     try:
         out.execute("PRAGMA journal_mode=DELETE")  # one file, readable once unlinked

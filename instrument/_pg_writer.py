@@ -125,6 +125,12 @@ class PostgresWriter(Writer):
                 _record_bound(),
             )
 
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """As ``Writer.flush``, but ``False`` at once where the store cannot be reached:
+        the records stay queued (up to the bound) until it can."""
+        done = super().flush(timeout)
+        return done and self._pg is not None
+
     def _same_store(self) -> bool:
         return True
 
