@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from typing import Any
 
 from . import _pg_store, _store
@@ -32,6 +33,9 @@ RETRY_FIRST_SECONDS = 0.5
 
 RETRY_MAX_SECONDS = 30.0
 """The longest wait between two attempts: the backoff doubles up to it."""
+
+ROWS_BETWEEN_YIELDS = 128
+"""Rows the writer formats for COPY (holding the GIL) before it lets other threads run."""
 
 _COPY_COLUMNS = [c for c in EVENT_COLUMNS if c != "process_id"] + ["process_id"]
 """The events columns in a record's order, then ``process_id`` (the record does not carry it)."""
@@ -222,8 +226,13 @@ class PostgresWriter(Writer):
             try:
                 with cur.copy(self._copy) as copy:
                     write = copy.write_row
-                    for i in range(0, len(rows), RECORD_WIDTH):
-                        write((*rows[i : i + RECORD_WIDTH], pid))
+                    step = RECORD_WIDTH * ROWS_BETWEEN_YIELDS
+                    for start in range(0, len(rows), step):
+                        for i in range(start, min(start + step, len(rows)), RECORD_WIDTH):
+                            write((*rows[i : i + RECORD_WIDTH], pid))
+                        # Let the application's threads have the GIL: otherwise one waits
+                        # up to the 5 ms switch interval each time it needs it.
+                        time.sleep(0)
             except (UnicodeEncodeError, _pg_store.psycopg().DataError) as exc:
                 # A name PostgreSQL's text cannot hold (a lone surrogate, a NUL byte): the
                 # rows again, every str made valid. Only such a batch pays for the check.
