@@ -17,8 +17,10 @@ bare one (higher is better; 1.0 means no cost).
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
                              [--sqlite-only | --postgres-only] [--store URL]
 
-``--store`` records into a PostgreSQL store (``postgresql+psycopg://...?schema=...``;
-its schema is dropped first and after) instead of a SQLite file.
+``--store URL`` adds a variant, ``full_pg``: fully on, recording into that PostgreSQL
+store (``postgresql+psycopg://...?schema=...``; its schema is dropped first and after),
+interleaved with the others, so that ``full`` (a SQLite file) and ``full_pg`` meet the
+same machine load.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def _settle(monitor: instrument.Monitor) -> None:
         conn.close()
 
 
-def measure(url: str, seconds: float, store: Path | str, round_seconds: float) -> dict[str, float]:
+def measure(
+    url: str, seconds: float, store: Path, round_seconds: float, pg_store: str | None = None
+) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
     Every variant runs on one engine, and so on the same database connection (and, on
@@ -92,22 +96,28 @@ def measure(url: str, seconds: float, store: Path | str, round_seconds: float) -
     """
     engine = sa.create_engine(url)
     monitor: instrument.Monitor | None = None
-    writer = _writer.get_writer(parse_store(store))
-    written, dropped = writer.written, writer.dropped_total + len(writer.drops)
+    writers = [_writer.get_writer(store)]
+    if pg_store is not None:
+        writers.append(_writer.get_writer(parse_store(pg_store)))
+    written = sum(w.written for w in writers)
+    dropped = sum(w.dropped_total + len(w.drops) for w in writers)
 
     def prepare(name: str) -> instrument.Monitor | None:
         nonlocal monitor
-        if name in ("bare", "detached") and monitor is not None:
+        target = {"listeners": store, "full": store, "full_pg": pg_store}.get(name)
+        if monitor is not None and (
+            target is None or str(monitor.store) != str(parse_store(target))
+        ):
             monitor.detach()
             _settle(monitor)
             monitor = None
         if name == "detached":  # attached, then detached: nothing may be left behind
             instrument.attach(engine, store=store, name="detached").detach()
-        if name in ("listeners", "full") and monitor is None:
-            monitor = instrument.attach(engine, store=store, name="full")
+        if target is not None and monitor is None:
+            monitor = instrument.attach(engine, store=target, name="full")
         return monitor
 
-    variants = ["bare", "detached", "listeners", "full"]
+    variants = ["bare", "detached", "listeners", "full"] + (["full_pg"] if pg_store else [])
     for name in variants:  # warm up: connection made, stacks interned
         _loop(engine, 200, prepare(name))
     prepare("bare")
@@ -132,15 +142,17 @@ def measure(url: str, seconds: float, store: Path | str, round_seconds: float) -
         result[f"{name}_ratio"] = statistics.median(r)
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
-    result["events_written"] = writer.written - written
-    result["dropped"] = writer.dropped_total + len(writer.drops) - dropped
+    result["events_written"] = sum(w.written for w in writers) - written
+    result["dropped"] = sum(w.dropped_total + len(w.drops) for w in writers) - dropped
     return result
 
 
 def report(label: str, r: dict[str, float]) -> None:
     bare = r["bare"]
     print(f"{label}: bare {bare:,.0f} it/s ({1e6 / bare:.1f} µs/it)")
-    for name in ("detached", "listeners", "full"):
+    for name in ("detached", "listeners", "full", "full_pg"):
+        if name not in r:
+            continue
         cost_us = 1e6 / r[name] - 1e6 / bare
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
@@ -169,15 +181,16 @@ def main() -> int:
     if pg_store is not None and not isinstance(pg_store, PostgresStore):
         parser.error("--store takes a PostgreSQL store URL")
     with tempfile.TemporaryDirectory() as tmp:
-        store: Path | str = Path(tmp) / "bench.db"
+        store = Path(tmp) / "bench.db"
         if pg_store is not None:
             _drop(pg_store)
-            store = args.store
         if not args.postgres_only:
-            r = measure(f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds)
+            r = measure(
+                f"sqlite:///{tmp}/app.db", args.seconds, store, args.round_seconds, args.store
+            )
             report("SQLite", r)
         if not args.sqlite_only:
-            r = measure(args.postgres_url, args.seconds, store, args.round_seconds)
+            r = measure(args.postgres_url, args.seconds, store, args.round_seconds, args.store)
             report("PostgreSQL", r)
         _writer.shutdown_all()
         if pg_store is not None:
