@@ -194,6 +194,16 @@ class TestStoreUrls:
         result = CliRunner().invoke(cli, ["run", "--store", "mysql://db/x", "--", "true"])
         assert result.exit_code == 2 and "neither a file path" in result.output
 
+    def test_missing_extra_names_what_to_install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without psycopg, attach() raises ImportError and the CLI exits 2, each naming
+        the extra to install."""
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
+        url = "postgresql+psycopg://u:pw@127.0.0.1/db"
+        with pytest.raises(ImportError, match=r"pip install 'poolscope\[postgres\]'"):
+            instrument.attach(sa.create_engine("sqlite://"), store=url)
+        result = CliRunner().invoke(cli, ["report", url])
+        assert result.exit_code == 2 and "poolscope[postgres]" in result.output
+
     def test_paths_and_urls(self) -> None:
         """Paths that merely hold a colon stay files; a URL keeps its schema apart."""
         assert parse_store("C:\\stores\\a.db") == Path("C:\\stores\\a.db")
