@@ -416,6 +416,22 @@ class TestFaults:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
+def test_text_postgresql_cannot_hold(pg_store: str, schema: str, sqlite_url: str) -> None:
+    """A thread name with a lone surrogate and a NUL is written escaped; the batch's other
+    events are not lost."""
+    import threading
+
+    engine = sa.create_engine(sqlite_url, poolclass=sa.pool.QueuePool, pool_size=1)
+    monitor = instrument.attach(engine, store=pg_store, name="t")
+    worker = threading.Thread(target=_ops, args=(engine, 1), name="bad\udcff\x00name")
+    worker.start()
+    worker.join()
+    _ops(engine, 2)
+    assert monitor.flush() and monitor.dropped == 0
+    threads = [r[0] for r in _rows(schema, "SELECT thread FROM S.events WHERE kind = 'checkout'")]
+    assert sorted(threads) == ["MainThread", "MainThread", "bad\\xff\\x00name"]
+
+
 class TestSecrets:
     """A password in the store URL reaches neither the store, nor a log line, nor an error."""
 
