@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _store
-from ._store import SCHEMA_VERSION, PostgresStore
+from ._store import PostgresStore
 from .exceptions import StoreNotFoundError, StoreUnreachableError, StoreVersionError
+
+SCHEMA_VERSION = 1
+"""The PostgreSQL store's schema version (its own: the SQLite store's evolves apart); a
+reader or writer refuses a newer one."""
 
 CONNECT_TIMEOUT_SECONDS = 5
 """How long opening a connection to the store's server may take before it counts as down."""
