@@ -10,10 +10,11 @@ The writer thread hands each batch it wrote to its :class:`Keeper` (one call). T
    :data:`PRUNE_STEP_IDS` event ids per transaction; never another process's rows, so
    several processes may write one store), and records from when its raw events are
    complete (``retention.raw_since``, and the store-wide ``meta`` ``raw_since``);
-4. watches the store's size against ``max_store_mb``: past 80 % it halves the retention
-   applied (one WARNING on logger ``poolscope``); at 95 % with no raw retention left to
-   shorten, raw events are rolled up but not stored (counted in ``retention.raw_skipped``)
-   until the store has room again. The application is never slowed or failed for it.
+4. watches the store's size (pages in use) against ``max_store_mb``: past 80 % it halves
+   the retention applied at each check; past 95 % it prunes all it may and raw events are
+   rolled up but not stored (counted in ``retention.raw_skipped``) until the store is back
+   under 60 %, where the retention grows back. One WARNING on logger ``poolscope`` the
+   first time. The application is never slowed or failed for it.
 
 The SQL is plain (``DELETE ... WHERE`` on an id range, ``INSERT ... ON CONFLICT``), so that
 another store can run the same steps.
@@ -251,6 +252,16 @@ _NOT_NOTABLE = (
 )
 
 
+_RETURNED = (
+    "(kind <> 'checkout' OR EXISTS (SELECT 1 FROM events AS r WHERE "
+    "r.process_id = events.process_id AND r.pool_id = events.pool_id "
+    "AND r.checkout_id = events.checkout_id "
+    "AND r.kind IN ('checkin', 'gc_checkin', 'detach', 'unwatched')))"
+)
+"""A checkout is pruned only once its return is in the store: one still open (or open when
+its process exited or crashed) is kept."""
+
+
 def prune_step(
     conn: Any, process_id: int, after_id: int, upto_id: int, cutoff: float, cap_id: int | None
 ) -> tuple[int, int, int | None]:
@@ -262,7 +273,7 @@ def prune_step(
     kinds = ", ".join(f"'{k}'" for k in DELETABLE_KINDS)
     deleted = conn.execute(
         f"DELETE FROM events WHERE id > ? AND id <= ? AND process_id = ? AND at < ? "
-        f"AND kind IN ({kinds}) AND (checkout_id IS NULL OR {_NOT_NOTABLE})",
+        f"AND kind IN ({kinds}) AND (checkout_id IS NULL OR ({_NOT_NOTABLE} AND {_RETURNED}))",
         (after_id, upto_id, process_id, cutoff),
     ).rowcount
     dropped = 0
@@ -504,14 +515,13 @@ class Keeper:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
         used = (pages - free) * size
         cap = self.max_store_mb * (1 << 20)
-        if used > 0.8 * cap:
+        if used > 0.95 * cap:  # at the cap: prune all that may be, store no more raw
+            self.effective_keep = 0.0
+            self.store_raw = False
+            self._warn(used)
+        elif used > 0.8 * cap:  # near it: keep raw events half as long
             before = self.effective_keep
-            if math.isinf(before):
-                self.effective_keep = 86400.0
-            elif before > 1.0:
-                self.effective_keep = before / 2 if before > 2.0 else 0.0
-            if used > 0.95 * cap and self.effective_keep == 0.0:
-                self.store_raw = False
+            self.effective_keep = 86400.0 if math.isinf(before) else before / 2
             self._warn(used)
         elif used < 0.6 * cap:
             self.store_raw = True
