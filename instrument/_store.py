@@ -22,8 +22,12 @@ from .exceptions import (
     StoreVersionError,
 )
 
-SCHEMA_VERSION = 1
-"""The store schema this poolscope writes; a reader refuses anything newer."""
+SCHEMA_VERSION = 2
+"""The store schema this poolscope writes; a reader refuses anything newer.
+
+1: the first release (events, processes, pools, stacks). 2 adds the rollups, pool_rollups,
+notable and retention tables (a writer adds them to a version 1 store in place, and marks
+it 2); a version 1 store still reads."""
 
 APPLICATION = "poolscope"
 
@@ -92,6 +96,59 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_checkout
     ON events (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rollups (          -- schema 2: per call site and period
+    period_s      INTEGER NOT NULL,       -- 60 (minute) or 3600 (hour, for older data)
+    start_at      REAL NOT NULL,          -- period start, a multiple of period_s
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    stack_id      INTEGER NOT NULL,       -- the checkout's stack (0 where none)
+    checkouts     INTEGER NOT NULL,       -- checkouts that started in the period
+    returns       INTEGER NOT NULL,       -- checkins + gc_checkins (by return time)
+    gc_returned   INTEGER NOT NULL,
+    timeouts      INTEGER NOT NULL,
+    leaks         INTEGER NOT NULL,       -- leak_* events (any class) in the period
+    hold_sum_s    REAL NOT NULL,          -- hold: by return time
+    hold_max_s    REAL,
+    hold_hist     BLOB,                   -- instrument._histogram BLOB
+    wait_sum_s    REAL NOT NULL,          -- wait: by checkout time
+    wait_max_s    REAL,
+    wait_hist     BLOB,
+    connect_sum_s REAL NOT NULL,
+    connects      INTEGER NOT NULL,
+    PRIMARY KEY (period_s, start_at, process_id, pool_id, stack_id)
+);
+CREATE TABLE IF NOT EXISTS pool_rollups (     -- schema 2: per pool, process and period
+    period_s      INTEGER NOT NULL,
+    start_at      REAL NOT NULL,
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    events        INTEGER NOT NULL,
+    peak_in_use   INTEGER,
+    peak_overflow INTEGER,
+    peak_waiters  INTEGER,
+    peak_demand   INTEGER,                -- in_use + waiters
+    in_use_s      REAL,                   -- integral of in_use over the period covered
+    invalidations INTEGER NOT NULL,
+    disconnects   INTEGER NOT NULL,
+    PRIMARY KEY (period_s, start_at, process_id, pool_id)
+);
+CREATE TABLE IF NOT EXISTS notable (          -- schema 2: checkouts whose raw rows are kept
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    checkout_id   INTEGER NOT NULL,
+    reason        TEXT NOT NULL,          -- 'leak', 'long_hold', 'timeout_holder'
+    PRIMARY KEY (process_id, pool_id, checkout_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retention (        -- schema 2: per process, where pruning stands
+    process_id      INTEGER PRIMARY KEY,
+    raw_since       REAL NOT NULL,        -- raw events of this process at or after: complete
+    keep_raw_s      REAL,                 -- the retention asked for (NULL: none)
+    effective_keep_s REAL,                -- the retention applied (shorter near the size cap)
+    pruned          INTEGER NOT NULL DEFAULT 0,   -- raw events deleted once rolled up
+    notable         INTEGER NOT NULL DEFAULT 0,   -- checkouts marked notable
+    notable_dropped INTEGER NOT NULL DEFAULT 0,   -- notable rows not kept: past the cap
+    raw_skipped     INTEGER NOT NULL DEFAULT 0    -- events rolled up, not stored raw (size cap)
+);
 CREATE VIEW IF NOT EXISTS checkouts AS
 SELECT o.process_id, o.pool_id, o.checkout_id, o.connection_id,
        o.at AS checked_out_at, o.thread, o.task, o.stack_id, o.wait_s, o.connect_s,
@@ -265,6 +322,11 @@ def connect_for_writing(
         elif int(row[0]) > SCHEMA_VERSION:
             conn.execute("ROLLBACK")
             raise StoreVersionError(_newer_message(path, int(row[0])))
+        elif int(row[0]) < SCHEMA_VERSION:
+            # A first-release store: the tables above were just added; it is now version 2.
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
         # Which store this is, wherever its file is copied: push maps its rows by it.
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (str(uuid.uuid4()),))
         conn.execute("COMMIT")
@@ -286,6 +348,25 @@ def _add_columns(conn: sqlite3.Connection) -> None:
         for name, kind in columns:
             if name not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of the store open on ``conn`` (1 or 2)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None and str(row[0]).isdigit() else 1
+
+
+def has_table(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether the store open on ``conn`` has ``table`` (a version 1 store has no rollups)."""
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return conn.execute(sql, (table,)).fetchone() is not None
+
+
+def raw_since(conn: sqlite3.Connection) -> float | None:
+    """From when the raw events of every process in the store are complete (meta
+    ``raw_since``, unix seconds); ``None`` where no raw event was ever pruned or skipped."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'raw_since'").fetchone()
+    return float(row[0]) if row is not None else None
 
 
 def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
