@@ -6,6 +6,7 @@ import gc
 import hashlib
 import logging
 import sqlite3
+import uuid
 import subprocess
 import sys
 import time
@@ -66,8 +67,11 @@ def _checkouts(store: Path) -> int:
 
 class TestSchema:
     def test_meta_holds_the_schema_version(self, written_store: Path) -> None:
-        """A new store records its schema version and that poolscope wrote it."""
-        assert dict(query(written_store, "SELECT key, value FROM meta")) == {
+        """A new store records its schema version, that poolscope wrote it, and its own
+        identity (a uuid: what ``poolscope push`` maps its rows by)."""
+        meta = dict(query(written_store, "SELECT key, value FROM meta"))
+        assert uuid.UUID(meta.pop("store_id"))
+        assert meta == {
             "schema_version": str(_store.SCHEMA_VERSION),
             "application": "poolscope",
         }
