@@ -6,10 +6,10 @@ import gc
 import hashlib
 import logging
 import sqlite3
-import uuid
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
