@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import _store
+from . import _rollups, _store
 from ._store import PostgresStore
 from .exceptions import StoreNotFoundError, StoreUnreachableError, StoreVersionError
 
-SCHEMA_VERSION = 1
-"""The PostgreSQL store's schema version (its own: the SQLite store's evolves apart); a
-reader or writer refuses a newer one."""
+SCHEMA_VERSION = 2
+"""The PostgreSQL store's schema version (its own number: 2 added the rollup, notable and
+retention tables, as in the SQLite store's schema 2); a reader or writer refuses a newer
+one, and a writer upgrades an older one in place by adding tables."""
 
 CONNECT_TIMEOUT_SECONDS = 5
 """How long opening a connection to the store's server may take before it counts as down."""
@@ -81,6 +82,32 @@ def _tables(schema: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {s}.pushes (
             origin TEXT PRIMARY KEY, last_event_id BIGINT NOT NULL,
             pushed_at DOUBLE PRECISION NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.rollups (
+            period_s BIGINT NOT NULL, start_at DOUBLE PRECISION NOT NULL,
+            process_id BIGINT NOT NULL, pool_id BIGINT NOT NULL, stack_id BIGINT NOT NULL,
+            checkouts BIGINT NOT NULL, returns BIGINT NOT NULL, gc_returned BIGINT NOT NULL,
+            timeouts BIGINT NOT NULL, leaks BIGINT NOT NULL,
+            hold_sum_s DOUBLE PRECISION NOT NULL, hold_max_s DOUBLE PRECISION, hold_hist BYTEA,
+            wait_sum_s DOUBLE PRECISION NOT NULL, wait_max_s DOUBLE PRECISION, wait_hist BYTEA,
+            connect_sum_s DOUBLE PRECISION NOT NULL, connects BIGINT NOT NULL,
+            PRIMARY KEY (period_s, start_at, process_id, pool_id, stack_id))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.pool_rollups (
+            period_s BIGINT NOT NULL, start_at DOUBLE PRECISION NOT NULL,
+            process_id BIGINT NOT NULL, pool_id BIGINT NOT NULL, events BIGINT NOT NULL,
+            peak_in_use BIGINT, peak_overflow BIGINT, peak_waiters BIGINT, peak_demand BIGINT,
+            in_use_s DOUBLE PRECISION, invalidations BIGINT NOT NULL,
+            disconnects BIGINT NOT NULL,
+            PRIMARY KEY (period_s, start_at, process_id, pool_id))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.notable (
+            process_id BIGINT NOT NULL, pool_id BIGINT NOT NULL, checkout_id BIGINT NOT NULL,
+            reason TEXT NOT NULL, PRIMARY KEY (process_id, pool_id, checkout_id))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.retention (
+            process_id BIGINT PRIMARY KEY, raw_since DOUBLE PRECISION NOT NULL,
+            keep_raw_s DOUBLE PRECISION, effective_keep_s DOUBLE PRECISION,
+            pruned BIGINT NOT NULL DEFAULT 0, notable BIGINT NOT NULL DEFAULT 0,
+            notable_dropped BIGINT NOT NULL DEFAULT 0, raw_skipped BIGINT NOT NULL DEFAULT 0)""",
+        f"""CREATE INDEX IF NOT EXISTS events_by_checkout ON {s}.events
+            (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL""",
     ]
 
 
@@ -95,6 +122,13 @@ COPIED_TABLES = {
     ),
     "stacks": ("id", "fingerprint", "site", "frames"),
     "events": ("id", *_store.EVENT_COLUMNS),
+    "rollups": _rollups.ROLLUP_COLUMNS,
+    "pool_rollups": _rollups.POOL_ROLLUP_COLUMNS,
+    "notable": ("process_id", "pool_id", "checkout_id", "reason"),
+    "retention": (
+        "process_id", "raw_since", "keep_raw_s", "effective_keep_s", "pruned", "notable",
+        "notable_dropped", "raw_skipped",
+    ),
 }  # fmt: skip
 """The columns both stores have, by table: what a reader copies and ``push`` writes."""
 
@@ -320,6 +354,9 @@ def copy_into_sqlite(
             for rows in _select(conn, f"SELECT {', '.join(columns)} FROM {s}.{table}{where}",
                                 params, batch_rows):  # fmt: skip
                 out.executemany(insert, rows)
+        for rows in _select(conn, f"SELECT key, value FROM {s}.meta WHERE key = 'raw_since'",
+                            [], batch_rows):  # fmt: skip
+            out.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
         out.execute("COMMIT")
     finally:
         out.close()

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import socket
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from . import _pg_store, _store
 from ._clock import REAL
 from ._record import EVENT_COLUMNS, NULLABLE, POOL, RECORD_WIDTH, STACK
+from ._retention import Keeper
 from ._secrets import masked_argv
 from ._store import PostgresStore
 from ._writer import Writer, _poolscope_version, _sqlalchemy_version
@@ -54,6 +56,8 @@ class PostgresWriter(Writer):
     def __init__(self, store: PostgresStore) -> None:
         super().__init__(store)  # type: ignore[arg-type]
         self.store = store
+        self.keeper = PostgresKeeper()
+        self._keeper_conn: _SqliteLike | None = None
         self._pg: Any = None
         self._retry_s = RETRY_FIRST_SECONDS
         self._schema = f'"{store.schema}"'
@@ -76,8 +80,12 @@ class PostgresWriter(Writer):
             return None
         try:
             _pg_store.ensure_schema(conn, self.store)
+            # The keeper's SQL names the tables alone: they are found in the store's schema.
+            conn.execute(f"SET search_path TO {self._schema}")
+            keeper_conn = _SqliteLike(conn)
             with conn.transaction():
-                if self.process_id is None:
+                new_process = self.process_id is None
+                if new_process:
                     self.process_id = conn.execute(
                         f"INSERT INTO {self._schema}.processes (pid, parent_id, host, argv, "
                         "python, sqlalchemy, poolscope, started_at, heartbeat_at) "
@@ -96,6 +104,8 @@ class PostgresWriter(Writer):
                     ).fetchone()[0]
                 else:  # reconnected: the same process row, alive again
                     conn.execute(self._heartbeat(now))
+            if new_process:
+                self.keeper.start(keeper_conn, self.process_id, now)  # type: ignore[arg-type]
         except Exception as exc:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -105,6 +115,7 @@ class PostgresWriter(Writer):
             logger.warning("poolscope writes to its store %s again", self.store)
             self._reported_failure = False
         self._pg = self._conn = conn
+        self._keeper_conn = keeper_conn
         self._failed_at = None
         self._retry_s = RETRY_FIRST_SECONDS
         self._last_heartbeat = now
@@ -172,16 +183,18 @@ class PostgresWriter(Writer):
                 rows[k::RECORD_WIDTH] = [None if v == "" else v for v in rows[k::RECORD_WIDTH]]
         pools, stacks = rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH]
         now = REAL.wall()
+        # At the keeper's size cap the records are rolled up but not stored raw.
+        raw = self.keeper.store_raw
         try:
             try:
-                self._transaction(conn, rows, dropped, now, new_stacks, new_pools)
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw)
             except _Retry:
                 self._unwrite(new_stacks, new_pools)
                 new_stacks.clear()
                 new_pools.clear()
                 rows = [_text(v) if type(v) is str else v for v in rows]
                 rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH] = pools, stacks
-                self._transaction(conn, rows, dropped, now, new_stacks, new_pools)
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw)
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
@@ -194,6 +207,20 @@ class PostgresWriter(Writer):
             if conn.broken or conn.closed:
                 self._close()
                 self._failed_at = REAL.wall()
+            return
+        self._after_batch_pg(rows, now, raw)
+
+    def _after_batch_pg(self, rows: list[Any], now: float, raw: bool) -> None:
+        """Rollups, notable checkouts and retention of the batch just written (``rows``,
+        its ids the store's already): the SQLite store's keeper, on this connection."""
+        if self._keeper_conn is None:
+            return
+        leak_after = {
+            self._pool_ids[key]: info["leak_after_s"]
+            for key, info in self.pools.items()
+            if key in self._pool_ids
+        }
+        self.keeper.after_batch(self._keeper_conn, rows, None, None, leak_after, now, raw)
 
     def _transaction(
         self,
@@ -203,15 +230,17 @@ class PostgresWriter(Writer):
         now: float,
         new_stacks: list[int],
         new_pools: list[int],
+        raw: bool = True,
     ) -> None:
-        """Write one batch in one transaction: new stack and pool rows, the events (COPY),
-        the drop count and the heartbeat."""
+        """Write one batch in one transaction: new stack and pool rows, the events (COPY;
+        not where ``raw`` is false), the drop count and the heartbeat."""
         with conn.transaction():
             self._write_stacks_pg(conn, new_stacks)
             self._write_pools_pg(conn, new_pools)
             rows[POOL::RECORD_WIDTH] = map(self._pool_ids.get, rows[POOL::RECORD_WIDTH])
             rows[STACK::RECORD_WIDTH] = map(self._stack_ids.get, rows[STACK::RECORD_WIDTH])
-            self._copy_rows(conn, rows)
+            if raw:
+                self._copy_rows(conn, rows)
             if dropped:
                 conn.execute(
                     f"INSERT INTO {self._schema}.events (at, process_id, pool_id, kind, "
@@ -309,6 +338,7 @@ class PostgresWriter(Writer):
 
     def _close(self) -> None:
         conn, self._pg, self._conn = self._pg, None, None
+        self._keeper_conn = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -319,6 +349,74 @@ class PostgresWriter(Writer):
         self._pg = None
         super().reinit_after_fork()
         self._retry_s = RETRY_FIRST_SECONDS
+
+
+class PostgresKeeper(Keeper):
+    """The SQLite store's :class:`_retention.Keeper` (rollups, notable checkouts, pruning
+    past ``keep_raw``) on a PostgreSQL store, through :class:`_SqliteLike`.
+
+    ``max_store_mb`` is not applied: PostgreSQL does not give back the space of deleted
+    rows (autovacuum lets new rows reuse it), so the tables' size says little of what is
+    stored; ``keep_raw`` bounds a PostgreSQL store.
+    """
+
+    def _check_size(self, conn: Any, now: float) -> None:
+        return None
+
+
+_TRANSLATIONS = (
+    ("%", "%%"),
+    ("?", "%s"),
+    ("BEGIN IMMEDIATE", "BEGIN"),
+    ("max(raw_since, ", "GREATEST(raw_since, "),
+    ("CAST(value AS REAL)", "CAST(meta.value AS DOUBLE PRECISION)"),
+    ("ELSE value END", "ELSE meta.value END"),
+    ("AS REAL", "AS DOUBLE PRECISION"),
+)
+"""How the keeper's SQLite statements read in PostgreSQL (its SQL is plain on purpose)."""
+
+
+class _SqliteLike:
+    """A psycopg connection (autocommit, ``search_path`` on the store's schema) with the
+    parts of ``sqlite3.Connection`` the keeper uses: ``execute``, ``executemany`` and
+    ``total_changes``; its errors raised as ``sqlite3.OperationalError``."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.total_changes = 0
+
+    @staticmethod
+    def translate(sql: str, with_params: bool = True) -> str:
+        for old, new in _TRANSLATIONS if with_params else _TRANSLATIONS[2:]:
+            sql = sql.replace(old, new)
+        if sql.lstrip().upper().startswith("INSERT OR IGNORE"):
+            sql = sql.replace("INSERT OR IGNORE", "INSERT", 1) + " ON CONFLICT DO NOTHING"
+        return sql
+
+    def _changes(self, sql: str, rowcount: int) -> None:
+        if rowcount > 0 and sql.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE"):
+            self.total_changes += rowcount
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        try:
+            cur = self.conn.execute(self.translate(sql, bool(params)), params or None)
+        except Exception as exc:
+            raise sqlite3.OperationalError(_first_line(exc)) from None
+        self._changes(sql, cur.rowcount)
+        return cur
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(self.translate(sql), list(rows))
+                self._changes(sql, cur.rowcount)
+        except Exception as exc:
+            raise sqlite3.OperationalError(_first_line(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Retry(Exception):

@@ -4,6 +4,7 @@ secrets and roles. Every test on the real server records into a schema of its ow
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 import textwrap
@@ -518,3 +519,52 @@ def test_analysis_takes_the_url(pg_store: str, tmp_path: Path) -> None:
         assert len(instrument.analysis.processes(conn)) == 1
     finally:
         conn.close()
+
+
+class TestRetention:
+    """Rollups, notable checkouts and keep_raw on a PostgreSQL store, as on a SQLite one."""
+
+    def test_pruned_store_finds_what_the_whole_one_finds(
+        self, tmp_path: Path, schema: str, sqlite_url: str
+    ) -> None:
+        """Raw events past keep_raw are pruned once rolled up, but not those of leaks,
+        timeout holders or long holds: the leaks and timeouts found, the rollups' counts
+        and the notable reasons are those of the same workload kept whole, and of the same
+        workload in a SQLite store."""
+        from test_retention import LEAK_AFTER, Workload, _findings
+
+        t0 = time.time() - 3600
+        found: dict[str, Any] = {}
+        for name, keep in (("whole", math.inf), ("pruned", 60.0), ("file", 60.0)):
+            store = (
+                str(tmp_path / "file.db")
+                if name == "file"
+                else _with_query(PG_URL, schema=f"{schema}_{name}")
+            )
+            engine = sa.create_engine(sqlite_url)
+            monitor = instrument.attach(
+                engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=keep
+            )
+            monitor.flush()
+            Workload(monitor, t0).emit(monitor)
+            monitor.close()
+            engine.dispose()
+            found[name] = store
+        pruned = f"{schema}_pruned"
+        try:
+            old = _rows(pruned, f"SELECT count(*) FROM S.events WHERE at < {t0 + 3000}")[0][0]
+            whole = _rows(f"{schema}_whole", f"SELECT count(*) FROM S.events "
+                                             f"WHERE at < {t0 + 3000}")[0][0]  # fmt: skip
+            assert old < whole / 10  # pruned
+            assert _rows(pruned, "SELECT sum(checkouts) FROM S.rollups")[0][0] == 3005
+            reasons = dict(_rows(pruned, "SELECT checkout_id, reason FROM S.notable"))
+            assert reasons[10_004] == reasons[10_005] == "timeout_holder"
+            assert reasons[10_001] == "leak"
+            (raw_since,) = _rows(pruned, "SELECT value FROM S.meta WHERE key = 'raw_since'")[0]
+            assert t0 + 300 < float(raw_since) < time.time()
+            assert _findings(found["pruned"]) == _findings(found["whole"])
+            assert _findings(found["pruned"]) == _findings(found["file"])
+        finally:
+            with _admin() as conn:
+                for name in ("whole", "pruned"):
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_{name}" CASCADE')
