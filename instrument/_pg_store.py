@@ -78,7 +78,6 @@ def _tables(schema: str) -> list[str]:
             task TEXT, in_use BIGINT, idle BIGINT, overflow BIGINT, waiters BIGINT,
             stack_id BIGINT, wait_s DOUBLE PRECISION, connect_s DOUBLE PRECISION,
             hold_s DOUBLE PRECISION, count BIGINT)""",
-        f"CREATE INDEX IF NOT EXISTS events_at ON {s}.events (at)",
         f"""CREATE TABLE IF NOT EXISTS {s}.pushes (
             origin TEXT PRIMARY KEY, last_event_id BIGINT NOT NULL,
             pushed_at DOUBLE PRECISION NOT NULL)""",

@@ -199,6 +199,7 @@ def _push(
             done += len(rows)
             if progress is not None:
                 progress(done, total)
+    _push_rollups(src, conn, s, processes, pools, stacks)
     conn.execute(
         f"INSERT INTO {s}.pushes (origin, last_event_id, pushed_at) VALUES (%s, %s, %s) "
         "ON CONFLICT (origin) DO UPDATE SET last_event_id = EXCLUDED.last_event_id, "
@@ -206,3 +207,58 @@ def _push(
         (origin, newest, REAL.wall()),
     )
     return PushResult(origin, new_processes, new_pools, new_stacks, done)
+
+
+_KEYS = {
+    "rollups": ("period_s", "start_at", "process_id", "pool_id", "stack_id"),
+    "pool_rollups": ("period_s", "start_at", "process_id", "pool_id"),
+    "notable": ("process_id", "pool_id", "checkout_id"),
+    "retention": ("process_id",),
+}
+"""The primary key of each table of schema 2 that push copies."""
+
+
+def _push_rollups(
+    src: sqlite3.Connection,
+    conn: Any,
+    s: str,
+    processes: dict[int, int],
+    pools: dict[int, int],
+    stacks: dict[int, int],
+) -> None:
+    """Copy the source's rollups, notable checkouts, retention rows and ``raw_since``
+    (schema 2; nothing for a first-release store). A source process's rows are its own, so
+    each row replaces the one pushed before: pushing again changes nothing."""
+    tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    ids = {"process_id": processes, "pool_id": pools, "stack_id": stacks}
+    for table, key in _KEYS.items():
+        if table not in tables:
+            continue
+        columns = COPIED_TABLES[table]
+        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in key)
+        action = f"DO UPDATE SET {sets}" if sets and table != "notable" else "DO NOTHING"
+        rows = []
+        for values in src.execute(f"SELECT {', '.join(columns)} FROM {table}"):
+            row = list(values)
+            for i, column in enumerate(columns):
+                if column in ids and row[i]:  # 0: no pool or stack
+                    row[i] = ids[column].get(row[i], 0)
+            rows.append(row)
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {s}.{table} ({', '.join(columns)}) "
+                    f"VALUES ({', '.join(['%s'] * len(columns))}) "
+                    f"ON CONFLICT ({', '.join(key)}) {action}",
+                    rows,
+                )
+    if "meta" in tables:
+        row = src.execute("SELECT value FROM meta WHERE key = 'raw_since'").fetchone()
+        if row is not None:
+            conn.execute(
+                f"INSERT INTO {s}.meta (key, value) VALUES ('raw_since', %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = CASE WHEN "
+                "CAST(meta.value AS DOUBLE PRECISION) < CAST(EXCLUDED.value AS DOUBLE PRECISION) "
+                "THEN EXCLUDED.value ELSE meta.value END",
+                (str(row[0]),),
+            )

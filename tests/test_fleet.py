@@ -568,3 +568,27 @@ class TestRetention:
             with _admin() as conn:
                 for name in ("whole", "pruned"):
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_{name}" CASCADE')
+
+    def test_push_carries_rollups_and_notable(
+        self, tmp_path: Path, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """A pruned SQLite store pushed twice gives the PostgreSQL store its rollups (counted
+        once), notable checkouts and raw_since: the same leaks and timeouts are found."""
+        from test_retention import LEAK_AFTER, Workload, _findings
+
+        store = tmp_path / "pruned.db"
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(
+            engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=60.0
+        )
+        monitor.flush()
+        Workload(monitor, time.time() - 3600).emit(monitor)
+        monitor.close()
+        engine.dispose()
+        for _ in range(2):
+            result = CliRunner().invoke(cli, ["push", str(store), "--to", pg_store])
+            assert result.exit_code == 0, result.output
+        assert _rows(schema, "SELECT sum(checkouts) FROM S.rollups")[0][0] == 3005
+        assert _rows(schema, "SELECT count(*) FROM S.meta WHERE key = 'raw_since'")[0][0] == 1
+        assert _findings(pg_store) == _findings(store)
+        assert _findings(store)[0]  # leaks found, so the equality is not vacuous
