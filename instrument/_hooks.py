@@ -976,12 +976,18 @@ def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
         raise ValueError(f"leak_after must be a number of seconds, not {leak_after!r}.")
     if not leak_after > 0:
         raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
+    if isinstance(store, PostgresStore):  # a pool dispose() put in place, handed over
+        return _check_name(name)
     if store is not None and (not isinstance(store, (str, os.PathLike)) or not os.fspath(store)):
         raise ValueError(f"store must be a file path or a PostgreSQL URL, not {store!r}.")
     if isinstance(resolve_store_path(store), PostgresStore):  # ValueError: another database
         from ._pg_store import psycopg
 
         psycopg()  # ImportError naming the extra to install
+    _check_name(name)
+
+
+def _check_name(name: Any) -> None:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, not {name!r}.")
 

@@ -351,6 +351,7 @@ class PostgresWriter(Writer):
         if self._pg is not None:
             _inherited.append(self._pg)  # the parent's session: neither ours to use nor close
         self._pg = None
+        self._keeper_conn = None
         super().reinit_after_fork()
         self._retry_s = RETRY_FIRST_SECONDS
 

@@ -592,3 +592,33 @@ class TestRetention:
         assert _rows(schema, "SELECT count(*) FROM S.meta WHERE key = 'raw_since'")[0][0] == 1
         assert _findings(pg_store) == _findings(store)
         assert _findings(store)[0]  # leaks found, so the equality is not vacuous
+
+
+def _child_ops(engine: sa.Engine) -> None:
+    engine.dispose(close=False)  # as SQLAlchemy documents for a forked child
+    _ops(engine, 5)
+
+
+def test_forked_child_writes_its_own_process_row(
+    pg_store: str, schema: str, sqlite_url: str
+) -> None:
+    """A forked child records as a process of its own (parent_id set), the pool its
+    ``dispose(close=False)`` puts in place included, and the parent's session goes on
+    undisturbed by the child's exit."""
+    import multiprocessing
+
+    engine = sa.create_engine(sqlite_url, poolclass=sa.pool.QueuePool, pool_size=1)
+    monitor = instrument.attach(engine, store=pg_store, name="f")
+    _ops(engine, 3)
+    assert monitor.flush()
+    child = multiprocessing.get_context("fork").Process(target=_child_ops, args=(engine,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    _ops(engine, 3)
+    assert monitor.flush() and monitor.dropped == 0
+    rows = _rows(schema, "SELECT id, parent_id FROM S.processes ORDER BY id")
+    assert len(rows) == 2 and rows[1][1] == rows[0][0]
+    per_process = dict(_rows(schema, "SELECT process_id, count(*) FROM S.events "
+                                     "WHERE kind = 'checkout' GROUP BY process_id"))  # fmt: skip
+    assert per_process == {rows[0][0]: 6, rows[1][0]: 5}
