@@ -212,19 +212,23 @@ class PostgresWriter(Writer):
                 self._close()
                 self._failed_at = REAL.wall()
             return
-        self._after_batch_pg(rows, now, raw)
+        self._after_batch_pg(rows if isinstance(flat, list) else flat, now, raw)
 
-    def _after_batch_pg(self, rows: list[Any], now: float, raw: bool) -> None:
-        """Rollups, notable checkouts and retention of the batch just written (``rows``,
-        its ids the store's already): the SQLite store's keeper, on this connection."""
+    def _after_batch_pg(self, batch: Any, now: float, raw: bool) -> None:
+        """Rollups, notable checkouts and retention of the batch just written: the SQLite
+        store's keeper, on this connection. ``batch``: the rows as written (a list, the
+        store's ids already), or the queue's ``Events`` (read in C; local ids, mapped)."""
         if self._keeper_conn is None:
             return
+        mapped = isinstance(batch, list)
+        pools = None if mapped else self._pool_ids
+        stacks = None if mapped else self._stack_ids
         leak_after = {
             self._pool_ids[key]: info["leak_after_s"]
             for key, info in self.pools.items()
             if key in self._pool_ids
         }
-        self.keeper.after_batch(self._keeper_conn, rows, None, None, leak_after, now, raw)
+        self.keeper.after_batch(self._keeper_conn, batch, pools, stacks, leak_after, now, raw)
 
     def _transaction(
         self,
