@@ -68,6 +68,9 @@ SIZE_CHECK_S = 5.0
 MINUTE_ROWS_S = 86400.0
 """Minute rollups older than a day are merged into hour rows (``period_s`` 3600)."""
 
+MINUTE_ROWS_AT_CAP_S = 3600.0
+"""While the store is at its size cap, minute rollups older than an hour are merged."""
+
 COARSEN_EVERY_S = 600.0
 COARSEN_ROWS = 2000
 
@@ -548,7 +551,8 @@ class Keeper:
         while REAL.perf() < deadline:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                moved = coarsen_step(conn, self.process_id, now - MINUTE_ROWS_S, COARSEN_ROWS)
+                age = MINUTE_ROWS_S if self.store_raw else MINUTE_ROWS_AT_CAP_S
+                moved = coarsen_step(conn, self.process_id, now - age, COARSEN_ROWS)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
