@@ -292,9 +292,18 @@ def test_compact_rolls_up_and_prunes_a_first_release_store(tmp_path: Path) -> No
     conn = analysis.open_store(store)
     counts = analysis.summary(conn)
     conn.close()
+    # Rolled up, nothing pruned: the report reads the same.
+    kept = _poolscope("compact", str(store), "--keep-raw", "inf")
+    assert kept.returncode == 0, kept.stderr
+    assert "rolled up 6," in kept.stderr and "pruned 0 raw events" in kept.stderr
+    conn = analysis.open_store(store)
+    assert analysis.summary(conn) == counts
+    conn.close()
+    assert _findings(store) == before
+    # Then pruned past a minute before the last event.
     result = _poolscope("compact", str(store), "--keep-raw", "60")
     assert result.returncode == 0, result.stderr
-    assert "rolled up 6," in result.stderr and "vacuumed" in result.stderr
+    assert "rolled up 0 events" in result.stderr and "vacuumed" in result.stderr
     assert query(store, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
     assert query(store, "SELECT sum(checkouts), sum(timeouts), sum(gc_returned) FROM rollups") == [
         (counts["checkouts"], counts["timeouts"], 1)
