@@ -53,8 +53,8 @@ LEAK_MARGIN_S = 10.0
 """Raw events younger than a pool's ``leak_after`` plus this are never pruned: a checkout
 open that long has been flagged ``leak_suspected`` (a notable row) by then."""
 
-PRUNE_STEP_IDS = 5000
-"""Event ids per prune transaction: each step holds the store for a few milliseconds."""
+PRUNE_STEP_IDS = 10_000
+"""Event ids per prune transaction: each step holds the store for about 50 ms at most."""
 
 PRUNE_BUDGET_S = 2.0
 """The most one batch's pruning takes before it leaves the rest for the next batch. A step
