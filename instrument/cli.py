@@ -332,8 +332,24 @@ class _OneLineUsageErrors(click.Command):
     help="Seconds a hold may last before it is a suspected leak (default: "
     "$POOLSCOPE_LEAK_AFTER, else 30).",
 )
+@click.option(
+    "--keep-raw",
+    metavar="S",
+    help="Seconds of raw events the store keeps (default: $POOLSCOPE_KEEP_RAW, else 900).",
+)
+@click.option(
+    "--max-store-mb",
+    metavar="MB",
+    help="The store's budget in MiB (default: $POOLSCOPE_MAX_STORE_MB, else 1024).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def run(store: str | None, leak_after: str | None, command: tuple[str, ...]) -> None:
+def run(
+    store: str | None,
+    leak_after: str | None,
+    keep_raw: str | None,
+    max_store_mb: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run CMD with every SQLAlchemy pool of its Python processes recorded, no code change.
 
     CMD is executed in place of poolscope (exit status, signals, output and sys.argv are
@@ -342,7 +358,13 @@ def run(store: str | None, leak_after: str | None, command: tuple[str, ...]) -> 
     from ._launch import run_command
 
     try:
-        run_command(command, store=store, leak_after=leak_after)
+        run_command(
+            command,
+            store=store,
+            leak_after=leak_after,
+            keep_raw=keep_raw,
+            max_store_mb=max_store_mb,
+        )
     except ValueError as exc:
         _fail(str(exc))
 
