@@ -622,3 +622,32 @@ def test_forked_child_writes_its_own_process_row(
     per_process = dict(_rows(schema, "SELECT process_id, count(*) FROM S.events "
                                      "WHERE kind = 'checkout' GROUP BY process_id"))  # fmt: skip
     assert per_process == {rows[0][0]: 6, rows[1][0]: 5}
+
+
+def test_poolscope_run_records_into_a_postgresql_store(
+    tmp_path: Path, pg_store: str, schema: str
+) -> None:
+    """``poolscope run --store URL`` attaches a program that never imports poolscope to a
+    PostgreSQL store."""
+    program = tmp_path / "app.py"
+    program.write_text(
+        textwrap.dedent(
+            f"""
+            import sqlalchemy as sa
+            engine = sa.create_engine("sqlite:///{tmp_path / "app.db"}")
+            for _ in range(3):
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+            """
+        )
+    )
+    poolscope = Path(sys.executable).with_name("poolscope")
+    done = subprocess.run(
+        [str(poolscope), "run", "--store", pg_store, "--", sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'")[0][0] == 3
+    assert _rows(schema, "SELECT end_reason FROM S.processes") == [("exit",)]
