@@ -287,10 +287,14 @@ class PostgresWriter(Writer):
     def _write_stacks_pg(self, conn: Any, written: list[int]) -> None:
         table = self.stacks
         pending = table.pending
+        new = []
         while pending:
             local = pending.popleft()
             written.append(local)
-            resolved = table.resolve(local)
+            new.append((local, table.resolve(local)))
+        # In fingerprint order: two processes inserting the same new stacks in one
+        # transaction each wait for each other in the same order, never in a deadlock.
+        for local, resolved in sorted(new, key=lambda item: item[1].fingerprint):
             row = conn.execute(
                 f"INSERT INTO {self._schema}.stacks (fingerprint, site, frames) "
                 "VALUES (%s, %s, %s) ON CONFLICT (fingerprint) DO NOTHING RETURNING id",

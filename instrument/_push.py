@@ -152,11 +152,12 @@ def _push(
             new_pools += 1
         pools[source_id] = got[0]
 
-    # Stacks: shared by fingerprint with every other process and store.
+    # Stacks: shared by fingerprint with every other process and store; inserted in
+    # fingerprint order, as the writers do, so that concurrent inserts never deadlock.
     stacks: dict[int, int] = {}
     new_stacks = 0
     for source_id, fingerprint, site, frames in src.execute(
-        "SELECT id, fingerprint, site, frames FROM stacks"
+        "SELECT id, fingerprint, site, frames FROM stacks ORDER BY fingerprint"
     ):
         got = conn.execute(
             f"INSERT INTO {s}.stacks (fingerprint, site, frames) VALUES (%s, %s, %s) "
