@@ -651,3 +651,27 @@ def test_poolscope_run_records_into_a_postgresql_store(
     assert done.returncode == 0, done.stderr
     assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'")[0][0] == 3
     assert _rows(schema, "SELECT end_reason FROM S.processes") == [("exit",)]
+
+
+def test_a_newer_schema_is_refused(
+    pg_store: str, schema: str, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store schema written by a newer poolscope is neither read (exit 2) nor written
+    (one error logged; the records wait in the queue, as for a store that is away)."""
+    engine = sa.create_engine(sqlite_url)
+    monitor = instrument.attach(engine, store=pg_store, name="v")
+    _ops(engine, 1)
+    assert monitor.flush()
+    monitor.close()
+    _writer.shutdown_all()
+    with _admin() as conn:
+        conn.execute(f"UPDATE \"{schema}\".meta SET value = '99' WHERE key = 'schema_version'")
+    result = CliRunner().invoke(cli, ["report", pg_store])
+    assert result.exit_code == 2 and "newer poolscope" in result.output
+    caplog.set_level(logging.ERROR, logger="poolscope")
+    engine2 = sa.create_engine(sqlite_url)
+    monitor2 = instrument.attach(engine2, store=pg_store, name="v2")
+    _ops(engine2, 1)
+    assert not monitor2.flush(timeout=5)
+    assert any("newer poolscope" in r.getMessage() for r in caplog.records)
+    assert _rows(schema, "SELECT count(*) FROM S.processes")[0][0] == 1
