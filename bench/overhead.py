@@ -27,7 +27,12 @@ the default (``diagnose=False`` and ``diagnose=True``): ``diagnose=True`` instal
 
     python bench/overhead.py [--seconds 60] [--round-seconds 1] [--postgres-url URL]
                              [--sqlite-only | --postgres-only] [--statements N]
-                             [--diagnose] [--metrics]
+                             [--diagnose] [--metrics] [--store URL]
+
+``--store URL`` adds a variant, ``full_pg``: fully on, recording into that PostgreSQL
+store (``postgresql+psycopg://...?schema=...``; its schema is dropped first and after),
+interleaved with the others, so that ``full`` (a SQLite file) and ``full_pg`` meet the
+same machine load.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from typing import Any
 import sqlalchemy as sa
 
 import instrument
-from instrument import _writer
+from instrument import _pg_store, _writer
+from instrument._store import PostgresStore, parse_store
 
 ROUND_SECONDS = 1.0  # length of one round: two of the writer's batches
 SECONDS = 60.0  # per database: a median over about 15 rounds; one round varies by several %
@@ -112,6 +118,8 @@ def _settle(monitor: instrument.Monitor) -> None:
     round the writer's own checkpoints are part of its cost, and are timed.
     """
     monitor.flush()
+    if isinstance(monitor.store, PostgresStore):
+        return  # no WAL of poolscope's to checkpoint
     conn = sqlite3.connect(monitor.store)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -149,6 +157,7 @@ def measure(
     round_seconds: float,
     metrics: bool = False,
     diagnose: bool = False,
+    pg_store: str | None = None,
 ) -> dict[str, float]:
     """Return iterations per second for each variant, interleaved for ``seconds``.
 
@@ -167,8 +176,13 @@ def measure(
         attached |= {"diagnose_off": {"diagnose": False}, "diagnose_on": {"diagnose": True}}
     if metrics:
         attached["metrics"] = {"meter_provider": provider}
-    writer = _writer.get_writer(store)
-    written, dropped = writer.written, writer.dropped_total + len(writer.drops)
+    if pg_store is not None:
+        attached["full_pg"] = {"store": pg_store}
+    writers = [_writer.get_writer(store)]
+    if pg_store is not None:
+        writers.append(_writer.get_writer(parse_store(pg_store)))
+    written = sum(w.written for w in writers)
+    dropped = sum(w.dropped_total + len(w.drops) for w in writers)
 
     def options_of(name: str | None) -> dict[str, Any] | None:
         return attached.get(name) if name is not None else None
@@ -182,7 +196,8 @@ def measure(
         if name == "detached":  # attached, then detached: nothing may be left behind
             instrument.attach(engine, store=store, name="detached").detach()
         if name in attached and monitor is None:
-            monitor = instrument.attach(engine, store=store, name="full", **attached[name])
+            options = {"store": store, **attached[name]}
+            monitor = instrument.attach(engine, name="full", **options)
         monitored_as = name if monitor is not None else None
         return monitor
 
@@ -218,8 +233,8 @@ def measure(
     writer_cpu.clear()
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
-    result["events_written"] = writer.written - written
-    result["dropped"] = writer.dropped_total + len(writer.drops) - dropped
+    result["events_written"] = sum(w.written for w in writers) - written
+    result["dropped"] = sum(w.dropped_total + len(w.drops) for w in writers) - dropped
     return result
 
 
@@ -264,10 +279,16 @@ def main() -> int:
     parser.add_argument(
         "--diagnose", action="store_true", help="add a full variant per diagnose setting"
     )
+    parser.add_argument("--store", help="a PostgreSQL store URL (default: a SQLite file)")
     args = parser.parse_args()
     STATEMENTS = args.statements
+    pg_store = parse_store(args.store) if args.store else None
+    if pg_store is not None and not isinstance(pg_store, PostgresStore):
+        parser.error("--store takes a PostgreSQL store URL")
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
+        if pg_store is not None:
+            _drop(pg_store)
         if not args.postgres_only:
             r = measure(
                 f"sqlite:///{tmp}/app.db",
@@ -276,6 +297,7 @@ def main() -> int:
                 args.round_seconds,
                 args.metrics,
                 args.diagnose,
+                args.store,
             )
             report("SQLite", r)
         if not args.sqlite_only:
@@ -286,10 +308,18 @@ def main() -> int:
                 args.round_seconds,
                 args.metrics,
                 args.diagnose,
+                args.store,
             )
             report("PostgreSQL", r)
         _writer.shutdown_all()
+        if pg_store is not None:
+            _drop(pg_store)
     return 0
+
+
+def _drop(store: PostgresStore) -> None:
+    with _pg_store.connect(store, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ opens only the store it was started on and the other files of that store's direc
 ``--allow-any-store`` (``poolscope dashboard --allow-any-store``, or after ``--`` on the
 ``streamlit run`` command line) or ``$POOLSCOPE_ALLOW_ANY_STORE=1`` lifts that. A refused
 path gets one message whether or not a file is there, so the picker tells nothing about
-the rest of the disk.
+the rest of the disk. A PostgreSQL store (a URL) opens only where it is the store the
+dashboard was started on, or with ``--allow-any-store``; a URL of another database is
+refused.
 
 A page on another site can make a browser send requests to 127.0.0.1 under its own name
 (DNS rebinding): the ``Host`` header then carries that name. The dashboard shows nothing
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from instrument._store import PostgresStore, parse_store
 from instrument.exceptions import StoreError
 
 from . import data
@@ -63,10 +66,30 @@ class StorePolicy:
 
         The answer for a path outside the directory does not depend on what is on disk.
 
-        :raises StoreRefusedError: the path is outside the allowed directory.
+        :raises StoreRefusedError: the path is outside the allowed directory, or a URL of
+            another store than the started one (or of another database than PostgreSQL).
         """
+        try:
+            target = parse_store(path)
+        except ValueError as exc:
+            raise StoreRefusedError(str(exc)) from None
         if self.allow_any:
             return
+        try:
+            started = parse_store(self.started)
+        except ValueError:
+            started = None
+        if isinstance(target, PostgresStore) or not isinstance(started, os.PathLike):
+            if (
+                isinstance(target, PostgresStore)
+                and isinstance(started, PostgresStore)
+                and (target.conninfo, target.schema) == (started.conninfo, started.schema)
+            ):
+                return
+            raise StoreRefusedError(
+                "this dashboard opens only the store it was started on; to open other "
+                f"stores, start it with --allow-any-store (or ${ALLOW_ANY_STORE_ENV}=1)"
+            )
         allowed = {os.path.normpath(self.directory), os.path.realpath(self.directory)}
         # Decide on the path as written first, touching nothing outside the directory;
         # then make sure a symbolic link inside it does not lead out.

@@ -3,8 +3,10 @@
 Run it with ``streamlit run dashboard/app.py [-- --store PATH [--allow-any-store]]``. The
 store comes from ``--store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``, and can be
 changed in the sidebar to another store of its directory (any store with
-``--allow-any-store``); the page shows nothing to a request for another host name (see
-:mod:`dashboard.access`). The sidebar filters (process, pool, time window, leak threshold)
+``--allow-any-store``); a PostgreSQL store's URL (best given in ``$POOLSCOPE_STORE``, which
+no process list shows) is shown with its password masked. The page shows nothing to a
+request for another host name (see :mod:`dashboard.access`). The sidebar filters (host,
+process, pool, time window, leak threshold)
 apply to every page and are mirrored in the URL's query parameters, so a view can be shared
 as a link.
 """
@@ -35,13 +37,20 @@ def _to_unix(moment: datetime) -> float:
 
 
 def render_store_picker(policy: access.StorePolicy) -> str:
-    """Draw the store input (seeded from ``--store`` / ``$POOLSCOPE_STORE``); return the path."""
+    """Draw the store input (seeded from ``--store`` / ``$POOLSCOPE_STORE``); return the path
+    or URL. A URL is shown with its password as ``***``; left as shown, it means the
+    started store, password included."""
+    started_shown = data.shown(policy.started)
     if "store" not in st.session_state:
-        st.session_state["store"] = policy.started
+        st.session_state["store"] = started_shown
     path = st.sidebar.text_input(
-        "Store", key="store", help="Path of the SQLite file poolscope recorded into."
-    )
-    return path.strip() or "poolscope.db"
+        "Store",
+        key="store",
+        help="Path of the SQLite file poolscope recorded into, or a PostgreSQL store's URL.",
+    ).strip()
+    if path == started_shown:
+        return policy.started
+    return path or "poolscope.db"
 
 
 def _seed_from_query(first: float, last: float) -> None:
@@ -54,6 +63,8 @@ def _seed_from_query(first: float, last: float) -> None:
         st.session_state["pools"] = list(state.pools)
     if state.processes:
         st.session_state["processes"] = list(state.processes)
+    if state.hosts:
+        st.session_state["hosts"] = list(state.hosts)
     if state.since is not None or state.until is not None:
         since = first if state.since is None else state.since
         until = last if state.until is None else state.until
@@ -63,7 +74,7 @@ def _seed_from_query(first: float, last: float) -> None:
 
 
 def _repeated_params() -> dict[str, list[str]]:
-    return {name: st.query_params.get_all(name) for name in ("pool", "process")}
+    return {name: st.query_params.get_all(name) for name in ("pool", "process", "host")}
 
 
 def _window_bounds(first: float, last: float) -> tuple[datetime, datetime]:
@@ -79,7 +90,7 @@ def render_filters(store: str) -> data.View:
     """
     if st.session_state.get("_filters_store") != store:
         # Another store: the old choices of pools, processes and window mean nothing there.
-        for key in ("pools", "processes", "window", "_window_end", "site"):
+        for key in ("pools", "processes", "hosts", "window", "_window_end", "site"):
             st.session_state.pop(key, None)
         st.session_state["_filters_store"] = store
     token = data.store_token(store)
@@ -90,7 +101,17 @@ def render_filters(store: str) -> data.View:
     _seed_from_query(first, last)
 
     sidebar = st.sidebar
-    process_ids = [int(p) for p in processes["id"]]
+    host_names = sorted(set(processes["host"]))
+    kept_hosts = [h for h in st.session_state.get("hosts", []) if h in host_names]
+    if "hosts" in st.session_state:
+        st.session_state["hosts"] = kept_hosts
+    chosen_hosts = sidebar.multiselect("Hosts", host_names, key="hosts", placeholder="all hosts")
+    on_hosts = processes[processes["host"].isin(chosen_hosts)] if chosen_hosts else processes
+    process_ids = [int(p) for p in on_hosts["id"]]
+    if "processes" in st.session_state:  # a process of a host no longer chosen goes
+        st.session_state["processes"] = [
+            p for p in st.session_state["processes"] if p in process_ids
+        ]
     labels = {
         int(row.id): f"#{row.id} · pid {row.pid} · {row.state}" for row in processes.itertuples()
     }
@@ -140,22 +161,25 @@ def render_filters(store: str) -> data.View:
     state = filters.FilterState(
         pools=tuple(chosen_pools),
         processes=tuple(chosen_processes),
+        hosts=tuple(chosen_hosts),
         since=since,
         until=until,
         leak_after=leak_after,
     )
     st.query_params.from_dict(filters.to_query(state))
+    # A host is the set of its processes: the analysis filters by process.
+    scope = state.processes or (tuple(process_ids) if chosen_hosts else ())
     view_filters = analysis.Filters(
         pools=state.pools or None,
-        processes=state.processes or None,
+        processes=scope or None,
         since=since,
         until=until,
         leak_after=leak_after,
     )
     if data.load_event_count(store, token) == 0:
         raise _EmptyStore(
-            f"{store} holds no pool events yet: the app that attached poolscope has not "
-            "checked out a connection. Run it, then reload this page"
+            f"{data.shown(store)} holds no pool events yet: the app that attached poolscope "
+            "has not checked out a connection. Run it, then reload this page"
         )
     return data.View(store=store, token=token, filters=view_filters)
 

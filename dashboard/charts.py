@@ -166,6 +166,31 @@ def utilization_chart(
     return fig
 
 
+def hosts_chart(usage: pd.DataFrame, *, title: str = "In use by host") -> go.Figure:
+    """Draw each host's connections in use (its pools summed) against its capacity.
+
+    :param usage: rows of :func:`dashboard.data.host_utilization`: ``host``, ``at``,
+        ``in_use``, ``capacity`` (NaN where a pool has no bound).
+    """
+    if usage.empty:
+        return _empty(title, "no pool activity in this window")
+    fig = go.Figure()
+    palette = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    for i, (host, rows) in enumerate(usage.sort_values("at").groupby("host", sort=True)):
+        color = palette[i % len(palette)]
+        x = to_datetime(rows["at"])
+        fig.add_trace(
+            go.Scatter(x=x, y=rows["in_use"].fillna(0), name=f"{host} in use", mode="lines",
+                       line={"color": color, "shape": "hv"})
+        )  # fmt: skip
+        fig.add_trace(
+            go.Scatter(x=x, y=rows["capacity"], name=f"{host} capacity", mode="lines",
+                       line={"color": color, "dash": "dash", "shape": "hv"})
+        )  # fmt: skip
+    fig.update_layout(title=title, height=320, margin=_MARGIN, yaxis_title="connections")
+    return fig
+
+
 def timeline_chart(util: pd.DataFrame, *, title: str = "Connections in use") -> go.Figure:
     """Draw a compact timeline: connections in use per pool, with each pool's capacity dotted.
 

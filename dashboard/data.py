@@ -29,8 +29,9 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from instrument import analysis, report
-from instrument.exceptions import StoreCorruptError
+from instrument import _pg_store, analysis, report
+from instrument._store import PostgresStore, parse_store
+from instrument.exceptions import StoreCorruptError, StoreError
 from instrument.render import words
 
 CACHE_TTL_S = 600
@@ -76,8 +77,38 @@ def resolve_store(argv: Sequence[str] | None = None, environ: dict[str, str] | N
     return known.store or environ.get("POOLSCOPE_STORE") or "poolscope.db"
 
 
+def postgres_store(store: str) -> PostgresStore | None:
+    """The PostgreSQL store ``store`` names, or ``None`` for a file.
+
+    :raises StoreError: a URL of another database.
+    """
+    try:
+        parsed = parse_store(store)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    return parsed if isinstance(parsed, PostgresStore) else None
+
+
+def shown(store: str) -> str:
+    """``store`` as the dashboard shows it: a URL with its password as ``***``."""
+    try:
+        parsed = parse_store(store)
+    except ValueError:
+        from instrument._secrets import masked_argv
+
+        return masked_argv([store])[0]
+    return str(parsed) if isinstance(parsed, PostgresStore) else store
+
+
 def store_token(store: str) -> Token:
-    """Fingerprint the store and its WAL file by size and modification time."""
+    """Fingerprint the store and its WAL file by size and modification time; a PostgreSQL
+    store by its newest ids and its processes' heartbeats and ends (one query).
+
+    :raises StoreError: a PostgreSQL store that cannot be read.
+    """
+    pg = postgres_store(store)
+    if pg is not None:
+        return _pg_store.token(pg)
     token: list[int] = []
     for suffix in ("", "-wal"):
         try:
@@ -96,7 +127,7 @@ def _connection(store: str) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except sqlite3.DatabaseError as exc:
-        raise StoreCorruptError(f"{store} could not be read ({exc})") from None
+        raise StoreCorruptError(f"{shown(store)} could not be read ({exc})") from None
     finally:
         conn.close()
 
@@ -283,6 +314,32 @@ def summary(view: View) -> dict[str, Any]:
 def utilization(view: View, interval_s: float | None = None) -> pd.DataFrame:
     """:func:`load_utilization` for ``view``."""
     return load_utilization(view.store, view.token, view.filters, interval_s)
+
+
+def host_utilization(view: View, processes: pd.DataFrame) -> pd.DataFrame:
+    """In use against capacity over time, per host: each host's pools (those the filters
+    select) summed per time bucket. Columns ``host``, ``at``, ``in_use``, ``capacity``.
+
+    :param processes: the store's processes (:func:`load_processes`), for their hosts.
+    """
+    chosen = set(view.filters.processes) if view.filters.processes else None
+    frames = []
+    span = time_span(processes)
+    interval = max(1.0, (span[1] - span[0]) / 200)
+    for host, rows in processes.groupby("host", sort=True):
+        ids = [int(i) for i in rows["id"] if chosen is None or int(i) in chosen]
+        if not ids:
+            continue
+        host_view = replace(view, filters=replace(view.filters, processes=tuple(ids)))
+        util = load_utilization(host_view.store, host_view.token, host_view.filters, interval)
+        if util.empty:
+            continue
+        summed = util.groupby("at", sort=True)[["in_use", "capacity"]].sum(min_count=1)
+        summed["host"] = host
+        frames.append(summed.reset_index())
+    if not frames:
+        return pd.DataFrame(columns=["host", "at", "in_use", "capacity"])
+    return pd.concat(frames, ignore_index=True)[["host", "at", "in_use", "capacity"]]
 
 
 def timeouts(view: View) -> pd.DataFrame:

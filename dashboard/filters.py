@@ -3,6 +3,7 @@
 Query parameters (all optional)::
 
     ?pool=orders&pool=billing      pool names
+    &host=web-1&host=web-2         host names (their processes)
     &process=1&process=3           process ids of the store
     &since=2026-11-27T13:05:00Z    time window, UTC
     &until=2026-11-27T13:06:30Z
@@ -28,6 +29,7 @@ class FilterState:
 
     pools: tuple[str, ...] = ()
     processes: tuple[int, ...] = ()
+    hosts: tuple[str, ...] = ()
     since: float | None = None
     until: float | None = None
     leak_after: float | None = None
@@ -82,6 +84,7 @@ def from_query(params: Mapping[str, Any]) -> FilterState:
     return FilterState(
         pools=tuple(dict.fromkeys(v for v in _values(params, "pool") if v)),
         processes=tuple(dict.fromkeys(processes)),
+        hosts=tuple(dict.fromkeys(v for v in _values(params, "host") if v)),
         since=since,
         until=until,
         leak_after=leak_after,
@@ -93,6 +96,8 @@ def to_query(state: FilterState) -> dict[str, str | list[str]]:
     query: dict[str, str | list[str]] = {}
     if state.pools:
         query["pool"] = list(state.pools)
+    if state.hosts:
+        query["host"] = list(state.hosts)
     if state.processes:
         query["process"] = [str(p) for p in state.processes]
     if state.since is not None:

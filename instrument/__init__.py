@@ -21,6 +21,7 @@ from .exceptions import (
     StoreError,
     StoreLockedError,
     StoreNotFoundError,
+    StoreUnreachableError,
     StoreVersionError,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreUnreachableError",
     "StoreVersionError",
     "__version__",
     "attach",

@@ -33,9 +33,10 @@ from ._record import (
     NULL,
     returned_by_gc,
 )
+from ._retention import keep_raw_setting, max_store_setting
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
-from ._store import resolve_store_path, valid_text
+from ._store import PostgresStore, resolve_store_path, valid_text
 from ._text import visible
 from ._writer import Writer, get_writer, retire
 
@@ -108,8 +109,9 @@ class Monitor:
     """Records every event of one pool into a store. Made by :func:`instrument.attach`.
 
     :param target: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
-    :param store: the SQLite store path. May be ``None`` for ``$POOLSCOPE_STORE``,
-        else ``./poolscope.db``.
+    :param store: the SQLite store path, or a PostgreSQL store's URL
+        (``postgresql+psycopg://...``). May be ``None`` for ``$POOLSCOPE_STORE``, else
+        ``./poolscope.db``.
     :param leak_after: seconds a checkout may be held before the watchdog reports
         it as a suspected leak.
     :param name: the pool's name in reports. May be ``None`` for the database name.
@@ -135,7 +137,7 @@ class Monitor:
         self.diagnose = diagnose
         _check_meter_provider(meter_provider)
         self.leak_after = float(leak_after)
-        self.store: Path = resolve_store_path(store)
+        self.store: Path | PostgresStore = resolve_store_path(store)
         self._state: list[Any] = _pool_state(pool)
         # The pools this monitor hooked, each with weak references to the wrappers it set
         # on it: detach() removes a wrapper only while it is still in place.
@@ -240,7 +242,8 @@ class Monitor:
         """Block until everything recorded so far is on disk (or counted as dropped).
 
         :param timeout: seconds to wait at most. May be ``None`` to wait without limit.
-        :returns: ``False`` if the timeout passed first.
+        :returns: ``False`` if the timeout passed first, or (at once) if a PostgreSQL
+            store cannot be reached: its records then stay queued, up to the queue's bound.
         """
         self._diagnoser.settle(timeout)  # the server samples asked for so far, taken
         return self._writer.flush(timeout)
@@ -1045,8 +1048,18 @@ def _check_arguments(store: Any, leak_after: Any, name: Any) -> None:
         raise ValueError(f"leak_after must be a number of seconds, not {leak_after!r}.")
     if not leak_after > 0:
         raise ValueError(f"leak_after must be more than 0 seconds, not {leak_after!r}.")
+    if isinstance(store, PostgresStore):  # a pool dispose() put in place, handed over
+        return _check_name(name)
     if store is not None and (not isinstance(store, (str, os.PathLike)) or not os.fspath(store)):
-        raise ValueError(f"store must be a file path, not {store!r}.")
+        raise ValueError(f"store must be a file path or a PostgreSQL URL, not {store!r}.")
+    if isinstance(resolve_store_path(store), PostgresStore):  # ValueError: another database
+        from ._pg_store import psycopg
+
+        psycopg()  # ImportError naming the extra to install
+    _check_name(name)
+
+
+def _check_name(name: Any) -> None:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, not {name!r}.")
 
@@ -1170,8 +1183,11 @@ def attach(
     store: str | os.PathLike[str] | None = None,
     leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
     name: str | None = None,
+    *,
     diagnose: bool | str = DEFAULT_DIAGNOSE,
     meter_provider: Any = None,
+    keep_raw: float | None = None,
+    max_store_mb: float | None = None,
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
@@ -1181,8 +1197,11 @@ def attach(
     is reported once through ``logging`` and its events are dropped and counted.
 
     :param engine: an ``Engine``, an ``AsyncEngine`` or a bare ``Pool``.
-    :param store: the SQLite store to write. May be ``None`` for ``$POOLSCOPE_STORE``,
-        else ``./poolscope.db``.
+    :param store: the SQLite store to write (a file path), or a PostgreSQL store
+        (``postgresql+psycopg://user:pw@host/db``, optional ``?schema=NAME``, default
+        ``poolscope``). May be ``None`` for ``$POOLSCOPE_STORE``, else ``./poolscope.db``.
+    :raises ValueError: ``store`` is a URL of another database than PostgreSQL.
+    :raises ImportError: a PostgreSQL store without psycopg 3 (``poolscope[postgres]``).
     :param leak_after: seconds a checkout may be held before it is reported as a
         suspected leak (one ``leak_suspected`` event and one WARNING on logger ``poolscope``).
     :param name: the pool's name in reports. May be ``None`` for the database name.
@@ -1198,12 +1217,21 @@ def attach(
         (``opentelemetry.metrics.get_meter_provider()``). May be ``None`` (or ``False``)
         for none. Needs ``opentelemetry-api`` (``pip install 'poolscope[otel]'``); given to
         an engine attached already, its monitor reports there too.
-
-        .. versionadded:: 0.2
+    :param keep_raw: seconds of raw events the store keeps (at least 60; ``math.inf``: all);
+        older ones live on as rollups, and notable checkouts (leaks, timeouts and their
+        holders, holds past ``leak_after``) are kept for good. May be ``None`` for
+        ``$POOLSCOPE_KEEP_RAW``, else 900.
+    :param max_store_mb: the store's budget in MiB (at least 16; ``math.inf``: none): near
+        it, raw events are kept for less time, then only rolled up. May be ``None`` for
+        ``$POOLSCOPE_MAX_STORE_MB``, else 1024. Where monitors of one process give a store
+        different values, the tightest applies.
+    :raises ValueError: an argument (or its environment variable) is not valid.
     """
     _check_arguments(store, leak_after, name)
     check_diagnose(diagnose)
     _check_meter_provider(meter_provider)
+    keep = keep_raw_setting(keep_raw)
+    budget = max_store_setting(max_store_mb)
     with _registry_lock:
         existing = _existing_monitor(engine)
     if existing is not None:
@@ -1219,6 +1247,7 @@ def attach(
         diagnose=diagnose,
         meter_provider=meter_provider,
     )
+    monitor._writer.keeper.configure(keep, budget)
     with _registry_lock:
         _monitors[monitor._event_target] = monitor
     return monitor

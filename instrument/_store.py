@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._clock import REAL
 from ._record import EVENT_COLUMNS as EVENT_COLUMNS  # the order the writer inserts them
@@ -18,8 +22,12 @@ from .exceptions import (
     StoreVersionError,
 )
 
-SCHEMA_VERSION = 1
-"""The store schema this poolscope writes; a reader refuses anything newer."""
+SCHEMA_VERSION = 2
+"""The store schema this poolscope writes; a reader refuses anything newer.
+
+1: the first release (events, processes, pools, stacks). 2 adds the rollups, pool_rollups,
+notable and retention tables (a writer adds them to a version 1 store in place, and marks
+it 2); a version 1 store still reads."""
 
 APPLICATION = "poolscope"
 
@@ -88,6 +96,59 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_checkout
     ON events (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rollups (          -- schema 2: per call site and period
+    period_s      INTEGER NOT NULL,       -- 60 (minute) or 3600 (hour, for older data)
+    start_at      REAL NOT NULL,          -- period start, a multiple of period_s
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    stack_id      INTEGER NOT NULL,       -- the checkout's stack (0 where none)
+    checkouts     INTEGER NOT NULL,       -- checkouts that started in the period
+    returns       INTEGER NOT NULL,       -- checkins + gc_checkins (by return time)
+    gc_returned   INTEGER NOT NULL,
+    timeouts      INTEGER NOT NULL,
+    leaks         INTEGER NOT NULL,       -- leak_* events (any class) in the period
+    hold_sum_s    REAL NOT NULL,          -- hold: by return time
+    hold_max_s    REAL,
+    hold_hist     BLOB,                   -- instrument._histogram BLOB
+    wait_sum_s    REAL NOT NULL,          -- wait: by checkout time
+    wait_max_s    REAL,
+    wait_hist     BLOB,
+    connect_sum_s REAL NOT NULL,
+    connects      INTEGER NOT NULL,
+    PRIMARY KEY (period_s, start_at, process_id, pool_id, stack_id)
+);
+CREATE TABLE IF NOT EXISTS pool_rollups (     -- schema 2: per pool, process and period
+    period_s      INTEGER NOT NULL,
+    start_at      REAL NOT NULL,
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    events        INTEGER NOT NULL,
+    peak_in_use   INTEGER,
+    peak_overflow INTEGER,
+    peak_waiters  INTEGER,
+    peak_demand   INTEGER,                -- in_use + waiters
+    in_use_s      REAL,                   -- integral of in_use over the period covered
+    invalidations INTEGER NOT NULL,
+    disconnects   INTEGER NOT NULL,
+    PRIMARY KEY (period_s, start_at, process_id, pool_id)
+);
+CREATE TABLE IF NOT EXISTS notable (          -- schema 2: checkouts whose raw rows are kept
+    process_id    INTEGER NOT NULL,
+    pool_id       INTEGER NOT NULL,
+    checkout_id   INTEGER NOT NULL,
+    reason        TEXT NOT NULL,          -- 'leak', 'long_hold', 'timeout_holder'
+    PRIMARY KEY (process_id, pool_id, checkout_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retention (        -- schema 2: per process, where pruning stands
+    process_id      INTEGER PRIMARY KEY,
+    raw_since       REAL NOT NULL,        -- raw events of this process at or after: complete
+    keep_raw_s      REAL,                 -- the retention asked for (NULL: none)
+    effective_keep_s REAL,                -- the retention applied (shorter near the size cap)
+    pruned          INTEGER NOT NULL DEFAULT 0,   -- raw events deleted once rolled up
+    notable         INTEGER NOT NULL DEFAULT 0,   -- checkouts marked notable
+    notable_dropped INTEGER NOT NULL DEFAULT 0,   -- notable rows not kept: past the cap
+    raw_skipped     INTEGER NOT NULL DEFAULT 0    -- events rolled up, not stored raw (size cap)
+);
 CREATE VIEW IF NOT EXISTS checkouts AS
 SELECT o.process_id, o.pool_id, o.checkout_id, o.connection_id,
        o.at AS checked_out_at, o.thread, o.task, o.stack_id, o.wait_s, o.connect_s,
@@ -179,11 +240,112 @@ def valid_text(text: str) -> str:
     return text
 
 
-def resolve_store_path(store: str | os.PathLike[str] | None) -> Path:
-    """Return the store path: ``store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``."""
+DEFAULT_PG_SCHEMA = "poolscope"
+"""The PostgreSQL schema a store URL records into unless its ``?schema=`` names another."""
+
+POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql", "postgres")
+"""URL schemes that name a PostgreSQL store (written through psycopg 3)."""
+
+_DB_SCHEMES = frozenset(
+    {"sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "redshift",
+     "cockroachdb", "snowflake", "duckdb", "clickhouse", "mongodb", "redis", "db2", "sybase",
+     "firebird", "teradata", "trino", "presto", "bigquery", "databricks", "hana", "ibm_db_sa"}
+)  # fmt: skip
+"""Schemes that make ``scheme:...`` a database URL, not a file name, even without ``//``."""
+
+_URL_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):(//)?")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class PostgresStore:
+    """A PostgreSQL store: the server's URL and the schema poolscope's tables live in.
+
+    ``str()`` gives the URL with its password (and secret query values) as ``***``: that
+    is all that ever reaches a log line, an error or the store.
+    """
+
+    conninfo: str = field(repr=False)
+    """The URL as libpq takes it (``postgresql://...``), password included: never shown."""
+    schema: str
+    """The schema holding the tables (``poolscope`` unless the URL's ``?schema=`` says)."""
+    display: str
+    """The URL as given, secrets masked."""
+    url: str = field(repr=False, default="")
+    """The URL as given, password included: never shown."""
+
+    @property
+    def name(self) -> str:
+        return self.display
+
+    def __str__(self) -> str:
+        return self.display
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.display!r})"
+
+
+def parse_store(store: str | os.PathLike[str]) -> Path | PostgresStore:
+    """Tell what ``store`` names: a SQLite file (a path) or a PostgreSQL store (a URL).
+
+    :raises ValueError: ``store`` looks like a URL (``scheme://``, or ``scheme:`` with a
+        database's scheme) but not one of PostgreSQL's, or a PostgreSQL URL with a bad
+        ``?schema=``.
+    """
+    text = os.fspath(store)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    match = _URL_LIKE.match(text)
+    if match is None:
+        return Path(text).expanduser()
+    scheme = match.group(1).lower()
+    if scheme in POSTGRES_SCHEMES and match.group(2):
+        return _postgres_store(text)
+    if not match.group(2) and scheme.split("+")[0] not in _DB_SCHEMES:
+        return Path(text).expanduser()  # "C:\\stores\\a.db", "notes:1.db": a file name
+    from ._secrets import masked_argv
+
+    shown = masked_argv([text])[0]
+    if scheme.startswith(("postgresql+", "postgres+")):
+        raise ValueError(
+            f"poolscope writes to PostgreSQL through psycopg 3, not {scheme.split('+')[1]}: "
+            f"give the store as a postgresql+psycopg:// URL, not {shown}"
+        )
+    raise ValueError(
+        f"store {shown} is neither a file path (a SQLite store) nor a postgresql+psycopg:// "
+        "URL (a PostgreSQL store); poolscope records into no other database"
+    )
+
+
+def _postgres_store(url: str) -> PostgresStore:
+    from ._secrets import masked_argv
+
+    shown = masked_argv([url])[0]
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    schema = schemas[-1] if schemas else DEFAULT_PG_SCHEMA
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(
+            f"?schema={schema!r} in store {shown} is not a plain PostgreSQL name (letters, "
+            "digits and _, not starting with a digit, at most 63)"
+        )
+    rest = [(k, v) for k, v in query if k != "schema"]
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+    return PostgresStore(conninfo=conninfo, schema=schema.lower(), display=shown, url=url)
+
+
+def resolve_store_path(store: str | os.PathLike[str] | None) -> Path | PostgresStore:
+    """Return the store: ``store``, else ``$POOLSCOPE_STORE``, else ``./poolscope.db``; a
+    path for a SQLite file, a :class:`PostgresStore` for a PostgreSQL URL.
+
+    :raises ValueError: a URL of another database (see :func:`parse_store`).
+    """
     if store is None:
         store = os.environ.get("POOLSCOPE_STORE") or DEFAULT_STORE
-    return Path(store).expanduser()
+    if isinstance(store, PostgresStore | Path):
+        return store
+    return parse_store(store)
 
 
 WRITE_BUSY_TIMEOUT_MS = 5000
@@ -218,6 +380,13 @@ def connect_for_writing(
         elif int(row[0]) > SCHEMA_VERSION:
             conn.execute("ROLLBACK")
             raise StoreVersionError(_newer_message(path, int(row[0])))
+        elif int(row[0]) < SCHEMA_VERSION:
+            # A first-release store: the tables above were just added; it is now version 2.
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+        # Which store this is, wherever its file is copied: push maps its rows by it.
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (str(uuid.uuid4()),))
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
@@ -237,6 +406,25 @@ def _add_columns(conn: sqlite3.Connection) -> None:
         for name, kind in columns:
             if name not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of the store open on ``conn`` (1 or 2)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None and str(row[0]).isdigit() else 1
+
+
+def has_table(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether the store open on ``conn`` has ``table`` (a version 1 store has no rollups)."""
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return conn.execute(sql, (table,)).fetchone() is not None
+
+
+def raw_since(conn: sqlite3.Connection) -> float | None:
+    """From when the raw events of every process in the store are complete (meta
+    ``raw_since``, unix seconds); ``None`` where no raw event was ever pruned or skipped."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'raw_since'").fetchone()
+    return float(row[0]) if row is not None else None
 
 
 def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
@@ -313,6 +501,10 @@ def open_for_reading(store: str | os.PathLike[str] | None) -> sqlite3.Connection
     :raises StoreVersionError: written by a newer poolscope.
     """
     path = resolve_store_path(store)
+    if isinstance(path, PostgresStore):
+        from . import _pg_store
+
+        return _pg_store.open_for_reading(path)
     if not path.exists():
         raise StoreNotFoundError(
             f"no store at {path} (attach poolscope to an engine to create one)"

@@ -32,6 +32,7 @@ from ._record import (
     STACK,
 )
 from ._record import NULL as NULL  # the benchmarks and tests read it here too
+from ._retention import Keeper
 from ._secrets import masked_argv
 from ._stacks import StackTable
 
@@ -170,6 +171,8 @@ class Writer:
         # Diagnoses of long holds and timeout holders (see _diagnose), written with the
         # next batch; appended by the diagnose thread and the listeners.
         self.diagnoses: list[tuple[Any, ...]] = []
+        # Rollups, notable checkouts and retention of what this writer writes (_after_batch).
+        self.keeper = Keeper()
 
     def on_tick(self, every_batch: Callable[[float], None], after_fork: Callable[[], None]) -> None:
         """Call ``every_batch(now)`` in the writer thread before each batch (what it emits
@@ -321,16 +324,18 @@ class Writer:
         # it is open, else the sqlite3 connection.
         store = self._c_store
         run = store.run if store is not None else functools.partial(_run, conn)
+        # At the store's size cap the records are rolled up but not stored raw.
+        raw = self.keeper.store_raw
         try:
             now = REAL.wall()
             diagnoses = self._take_diagnoses()
-            if dropped or diagnoses or not self._write_in_one_call(flat, now):
+            if dropped or diagnoses or not raw or not self._write_in_one_call(flat, now):
                 run("BEGIN IMMEDIATE", ())
                 self._write_stacks(run, new_stacks)
                 self._write_pools(run, new_pools)
-                if store is not None:
+                if raw and store is not None:
                     self._insert_in_c(store, flat)
-                else:
+                elif raw:
                     self._insert_in_python(conn, flat)
                 if diagnoses:
                     self._write_diagnoses(run, diagnoses)
@@ -352,6 +357,22 @@ class Writer:
             self._pending_drops += nrecords
             self.dropped_total += nrecords
             self._report_failure(exc)
+            return
+        self._after_batch(conn, flat, now, raw)
+
+    def _after_batch(self, conn: sqlite3.Connection, flat: Any, now: float, raw: bool) -> None:
+        """What is fed by the records just written: rollups, notable checkouts, retention
+        (``_retention.Keeper``; never raises). ``raw``: whether they were stored raw."""
+        if isinstance(flat, list) and raw:  # _insert_in_python mapped its ids in place
+            pools, stacks = None, None
+        else:
+            pools, stacks = self._pool_ids, self._stack_ids
+        leak_after = {
+            self._pool_ids[key]: info["leak_after_s"]
+            for key, info in self.pools.items()
+            if key in self._pool_ids
+        }
+        self.keeper.after_batch(conn, flat, pools, stacks, leak_after, now, raw)
 
     def _take_diagnoses(self) -> list[tuple[Any, ...]]:
         """The diagnoses queued so far (see ``_diagnose``), taken off the list."""
@@ -556,6 +577,7 @@ class Writer:
                     now,
                 ),
             )
+            self.keeper.start(conn, int(cur.lastrowid), now)  # type: ignore[arg-type]
             conn.execute("COMMIT")
         except Exception as exc:  # OSError, sqlite3.Error
             with contextlib.suppress(sqlite3.Error):
@@ -678,13 +700,19 @@ _writers: dict[str, Writer] = {}
 _registry_lock = threading.Lock()
 
 
-def get_writer(path: Path) -> Writer:
-    """Return this process's writer for ``path``, creating and starting it once."""
-    key = os.path.abspath(path)
+def get_writer(path: Path | _store.PostgresStore) -> Writer:
+    """Return this process's writer for ``path`` (a SQLite file, or a PostgreSQL store),
+    creating and starting it once."""
+    key = str(path) if isinstance(path, _store.PostgresStore) else os.path.abspath(path)
     with _registry_lock:
         writer = _writers.get(key)
         if writer is None:
-            writer = _writers[key] = Writer(Path(key))
+            if isinstance(path, _store.PostgresStore):
+                from ._pg_writer import PostgresWriter
+
+                writer = _writers[key] = PostgresWriter(path)
+            else:
+                writer = _writers[key] = Writer(Path(key))
             _hook_multiprocessing_exit()
         _install_sigterm_handler()
         writer.start()

@@ -8,6 +8,7 @@ Hierarchy::
         ├── StoreCorruptError      not a SQLite file, or a damaged one
         ├── ForeignStoreError      a SQLite file of another application (or empty)
         ├── StoreLockedError       another process holds the store locked
+        ├── StoreUnreachableError  a PostgreSQL store's server cannot be reached
         └── StoreVersionError      written by a newer poolscope
 
 Recording never raises: the listeners and the writer log and count their own
@@ -23,6 +24,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreUnreachableError",
     "StoreVersionError",
 ]
 
@@ -49,6 +51,13 @@ class ForeignStoreError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process holds the store locked (an exclusive lock): try again later."""
+
+
+class StoreUnreachableError(StoreError):
+    """A PostgreSQL store's server cannot be reached, or refuses the connection.
+
+    .. versionadded:: 0.2
+    """
 
 
 class StoreVersionError(StoreError):

@@ -22,7 +22,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
 EXPECTED_CHARTS = {
     "overview": 1,
-    "utilization": 4,  # a utilization chart and a what-if replay chart per pool
+    "utilization": 5,  # a utilization chart and a what-if replay chart per pool; by host
     "waits": 4,
     "sites": 2,
     "leaks": 1,
@@ -95,7 +95,8 @@ def test_filters_travel_in_the_url(browser, base_url):
         browser, base_url, None, pages={"utilization": "utilization?pool=billing&leak_after=5"}
     )
     assert result.exceptions == [] and result.errors == []
-    assert result.charts == 2  # billing only: its utilization chart and its what-if chart
+    # billing only: its utilization chart and its what-if chart; the by-host chart
+    assert result.charts == 3
     assert "pool=billing" in result.final_url and "leak_after=5" in result.final_url
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -883,3 +884,132 @@ def _report_with_each_leak_class() -> dict:
         "leaks": [{**leak, "class": c, "certainty": analysis.CERTAINTY[c]}
                   for c in analysis.LEAK_CLASSES],
     }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two stores of ``WORKLOAD``, one per host: their process rows' hosts renamed to
+    ``web-1`` and ``web-2``, as two machines' would read."""
+    directory = tmp_path_factory.mktemp("fleet")
+    store = _run_workload(directory, WORKLOAD, "work")
+    (directory / "again").mkdir()
+    second = _run_workload(directory / "again", WORKLOAD, "work")
+    with sqlite3.connect(store) as conn:
+        conn.execute("UPDATE processes SET host = 'web-1'")
+    conn.close()
+    second_store = _copy_store(second, directory / "second.db")
+    with sqlite3.connect(second_store) as conn:
+        conn.execute("UPDATE processes SET host = 'web-2'")
+    conn.close()
+    return store, second_store
+
+
+def _numbers(values) -> np.ndarray:
+    """A plotly trace's values as numbers, whether a list or a typed array (``bdata``)."""
+    if isinstance(values, dict):
+        import base64
+
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.array([np.nan if v is None else v for v in values], dtype="float64")
+
+
+class TestHosts:
+    def _two_hosts(self, fleet_store, tmp_path) -> Path:
+        """One store holding both runs (web-1's and web-2's), merged through SQLite."""
+        first, second = fleet_store
+        merged = _copy_store(first, tmp_path / "merged.db")
+        with sqlite3.connect(merged) as conn:
+            conn.execute("ATTACH DATABASE ? AS other", (str(second),))
+            offset_p = conn.execute("SELECT max(id) FROM processes").fetchone()[0]
+            offset_pool = conn.execute("SELECT max(id) FROM pools").fetchone()[0]
+            conn.execute(
+                "INSERT INTO processes SELECT id + ?, pid, NULL, host, argv, python, sqlalchemy, "
+                "poolscope, started_at, heartbeat_at, ended_at, end_reason FROM other.processes",
+                (offset_p,),
+            )
+            conn.execute(
+                "INSERT INTO pools SELECT id + ?, process_id + ?, name, url, dialect, pool_class, "
+                "pool_size, max_overflow, timeout_s, recycle_s, leak_after_s, created_at, "
+                "pre_ping FROM other.pools",
+                (offset_pool, offset_p),
+            )
+            conn.execute("INSERT OR IGNORE INTO stacks SELECT * FROM other.stacks")
+            columns = ", ".join(_store.EVENT_COLUMNS)
+            conn.execute(
+                f"INSERT INTO events ({columns}) SELECT {columns.replace('process_id', 'process_id + ?').replace('pool_id', 'pool_id + ?')} FROM other.events",  # noqa: E501
+                (offset_p, offset_pool),
+            )
+        conn.close()
+        return merged
+
+    def test_host_filter_narrows_every_number(self, fleet_store, tmp_path, monkeypatch):
+        """Choosing host web-2 shows exactly the numbers of web-2's processes, and the link
+        says so."""
+        store = self._two_hosts(fleet_store, tmp_path)
+        at = _app(store, monkeypatch)
+        assert at.multiselect(key="hosts").options == ["web-1", "web-2"]
+        assert _metrics(at)["Processes"] == "2"
+        at.multiselect(key="hosts").set_value(["web-2"]).run()
+        assert not at.exception and not at.error
+        assert at.query_params["host"] == "web-2"
+        web2 = _frame(store, "processes")
+        web2_ids = tuple(int(i) for i in web2[web2["host"] == "web-2"]["id"])
+        expected = _summary(store, analysis.Filters(processes=web2_ids))
+        assert expected["processes"] == 1 and expected["timeouts"] == 1
+        assert _metrics(at) == _expected_kpis(expected)
+
+    def test_utilization_by_host(self, fleet_store, tmp_path, monkeypatch):
+        """The Utilization page draws each host's in use against its capacity."""
+        store = self._two_hosts(fleet_store, tmp_path)
+        at = _app(store, monkeypatch, "utilization")
+        assert not at.exception and not at.error
+        figures = {fig["layout"]["title"]["text"]: fig for fig in _figures(at)}
+        names = _trace_names(figures["In use by host"])
+        assert names == ["web-1 in use", "web-1 capacity", "web-2 in use", "web-2 capacity"]
+        capacity = _numbers(figures["In use by host"]["data"][1]["y"])
+        assert np.nanmax(capacity) == 4  # orders 3 + billing 1
+        at.multiselect(key="hosts").set_value(["web-1"]).run()
+        figures = {fig["layout"]["title"]["text"]: fig for fig in _figures(at)}
+        assert _trace_names(figures["In use by host"]) == ["web-1 in use", "web-1 capacity"]
+
+
+class TestPostgresStore:
+    @pytest.fixture
+    def pg_store(self, store) -> Iterator[str]:
+        """The workload's store pushed into a PostgreSQL store of its own schema, as a URL
+        holding a password (which the local server, trusting, ignores)."""
+        import psycopg
+        from conftest import PG_URL, require_postgres
+
+        from instrument import _push
+
+        require_postgres()
+        schema = f"ps_dash_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+        head, rest = PG_URL.split("://", 1)
+        user, host = rest.split("@", 1)
+        url = f"{head}://{user.split(':')[0]}:Dash-Pw-991@{host}?schema={schema}"
+        _push.push(store, _store.parse_store(url))
+        yield url
+        with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    @pytest.mark.postgres
+    def test_a_postgresql_store_shows_what_its_file_shows(self, store, pg_store, monkeypatch):
+        """The dashboard on a URL shows the file's numbers, and the password nowhere."""
+        at = _app(pg_store, monkeypatch)
+        assert not at.exception and not at.error
+        assert _metrics(at) == _expected_kpis(_summary(store))
+        assert "***" in at.text_input(key="store").value
+        at.switch_page("app_pages/utilization.py").run()
+        assert not at.exception and not at.error
+        seen = json.dumps([str(e) for e in at.main] + [str(e) for e in at.sidebar], default=str)
+        assert "Dash-Pw-991" not in seen
+
+    @pytest.mark.postgres
+    def test_another_url_is_refused(self, store, pg_store, monkeypatch):
+        """A URL other than the started store's is refused; another database's at once."""
+        at = _app(pg_store, monkeypatch)
+        at.text_input(key="store").set_value("mysql://u:pw@h/db").run()
+        assert "neither a file path" in at.error[0].value
+        at.text_input(key="store").set_value(pg_store.replace("schema=", "schema=x")).run()
+        assert "opens only the store it was started on" in at.error[0].value

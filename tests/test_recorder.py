@@ -701,8 +701,8 @@ class TestAttach:
     @pytest.mark.parametrize(
         ("kwargs", "message"),
         [
-            ({"store": 123}, "store must be a file path, not 123."),
-            ({"store": ""}, "store must be a file path, not ''."),
+            ({"store": 123}, "store must be a file path or a PostgreSQL URL, not 123."),
+            ({"store": ""}, "store must be a file path or a PostgreSQL URL, not ''."),
             ({"name": 5}, "name must be a non-empty string, not 5."),
             ({"name": " "}, "name must be a non-empty string, not ' '."),
         ],

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,24 @@ def _set_schema_version(store: Path, version: int) -> None:
     conn.close()
 
 
+def _checkouts(store: Path) -> int:
+    """The checkouts the analysis counts in ``store``."""
+    from instrument import analysis
+
+    conn = analysis.open_store(store)
+    try:
+        return int(analysis.summary(conn)["checkouts"])
+    finally:
+        conn.close()
+
+
 class TestSchema:
     def test_meta_holds_the_schema_version(self, written_store: Path) -> None:
-        """A new store records its schema version and that poolscope wrote it."""
-        assert dict(query(written_store, "SELECT key, value FROM meta")) == {
+        """A new store records its schema version, that poolscope wrote it, and its own
+        identity (a uuid: what ``poolscope push`` maps its rows by)."""
+        meta = dict(query(written_store, "SELECT key, value FROM meta"))
+        assert uuid.UUID(meta.pop("store_id"))
+        assert meta == {
             "schema_version": str(_store.SCHEMA_VERSION),
             "application": "poolscope",
         }
@@ -74,11 +89,49 @@ class TestSchema:
             ("table", "diagnoses"),
             ("table", "events"),
             ("table", "meta"),
+            ("table", "notable"),
+            ("table", "pool_rollups"),
             ("table", "pools"),
             ("table", "processes"),
+            ("table", "retention"),
+            ("table", "rollups"),
             ("table", "stacks"),
             ("view", "checkouts"),
         ]
+
+    def test_a_first_release_store_reads_and_is_upgraded_in_place(
+        self, written_store: Path, engine
+    ) -> None:
+        """A version 1 store (no rollups tables) reads as it is; a writer adds the version 2
+        tables in place, keeps its events and marks it version 2."""
+        conn = sqlite3.connect(str(written_store))
+        with conn:
+            for table in ("rollups", "pool_rollups", "notable", "retention"):
+                conn.execute(f"DROP TABLE {table}")
+        conn.close()
+        _set_schema_version(written_store, 1)
+        before = query(written_store, "SELECT count(*) FROM events")
+        reader = _store.open_for_reading(written_store)
+        assert _store.schema_version(reader) == 1
+        assert not _store.has_table(reader, "rollups")
+        assert _store.raw_since(reader) is None
+        reader.close()
+        assert _checkouts(written_store) == 1
+
+        monitor = instrument.attach(engine, store=written_store)
+        with engine.connect() as c:
+            c.exec_driver_sql("select 1")
+        monitor.flush()
+        monitor.detach()
+        _writer.shutdown_all(timeout=10.0)
+        assert query(written_store, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+            ("2",)
+        ]
+        assert query(written_store, "SELECT count(*) FROM events")[0][0] > before[0][0]
+        # The rollups hold the new process's checkout only: the old events are not rolled
+        # up by a writer (``poolscope compact`` does that).
+        assert query(written_store, "SELECT sum(checkouts) FROM rollups") == [(1,)]
+        assert _checkouts(written_store) == 2
 
     def test_event_columns_are_the_writers(self, written_store: Path) -> None:
         """``events`` has an id and exactly the columns the writer inserts."""

@@ -10,7 +10,7 @@ view = data.current_view()
 util_loading = data.in_background(lambda: data.utilization(view))
 
 st.title("Overview")
-st.caption(f"Store `{view.store}` — times in UTC")
+st.caption(f"Store `{data.shown(view.store)}` — times in UTC")
 kpis = st.container()
 timeline = st.empty()
 # A blank chart right away lets the browser fetch the chart code while the store is read.

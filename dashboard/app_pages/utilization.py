@@ -15,6 +15,7 @@ util, timeouts, percentiles, sizing, demands = data.load_together(
     lambda: data.load_replay_demands(view.store, view.token, view.filters),
 )
 advice = {a["pool"]: a for a in sizing}
+processes = data.load_processes(view.store, view.token)
 
 st.title("Utilization")
 st.caption(
@@ -42,3 +43,10 @@ for pool, rows in util.groupby("pool", sort=True):
         (st.warning if advice[pool].get("verdict") == "too_small" else st.info)(text)
     if pool in demands:
         what_if.render_what_if(pool, demands[pool], advice.get(pool), stats)
+
+st.header("By host")
+st.caption(
+    "Each host's pools summed: connections in use against their capacity (pool_size + "
+    "max_overflow), for the processes the sidebar selects."
+)
+st.plotly_chart(charts.hosts_chart(data.host_utilization(view, processes)))

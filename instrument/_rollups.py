@@ -1,0 +1,519 @@
+"""Rollups: per period, process, pool and call site aggregates computed from written records.
+
+Independent of the store: :class:`Rollups` is fed columns of events (a :class:`Batch`, made
+from the writer's queue or from rows read back from a store) and hands back rows as plain
+dicts, which a store merges into what it holds with :func:`merge_rollup` and
+:func:`merge_pool_rollup` (every column is a count, sum, maximum or histogram, so rows made
+from parts of a period merge into the row of the whole). The writer feeds each batch it
+writes; ``poolscope compact`` feeds a store's events in chunks: the same code.
+
+Attribution (as the ``rollups`` table documents): checkouts, waits and wait histograms by
+checkout time; returns, holds and hold histograms by return time; every other count by the
+event's own time. ``leaks`` counts ``leak_suspected`` events (a ``leak_cleared`` is the same
+checkout returned after all, not another leak); ``gc_returned`` counts ``gc_checkin``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+
+from . import _histogram as hist
+from ._record import (
+    AT,
+    CHECKOUT_ID,
+    CONNECT_S,
+    COUNT,
+    HOLD_S,
+    IN_USE,
+    KIND,
+    OVERFLOW,
+    POOL,
+    RECORD_WIDTH,
+    STACK,
+    WAIT_S,
+    WAITERS,
+)
+
+MINUTE = 60
+HOUR = 3600
+
+ROLLUP_COLUMNS = (
+    "period_s", "start_at", "process_id", "pool_id", "stack_id", "checkouts", "returns",
+    "gc_returned", "timeouts", "leaks", "hold_sum_s", "hold_max_s", "hold_hist", "wait_sum_s",
+    "wait_max_s", "wait_hist", "connect_sum_s", "connects",
+)  # fmt: skip
+"""The ``rollups`` table's columns, in order."""
+
+ROLLUP_KEY = ROLLUP_COLUMNS[:5]
+
+POOL_ROLLUP_COLUMNS = (
+    "period_s", "start_at", "process_id", "pool_id", "events", "peak_in_use", "peak_overflow",
+    "peak_waiters", "peak_demand", "in_use_s", "invalidations", "disconnects",
+)  # fmt: skip
+"""The ``pool_rollups`` table's columns, in order."""
+
+POOL_ROLLUP_KEY = POOL_ROLLUP_COLUMNS[:4]
+
+_SUMS = ("checkouts", "returns", "gc_returned", "timeouts", "leaks", "hold_sum_s",
+         "wait_sum_s", "connect_sum_s", "connects")  # fmt: skip
+_MAXES = ("hold_max_s", "wait_max_s")
+_HISTS = ("hold_hist", "wait_hist")
+_POOL_SUMS = ("events", "in_use_s", "invalidations", "disconnects")
+_POOL_MAXES = ("peak_in_use", "peak_overflow", "peak_waiters", "peak_demand")
+
+RETURN_KINDS = ("checkin", "gc_checkin")
+"""The kinds the rollups count as returns (``detach`` and ``unwatched`` end a watch but are
+not returns to the pool)."""
+
+
+KINDS = (
+    "checkout", "checkin", "gc_checkin", "detach", "unwatched", "timeout", "leak_suspected",
+    "leak_cleared", "connect", "close", "close_detached", "invalidate", "dropped",
+)  # fmt: skip
+"""The event kinds a :class:`Batch` tells apart (by index; any other kind is ``-1``)."""
+
+KIND_CODE = {kind: code for code, kind in enumerate(KINDS)}
+
+_NULLS = {None: math.nan, "": math.nan}
+
+
+def kind_codes(*names: str) -> list[int]:
+    """The codes of the kinds ``names`` in :attr:`Batch.kind`."""
+    return [KIND_CODE[name] for name in names]
+
+
+class Batch:
+    """Columns of events of one process as numpy arrays: numbers as float64 (NULL as NaN),
+    ``kind`` as int16 codes (:data:`KINDS`), ``pool`` and ``stack`` as the store's ids
+    (int64; a NULL stack is 0)."""
+
+    __slots__ = ("at", "pool", "kind", "checkout_id", "in_use", "overflow", "waiters",
+                 "stack", "wait_s", "connect_s", "hold_s", "count")  # fmt: skip
+
+    def __init__(self, **columns: np.ndarray) -> None:
+        for name in self.__slots__:
+            setattr(self, name, columns[name])
+
+    def __len__(self) -> int:
+        return int(self.at.size)
+
+    def of(self, *kinds: str) -> np.ndarray:
+        """Where the records are of one of ``kinds``."""
+        codes = kind_codes(*kinds)
+        if len(codes) == 1:
+            return self.kind == codes[0]
+        table = np.zeros(len(KINDS) + 1, dtype=bool)  # the last: any other kind (-1)
+        table[codes] = True
+        return table[self.kind]
+
+    def take(self, mask: np.ndarray) -> Batch:
+        """The records where ``mask`` is true."""
+        return Batch(**{name: getattr(self, name)[mask] for name in self.__slots__})
+
+    @classmethod
+    def from_numbers(
+        cls,
+        values: np.ndarray,
+        pool_ids: dict[int, int] | None,
+        stack_ids: dict[int, int] | None,
+    ) -> Batch:
+        """Columns of the writer's queue as ``values``: float64, field by field
+        (``_record.RECORD_FIELDS``: ``RECORD_WIDTH`` columns, one after the other), NULL as
+        NaN, the kind as its index in :data:`KINDS` (what ``Events.numbers(KINDS)``
+        returns). Pool keys and stack ids are mapped to the store's by ``pool_ids`` and
+        ``stack_ids`` (unknown ones: 0; ``None``: they are the store's already)."""
+        c = values.reshape(RECORD_WIDTH, -1)  # one row per field
+        return cls(
+            at=c[AT],
+            pool=_mapped(c[POOL], pool_ids),
+            kind=np.nan_to_num(c[KIND], nan=-1).astype(np.int16),
+            checkout_id=c[CHECKOUT_ID],
+            in_use=c[IN_USE],
+            overflow=c[OVERFLOW],
+            waiters=c[WAITERS],
+            stack=_mapped(c[STACK], stack_ids),
+            wait_s=c[WAIT_S],
+            connect_s=c[CONNECT_S],
+            hold_s=c[HOLD_S],
+            count=c[COUNT],
+        )
+
+    @classmethod
+    def from_flat(
+        cls,
+        flat: Any,
+        pool_ids: dict[int, int] | None,
+        stack_ids: dict[int, int] | None,
+    ) -> Batch:
+        """:meth:`from_numbers` of the writer's queue ``flat``: the C inserter's ``Events``
+        (read in C), or a flat list (NULL as ``""`` or ``None``; read column by column)."""
+        numbers = getattr(flat, "numbers", None)
+        if numbers is not None:
+            values = np.frombuffer(numbers(KINDS), dtype=np.float64)
+            return cls.from_numbers(values, pool_ids, stack_ids)
+        w = RECORD_WIDTH
+        n = len(flat) // w
+        m = np.zeros((w, n), dtype=np.float64)
+        for field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
+            m[field] = _floats(flat[field::w])
+        for field in (CHECKOUT_ID, WAIT_S, CONNECT_S, HOLD_S, COUNT):  # NULL often
+            col = flat[field::w]
+            m[field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
+        m[KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
+        return cls.from_numbers(m, pool_ids, stack_ids)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[Any]]) -> Batch:
+        """Columns of events rows read back as ``SELECT`` :data:`BATCH_SELECT` (the store's
+        ids already)."""
+        cols = list(zip(*rows, strict=True)) if rows else [()] * 12
+        n = len(rows)
+        return cls(
+            at=_floats(cols[0]),
+            pool=np.nan_to_num(_floats(cols[1])).astype(np.int64),
+            kind=np.fromiter(map(KIND_CODE.get, cols[2], repeat(-1)), np.int16, n),
+            checkout_id=_floats(cols[3]),
+            in_use=_floats(cols[4]),
+            overflow=_floats(cols[5]),
+            waiters=_floats(cols[6]),
+            stack=np.nan_to_num(_floats(cols[7])).astype(np.int64),
+            wait_s=_floats(cols[8]),
+            connect_s=_floats(cols[9]),
+            hold_s=_floats(cols[10]),
+            count=_floats(cols[11]),
+        )
+
+
+BATCH_SELECT = (
+    "at, pool_id, kind, checkout_id, in_use, overflow, waiters, stack_id, wait_s, connect_s, "
+    "hold_s, count"
+)
+"""The events columns :meth:`Batch.from_rows` reads, in order."""
+
+
+def _floats(values: Sequence[Any]) -> np.ndarray:
+    """``values`` as float64, NULL (``None`` or ``""``) as NaN."""
+    try:
+        return np.fromiter(values, np.float64, len(values))
+    except (ValueError, TypeError):
+        return np.fromiter(map(_NULLS.get, values, values), np.float64, len(values))
+
+
+def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
+    """``values`` (local keys as float64, NULL as NaN) mapped through ``ids`` (else 0);
+    ``ids`` ``None``: the values as they are."""
+    local = np.nan_to_num(values, nan=-1.0).astype(np.int64)
+    if ids is None:
+        return np.maximum(local, 0)
+    if not local.size:
+        return local
+    top = max(ids, default=0)
+    if 0 <= top < (1 << 22):  # local ids are small counters: a lookup table, no sort
+        table = np.zeros(top + 2, dtype=np.int64)  # the last: any other key (-1, or past top)
+        table[list(ids)] = [v or 0 for v in ids.values()]
+        return table[np.where((local >= 0) & (local <= top), local, top + 1)]
+    uniq, inverse = np.unique(local, return_inverse=True)
+    mapped = np.array([ids.get(u) or 0 for u in uniq.tolist()], dtype=np.int64)
+    return mapped[inverse.reshape(-1)]
+
+
+class Rollups:
+    """Aggregates of one process's records, by period (minute), pool and stack.
+
+    :meth:`feed` adds a batch; :meth:`flush_rows` hands back what was fed since the last
+    flush as rows to merge into the store's (deltas: a store adds them to the rows it holds
+    with :func:`merge_rollup`/:func:`merge_pool_rollup`). The integral of ``in_use`` carries
+    each pool's last count from batch to batch.
+    """
+
+    def __init__(self, process_id: int, period_s: int = MINUTE) -> None:
+        self.process_id = process_id
+        self.period_s = period_s
+        self._rows: dict[tuple[float, int, int], dict[str, Any]] = {}
+        self._pool_rows: dict[tuple[float, int], dict[str, Any]] = {}
+        # Per pool: the time and in_use count of its last event fed (the integral's carry).
+        self._last: dict[int, tuple[float, float]] = {}
+        self.fed = 0
+
+    # -- feeding ---------------------------------------------------------------------
+
+    def feed(self, batch: Batch) -> None:
+        """Add ``batch``'s records (any order; ``dropped`` and other bookkeeping kinds count
+        as events of their pool only)."""
+        n = len(batch)
+        if not n:
+            return
+        self.fed += n
+        p = self.period_s
+        start = np.floor(batch.at / p) * p
+        per_site = batch.of(
+            "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect"
+        )
+        if per_site.all():  # the common batch: no copy
+            self._feed_sites(batch, start)
+        elif per_site.any():
+            self._feed_sites(batch.take(per_site), start[per_site])
+        self._feed_pools(batch, start)
+
+    def _feed_sites(self, b: Batch, start: np.ndarray) -> None:
+        # One int64 key per (period, pool, stack): period number within the batch, pool id
+        # and stack id in bit fields (ids past the fields fall back to a slower grouping).
+        first = float(start.min())
+        period = ((start - first) / self.period_s).astype(np.int64)
+        pool, stack = b.pool.astype(np.int64), b.stack.astype(np.int64)
+        if period.max() < (1 << 16) and pool.max() < (1 << 20) and stack.max() < (1 << 27):
+            packed = (period << 47) | (pool << 27) | stack
+            keys, group = np.unique(packed, return_inverse=True)
+            uniq = np.stack(
+                [first + (keys >> 47) * self.period_s, (keys >> 27) & ((1 << 20) - 1),
+                 keys & ((1 << 27) - 1)], axis=1,
+            )  # fmt: skip
+        else:
+            triples = np.stack([start, pool.astype(np.float64), stack.astype(np.float64)], axis=1)
+            uniq, group = np.unique(triples, axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        g = len(uniq)
+        is_co = b.of("checkout")
+        is_ret = b.of("checkin", "gc_checkin")
+        is_gc = b.of("gc_checkin")
+
+        def tally(mask: np.ndarray) -> np.ndarray:
+            return np.bincount(group[mask], minlength=g)
+
+        def total(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+            v = np.nan_to_num(values[mask])
+            return np.bincount(group[mask], weights=v, minlength=g)
+
+        def peak(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+            out = np.full(g, np.nan)
+            m = mask & ~np.isnan(values)
+            np.fmax.at(out, group[m], values[m])
+            return out
+
+        is_connect = b.of("connect")
+        columns = {
+            "checkouts": tally(is_co),
+            "returns": tally(is_ret),
+            "gc_returned": tally(is_gc),
+            "timeouts": tally(b.of("timeout")),
+            "leaks": tally(b.of("leak_suspected")),
+            "hold_sum_s": total(is_ret, b.hold_s),
+            "hold_max_s": peak(is_ret, b.hold_s),
+            "wait_sum_s": total(is_co, b.wait_s),
+            "wait_max_s": peak(is_co, b.wait_s),
+            "connect_sum_s": total(is_connect, b.connect_s),
+            "connects": tally(is_connect),
+        }
+        holds = _group_hists(group[is_ret], b.hold_s[is_ret], g)
+        waits = _group_hists(group[is_co], b.wait_s[is_co], g)
+        rows = self._rows
+        for i in range(g):
+            key = (float(uniq[i, 0]), int(uniq[i, 1]), int(uniq[i, 2]))
+            delta = {name: col[i].item() for name, col in columns.items()}
+            for name in _MAXES:
+                if delta[name] != delta[name]:  # NaN: no value in this batch
+                    delta[name] = None
+            delta["hold_hist"] = holds.get(i)
+            delta["wait_hist"] = waits.get(i)
+            have = rows.get(key)
+            if have is None:
+                rows[key] = self._new_row(key, delta)
+            else:
+                _merge_into(have, delta, _SUMS, _MAXES, _HISTS)
+
+    def _new_row(self, key: tuple[float, int, int], delta: dict[str, Any]) -> dict[str, Any]:
+        row = {
+            "period_s": self.period_s,
+            "start_at": key[0],
+            "process_id": self.process_id,
+            "pool_id": key[1],
+            "stack_id": key[2],
+        }
+        row.update(delta)
+        return row
+
+    def _feed_pools(self, b: Batch, start: np.ndarray) -> None:
+        p = self.period_s
+        for pool in np.unique(b.pool).tolist():
+            m = b.pool == pool
+            at, in_use, st = b.at[m], b.in_use[m], start[m]
+            order = np.argsort(at, kind="stable")
+            at, in_use, st = at[order], in_use[order], st[order]
+            kind = b.kind[m][order]
+            overflow, waiters = b.overflow[m][order], b.waiters[m][order]
+            count = b.count[m][order]
+            # The integral of in_use: each count holds from its event to the next one.
+            last = self._last.get(pool)
+            if last is not None:
+                t0 = np.concatenate([[last[0]], at])
+                v = np.concatenate([[last[1]], in_use])
+            else:
+                t0, v = at, in_use
+            integral: dict[float, float] = {}
+            if t0.size > 1:
+                starts, ends, vals = t0[:-1], np.maximum(t0[1:], t0[:-1]), np.nan_to_num(v[:-1])
+                s0 = np.floor(starts / p) * p
+                same = ends < s0 + p
+                if same.any():
+                    us, inv = np.unique(s0[same], return_inverse=True)
+                    sums = np.bincount(inv.reshape(-1), weights=(ends - starts)[same] * vals[same])
+                    for u, s in zip(us.tolist(), sums.tolist(), strict=True):
+                        integral[u] = integral.get(u, 0.0) + s
+                for i in np.nonzero(~same)[0].tolist():  # rare: an interval across periods
+                    t, end, val = float(starts[i]), float(ends[i]), float(vals[i])
+                    while t < end:
+                        period = np.floor(t / p) * p
+                        upto = min(end, period + p)
+                        integral[period] = integral.get(period, 0.0) + (upto - t) * val
+                        t = upto
+            self._last[pool] = (float(at[-1]), float(np.nan_to_num(in_use[-1])))
+            us, inv = np.unique(st, return_inverse=True)
+            inv = inv.reshape(-1)
+            k = len(us)
+            events = np.bincount(inv, minlength=k)
+            is_inv = kind == KIND_CODE["invalidate"]
+            invalidations = np.bincount(inv[is_inv], minlength=k)
+            disconnects = np.bincount(inv[is_inv & (count == 1)], minlength=k)
+            peaks = {}
+            for name, values in (
+                ("peak_in_use", in_use),
+                ("peak_overflow", overflow),
+                ("peak_waiters", waiters),
+                ("peak_demand", in_use + np.nan_to_num(waiters)),
+            ):
+                out = np.full(k, np.nan)
+                ok = ~np.isnan(values)
+                np.fmax.at(out, inv[ok], values[ok])
+                peaks[name] = out
+            for i, s in enumerate(us.tolist()):
+                delta: dict[str, Any] = {
+                    "events": int(events[i]),
+                    "in_use_s": integral.pop(s, 0.0),
+                    "invalidations": int(invalidations[i]),
+                    "disconnects": int(disconnects[i]),
+                }
+                for name, col in peaks.items():
+                    delta[name] = None if np.isnan(col[i]) else int(col[i])
+                self._add_pool(s, pool, delta)
+            for s, value in integral.items():  # periods crossed without events of their own
+                self._add_pool(s, pool, {"events": 0, "in_use_s": value, "invalidations": 0,
+                                         "disconnects": 0})  # fmt: skip
+
+    def _add_pool(self, start: float, pool: int, delta: dict[str, Any]) -> None:
+        key = (float(start), int(pool))
+        have = self._pool_rows.get(key)
+        if have is None:
+            row = {"period_s": self.period_s, "start_at": key[0], "process_id": self.process_id,
+                   "pool_id": key[1], **{n: None for n in _POOL_MAXES}}  # fmt: skip
+            row.update(delta)
+            self._pool_rows[key] = row
+        else:
+            _merge_into(have, delta, _POOL_SUMS, _POOL_MAXES, ())
+
+    # -- handing rows over -------------------------------------------------------------
+
+    def flush_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every row fed since the last flush, as deltas: ``(rollups rows, pool_rollups rows)``
+        (hists as ``(indices, counts)``). Forgets them."""
+        rows, pool_rows = list(self._rows.values()), list(self._pool_rows.values())
+        self._rows, self._pool_rows = {}, {}
+        return rows, pool_rows
+
+    def rows_due(self, now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The rows of periods ended before ``now`` (deltas, forgotten here); rows of the
+        period still going on stay to be fed more."""
+        cut = np.floor(now / self.period_s) * self.period_s
+        rows = [r for k, r in self._rows.items() if k[0] < cut]
+        pool_rows = [r for k, r in self._pool_rows.items() if k[0] < cut]
+        self._rows = {k: r for k, r in self._rows.items() if k[0] >= cut}
+        self._pool_rows = {k: r for k, r in self._pool_rows.items() if k[0] >= cut}
+        return rows, pool_rows
+
+    def pending(self) -> bool:
+        """Whether rows were fed since the last flush."""
+        return bool(self._rows or self._pool_rows)
+
+
+def _group_hists(group: np.ndarray, values: np.ndarray, g: int) -> dict[int, tuple[Any, Any]]:
+    """Per group index, the histogram of its ``values`` (NaN left out)."""
+    ok = ~np.isnan(values)
+    group, values = group[ok], values[ok]
+    if not values.size:
+        return {}
+    pairs = group.astype(np.int64) * 65536 + hist.buckets_of(values)
+    keys, counts = np.unique(pairs, return_counts=True)
+    groups, buckets = keys // 65536, keys % 65536
+    bounds = np.searchsorted(groups, np.arange(g + 1))
+    out = {}
+    for i in np.unique(groups).tolist():
+        lo, hi = bounds[i], bounds[i + 1]
+        out[i] = (buckets[lo:hi], counts[lo:hi].astype(np.int64))
+    return out
+
+
+def _merge_into(
+    row: dict[str, Any],
+    delta: dict[str, Any],
+    sums: Iterable[str],
+    maxes: Iterable[str],
+    hists: Iterable[str],
+) -> None:
+    for name in sums:
+        row[name] = (row.get(name) or 0) + (delta.get(name) or 0)
+    for name in maxes:
+        a, b = row.get(name), delta.get(name)
+        row[name] = b if a is None else a if b is None else max(a, b)
+    for name in hists:
+        a, b = row.get(name), delta.get(name)
+        row[name] = b if a is None else a if b is None else hist.merge(a, b)
+
+
+def merge_rollup(stored: dict[str, Any] | None, delta: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a ``rollups`` row, or ``None``) with ``delta`` added; a new dict."""
+    if stored is None:
+        return dict(delta)
+    row = dict(stored)
+    _merge_into(row, delta, _SUMS, _MAXES, _HISTS)
+    return row
+
+
+def merge_pool_rollup(stored: dict[str, Any] | None, delta: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a ``pool_rollups`` row, or ``None``) with ``delta`` added; a new dict."""
+    if stored is None:
+        return dict(delta)
+    row = dict(stored)
+    _merge_into(row, delta, _POOL_SUMS, _POOL_MAXES, ())
+    return row
+
+
+def coarsen(row: dict[str, Any], period_s: int = HOUR) -> dict[str, Any]:
+    """``row`` (either table's) as a delta of the ``period_s`` row that holds its period."""
+    out = dict(row)
+    out["period_s"] = period_s
+    out["start_at"] = float(np.floor(row["start_at"] / period_s) * period_s)
+    return out
+
+
+def rollup_params(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``rollups`` row as the values of its columns, in order (hists encoded)."""
+    return tuple(hist.encode(row.get(c)) if c in _HISTS else row.get(c) for c in ROLLUP_COLUMNS)
+
+
+def pool_rollup_params(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``pool_rollups`` row as the values of its columns, in order."""
+    return tuple(row.get(c) for c in POOL_ROLLUP_COLUMNS)
+
+
+def rollup_from_values(values: Sequence[Any]) -> dict[str, Any]:
+    """A ``rollups`` row read back (``SELECT`` of :data:`ROLLUP_COLUMNS`) as a dict."""
+    return dict(zip(ROLLUP_COLUMNS, values, strict=True))
+
+
+def pool_rollup_from_values(values: Sequence[Any]) -> dict[str, Any]:
+    """A ``pool_rollups`` row read back (``SELECT`` of :data:`POOL_ROLLUP_COLUMNS`) as a dict."""
+    return dict(zip(POOL_ROLLUP_COLUMNS, values, strict=True))

@@ -1,0 +1,677 @@
+"""The PostgreSQL store: store URLs, many processes on one store, reading it, push, faults,
+secrets and roles. Every test on the real server records into a schema of its own."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from conftest import PG_URL, require_postgres
+
+import instrument
+from instrument import _hooks, _record, _writer
+from instrument._store import PostgresStore, parse_store
+from instrument.cli import cli
+from instrument.report import make_report
+
+pytestmark = pytest.mark.postgres
+
+PASSWORD = "Pw-n0t-Here-4417"
+"""A password put in store URLs (the server trusts local connections and ignores it)."""
+
+
+def _conninfo(url: str = PG_URL) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(_conninfo(), autocommit=True)
+
+
+def _with_password(url: str) -> str:
+    head, rest = url.split("://", 1)
+    userinfo, host = rest.split("@", 1)
+    return f"{head}://{userinfo.split(':')[0]}:{PASSWORD}@{host}"
+
+
+def _with_query(url: str, **query: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A schema name of this test's own, dropped afterwards."""
+    require_postgres()
+    name = f"ps_{uuid.uuid4().hex[:12]}"
+    yield name
+    _writer.shutdown_all(timeout=10.0)
+    with _admin() as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def pg_store(schema: str) -> str:
+    """A PostgreSQL store URL on the test server, in a schema of this test's own."""
+    return _with_query(PG_URL, schema=schema)
+
+
+def _rows(schema: str, sql: str) -> list[tuple[Any, ...]]:
+    with _admin() as conn:
+        return conn.execute(sql.replace("S.", f'"{schema}".')).fetchall()
+
+
+WORKLOAD = textwrap.dedent(
+    """
+    import gc, sys
+    import sqlalchemy as sa
+    import instrument
+
+    def quick(engine):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+
+    def forget(engine):
+        conn = engine.connect()
+        conn.exec_driver_sql("select 1")
+
+    def hold(engine):
+        return engine.connect()
+
+    def wait_here(engine):
+        try:
+            with engine.connect():
+                pass
+        except sa.exc.TimeoutError:
+            return True
+        return False
+
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.QueuePool, pool_size=2,
+                              max_overflow=0, pool_timeout=0.2)
+    monitor = instrument.attach(engine, store=sys.argv[1], name="shop", leak_after=60)
+    for _ in range(int(sys.argv[2])):
+        quick(engine)
+    forget(engine)
+    gc.collect()
+    a, b = hold(engine), hold(engine)
+    assert wait_here(engine)
+    a.close()
+    b.close()
+    kept = engine.connect()
+    """
+)
+
+
+def _run_workers(tmp_path: Path, store: str, n: int = 4, quick: int = 40) -> None:
+    script = tmp_path / "work.py"
+    script.write_text(WORKLOAD)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), store, str(quick + i)]) for i in range(n)
+    ]
+    assert [p.wait(60) for p in procs] == [0] * n
+
+
+def _shape(report: dict[str, Any]) -> dict[str, Any]:
+    """What a report says that does not depend on when the workload ran."""
+    s = report["summary"]
+    return {
+        "summary": {
+            k: s[k]
+            for k in (
+                "processes",
+                "pools",
+                "events",
+                "checkouts",
+                "open_checkouts",
+                "peak_in_use",
+                "capacity",
+                "timeouts",
+                "confirmed_leaks",
+                "suspected_leaks",
+                "unknown_leaks",
+                "dropped",
+                "crashed_processes",
+            )
+        },  # fmt: skip
+        "hosts": sorted(p["host"] for p in report["processes"]),
+        "states": sorted(p["state"] for p in report["processes"]),
+        "pools": [
+            (p["name"], p["checkouts"], p["timeouts"], p["peak_in_use"]) for p in report["pools"]
+        ],  # fmt: skip
+        "leaks": sorted((x["class"], x["site"], x["count"]) for x in report["leaks"]),
+        "timeouts": sorted(
+            (t["site"], tuple(sorted(h["site"] for h in t["holders"]))) for t in report["timeouts"]
+        ),
+        "sites": sorted((x["site"], x["checkouts"]) for x in report["sites"]),
+    }
+
+
+class TestStoreUrls:
+    """A file path is SQLite, a PostgreSQL URL is PostgreSQL, anything else is refused."""
+
+    @pytest.mark.parametrize(
+        "store",
+        ["mysql://app:pw@db/shop", "sqlite:///x.db", "postgresql+psycopg2://u@h/d",
+         "https://example.com/x", "mssql+pyodbc://h/d", "postgresql:shop"],
+    )  # fmt: skip
+    def test_attach_refuses_another_database(
+        self, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """attach() raises ValueError with one sentence, names no password, creates nothing."""
+        engine = sa.create_engine("sqlite://")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ValueError) as info:
+            instrument.attach(engine, store=store)
+        assert "pw@" not in str(info.value) and str(info.value).count(". ") == 0
+        assert list(tmp_path.iterdir()) == []
+
+    def test_environment_url_is_checked_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bad ``$POOLSCOPE_STORE`` is refused as a bad ``store=`` is."""
+        monkeypatch.setenv("POOLSCOPE_STORE", "mysql://app:pw@db/shop")
+        with pytest.raises(ValueError, match="neither a file path"):
+            instrument.attach(sa.create_engine("sqlite://"))
+
+    @pytest.mark.parametrize("command", [["report"], ["dashboard"], ["push", "x.db", "--to"]])
+    def test_cli_refuses_another_database(self, command: list[str]) -> None:
+        """Each command taking a store exits 2 with one line naming no password."""
+        result = CliRunner().invoke(cli, [*command, "mysql://app:s3cret@db/shop"])
+        assert result.exit_code == 2
+        assert result.output.startswith("poolscope: ") and result.output.count("\n") == 1
+        assert "s3cret" not in result.output
+
+    def test_run_refuses_another_database(self) -> None:
+        result = CliRunner().invoke(cli, ["run", "--store", "mysql://db/x", "--", "true"])
+        assert result.exit_code == 2 and "neither a file path" in result.output
+
+    def test_missing_extra_names_what_to_install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without psycopg, attach() raises ImportError and the CLI exits 2, each naming
+        the extra to install."""
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
+        url = "postgresql+psycopg://u:pw@127.0.0.1/db"
+        with pytest.raises(ImportError, match=r"pip install 'poolscope\[postgres\]'"):
+            instrument.attach(sa.create_engine("sqlite://"), store=url)
+        result = CliRunner().invoke(cli, ["report", url])
+        assert result.exit_code == 2 and "poolscope[postgres]" in result.output
+
+    def test_paths_and_urls(self) -> None:
+        """Paths that merely hold a colon stay files; a URL keeps its schema apart."""
+        assert parse_store("C:\\stores\\a.db") == Path("C:\\stores\\a.db")
+        assert parse_store("notes:1.db") == Path("notes:1.db")
+        store = parse_store("postgresql+psycopg://u:pw@h:5433/db?schema=fleet&sslmode=require")
+        assert isinstance(store, PostgresStore)
+        assert store.schema == "fleet"
+        assert store.conninfo == "postgresql://u:pw@h:5433/db?sslmode=require"
+        assert str(store) == "postgresql+psycopg://u:***@h:5433/db?schema=fleet&sslmode=require"
+        assert "pw" not in repr(store)
+        assert parse_store("postgresql://h/db").schema == "poolscope"
+        with pytest.raises(ValueError, match="not a plain PostgreSQL name"):
+            parse_store("postgresql://h/db?schema=a;drop")
+
+
+class TestFleet:
+    """Many processes write one PostgreSQL store; it reads as a SQLite store does."""
+
+    def test_four_processes_report_as_sqlite(self, tmp_path: Path, pg_store: str) -> None:
+        """Four processes on one PostgreSQL store give the report four on one SQLite file
+        give: the same leaks, timeouts with their holders, and counts."""
+        sqlite_store = tmp_path / "fleet.db"
+        _run_workers(tmp_path, str(sqlite_store))
+        _run_workers(tmp_path, pg_store)
+        _, from_sqlite = make_report(sqlite_store, fmt="json")
+        _, from_pg = make_report(pg_store, fmt="json")
+        assert from_pg["store"] == pg_store  # no password in this URL to mask
+        expected = _shape(from_sqlite)
+        assert expected["summary"]["processes"] == 4
+        assert expected["summary"]["timeouts"] == 4
+        assert len(expected["leaks"]) == 2  # gc_reclaimed at forget, never_returned at kept
+        assert _shape(from_pg) == expected
+
+    def test_pushed_store_reads_exactly_as_the_file(self, tmp_path: Path, pg_store: str) -> None:
+        """A store pushed into PostgreSQL gives the very report its file gives."""
+        sqlite_store = tmp_path / "one.db"
+        _run_workers(tmp_path, str(sqlite_store), n=2)
+        result = CliRunner().invoke(cli, ["push", str(sqlite_store), "--to", pg_store])
+        assert result.exit_code == 0, result.output
+        _, from_sqlite = make_report(sqlite_store, fmt="json")
+        _, from_pg = make_report(pg_store, fmt="json")
+        for report in (from_sqlite, from_pg):
+            del report["generated_at"], report["store"]
+        assert from_pg == from_sqlite
+
+    def test_push_twice_adds_nothing(self, tmp_path: Path, pg_store: str, schema: str) -> None:
+        """Pushing a store again adds nothing; pushing it after it grew adds only the new rows."""
+        sqlite_store = tmp_path / "host.db"
+        _run_workers(tmp_path, str(sqlite_store), n=1)
+        runner = CliRunner()
+        first = runner.invoke(cli, ["push", str(sqlite_store), "--to", pg_store])
+        assert first.exit_code == 0, first.output
+        counts = _rows(schema, "SELECT (SELECT count(*) FROM S.events), "
+                               "(SELECT count(*) FROM S.processes)")[0]  # fmt: skip
+        again = runner.invoke(cli, ["push", str(sqlite_store), "--to", pg_store])
+        assert "0 events, 0 processes, 0 pools, 0 stacks added" in again.output
+        assert _rows(schema, "SELECT (SELECT count(*) FROM S.events), "
+                             "(SELECT count(*) FROM S.processes)")[0] == counts  # fmt: skip
+        _run_workers(tmp_path, str(sqlite_store), n=1)  # the store grows
+        runner.invoke(cli, ["push", str(sqlite_store), "--to", pg_store])
+        runner.invoke(cli, ["push", str(sqlite_store), "--to", pg_store])
+        _, from_sqlite = make_report(sqlite_store, fmt="json")
+        _, from_pg = make_report(pg_store, fmt="json")
+        assert from_pg["summary"] == from_sqlite["summary"]
+        assert from_pg["summary"]["processes"] == 2
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [(["missing.db"], "no store at"), (["x.db", "--to", "y.db"], "--to takes a PostgreSQL")],
+    )
+    def test_push_bad_input(
+        self, tmp_path: Path, pg_store: str, args, message, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "x.db").write_text("")
+        monkeypatch.chdir(tmp_path)
+        if "--to" not in args:
+            args = [*args, "--to", pg_store]
+        else:
+            sqlite_store = tmp_path / "x.db"
+            sqlite_store.unlink()
+            _run_workers(tmp_path, str(sqlite_store), n=1, quick=1)
+        result = CliRunner().invoke(cli, ["push", *args])
+        assert result.exit_code == 2 and message in result.output
+        assert "Traceback" not in result.output
+
+    def test_no_store_in_schema(self, pg_store: str) -> None:
+        result = CliRunner().invoke(cli, ["report", pg_store])
+        assert result.exit_code == 2
+        assert "no poolscope store in schema" in result.output
+
+    def test_concurrent_creation(self, pg_store: str, schema: str) -> None:
+        """Processes starting on a new store at once all record (the schema is made once)."""
+        script = textwrap.dedent(
+            """
+            import sys, sqlalchemy as sa, instrument
+            e = sa.create_engine("sqlite://")
+            m = instrument.attach(e, store=sys.argv[1], name="p")
+            with e.connect() as c:
+                c.exec_driver_sql("select 1")
+            assert m.flush() and m.dropped == 0
+            """
+        )
+        procs = [subprocess.Popen([sys.executable, "-c", script, pg_store]) for _ in range(4)]
+        assert [p.wait(60) for p in procs] == [0] * 4
+        assert _rows(schema, "SELECT count(*) FROM S.processes")[0][0] == 4
+        assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'")[0][0] == 4
+
+
+def _terminate_writer(schema: str) -> int:
+    with _admin() as conn:
+        return len(
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (f"poolscope {schema}",),
+            ).fetchall()
+        )
+
+
+def _stored(schema: str) -> tuple[int, int]:
+    """(events other than drop counts, records the drop counts say were lost)."""
+    row = _rows(
+        schema,
+        "SELECT count(*) FILTER (WHERE kind <> 'dropped'), "
+        "COALESCE(sum(count) FILTER (WHERE kind = 'dropped'), 0) FROM S.events",
+    )[0]
+    return int(row[0]), int(row[1])
+
+
+def _ops(engine: sa.Engine, n: int) -> None:
+    for _ in range(n):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("select 1")
+
+
+def _until(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+class TestFaults:
+    """The server away or the writer's session killed: the application carries on, what is
+    lost is counted, and recording resumes."""
+
+    def test_writer_connection_terminated(self, pg_store: str, schema: str) -> None:
+        """pg_terminate_backend on the writer mid-run: the application completes, the store's
+        drop count makes up exactly for what is missing, and later events are recorded."""
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.QueuePool, pool_size=1)
+        monitor = instrument.attach(engine, store=pg_store, name="k")
+        _ops(engine, 100)
+        assert monitor.flush()
+        assert _terminate_writer(schema) == 1
+        _ops(engine, 100)  # the batch these go out in meets the dead session
+        monitor.flush()
+        killed_at = time.time()
+        _ops(engine, 100)
+        produced = 1 + 2 * 300  # one connect, then a checkout and a checkin each
+        assert _until(lambda: (monitor.flush(), sum(_stored(schema)) == produced)[1])
+        stored, lost = _stored(schema)
+        assert lost > 0 and lost == monitor.dropped
+        assert _rows(schema, f"SELECT count(*) FROM S.events WHERE at > {killed_at}")[0][0] > 0
+        assert _rows(schema, "SELECT count(*) FROM S.processes")[0][0] == 1  # the same row
+
+    def test_server_down_at_start(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A store whose database is not there yet: records wait in the queue up to its
+        bound, those beyond it are dropped and counted, and all is written once it is up."""
+        require_postgres()
+        bound = 150
+        monkeypatch.setattr(_hooks, "MAX_QUEUE_VALUES", bound * _record.RECORD_WIDTH)
+        monkeypatch.setattr(_writer, "MAX_QUEUE_VALUES", bound * _record.RECORD_WIDTH)
+        database = f"ps_down_{uuid.uuid4().hex[:10]}"
+        base = PG_URL.rsplit("/", 1)[0]
+        store = f"{base}/{database}"
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.QueuePool, pool_size=1)
+        try:
+            monitor = instrument.attach(engine, store=store, name="d")
+            _ops(engine, 100)  # 201 records: 51 beyond the bound
+            # flush() does not wait for a store that is away, and says it could not write.
+            assert not monitor.flush(timeout=5)
+            with _admin() as conn:
+                conn.execute(f'CREATE DATABASE "{database}"')
+            db = _conninfo(store)
+
+            def written() -> int:
+                monitor.flush()
+                try:
+                    with psycopg.connect(db) as conn:
+                        return conn.execute(
+                            "SELECT count(*) FROM poolscope.events WHERE kind <> 'dropped'"
+                        ).fetchone()[0]
+                except psycopg.Error:
+                    return 0
+
+            assert _until(lambda: written() == bound)
+            _ops(engine, 10)
+            assert _until(lambda: written() == bound + 20)
+            with psycopg.connect(db) as conn:
+                lost = conn.execute(
+                    "SELECT sum(count) FROM poolscope.events WHERE kind = 'dropped'"
+                ).fetchone()[0]
+            assert lost == 51 == monitor.dropped
+            monitor.close()
+        finally:
+            _writer.shutdown_all(timeout=5)
+            with _admin() as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def test_text_postgresql_cannot_hold(pg_store: str, schema: str, sqlite_url: str) -> None:
+    """A thread name with a lone surrogate and a NUL is written escaped; the batch's other
+    events are not lost."""
+    import threading
+
+    engine = sa.create_engine(sqlite_url, poolclass=sa.pool.QueuePool, pool_size=1)
+    monitor = instrument.attach(engine, store=pg_store, name="t")
+    worker = threading.Thread(target=_ops, args=(engine, 1), name="bad\udcff\x00name")
+    worker.start()
+    worker.join()
+    _ops(engine, 2)
+    assert monitor.flush() and monitor.dropped == 0
+    threads = [r[0] for r in _rows(schema, "SELECT thread FROM S.events WHERE kind = 'checkout'")]
+    assert sorted(threads) == ["MainThread", "MainThread", "bad\\xff\\x00name"]
+
+
+class TestSecrets:
+    """A password in the store URL reaches neither the store, nor a log line, nor an error."""
+
+    def test_password_goes_nowhere(
+        self, tmp_path: Path, pg_store: str, schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG, logger="poolscope")
+        store = _with_password(PG_URL.split("?")[0]) + f"?schema={schema}"
+        # A process given the URL on its command line, as poolscope run or a config would.
+        _run_workers(tmp_path, store, n=1, quick=3)
+        engine = sa.create_engine("sqlite://")
+        monitor = instrument.attach(engine, store=store, name="s")
+        _ops(engine, 3)
+        assert monitor.flush()
+        assert PASSWORD not in repr(monitor) + str(monitor.store)
+        # A server that is not there: the error logged and the CLI's error.
+        down = store.replace("@127.0.0.1:5432/", "@127.0.0.1:1/").replace(schema, schema + "x")
+        down_engine = sa.create_engine("sqlite://")
+        down_monitor = instrument.attach(down_engine, store=down, name="x")
+        _ops(down_engine, 1)
+        down_monitor.flush(timeout=1)
+        time.sleep(0.3)
+        report = CliRunner().invoke(cli, ["report", down])
+        assert report.exit_code == 2 and "***" in report.output
+        text, _ = make_report(store, fmt="json")
+        dump = "".join(
+            str(row)
+            for table in ("meta", "processes", "pools", "stacks", "events")
+            for row in _rows(schema, f"SELECT * FROM S.{table}")
+        )
+        assert "***" in dump  # the argv's URL, masked
+        assert any("cannot write to its store" in r.getMessage() for r in caplog.records)
+        for text_seen in (dump, text, report.output, caplog.text):
+            assert PASSWORD not in text_seen
+
+
+class TestRoles:
+    """The documented least-privilege roles: a writer owning its schema, a reader with
+    SELECT only."""
+
+    def test_writer_and_reader_roles(self, tmp_path: Path, schema: str) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        writer, reader = f"ps_writer_{suffix}", f"ps_reader_{suffix}"
+        with _admin() as conn:
+            for statement in (
+                f"CREATE ROLE {writer} LOGIN",
+                f"CREATE ROLE {reader} LOGIN",
+                f'CREATE SCHEMA "{schema}" AUTHORIZATION {writer}',
+                f'GRANT USAGE ON SCHEMA "{schema}" TO {reader}',
+                f'ALTER DEFAULT PRIVILEGES FOR ROLE {writer} IN SCHEMA "{schema}" '
+                f"GRANT SELECT ON TABLES TO {reader}",
+            ):
+                conn.execute(statement)
+        try:
+            host = PG_URL.split("@", 1)[1].split("?")[0]
+            as_writer = f"postgresql+psycopg://{writer}@{host}?schema={schema}"
+            as_reader = f"postgresql+psycopg://{reader}@{host}?schema={schema}"
+            _run_workers(tmp_path, as_writer, n=2, quick=5)
+            _, read = make_report(as_reader, fmt="json")
+            assert read["summary"]["processes"] == 2 and read["summary"]["timeouts"] == 2
+            _, owned = make_report(_with_query(PG_URL, schema=schema), fmt="json")
+            for report in (read, owned):
+                del report["generated_at"], report["store"]
+            assert read == owned
+            # The reader cannot write.
+            with (
+                psycopg.connect(_conninfo(as_reader.split("?")[0])) as conn,
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+            ):
+                conn.execute(f'DELETE FROM "{schema}".events')
+        finally:
+            with _admin() as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                for role in (writer, reader):
+                    conn.execute(f"DROP OWNED BY {role}")
+                    conn.execute(f"DROP ROLE {role}")
+
+
+def test_analysis_takes_the_url(pg_store: str, tmp_path: Path) -> None:
+    """instrument.analysis opens a store URL as it opens a file."""
+    _run_workers(tmp_path, pg_store, n=1, quick=2)
+    conn = instrument.analysis.open_store(pg_store)
+    try:
+        assert len(instrument.analysis.processes(conn)) == 1
+    finally:
+        conn.close()
+
+
+class TestRetention:
+    """Rollups, notable checkouts and keep_raw on a PostgreSQL store, as on a SQLite one."""
+
+    def test_pruned_store_finds_what_the_whole_one_finds(
+        self, tmp_path: Path, schema: str, sqlite_url: str
+    ) -> None:
+        """Raw events past keep_raw are pruned once rolled up, but not those of leaks,
+        timeout holders or long holds: the leaks and timeouts found, the rollups' counts
+        and the notable reasons are those of the same workload kept whole, and of the same
+        workload in a SQLite store."""
+        from test_retention import LEAK_AFTER, Workload, _findings
+
+        t0 = time.time() - 3600
+        found: dict[str, Any] = {}
+        for name, keep in (("whole", math.inf), ("pruned", 60.0), ("file", 60.0)):
+            store = (
+                str(tmp_path / "file.db")
+                if name == "file"
+                else _with_query(PG_URL, schema=f"{schema}_{name}")
+            )
+            engine = sa.create_engine(sqlite_url)
+            monitor = instrument.attach(
+                engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=keep
+            )
+            monitor.flush()
+            Workload(monitor, t0).emit(monitor)
+            monitor.close()
+            engine.dispose()
+            found[name] = store
+        pruned = f"{schema}_pruned"
+        try:
+            old = _rows(pruned, f"SELECT count(*) FROM S.events WHERE at < {t0 + 3000}")[0][0]
+            whole = _rows(f"{schema}_whole", f"SELECT count(*) FROM S.events "
+                                             f"WHERE at < {t0 + 3000}")[0][0]  # fmt: skip
+            assert old < whole / 10  # pruned
+            assert _rows(pruned, "SELECT sum(checkouts) FROM S.rollups")[0][0] == 3005
+            reasons = dict(_rows(pruned, "SELECT checkout_id, reason FROM S.notable"))
+            assert reasons[10_004] == reasons[10_005] == "timeout_holder"
+            assert reasons[10_001] == "leak"
+            (raw_since,) = _rows(pruned, "SELECT value FROM S.meta WHERE key = 'raw_since'")[0]
+            assert t0 + 300 < float(raw_since) < time.time()
+            assert _findings(found["pruned"]) == _findings(found["whole"])
+            assert _findings(found["pruned"]) == _findings(found["file"])
+        finally:
+            with _admin() as conn:
+                for name in ("whole", "pruned"):
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_{name}" CASCADE')
+
+    def test_push_carries_rollups_and_notable(
+        self, tmp_path: Path, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """A pruned SQLite store pushed twice gives the PostgreSQL store its rollups (counted
+        once), notable checkouts and raw_since: the same leaks and timeouts are found."""
+        from test_retention import LEAK_AFTER, Workload, _findings
+
+        store = tmp_path / "pruned.db"
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(
+            engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=60.0
+        )
+        monitor.flush()
+        Workload(monitor, time.time() - 3600).emit(monitor)
+        monitor.close()
+        engine.dispose()
+        for _ in range(2):
+            result = CliRunner().invoke(cli, ["push", str(store), "--to", pg_store])
+            assert result.exit_code == 0, result.output
+        assert _rows(schema, "SELECT sum(checkouts) FROM S.rollups")[0][0] == 3005
+        assert _rows(schema, "SELECT count(*) FROM S.meta WHERE key = 'raw_since'")[0][0] == 1
+        assert _findings(pg_store) == _findings(store)
+        assert _findings(store)[0]  # leaks found, so the equality is not vacuous
+
+
+def _child_ops(engine: sa.Engine) -> None:
+    engine.dispose(close=False)  # as SQLAlchemy documents for a forked child
+    _ops(engine, 5)
+
+
+def test_forked_child_writes_its_own_process_row(
+    pg_store: str, schema: str, sqlite_url: str
+) -> None:
+    """A forked child records as a process of its own (parent_id set), the pool its
+    ``dispose(close=False)`` puts in place included, and the parent's session goes on
+    undisturbed by the child's exit."""
+    import multiprocessing
+
+    engine = sa.create_engine(sqlite_url, poolclass=sa.pool.QueuePool, pool_size=1)
+    monitor = instrument.attach(engine, store=pg_store, name="f")
+    _ops(engine, 3)
+    assert monitor.flush()
+    child = multiprocessing.get_context("fork").Process(target=_child_ops, args=(engine,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    _ops(engine, 3)
+    assert monitor.flush() and monitor.dropped == 0
+    rows = _rows(schema, "SELECT id, parent_id FROM S.processes ORDER BY id")
+    assert len(rows) == 2 and rows[1][1] == rows[0][0]
+    per_process = dict(_rows(schema, "SELECT process_id, count(*) FROM S.events "
+                                     "WHERE kind = 'checkout' GROUP BY process_id"))  # fmt: skip
+    assert per_process == {rows[0][0]: 6, rows[1][0]: 5}
+
+
+def test_poolscope_run_records_into_a_postgresql_store(
+    tmp_path: Path, pg_store: str, schema: str
+) -> None:
+    """``poolscope run --store URL`` attaches a program that never imports poolscope to a
+    PostgreSQL store."""
+    program = tmp_path / "app.py"
+    program.write_text(
+        textwrap.dedent(
+            f"""
+            import sqlalchemy as sa
+            engine = sa.create_engine("sqlite:///{tmp_path / "app.db"}")
+            for _ in range(3):
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+            """
+        )
+    )
+    poolscope = Path(sys.executable).with_name("poolscope")
+    done = subprocess.run(
+        [str(poolscope), "run", "--store", pg_store, "--", sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'")[0][0] == 3
+    assert _rows(schema, "SELECT end_reason FROM S.processes") == [("exit",)]
+
+
+def test_a_newer_schema_is_refused(
+    pg_store: str, schema: str, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store schema written by a newer poolscope is neither read (exit 2) nor written
+    (one error logged; the records wait in the queue, as for a store that is away)."""
+    engine = sa.create_engine(sqlite_url)
+    monitor = instrument.attach(engine, store=pg_store, name="v")
+    _ops(engine, 1)
+    assert monitor.flush()
+    monitor.close()
+    _writer.shutdown_all()
+    with _admin() as conn:
+        conn.execute(f"UPDATE \"{schema}\".meta SET value = '99' WHERE key = 'schema_version'")
+    result = CliRunner().invoke(cli, ["report", pg_store])
+    assert result.exit_code == 2 and "newer poolscope" in result.output
+    caplog.set_level(logging.ERROR, logger="poolscope")
+    engine2 = sa.create_engine(sqlite_url)
+    monitor2 = instrument.attach(engine2, store=pg_store, name="v2")
+    _ops(engine2, 1)
+    assert not monitor2.flush(timeout=5)
+    assert any("newer poolscope" in r.getMessage() for r in caplog.records)
+    assert _rows(schema, "SELECT count(*) FROM S.processes")[0][0] == 1
