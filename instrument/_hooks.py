@@ -32,6 +32,7 @@ from ._record import (
     NULL,
     returned_by_gc,
 )
+from ._retention import keep_raw_setting, max_store_setting
 from ._secrets import is_secret_name
 from ._stacks import MAX_FRAMES, HotPath, TimedGet, stack_key
 from ._store import resolve_store_path, valid_text
@@ -1069,6 +1070,9 @@ def attach(
     store: str | os.PathLike[str] | None = None,
     leak_after: float = DEFAULT_LEAK_AFTER_SECONDS,
     name: str | None = None,
+    *,
+    keep_raw: float | None = None,
+    max_store_mb: float | None = None,
 ) -> Monitor:
     """Start recording every pool event of ``engine`` into ``store``; return its monitor.
 
@@ -1083,13 +1087,25 @@ def attach(
     :param leak_after: seconds a checkout may be held before it is reported as a
         suspected leak (one ``leak_suspected`` event and one WARNING on logger ``poolscope``).
     :param name: the pool's name in reports. May be ``None`` for the database name.
+    :param keep_raw: seconds of raw events the store keeps (at least 60; ``math.inf``: all);
+        older ones live on as rollups, and notable checkouts (leaks, timeouts and their
+        holders, holds past ``leak_after``) are kept for good. May be ``None`` for
+        ``$POOLSCOPE_KEEP_RAW``, else 900.
+    :param max_store_mb: the store's budget in MiB (at least 16; ``math.inf``: none): near
+        it, raw events are kept for less time, then only rolled up. May be ``None`` for
+        ``$POOLSCOPE_MAX_STORE_MB``, else 1024. Where monitors of one process give a store
+        different values, the tightest applies.
+    :raises ValueError: an argument (or its environment variable) is not valid.
     """
     _check_arguments(store, leak_after, name)
+    keep = keep_raw_setting(keep_raw)
+    budget = max_store_setting(max_store_mb)
     with _registry_lock:
         existing = _existing_monitor(engine)
         if existing is not None:
             return existing
     monitor = Monitor(engine, store=store, leak_after=leak_after, name=name)
+    monitor._writer.keeper.configure(keep, budget)
     with _registry_lock:
         _monitors[monitor._event_target] = monitor
     return monitor

@@ -7,11 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._auto import AUTO_ENV, LEAK_AFTER_ENV
+from ._retention import KEEP_RAW_ENV, MAX_STORE_MB_ENV, keep_raw_setting, max_store_setting
 from ._store import resolve_store_path
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "_bootstrap"
@@ -23,6 +24,8 @@ def launch_environment(
     *,
     store: str | None = None,
     leak_after: str | float | None = None,
+    keep_raw: str | float | None = None,
+    max_store_mb: str | float | None = None,
 ) -> dict[str, str]:
     """The environment ``poolscope run`` gives its command: ``environ`` with auto-attach on.
 
@@ -34,9 +37,20 @@ def launch_environment(
     :param store: the store. May be ``None`` for ``$POOLSCOPE_STORE``, else ``./poolscope.db``.
     :param leak_after: seconds before a hold is a suspected leak. May be ``None`` to
         keep ``$POOLSCOPE_LEAK_AFTER``, else 30.
-    :raises ValueError: ``leak_after`` is not a number of seconds above 0.
+    :param keep_raw: seconds of raw events kept, for ``$POOLSCOPE_KEEP_RAW``; ``None``
+        leaves it as it is.
+    :param max_store_mb: the store's budget, for ``$POOLSCOPE_MAX_STORE_MB``; ``None``
+        leaves it as it is.
+    :raises ValueError: ``leak_after`` is not a number of seconds above 0, or
+        ``keep_raw``/``max_store_mb`` is not what ``attach()`` takes.
     """
     seconds = _seconds(leak_after) if leak_after is not None else None
+    retention = {}
+    if keep_raw is not None:
+        retention[KEEP_RAW_ENV] = repr(_setting(keep_raw, "--keep-raw", keep_raw_setting))
+    if max_store_mb is not None:
+        value = _setting(max_store_mb, "--max-store-mb", max_store_setting)
+        retention[MAX_STORE_MB_ENV] = repr(value)
     env = dict(environ)
     bootstrap = str(BOOTSTRAP_DIR)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != bootstrap]
@@ -46,7 +60,22 @@ def launch_environment(
     env["POOLSCOPE_STORE"] = str(path.absolute())
     if seconds is not None:
         env[LEAK_AFTER_ENV] = repr(seconds)
+    env.update(retention)
     return env
+
+
+def _setting(value: str | float, option: str, check: Callable[[Any], float]) -> float:
+    """``value`` checked as ``attach()`` checks it; the error names ``option``."""
+    name = option.lstrip("-").replace("-", "_")
+    try:
+        number = float(value)
+    except ValueError:
+        number = value  # type: ignore[assignment]
+    try:
+        return check(number)
+    except ValueError as exc:
+        message = str(exc).replace(name, option, 1).replace(f"not {number!r}.", f"not {value!r}.")
+        raise ValueError(message) from None
 
 
 def _seconds(value: str | float) -> float:
@@ -61,7 +90,12 @@ def _seconds(value: str | float) -> float:
 
 
 def run_command(
-    command: Sequence[str], *, store: str | None = None, leak_after: str | float | None = None
+    command: Sequence[str],
+    *,
+    store: str | None = None,
+    leak_after: str | float | None = None,
+    keep_raw: str | float | None = None,
+    max_store_mb: str | float | None = None,
 ) -> NoReturn:
     """Replace this process with ``command``, every SQLAlchemy engine of it attached.
 
@@ -74,7 +108,13 @@ def run_command(
     """
     if not command:
         raise ValueError("run needs a command: poolscope run [OPTIONS] -- CMD [ARGS]...")
-    env = launch_environment(os.environ, store=store, leak_after=leak_after)
+    env = launch_environment(
+        os.environ,
+        store=store,
+        leak_after=leak_after,
+        keep_raw=keep_raw,
+        max_store_mb=max_store_mb,
+    )
     program = command[0]
     if os.sep in program or (os.altsep and os.altsep in program):
         executable = program if os.path.isfile(program) and os.access(program, os.X_OK) else None

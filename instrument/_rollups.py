@@ -15,7 +15,9 @@ checkout returned after all, not another leak); ``gc_returned`` counts ``gc_chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -69,11 +71,26 @@ RETURN_KINDS = ("checkin", "gc_checkin")
 not returns to the pool)."""
 
 
-class Batch:
-    """Columns of events of one process: numpy arrays, NULL as NaN (numbers) or 0 (stack).
+KINDS = (
+    "checkout", "checkin", "gc_checkin", "detach", "unwatched", "timeout", "leak_suspected",
+    "leak_cleared", "connect", "close", "close_detached", "invalidate", "dropped",
+)  # fmt: skip
+"""The event kinds a :class:`Batch` tells apart (by index; any other kind is ``-1``)."""
 
-    ``pool`` and ``stack`` are the store's ids; ``kind`` is a str array.
-    """
+KIND_CODE = {kind: code for code, kind in enumerate(KINDS)}
+
+_NULLS = {None: math.nan, "": math.nan}
+
+
+def kind_codes(*names: str) -> list[int]:
+    """The codes of the kinds ``names`` in :attr:`Batch.kind`."""
+    return [KIND_CODE[name] for name in names]
+
+
+class Batch:
+    """Columns of events of one process as numpy arrays: numbers as float64 (NULL as NaN),
+    ``kind`` as int16 codes (:data:`KINDS`), ``pool`` and ``stack`` as the store's ids
+    (int64; a NULL stack is 0)."""
 
     __slots__ = ("at", "pool", "kind", "checkout_id", "in_use", "overflow", "waiters",
                  "stack", "wait_s", "connect_s", "hold_s", "count")  # fmt: skip
@@ -85,48 +102,86 @@ class Batch:
     def __len__(self) -> int:
         return int(self.at.size)
 
+    def of(self, *kinds: str) -> np.ndarray:
+        """Where the records are of one of ``kinds``."""
+        codes = kind_codes(*kinds)
+        if len(codes) == 1:
+            return self.kind == codes[0]
+        table = np.zeros(len(KINDS) + 1, dtype=bool)  # the last: any other kind (-1)
+        table[codes] = True
+        return table[self.kind]
+
     def take(self, mask: np.ndarray) -> Batch:
         """The records where ``mask`` is true."""
         return Batch(**{name: getattr(self, name)[mask] for name in self.__slots__})
 
     @classmethod
-    def from_flat(
-        cls, flat: Sequence[Any], pool_ids: dict[int, int], stack_ids: dict[int, int]
+    def from_numbers(
+        cls,
+        values: np.ndarray,
+        pool_ids: dict[int, int] | None,
+        stack_ids: dict[int, int] | None,
     ) -> Batch:
-        """Columns of the writer's flat queue (``_record.RECORD_FIELDS`` per record, NULL as
-        ``""`` or ``None``), its pool keys and stack ids mapped to the store's by ``pool_ids``
-        and ``stack_ids`` (unknown ones: 0)."""
-        w = RECORD_WIDTH
+        """Columns of the writer's queue as ``values``: float64, ``RECORD_WIDTH`` per record
+        (``_record.RECORD_FIELDS``), NULL as NaN, the kind as its index in :data:`KINDS`
+        (what ``Events.numbers(KINDS)`` returns). Pool keys and stack ids are mapped to the
+        store's by ``pool_ids`` and ``stack_ids`` (unknown ones: 0; ``None``: they are the
+        store's already)."""
+        c = np.ascontiguousarray(values.reshape(-1, RECORD_WIDTH).T)  # one row per field
         return cls(
-            at=_floats(flat[AT::w]),
-            pool=_mapped(flat[POOL::w], pool_ids),
-            kind=np.asarray(flat[KIND::w], dtype=str),
-            checkout_id=_floats(flat[CHECKOUT_ID::w]),
-            in_use=_floats(flat[IN_USE::w]),
-            overflow=_floats(flat[OVERFLOW::w]),
-            waiters=_floats(flat[WAITERS::w]),
-            stack=_mapped(flat[STACK::w], stack_ids),
-            wait_s=_floats(flat[WAIT_S::w]),
-            connect_s=_floats(flat[CONNECT_S::w]),
-            hold_s=_floats(flat[HOLD_S::w]),
-            count=_floats(flat[COUNT::w]),
+            at=c[AT],
+            pool=_mapped(c[POOL], pool_ids),
+            kind=np.nan_to_num(c[KIND], nan=-1).astype(np.int16),
+            checkout_id=c[CHECKOUT_ID],
+            in_use=c[IN_USE],
+            overflow=c[OVERFLOW],
+            waiters=c[WAITERS],
+            stack=_mapped(c[STACK], stack_ids),
+            wait_s=c[WAIT_S],
+            connect_s=c[CONNECT_S],
+            hold_s=c[HOLD_S],
+            count=c[COUNT],
         )
 
     @classmethod
+    def from_flat(
+        cls,
+        flat: Any,
+        pool_ids: dict[int, int] | None,
+        stack_ids: dict[int, int] | None,
+    ) -> Batch:
+        """:meth:`from_numbers` of the writer's queue ``flat``: the C inserter's ``Events``
+        (read in C), or a flat list (NULL as ``""`` or ``None``; read column by column)."""
+        numbers = getattr(flat, "numbers", None)
+        if numbers is not None:
+            values = np.frombuffer(numbers(KINDS), dtype=np.float64)
+            return cls.from_numbers(values, pool_ids, stack_ids)
+        w = RECORD_WIDTH
+        n = len(flat) // w
+        m = np.empty((n, w), dtype=np.float64)
+        for field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
+            m[:, field] = _floats(flat[field::w])
+        for field in (CHECKOUT_ID, WAIT_S, CONNECT_S, HOLD_S, COUNT):  # NULL often
+            col = flat[field::w]
+            m[:, field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
+        m[:, KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
+        return cls.from_numbers(m, pool_ids, stack_ids)
+
+    @classmethod
     def from_rows(cls, rows: Sequence[Sequence[Any]]) -> Batch:
-        """Columns of events rows read back as ``SELECT at, pool_id, kind, checkout_id,
-        in_use, overflow, waiters, stack_id, wait_s, connect_s, hold_s, count``."""
+        """Columns of events rows read back as ``SELECT`` :data:`BATCH_SELECT` (the store's
+        ids already)."""
         cols = list(zip(*rows, strict=True)) if rows else [()] * 12
-        stack = _floats(cols[7])
+        n = len(rows)
         return cls(
             at=_floats(cols[0]),
             pool=np.nan_to_num(_floats(cols[1])).astype(np.int64),
-            kind=np.asarray(cols[2], dtype=str),
+            kind=np.fromiter(map(KIND_CODE.get, cols[2], repeat(-1)), np.int16, n),
             checkout_id=_floats(cols[3]),
             in_use=_floats(cols[4]),
             overflow=_floats(cols[5]),
             waiters=_floats(cols[6]),
-            stack=np.nan_to_num(stack).astype(np.int64),
+            stack=np.nan_to_num(_floats(cols[7])).astype(np.int64),
             wait_s=_floats(cols[8]),
             connect_s=_floats(cols[9]),
             hold_s=_floats(cols[10]),
@@ -144,20 +199,22 @@ BATCH_SELECT = (
 def _floats(values: Sequence[Any]) -> np.ndarray:
     """``values`` as float64, NULL (``None`` or ``""``) as NaN."""
     try:
-        return np.array(values, dtype=np.float64)  # None becomes NaN
+        return np.fromiter(values, np.float64, len(values))
     except (ValueError, TypeError):
-        arr = np.array(values, dtype=object)
-        arr[arr == ""] = None
-        return arr.astype(np.float64)
+        return np.fromiter(map(_NULLS.get, values, values), np.float64, len(values))
 
 
-def _mapped(values: Sequence[Any], ids: dict[int, int]) -> np.ndarray:
-    """``values`` (local keys; NULL as ``""``/``None``) mapped through ``ids`` (else 0)."""
-    arr = np.array(values, dtype=object)
-    uniq, inverse = np.unique(arr.astype(str), return_inverse=True)
-    lookup = {str(k): v for k, v in ids.items()}
-    mapped = np.array([lookup.get(u) or 0 for u in uniq], dtype=np.int64)
-    return mapped[inverse.reshape(-1)] if arr.size else np.zeros(0, dtype=np.int64)
+def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
+    """``values`` (local keys as float64, NULL as NaN) mapped through ``ids`` (else 0);
+    ``ids`` ``None``: the values as they are."""
+    local = np.nan_to_num(values, nan=-1.0).astype(np.int64)
+    if ids is None:
+        return np.maximum(local, 0)
+    if not local.size:
+        return local
+    uniq, inverse = np.unique(local, return_inverse=True)
+    mapped = np.array([ids.get(u) or 0 for u in uniq.tolist()], dtype=np.int64)
+    return mapped[inverse.reshape(-1)]
 
 
 class Rollups:
@@ -189,25 +246,34 @@ class Rollups:
         self.fed += n
         p = self.period_s
         start = np.floor(batch.at / p) * p
-        kind = batch.kind
-        is_co = kind == "checkout"
-        is_ret = (kind == "checkin") | (kind == "gc_checkin")
-        per_site = (
-            is_co | is_ret | (kind == "timeout") | (kind == "leak_suspected") | (kind == "connect")
+        per_site = batch.of(
+            "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect"
         )
         if per_site.any():
             self._feed_sites(batch.take(per_site), start[per_site])
         self._feed_pools(batch, start)
 
     def _feed_sites(self, b: Batch, start: np.ndarray) -> None:
-        keys = np.stack([start, b.pool.astype(np.float64), b.stack.astype(np.float64)], axis=1)
-        uniq, group = np.unique(keys, axis=0, return_inverse=True)
+        # One int64 key per (period, pool, stack): period number within the batch, pool id
+        # and stack id in bit fields (ids past the fields fall back to a slower grouping).
+        first = float(start.min())
+        period = ((start - first) / self.period_s).astype(np.int64)
+        pool, stack = b.pool.astype(np.int64), b.stack.astype(np.int64)
+        if period.max() < (1 << 16) and pool.max() < (1 << 20) and stack.max() < (1 << 27):
+            packed = (period << 47) | (pool << 27) | stack
+            keys, group = np.unique(packed, return_inverse=True)
+            uniq = np.stack(
+                [first + (keys >> 47) * self.period_s, (keys >> 27) & ((1 << 20) - 1),
+                 keys & ((1 << 27) - 1)], axis=1,
+            )  # fmt: skip
+        else:
+            triples = np.stack([start, pool.astype(np.float64), stack.astype(np.float64)], axis=1)
+            uniq, group = np.unique(triples, axis=0, return_inverse=True)
         group = group.reshape(-1)
         g = len(uniq)
-        kind = b.kind
-        is_co = kind == "checkout"
-        is_ret = (kind == "checkin") | (kind == "gc_checkin")
-        is_gc = kind == "gc_checkin"
+        is_co = b.of("checkout")
+        is_ret = b.of("checkin", "gc_checkin")
+        is_gc = b.of("gc_checkin")
 
         def tally(mask: np.ndarray) -> np.ndarray:
             return np.bincount(group[mask], minlength=g)
@@ -222,13 +288,13 @@ class Rollups:
             np.fmax.at(out, group[m], values[m])
             return out
 
-        is_connect = kind == "connect"
+        is_connect = b.of("connect")
         columns = {
             "checkouts": tally(is_co),
             "returns": tally(is_ret),
             "gc_returned": tally(is_gc),
-            "timeouts": tally(kind == "timeout"),
-            "leaks": tally(kind == "leak_suspected"),
+            "timeouts": tally(b.of("timeout")),
+            "leaks": tally(b.of("leak_suspected")),
             "hold_sum_s": total(is_ret, b.hold_s),
             "hold_max_s": peak(is_ret, b.hold_s),
             "wait_sum_s": total(is_co, b.wait_s),
@@ -303,7 +369,7 @@ class Rollups:
             inv = inv.reshape(-1)
             k = len(us)
             events = np.bincount(inv, minlength=k)
-            is_inv = kind == "invalidate"
+            is_inv = kind == KIND_CODE["invalidate"]
             invalidations = np.bincount(inv[is_inv], minlength=k)
             disconnects = np.bincount(inv[is_inv & (count == 1)], minlength=k)
             peaks = {}

@@ -630,6 +630,49 @@ Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
     return list;
 }
 
+/* numbers(texts) -> bytes: every value as a float64, in order (width per record): an int
+   or float as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1
+   where it is none of them). For the writer's rollups: the batch as numbers, without a
+   Python object per value. */
+static PyObject *
+Events_numbers(Events *self, PyObject *texts)
+{
+    enum { MAX_TEXTS = 64 };
+    const char *names[MAX_TEXTS];
+    Py_ssize_t lens[MAX_TEXTS];
+    if (!PyTuple_Check(texts) || PyTuple_GET_SIZE(texts) > MAX_TEXTS) {
+        PyErr_SetString(PyExc_TypeError, "numbers() takes a tuple of at most 64 str");
+        return NULL;
+    }
+    Py_ssize_t ntexts = PyTuple_GET_SIZE(texts);
+    for (Py_ssize_t k = 0; k < ntexts; k++) {
+        names[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(texts, k), &lens[k]);
+        if (names[k] == NULL) return NULL;
+    }
+    Py_ssize_t n = Events_length(self);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
+    if (out == NULL) return NULL;
+    double *d = (double *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Cell *c = &self->cells[i];
+        switch (c->type) {
+        case CELL_INT: d[i] = (double)c->i; break;
+        case CELL_FLOAT: d[i] = c->d; break;
+        case CELL_TEXT:
+            d[i] = -1.0;
+            for (Py_ssize_t k = 0; k < ntexts; k++) {
+                if (lens[k] == c->len && memcmp(names[k], self->text + c->off, c->len) == 0) {
+                    d[i] = (double)k;
+                    break;
+                }
+            }
+            break;
+        default: d[i] = Py_NAN;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef Events_methods[] = {
     {"extend", (PyCFunction)Events_extend, METH_O,
      "extend(values): append one record of exactly `width` values (None, int, float or "
@@ -642,6 +685,9 @@ static PyMethodDef Events_methods[] = {
      "`keep` records, else keep them for the next take()."},
     {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
      "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
+    {"numbers", (PyCFunction)Events_numbers, METH_O,
+     "numbers(texts) -> bytes: the values, flat, as float64: numbers as they are, NULL as "
+     "NaN, text as its index in the tuple `texts` (-1 if not in it)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,6 +31,7 @@ from ._record import (
     STACK,
 )
 from ._record import NULL as NULL  # the benchmarks and tests read it here too
+from ._retention import Keeper
 from ._secrets import masked_argv
 from ._stacks import StackTable
 
@@ -163,6 +164,8 @@ class Writer:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.dropped_total = 0
+        # Rollups, notable checkouts and retention of what this writer writes (_after_batch).
+        self.keeper = Keeper()
 
     def on_tick(self, every_batch: Callable[[float], None], after_fork: Callable[[], None]) -> None:
         """Call ``every_batch(now)`` in the writer thread before each batch (what it emits
@@ -293,13 +296,17 @@ class Writer:
         # it is open, else the sqlite3 connection.
         store = self._c_store
         run = store.run if store is not None else functools.partial(_run, conn)
+        # At the store's size cap the records are rolled up but not stored raw.
+        raw = self.keeper.store_raw
         try:
             now = REAL.wall()
-            if dropped or not self._write_in_one_call(flat, now):
+            if dropped or not raw or not self._write_in_one_call(flat, now):
                 run("BEGIN IMMEDIATE", ())
                 self._write_stacks(run, new_stacks)
                 self._write_pools(run, new_pools)
-                if store is not None:
+                if not raw:
+                    pass
+                elif store is not None:
                     self._insert_in_c(store, flat)
                 else:
                     self._insert_in_python(conn, flat)
@@ -321,6 +328,22 @@ class Writer:
             self._pending_drops += nrecords
             self.dropped_total += nrecords
             self._report_failure(exc)
+            return
+        self._after_batch(conn, flat, now, raw)
+
+    def _after_batch(self, conn: sqlite3.Connection, flat: Any, now: float, raw: bool) -> None:
+        """What is fed by the records just written: rollups, notable checkouts, retention
+        (``_retention.Keeper``; never raises). ``raw``: whether they were stored raw."""
+        if isinstance(flat, list) and raw:  # _insert_in_python mapped its ids in place
+            pools, stacks = None, None
+        else:
+            pools, stacks = self._pool_ids, self._stack_ids
+        leak_after = {
+            self._pool_ids[key]: info["leak_after_s"]
+            for key, info in self.pools.items()
+            if key in self._pool_ids
+        }
+        self.keeper.after_batch(conn, flat, pools, stacks, leak_after, now, raw)
 
     def _unwrite(self, stacks: list[int], pools: list[int]) -> None:
         """Mark the stack and pool rows of a batch rolled back as not written: they go out
@@ -511,6 +534,7 @@ class Writer:
                     now,
                 ),
             )
+            self.keeper.start(conn, int(cur.lastrowid), now)  # type: ignore[arg-type]
             conn.execute("COMMIT")
         except Exception as exc:  # OSError, sqlite3.Error
             with contextlib.suppress(sqlite3.Error):

@@ -271,8 +271,24 @@ class _OneLineUsageErrors(click.Command):
     help="Seconds a hold may last before it is a suspected leak (default: "
     "$POOLSCOPE_LEAK_AFTER, else 30).",
 )
+@click.option(
+    "--keep-raw",
+    metavar="S",
+    help="Seconds of raw events the store keeps (default: $POOLSCOPE_KEEP_RAW, else 900).",
+)
+@click.option(
+    "--max-store-mb",
+    metavar="MB",
+    help="The store's budget in MiB (default: $POOLSCOPE_MAX_STORE_MB, else 1024).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def run(store: str | None, leak_after: str | None, command: tuple[str, ...]) -> None:
+def run(
+    store: str | None,
+    leak_after: str | None,
+    keep_raw: str | None,
+    max_store_mb: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run CMD with every SQLAlchemy pool of its Python processes recorded, no code change.
 
     CMD is executed in place of poolscope (exit status, signals, output and sys.argv are
@@ -281,9 +297,104 @@ def run(store: str | None, leak_after: str | None, command: tuple[str, ...]) -> 
     from ._launch import run_command
 
     try:
-        run_command(command, store=store, leak_after=leak_after)
+        run_command(
+            command,
+            store=store,
+            leak_after=leak_after,
+            keep_raw=keep_raw,
+            max_store_mb=max_store_mb,
+        )
     except ValueError as exc:
         _fail(str(exc))
+
+
+@cli.command(cls=_OneLineUsageErrors)
+@click.argument("store")
+@click.option(
+    "--keep-raw",
+    metavar="S",
+    help="Seconds of raw events kept before the store's last event (default: "
+    "$POOLSCOPE_KEEP_RAW, else 900; 'inf' keeps them all and only rolls up).",
+)
+def compact(store: str, keep_raw: str | None) -> None:
+    """Roll up STORE's raw events and prune those older than --keep-raw, as an attached
+    writer does: for a store recorded by the first release or without retention.
+
+    Leaks, timeouts with their holders' checkouts, holds past leak_after, invalidations and
+    checkouts never returned are kept. Safe while processes write STORE (short
+    transactions); the file is vacuumed when none does. Progress goes to stderr.
+    """
+    import math
+    import sqlite3
+
+    from ._compact import compact as run_compact
+    from ._retention import keep_raw_setting
+    from ._store import resolve_store_path
+
+    try:
+        keep = keep_raw_setting(None if keep_raw is None else _number(keep_raw, "--keep-raw"))
+    except ValueError as exc:
+        _fail(str(exc).replace("keep_raw", "--keep-raw"))
+    path = resolve_store_path(store)
+    bar = _ProgressBar()
+    try:
+        done = run_compact(path, keep, bar)
+    except PoolscopeError as exc:
+        bar.end()
+        _fail(str(exc))
+    except sqlite3.Error as exc:
+        bar.end()
+        _fail(f"cannot compact {path}: {exc}")
+    bar.end()
+    mb = 1 << 20
+    click.echo(
+        f"poolscope compact: {path}: rolled up {done.rolled_up_events:,} events of "
+        f"{done.rolled_up_processes} process(es); pruned {done.pruned:,} raw events"
+        f"{'' if math.isfinite(keep) else ' (none: --keep-raw inf)'}; "
+        f"{done.hour_rows:,} minute rollups merged into hours; "
+        + (
+            f"vacuumed: {done.size_before / mb:.1f} MB -> {done.size_after / mb:.1f} MB"
+            if done.vacuumed
+            else f"not vacuumed ({done.live_processes} process(es) writing it; its writers "
+            "reuse the freed pages)"
+        ),
+        err=True,
+    )
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option} must be a number of seconds, not {text!r}.") from None
+
+
+class _ProgressBar:
+    """``(phase, done, total)`` progress on stderr: a bar redrawn in place on a terminal, a
+    line per tenth otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        share = done / total if total else 1.0
+        if self.tty:
+            filled = int(share * 30)
+            sys.stderr.write(f"\r{phase:<11} [{'#' * filled}{'.' * (30 - filled)}] {share:4.0%}")
+            sys.stderr.flush()
+            self.shown = (phase, 0)
+            return
+        step = int(share * 10)
+        if self.shown is None or self.shown != (phase, step):
+            self.shown = (phase, step)
+            sys.stderr.write(f"poolscope compact: {phase} {share:.0%}\n")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty and self.shown is not None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def main() -> None:

@@ -232,7 +232,7 @@ BAD_STORES = {
     ),
     "newer schema": (
         _newer,
-        "{p} was written by a newer poolscope (store schema 999, this one reads up to 1); "
+        "{p} was written by a newer poolscope (store schema 999, this one reads up to 2); "
         "upgrade poolscope to read it",
     ),
 }

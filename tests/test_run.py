@@ -144,6 +144,23 @@ class TestScript:
         (pool,) = _report(tmp_path / "rel.db")["pools"]
         assert pool["leak_after_s"] == 2.5
 
+    def test_keep_raw_and_max_store_mb_reach_the_store(self, tmp_path: Path) -> None:
+        """--keep-raw and --max-store-mb are the retention every pool's writer applies."""
+        script = _write(tmp_path / "leaky.py", LEAKY_SCRIPT)
+        store = tmp_path / "s.db"
+        url = f"sqlite:///{tmp_path / 'app.db'}"
+        done = subprocess.run(
+            _launcher("--store", str(store), "--keep-raw", "120", "--max-store-mb", "64", "--",
+                      sys.executable, str(script), url, "0"),
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        conn = sqlite3.connect(str(store))
+        try:
+            assert conn.execute("SELECT keep_raw_s FROM retention").fetchall() == [(120.0,)]
+        finally:
+            conn.close()
+
     def test_engine_made_after_dispose(self, tmp_path: Path) -> None:
         """The pool engine.dispose() puts in place and an engine made after it are watched:
         a leak on each is reported at its own line."""
@@ -319,6 +336,10 @@ class TestBadInput:
             (["--leak-after", "soon", "--", "true"],
              "--leak-after must be a number of seconds above 0, not 'soon'"),
             (["--leak-after"], "Option '--leak-after' requires an argument."),
+            (["--keep-raw", "30", "--", "true"],
+             "--keep-raw must be at least 60 seconds, not '30'."),
+            (["--max-store-mb", "big", "--", "true"],
+             "--max-store-mb must be a number of megabytes, not 'big'."),
         ],
     )  # fmt: skip
     def test_one_line_and_status_2(self, args: list[str], message: str) -> None:

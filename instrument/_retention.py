@@ -1,0 +1,561 @@
+"""Retention: rollups written with each batch, notable checkouts marked, raw events pruned.
+
+The writer thread hands each batch it wrote to its :class:`Keeper` (one call). The keeper
+
+1. feeds the batch to its :class:`~instrument._rollups.Rollups` and merges the rows into the
+   store's ``rollups`` and ``pool_rollups`` (read, add, write: each process owns its rows);
+2. marks the batch's notable checkouts in ``notable`` (see :class:`Notable`), so that no
+   prune deletes their raw events;
+3. prunes this process's raw events older than the retention in small steps (a range of
+   :data:`PRUNE_STEP_IDS` event ids per transaction; never another process's rows, so
+   several processes may write one store), and records from when its raw events are
+   complete (``retention.raw_since``, and the store-wide ``meta`` ``raw_since``);
+4. watches the store's size (pages in use) against ``max_store_mb``: past 80 % it halves
+   the retention applied at each check; past 95 % it prunes all it may and raw events are
+   rolled up but not stored (counted in ``retention.raw_skipped``) until the store is back
+   under 60 %, where the retention grows back. One WARNING on logger ``poolscope`` the
+   first time. The application is never slowed or failed for it.
+
+The SQL is plain (``DELETE ... WHERE`` on an id range, ``INSERT ... ON CONFLICT``), so that
+another store can run the same steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _rollups
+from ._clock import REAL
+from ._rollups import Batch, Rollups
+
+logger = logging.getLogger("poolscope")
+
+DEFAULT_KEEP_RAW_S = 900.0
+"""Raw events are kept 15 minutes by default: a post-mortem reads the minutes around an
+incident, and its notable checkouts (leaks, timeouts and their holders, long holds) are kept
+for good anyway; at 1,000 checkouts/s that is about 140 MB of raw events."""
+
+DEFAULT_MAX_STORE_MB = 1024.0
+"""The store's default budget: 1 GiB, a size any production host can spare."""
+
+KEEP_RAW_ENV = "POOLSCOPE_KEEP_RAW"
+MAX_STORE_MB_ENV = "POOLSCOPE_MAX_STORE_MB"
+
+LEAK_MARGIN_S = 10.0
+"""Raw events younger than a pool's ``leak_after`` plus this are never pruned: a checkout
+open that long has been flagged ``leak_suspected`` (a notable row) by then."""
+
+PRUNE_STEP_IDS = 5000
+"""Event ids per prune transaction: each step holds the store for a few milliseconds."""
+
+PRUNE_BUDGET_S = 2.0
+"""The most one batch's pruning takes before it leaves the rest for the next batch. A step
+deletes about 150,000 events/s, so at a real rate (1,000 events/s) a batch's pruning takes
+milliseconds; the budget lets a backlog (a store opened with old events, or a simulated
+day) be caught up while the store is released between steps."""
+
+SIZE_CHECK_S = 5.0
+"""How often (writer time) the store's size is checked against ``max_store_mb``."""
+
+MINUTE_ROWS_S = 86400.0
+"""Minute rollups older than a day are merged into hour rows (``period_s`` 3600)."""
+
+COARSEN_EVERY_S = 600.0
+COARSEN_ROWS = 2000
+
+MAX_NOTABLE = 100_000
+"""Notable checkouts and events kept per process; past it, new ones are counted in
+``retention.notable_dropped`` and their raw events are pruned as any other."""
+
+DELETABLE_KINDS = ("checkout", "checkin", "connect", "close", "close_detached")
+"""The kinds a prune may delete (unless their checkout is notable). Every other kind (timeout,
+leak_*, gc_checkin, detach, unwatched, invalidate, dropped) is kept, up to the cap."""
+
+PROTECTED_KINDS = (
+    "timeout", "leak_suspected", "leak_cleared", "gc_checkin", "detach", "unwatched",
+    "invalidate",
+)  # fmt: skip
+"""The kept kinds that count against :data:`MAX_NOTABLE` (and are pruned past it)."""
+
+LEAK_MARK_KINDS = ("leak_suspected", "leak_cleared", "gc_checkin", "detach", "unwatched")
+RETURN_KINDS = ("checkin", "gc_checkin", "detach", "unwatched")
+
+
+def _number(value: Any, what: str, env: str, default: float, minimum: float) -> float:
+    """``value`` (else ``$env``, else ``default``) as a number ``>= minimum`` (``inf`` allowed);
+    ``ValueError`` in one sentence otherwise."""
+    source = what
+    if value is None:
+        text = os.environ.get(env, "").strip()
+        if not text:
+            return default
+        source = f"${env}"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{source} must be a number of {_unit(what)}, not {text!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{source} must be a number of {_unit(what)}, not {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{source} must be at least {minimum:g} {_unit(what)}, not {value!r}.")
+    return float(value)
+
+
+def _unit(what: str) -> str:
+    return "seconds" if what == "keep_raw" else "megabytes"
+
+
+def keep_raw_setting(value: Any) -> float:
+    """``attach(keep_raw=...)``: seconds of raw events kept (``inf``: all), at least 60;
+    ``None`` for ``$POOLSCOPE_KEEP_RAW``, else :data:`DEFAULT_KEEP_RAW_S`."""
+    return _number(value, "keep_raw", KEEP_RAW_ENV, DEFAULT_KEEP_RAW_S, 60.0)
+
+
+def max_store_setting(value: Any) -> float:
+    """``attach(max_store_mb=...)``: the store's budget in MiB (``inf``: none), at least 16;
+    ``None`` for ``$POOLSCOPE_MAX_STORE_MB``, else :data:`DEFAULT_MAX_STORE_MB`."""
+    return _number(value, "max_store_mb", MAX_STORE_MB_ENV, DEFAULT_MAX_STORE_MB, 16.0)
+
+
+# -- notable checkouts -----------------------------------------------------------------
+
+
+class Notable:
+    """Finds the notable checkouts of one process's batches, and tracks its open checkouts.
+
+    Notable: a checkout with a ``leak_*``, ``gc_checkin``, ``detach`` or ``unwatched`` event
+    (``'leak'``); one returned after more than its pool's ``leak_after`` (``'long_hold'``);
+    one open at a timeout of its pool (``'timeout_holder'``, found from the checkouts open
+    before the batch and those of the batch up to the timeout).
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[int, int], float] = {}
+
+    def marks(self, b: Batch, leak_after: dict[int, float]) -> list[tuple[int, int, str]]:
+        """The notable checkouts of batch ``b``: ``(pool_id, checkout_id, reason)``; updates
+        the open checkouts. ``leak_after``: each pool id's threshold (missing: never long)."""
+        out: list[tuple[int, int, str]] = []
+        if not len(b):
+            return out
+        cid = b.checkout_id
+        has_id = ~np.isnan(cid)
+        ids = np.where(has_id, cid, -1).astype(np.int64)
+        leak = b.of(*LEAK_MARK_KINDS) & has_id
+        for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
+            out.append((pool, c, "leak"))
+        returned = b.of(*RETURN_KINDS) & has_id
+        if leak_after and returned.any():
+            pools = b.pool[returned]
+            limits = np.array([leak_after.get(p, math.inf) for p in pools.tolist()])
+            long = b.hold_s[returned] > limits
+            for pool, c in zip(pools[long].tolist(), ids[returned][long].tolist(), strict=True):
+                out.append((pool, c, "long_hold"))
+        co = b.of("checkout") & has_id
+        for j in np.nonzero(b.of("timeout"))[0].tolist():  # rare: one pass each
+            t, pool = float(b.at[j]), int(b.pool[j])
+            held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
+            m = co & (b.pool == pool) & (b.at <= t)
+            held.update(ids[m].tolist())
+            m = returned & (b.pool == pool) & (b.at <= t)
+            held.difference_update(ids[m].tolist())
+            out.extend((pool, c, "timeout_holder") for c in sorted(held))
+        # The open checkouts after the batch (only the few that outlive it are touched).
+        keys = b.pool.astype(np.int64) * (1 << 40) + ids
+        co_keys, ret_keys = keys[co], keys[returned]
+        stays = ~np.isin(co_keys, ret_keys)
+        for k, at in zip(co_keys[stays].tolist(), b.at[co][stays].tolist(), strict=True):
+            self.open[(k >> 40, k & ((1 << 40) - 1))] = at
+        for k in ret_keys[~np.isin(ret_keys, co_keys)].tolist():
+            self.open.pop((k >> 40, k & ((1 << 40) - 1)), None)
+        return out
+
+
+# -- store steps (plain SQL; the connection is in autocommit mode) -----------------------
+
+
+def upsert_rollups(
+    conn: Any, rows: Sequence[dict[str, Any]], pool_rows: Sequence[dict[str, Any]]
+) -> None:
+    """Merge delta rows into the store's ``rollups`` and ``pool_rollups`` (in the caller's
+    transaction): each row is read, added to and written back."""
+    _upsert(conn, "rollups", _rollups.ROLLUP_COLUMNS, _rollups.ROLLUP_KEY, rows,
+            _rollups.rollup_from_values, _rollups.merge_rollup, _rollups.rollup_params)  # fmt: skip
+    _upsert(conn, "pool_rollups", _rollups.POOL_ROLLUP_COLUMNS, _rollups.POOL_ROLLUP_KEY,
+            pool_rows, _rollups.pool_rollup_from_values, _rollups.merge_pool_rollup,
+            _rollups.pool_rollup_params)  # fmt: skip
+
+
+def _upsert(conn, table, columns, key, rows, from_values, merge, params) -> None:  # type: ignore[no-untyped-def]
+    if not rows:
+        return
+    where = " AND ".join(f"{k} = ?" for k in key)
+    select = f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+    sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    insert = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+    )
+    out = []
+    for row in rows:
+        found = conn.execute(select, tuple(row[k] for k in key)).fetchone()
+        merged = merge(from_values(found), row) if found is not None else row
+        out.append(params(merged))
+    conn.executemany(insert, out)
+
+
+def coarsen_step(conn: Any, process_id: int | None, before: float, limit: int) -> int:
+    """Merge up to ``limit`` minute rows (of ``process_id``, or every process for ``None``)
+    that start before ``before`` into their hour rows, and delete them; return how many."""
+    which = "" if process_id is None else "AND process_id = ?"
+    args: tuple[Any, ...] = (before,) if process_id is None else (before, process_id)
+    moved = 0
+    for table, columns, from_values in (
+        ("rollups", _rollups.ROLLUP_COLUMNS, _rollups.rollup_from_values),
+        ("pool_rollups", _rollups.POOL_ROLLUP_COLUMNS, _rollups.pool_rollup_from_values),
+    ):
+        found = conn.execute(
+            f"SELECT {', '.join(columns)} FROM {table} WHERE period_s = 60 AND start_at < ? "
+            f"{which} ORDER BY start_at LIMIT {int(limit)}",
+            args,
+        ).fetchall()
+        if not found:
+            continue
+        rows = [from_values(r) for r in found]
+        key = _rollups.ROLLUP_KEY if table == "rollups" else _rollups.POOL_ROLLUP_KEY
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        merge = _rollups.merge_rollup if table == "rollups" else _rollups.merge_pool_rollup
+        for row in rows:
+            hour = _rollups.coarsen(row)
+            k = tuple(hour[c] for c in key)
+            merged[k] = merge(merged.get(k), hour)
+        if table == "rollups":
+            upsert_rollups(conn, list(merged.values()), [])
+        else:
+            upsert_rollups(conn, [], list(merged.values()))
+        where = " AND ".join(f"{k} = ?" for k in key)
+        conn.executemany(
+            f"DELETE FROM {table} WHERE {where}", [tuple(r[k] for k in key) for r in rows]
+        )
+        moved += len(rows)
+    return moved
+
+
+_NOT_NOTABLE = (
+    "NOT EXISTS (SELECT 1 FROM notable AS n WHERE n.process_id = events.process_id "
+    "AND n.pool_id = events.pool_id AND n.checkout_id = events.checkout_id)"
+)
+
+
+_RETURNED = (
+    "(kind <> 'checkout' OR EXISTS (SELECT 1 FROM events AS r WHERE "
+    "r.process_id = events.process_id AND r.pool_id = events.pool_id "
+    "AND r.checkout_id = events.checkout_id "
+    "AND r.kind IN ('checkin', 'gc_checkin', 'detach', 'unwatched')))"
+)
+"""A checkout is pruned only once its return is in the store: one still open (or open when
+its process exited or crashed) is kept."""
+
+
+def prune_step(
+    conn: Any, process_id: int, after_id: int, upto_id: int, cutoff: float, cap_id: int | None
+) -> tuple[int, int, int | None]:
+    """Delete ``process_id``'s prunable events with ids in ``(after_id, upto_id]`` older than
+    ``cutoff`` (in the caller's transaction). Return ``(deleted, notable_deleted, stop)``:
+    notable rows deleted because they are past the cap (ids above ``cap_id``), and the
+    first id in the range of this process's events at or after ``cutoff`` (``None`` if
+    none: the whole range is behind the cutoff)."""
+    kinds = ", ".join(f"'{k}'" for k in DELETABLE_KINDS)
+    deleted = conn.execute(
+        f"DELETE FROM events WHERE id > ? AND id <= ? AND process_id = ? AND at < ? "
+        f"AND kind IN ({kinds}) AND (checkout_id IS NULL OR ({_NOT_NOTABLE} AND {_RETURNED}))",
+        (after_id, upto_id, process_id, cutoff),
+    ).rowcount
+    dropped = 0
+    if cap_id is not None and upto_id > cap_id:
+        kept = ", ".join(f"'{k}'" for k in PROTECTED_KINDS)
+        dropped = conn.execute(
+            f"DELETE FROM events WHERE id > ? AND id <= ? AND process_id = ? AND at < ? "
+            f"AND kind IN ({kept})",
+            (max(after_id, cap_id), upto_id, process_id, cutoff),
+        ).rowcount
+    stop = conn.execute(
+        "SELECT min(id) FROM events WHERE id > ? AND id <= ? AND process_id = ? AND at >= ?",
+        (after_id, upto_id, process_id, cutoff),
+    ).fetchone()[0]
+    return deleted, dropped, stop
+
+
+def set_raw_since(conn: Any, value: float) -> None:
+    """Raise the store-wide ``meta`` ``raw_since`` to ``value`` (never lowers it)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('raw_since', ?) ON CONFLICT (key) DO UPDATE "
+        "SET value = CASE WHEN CAST(value AS REAL) < CAST(excluded.value AS REAL) "
+        "THEN excluded.value ELSE value END",
+        (repr(float(value)),),
+    )
+
+
+# -- the writer's keeper --------------------------------------------------------------
+
+
+class Keeper:
+    """One process's rollups and retention on one SQLite store (the writer thread's).
+
+    :param keep_raw: seconds of raw events kept (``inf``: all).
+    :param max_store_mb: the store's budget in MiB (``inf``: none).
+    """
+
+    def __init__(
+        self, keep_raw: float = DEFAULT_KEEP_RAW_S, max_store_mb: float = DEFAULT_MAX_STORE_MB
+    ) -> None:
+        self.keep_raw = keep_raw
+        self.max_store_mb = max_store_mb
+        self.effective_keep = keep_raw
+        self.store_raw = True
+        self._warned = False
+        self._reported = False
+        self.process_id: int | None = None
+        self.rollups: Rollups | None = None
+        self.notable = Notable()
+        self._unwritten: tuple[list[Any], list[Any]] = ([], [])
+        self._cursor = 0
+        self._raw_since = 0.0
+        self._stop_at = -math.inf
+        self._notable_count = 0
+        self._cap_id: int | None = None
+        self._counts = {"pruned": 0, "notable": 0, "notable_dropped": 0, "raw_skipped": 0}
+        self._next_size_check = 0.0
+        self._next_coarsen = 0.0
+        self.max_leak_after = 0.0
+        self._configured = False
+
+    def configure(self, keep_raw: float, max_store_mb: float) -> None:
+        """Apply a monitor's settings: the tightest of every monitor's on this store wins."""
+        if not self._configured:
+            self.keep_raw, self.max_store_mb = keep_raw, max_store_mb
+        else:
+            self.keep_raw = min(self.keep_raw, keep_raw)
+            self.max_store_mb = min(self.max_store_mb, max_store_mb)
+        self._configured = True
+        self.effective_keep = self.keep_raw
+
+    def start(self, conn: sqlite3.Connection, process_id: int, now: float) -> None:
+        """A new connection and process row: start afresh (rows of this process start after
+        the store's last event id), with this process's ``retention`` row."""
+        self.process_id = process_id
+        self.rollups = Rollups(process_id)
+        self.notable = Notable()
+        self._unwritten = ([], [])
+        self._cursor = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        self._raw_since = 0.0
+        self._stop_at = -math.inf
+        self._notable_count = 0
+        self._cap_id = None
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._next_size_check = 0.0
+        self._next_coarsen = now + COARSEN_EVERY_S
+        conn.execute(
+            "INSERT OR IGNORE INTO retention (process_id, raw_since, keep_raw_s, "
+            "effective_keep_s) VALUES (?, 0, ?, ?)",
+            (process_id, _finite(self.keep_raw), _finite(self.effective_keep)),
+        )
+
+    def after_batch(
+        self,
+        conn: sqlite3.Connection,
+        flat: Sequence[Any],
+        pool_ids: dict[int, int] | None,
+        stack_ids: dict[int, int] | None,
+        leak_after: dict[int, float],
+        now: float,
+        raw_written: bool,
+    ) -> None:
+        """Roll up the batch ``flat`` the writer just wrote (or skipped: ``raw_written``
+        false), mark its notable checkouts, then prune and check the size. Never raises.
+
+        ``pool_ids``/``stack_ids`` map the records' pool keys and stack ids to the store's
+        (``None``: already the store's); ``leak_after`` is by the store's pool id."""
+        try:
+            self._after_batch(conn, flat, pool_ids, stack_ids, leak_after, now, raw_written)
+        except Exception as exc:  # sqlite3.Error, or anything else: the writer carries on
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if not self._reported:
+                self._reported = True
+                logger.warning(
+                    "poolscope could not update the rollups or retention of its store (%s); "
+                    "it retries with the next batch and prunes nothing meanwhile",
+                    exc,
+                )
+
+    def _after_batch(self, conn, flat, pool_ids, stack_ids, leak_after, now, raw_written) -> None:  # type: ignore[no-untyped-def]
+        rollups = self.rollups
+        if rollups is None or self.process_id is None:
+            return
+        marks: list[tuple[int, int, str]] = []
+        protected = 0
+        if len(flat):
+            batch = Batch.from_flat(flat, pool_ids, stack_ids)
+            rollups.feed(batch)
+            limits = leak_after
+            if limits:
+                self.max_leak_after = max(self.max_leak_after, max(limits.values()))
+            marks = self.notable.marks(batch, limits)
+            protected = int(batch.of(*PROTECTED_KINDS).sum())
+            if not raw_written:
+                self._counts["raw_skipped"] += len(batch)
+                self._raw_since = max(self._raw_since, float(batch.at.max()) + 1e-6)
+        rows, pool_rows = rollups.flush_rows()
+        rows, pool_rows = self._unwritten[0] + rows, self._unwritten[1] + pool_rows
+        self._unwritten = (rows, pool_rows)
+        if rows or pool_rows or marks or protected or any(self._counts.values()):
+            conn.execute("BEGIN IMMEDIATE")
+            upsert_rollups(conn, rows, pool_rows)
+            self._mark(conn, marks, protected)
+            self._write_counts(conn)
+            conn.execute("COMMIT")
+        self._unwritten = ([], [])
+        if now >= self._next_size_check:
+            self._next_size_check = now + SIZE_CHECK_S
+            self._check_size(conn, now)
+        self._prune(conn, now)
+        if now >= self._next_coarsen:
+            self._next_coarsen = now + COARSEN_EVERY_S
+            self._coarsen(conn, now)
+
+    def _mark(
+        self, conn: sqlite3.Connection, marks: list[tuple[int, int, str]], protected: int
+    ) -> None:
+        room = MAX_NOTABLE - self._notable_count
+        if marks:
+            keep, over = marks[: max(0, room)], marks[max(0, room) :]
+            if keep:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO notable (process_id, pool_id, checkout_id, reason) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(self.process_id, p, c, r) for p, c, r in keep],
+                )
+                added = conn.total_changes - before
+                self._notable_count += added
+                self._counts["notable"] += added
+            self._counts["notable_dropped"] += len(over)
+        self._notable_count += protected
+        if self._cap_id is None and self._notable_count > MAX_NOTABLE:
+            # Kept kinds written from here on are pruned as any other (and counted).
+            self._cap_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def _write_counts(self, conn: sqlite3.Connection) -> None:
+        c = self._counts
+        conn.execute(
+            "UPDATE retention SET raw_since = max(raw_since, ?), keep_raw_s = ?, "
+            "effective_keep_s = ?, pruned = pruned + ?, notable = notable + ?, "
+            "notable_dropped = notable_dropped + ?, raw_skipped = raw_skipped + ? "
+            "WHERE process_id = ?",
+            (self._raw_since, _finite(self.keep_raw), _finite(self.effective_keep), c["pruned"],
+             c["notable"], c["notable_dropped"], c["raw_skipped"], self.process_id),
+        )  # fmt: skip
+        if self._raw_since:
+            set_raw_since(conn, self._raw_since)
+        self._counts = dict.fromkeys(c, 0)
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        keep = max(self.effective_keep, self.max_leak_after + LEAK_MARGIN_S)
+        if math.isinf(keep):
+            return
+        cutoff = now - keep
+        if cutoff <= self._stop_at:  # the oldest event not pruned is younger than the cutoff
+            return
+        top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        deadline = REAL.perf() + PRUNE_BUDGET_S
+        deleted_any = False
+        while self._cursor < top and REAL.perf() < deadline:
+            lo, hi = self._cursor, min(self._cursor + PRUNE_STEP_IDS, top)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted, dropped, stop = prune_step(
+                    conn,
+                    self.process_id,
+                    lo,
+                    hi,
+                    cutoff,
+                    self._cap_id,  # type: ignore[arg-type]
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            deleted_any = deleted_any or bool(deleted + dropped)
+            self._counts["pruned"] += deleted + dropped
+            self._counts["notable_dropped"] += dropped
+            if stop is not None:
+                self._cursor = stop - 1
+                self._stop_at = conn.execute(
+                    "SELECT at FROM events WHERE id = ?", (stop,)
+                ).fetchone()[0]
+                break
+            self._cursor = hi
+        if deleted_any:  # what is before the cutoff is no longer complete
+            self._raw_since = max(self._raw_since, cutoff)
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_counts(conn)
+            conn.execute("COMMIT")
+
+    def _check_size(self, conn: sqlite3.Connection, now: float) -> None:
+        if math.isinf(self.max_store_mb):
+            return
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        used = (pages - free) * size
+        cap = self.max_store_mb * (1 << 20)
+        if used > 0.95 * cap:  # at the cap: prune all that may be, store no more raw
+            self.effective_keep = 0.0
+            self.store_raw = False
+            self._warn(used)
+        elif used > 0.8 * cap:  # near it: keep raw events half as long
+            before = self.effective_keep
+            self.effective_keep = 86400.0 if math.isinf(before) else before / 2
+            self._warn(used)
+        elif used < 0.6 * cap:
+            self.store_raw = True
+            if self.effective_keep < self.keep_raw:
+                self.effective_keep = min(self.keep_raw, max(60.0, self.effective_keep * 2))
+
+    def _warn(self, used: int) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "poolscope's store is near its max_store_mb=%g (%.0f MB used): raw events are "
+                "now kept for less than keep_raw=%g s, and past the cap only rolled up. "
+                "Leaks, timeouts and long holds are kept; the application is not affected.",
+                self.max_store_mb,
+                used / (1 << 20),
+                self.keep_raw,
+            )
+
+    def _coarsen(self, conn: sqlite3.Connection, now: float) -> None:
+        deadline = REAL.perf() + PRUNE_BUDGET_S
+        while REAL.perf() < deadline:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                moved = coarsen_step(conn, self.process_id, now - MINUTE_ROWS_S, COARSEN_ROWS)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if not moved:
+                break
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
