@@ -136,7 +136,8 @@ def load_pools(store: str, token: Token) -> pd.DataFrame:
 def load_event_count(store: str, token: Token) -> int:
     """How many events the store holds (0 means nothing was recorded yet)."""
     with _connection(store) as conn:
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        # main.events: counted from its index, not through the checking view row by row.
+        return int(conn.execute("SELECT count(*) FROM main.events").fetchone()[0])
 
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)

@@ -109,6 +109,7 @@ class TestJson:
             (_model.SiteHoldMs, props["sites"]["items"]["properties"]["hold_ms"]),
             (_model.SiteWaitMs, props["sites"]["items"]["properties"]["wait_ms"]),
             (_model.UtilizationSeries, props["utilization"]["items"]),
+            (_model.Source, props["source"]),
         ]
         for typed, obj in pairs:
             assert set(typed.__annotations__) == set(obj["properties"]), typed.__name__

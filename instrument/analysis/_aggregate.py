@@ -65,6 +65,23 @@ def has_rollups(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM rollups LIMIT 1").fetchone() is not None
 
 
+def unrolled_processes(data: Any) -> bool:
+    """Whether a process of ``data``'s scope has no rollups of its events (the first release
+    recorded it, and ``poolscope compact`` has not rolled it up): its figures must come
+    from raw events."""
+    if not _store.has_table(data.conn, "retention"):
+        return True
+    scope = ""
+    if data.filters.processes is not None:
+        ids = ", ".join(str(int(p)) for p in data.filters.processes)
+        scope = f" AND id IN ({ids})" if ids else " AND 0"
+    row = data.conn.execute(
+        "SELECT 1 FROM processes WHERE id NOT IN (SELECT process_id FROM retention)"
+        f"{scope} LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
 def raw_since(conn: sqlite3.Connection) -> float | None:
     """From when the store's raw events are complete (``None``: all of them are there)."""
     try:

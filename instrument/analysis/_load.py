@@ -169,7 +169,7 @@ def _choose_source(data: _Data) -> str:
     """``rollups`` where the store has them and either the window reaches back before the
     raw events are complete or it holds more than :data:`_aggregate.EXACT_LIMIT` checkouts;
     else ``raw_events``."""
-    if not _aggregate.has_rollups(data.conn):
+    if not _aggregate.has_rollups(data.conn) or _aggregate.unrolled_processes(data):
         return "raw_events"
     since = _aggregate.raw_since(data.conn)
     if since is not None and (data.filters.since is None or data.filters.since < since):
