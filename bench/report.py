@@ -2,7 +2,8 @@
 
 The store is recorded through the real writer (:func:`record`): 8 processes (each a
 subprocess with 3 attached pools, its writer's clock driven by the synthetic time, raw
-events all kept: ``keep_raw=inf``, so the writer also writes its rollups), 8 threads each,
+events all kept: ``keep_raw=inf`` and ``max_store_mb=inf``; the writer writes its rollups
+too), 8 threads each,
 30 call sites (real stacks captured in code compiled under ``app/*.py`` names), lognormal
 hold times, pool counts computed from the overlapping checkouts, a few timeouts, leaks of
 every class (gc-reclaimed, never returned at a clean exit, open at a crash: the last
@@ -171,7 +172,14 @@ def _record_process(path: Path, proc: int, per_group: int, seed: int, sites: int
             max_overflow=MAX_OVERFLOW, pool_timeout=30.0,
         )  # fmt: skip
         monitors.append(
-            instrument.attach(engine, store=path, name=name, leak_after=30.0, keep_raw=math.inf)
+            instrument.attach(
+                engine,
+                store=path,
+                name=name,
+                leak_after=30.0,
+                keep_raw=math.inf,
+                max_store_mb=math.inf,
+            )
         )
     w = monitors[0]._writer
     stacks = [f(w.stacks.capture) for f in _site_functions(sites)]

@@ -38,7 +38,13 @@ from ._sites import sites
 from ._sizing import replay_demands, sizing_advice, what_if
 from ._summary import summary
 from ._timeouts import timeouts
-from ._usage import percentiles, utilization
+from ._usage import (
+    histograms,
+    percentiles,
+    source,
+    utilization,
+    wait_percentiles_over_time,
+)
 
 __all__ = [
     "CERTAINTY",
@@ -50,6 +56,7 @@ __all__ = [
     "Report",
     "build_report",
     "checkouts",
+    "histograms",
     "leaks",
     "iso",
     "open_store",
@@ -60,8 +67,10 @@ __all__ = [
     "sites",
     "replay_demands",
     "sizing_advice",
+    "source",
     "summary",
     "timeouts",
     "utilization",
+    "wait_percentiles_over_time",
     "what_if",
 ]

@@ -76,8 +76,7 @@ def unrolled_processes(data: Any) -> bool:
         ids = ", ".join(str(int(p)) for p in data.filters.processes)
         scope = f" AND id IN ({ids})" if ids else " AND 0"
     row = data.conn.execute(
-        "SELECT 1 FROM processes WHERE id NOT IN (SELECT process_id FROM retention)"
-        f"{scope} LIMIT 1"
+        f"SELECT 1 FROM processes WHERE id NOT IN (SELECT process_id FROM retention){scope} LIMIT 1"
     ).fetchone()
     return row is not None
 

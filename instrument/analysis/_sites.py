@@ -85,7 +85,7 @@ def _sites_from_rollups(data: _Data) -> pd.DataFrame:
         wait = _aggregate.merged(rollup.wait, group.index)
         n_holds = int(group["returns"].sum()) + len(held)
         total = float(group["hold_sum_s"].sum()) + float(held.sum())
-        hold_max = np.nanmax([group["hold_max_s"].max(), held.max() if len(held) else np.nan])
+        hold_max = np.fmax(group["hold_max_s"].max(), held.max() if len(held) else np.nan)
         n_leaks = (
             int(((leaked["pool"] == pool) & (leaked["fingerprint"] == fp)).sum())
             if len(leaked)

@@ -130,6 +130,14 @@ def _event_totals(data: _Data) -> tuple[int, float | None, float | None, int]:
         data.core  # noqa: B018 - its scan counts the events
         n, first_at, last_at, dropped, bad = data.event_totals or (0, None, None, 0, 0)
         _set_ignored(data.conn, int(bad or 0))
+        # Events pruned live on in the rollups: they count every event recorded, and the
+        # first period with one is as close to the first event as they tell.
+        pools = data.rollup.pools
+        if len(pools):
+            n = max(int(n or 0), int(pools["events"].fillna(0).sum()))
+            start = pools["first_at"].min()
+            if first_at is None or (start == start and start < first_at):
+                first_at = float(start)
         return int(n or 0), first_at, last_at, int(dropped or 0)
     cond, params = _event_filter(data)
     return data.conn.execute(

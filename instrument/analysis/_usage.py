@@ -253,7 +253,7 @@ def _percentiles_from_rollups(data: _Data, by: str | None) -> pd.DataFrame:
             continue
         w = _aggregate.quantiles(wait, [0.5, 0.95, 0.99])
         h = _aggregate.quantiles(hold, [0.5, 0.95, 0.99])
-        hold_max = np.nanmax([group["hold_max_s"].max(), held.max() if len(held) else np.nan])
+        hold_max = np.fmax(group["hold_max_s"].max(), held.max() if len(held) else np.nan)
         row = [n, *w, float(group["wait_max_s"].max()), *h, float(hold_max)]
         out.append(row if by is None else [key, *row])
     columns = _PERCENTILE_COLUMNS if by is None else [by, *_PERCENTILE_COLUMNS]
@@ -358,3 +358,144 @@ def _pool_peaks_from_rollups(data: _Data) -> pd.DataFrame:
         }
     )
     return out
+
+
+_HISTOGRAM_COLUMNS = ["pool", "fingerprint", "site", "measure", "value_s", "count"]
+
+
+def _histograms(data: _Data) -> pd.DataFrame:
+    """Per pool and call site, the wait and hold distributions as log-bucket histograms."""
+    from .. import _histogram
+    from ._sites import _site_keys
+
+    out = []
+    if data.source == "rollups":
+        rollup = data.rollup
+        rows = rollup.sites.reset_index(drop=True)
+        keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
+        co = data.core
+        opened = co[(co["outcome"] == "open").to_numpy()] if len(co) else co
+        for (pool, fp), group in pd.concat([rows, keys], axis=1).groupby(
+            ["pool", "fingerprint"], sort=True
+        ):
+            site = group["site"].iloc[0]
+            held = (
+                opened[(opened["pool"] == pool) & (opened["fingerprint"] == fp)]
+                if len(opened)
+                else opened
+            )
+            hists = {
+                "wait": _aggregate.merged(rollup.wait, group.index),
+                "hold": _aggregate.add_values(
+                    _aggregate.merged(rollup.hold, group.index),
+                    held["hold_s"].to_numpy(dtype="float64") if len(held) else np.zeros(0),
+                ),
+            }
+            out += _hist_rows(pool, fp, site, hists)
+    else:
+        co = data.core
+        for (pool, fp), group in co.groupby(["pool", "fingerprint"], observed=True, sort=True):
+            site = str(group["site"].iloc[0])
+            hists = {
+                "wait": _histogram.from_values(group["wait_s"].to_numpy(dtype="float64")),
+                "hold": _histogram.from_values(group["hold_s"].to_numpy(dtype="float64")),
+            }
+            out += _hist_rows(str(pool), str(fp), site, hists)
+    return pd.DataFrame(out, columns=_HISTOGRAM_COLUMNS)
+
+
+def _hist_rows(pool: str, fp: str, site: str, hists: dict) -> list[tuple]:  # type: ignore[type-arg]
+    from .. import _histogram
+
+    rows = []
+    for measure, (indices, counts) in hists.items():
+        values = _histogram.value_of(np.asarray(indices, dtype=np.int64))
+        rows += [
+            (pool, fp, site, measure, float(v), int(c))
+            for v, c in zip(
+                np.atleast_1d(values).tolist(), np.asarray(counts).tolist(), strict=True
+            )
+        ]
+    return rows
+
+
+def histograms(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Wait and hold distributions per pool and call site, as log-bucket histograms.
+
+    One row per (pool, fingerprint, site, ``measure`` — ``wait`` or ``hold`` —, bucket):
+    ``value_s`` is the bucket's value (within 1 % of every value in it, see
+    :mod:`instrument._histogram`) and ``count`` how many checkouts it holds. Read from the
+    rollups where the figures come from them, else binned from the paired checkouts; a
+    checkout still open counts its hold so far.
+
+    .. versionadded:: 0.2
+    """
+    return _histograms(_load(conn, filters))
+
+
+def _wait_percentiles_over_time(data: _Data, buckets: int) -> pd.DataFrame:
+    columns = ["at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]
+    if data.source != "rollups":
+        co = data.core
+        waits = co.dropna(subset=["wait_s"]) if len(co) else co
+        if waits.empty:
+            return pd.DataFrame(columns=columns)
+        start = float(waits["checked_out_at"].min())
+        span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
+        width = span / max(buckets, 1)
+        index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
+        grouped = waits.assign(at=start + index * width, pool=waits["pool"].astype(object))
+        frame = grouped.groupby(["at", "pool"])["wait_s"].agg(
+            count="count",
+            wait_p50_s=lambda s: s.quantile(0.50),
+            wait_p95_s=lambda s: s.quantile(0.95),
+            wait_p99_s=lambda s: s.quantile(0.99),
+            wait_max_s="max",
+        )
+        return frame.reset_index()[columns]
+    f = data.filters
+    cond, params = _aggregate._scope(data.pool_ids, f.processes, f.since, f.until)
+    rows = data.conn.execute(
+        "SELECT start_at, pool_id, checkouts, wait_max_s, wait_hist FROM rollups "
+        f"WHERE checkouts > 0 {cond}",
+        params,
+    ).fetchall()
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows, columns=["start_at", "pool_id", "checkouts", "wait_max_s", "h"])
+    names = _load_pools(data.conn).set_index("id")["name"]
+    frame["pool"] = frame["pool_id"].map(names).fillna("?")
+    start = float(frame["start_at"].min())
+    span = max(float(frame["start_at"].max()) - start, 1e-6)
+    width = max(span / max(buckets, 1), 60.0)
+    frame["at"] = start + ((frame["start_at"] - start) // width) * width
+    frame = frame.reset_index(drop=True)
+    group = frame.groupby(["at", "pool"], sort=True).ngroup().to_numpy()
+    hists = _aggregate._merge_blobs(group, tuple(frame["h"]))
+    out = []
+    for g, ((at, pool), rows_) in enumerate(frame.groupby(["at", "pool"], sort=True)):
+        q = _aggregate.quantiles(hists.get(g, _aggregate.merged({}, [])), [0.5, 0.95, 0.99])
+        out.append([at, pool, int(rows_["checkouts"].sum()), *q, float(rows_["wait_max_s"].max())])
+    return pd.DataFrame(out, columns=columns)
+
+
+def wait_percentiles_over_time(
+    conn: sqlite3.Connection, filters: Filters = Filters(), buckets: int = 40
+) -> pd.DataFrame:
+    """Wait percentiles per pool in about ``buckets`` equal spans of the window: the "is it
+    getting worse?" view. Columns ``at`` (span start), ``pool``, ``count``, ``wait_p50_s``,
+    ``wait_p95_s``, ``wait_p99_s``, ``wait_max_s``; from the rollups' histograms (spans of
+    whole rollup periods) where the figures come from them, else exact.
+
+    .. versionadded:: 0.2
+    """
+    return _wait_percentiles_over_time(_load(conn, filters), buckets)
+
+
+def source(conn: sqlite3.Connection, filters: Filters = Filters()) -> str:
+    """Where the figures of this window come from: ``raw_events`` or ``rollups`` (see
+    docs/report-json.md, ``source``).
+
+    .. versionadded:: 0.2
+    """
+    return _load(conn, filters).source
