@@ -47,10 +47,10 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _report(store: Path, filters: Filters = Filters()) -> dict[str, Any]:
+def _report(store: Path, filters: Filters | None = None) -> dict[str, Any]:
     conn = analysis.open_store(store)
     try:
-        return analysis.build_report(conn, filters, with_utilization=True)
+        return analysis.build_report(conn, filters or Filters(), with_utilization=True)
     finally:
         conn.close()
 
