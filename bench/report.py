@@ -8,7 +8,7 @@ too), 8 threads each,
 hold times, pool counts computed from the overlapping checkouts, a few timeouts, leaks of
 every class (gc-reclaimed, never returned at a clean exit, open at a crash: the last
 process ends without a clean exit) and dropped records. The report runs in a subprocess;
-its wall time and peak RSS (``resource.getrusage(RUSAGE_CHILDREN)``) are printed.
+its wall time, CPU time and peak RSS (its own ``rusage``, from ``os.wait4``) are printed.
 
 ``--direct`` writes the same workload as rows inserted with ``executemany`` instead
 (:func:`generate`, a first-release store without rollups; the tests use it for small
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sqlite3
 import subprocess
 import sys
@@ -164,12 +163,12 @@ def _record_process(path: Path, proc: int, per_group: int, seed: int, sites: int
     clock = _SimClock(t0)
     real = _writer.REAL
     _writer.REAL = _clock.Clocks(wall=clock.wall, perf=real.perf)
-    tmp = Path(tempfile.mkdtemp(prefix="poolscope-bench-app-"))
+    tmp = path.parent  # one application database per pool name, shared by the processes
     monitors = []
     for name in POOLS:
         engine = sa.create_engine(
-            f"sqlite:///{tmp / name}.db", poolclass=sa.pool.QueuePool, pool_size=POOL_SIZE,
-            max_overflow=MAX_OVERFLOW, pool_timeout=30.0,
+            f"sqlite:///{tmp / ('bench-app-' + name)}.db", poolclass=sa.pool.QueuePool,
+            pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_timeout=30.0,
         )  # fmt: skip
         monitors.append(
             instrument.attach(
@@ -367,16 +366,19 @@ def main() -> None:
     print(f"  store size {store.stat().st_size / 1e6:.0f} MB")
     command = [sys.executable, "-m", "instrument", "report", str(store), "--format", args.fmt,
                "--output", os.devnull]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    rss_mb = after.ru_maxrss / 1024
-    if proc.returncode != 0:
-        print(proc.stderr, file=sys.stderr)
-        raise SystemExit(f"report failed with exit code {proc.returncode}")
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        # This child's own usage (the recording children's peak RSS is not the report's).
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            errors.seek(0)
+            print(errors.read().decode(errors="replace"), file=sys.stderr)
+            raise SystemExit(f"report failed with exit code {code}")
+    cpu = usage.ru_utime + usage.ru_stime
+    rss_mb = usage.ru_maxrss / 1024
     load = os.getloadavg()[0]
     print(
         f"poolscope report --format {args.fmt}: {elapsed:.2f} s wall, {cpu:.2f} s CPU, "
