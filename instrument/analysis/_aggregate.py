@@ -283,6 +283,21 @@ def add_values(
     return _histogram.merge(hist, _histogram.from_values(values))
 
 
+def open_holds(co: pd.DataFrame, by: list[str]) -> dict[Any, np.ndarray]:
+    """The time held so far of the open checkouts in ``co``, per value of the ``by``
+    columns (a tuple key for several)."""
+    if not len(co):
+        return {}
+    opened = co[(co["outcome"] == "open").to_numpy()]
+    if opened.empty:
+        return {}
+    opened = opened.astype({c: object for c in by})
+    key = by if len(by) > 1 else by[0]
+    return {
+        k: rows["hold_s"].to_numpy(dtype="float64") for k, rows in opened.groupby(key, sort=False)
+    }
+
+
 def quantiles(hist: tuple[np.ndarray, np.ndarray], qs: list[float]) -> list[float]:
     """``qs`` quantiles (0..1) of ``hist`` in seconds; NaN when empty."""
     indices, counts = hist

@@ -70,27 +70,25 @@ def _sites_from_rollups(data: _Data) -> pd.DataFrame:
     keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
     rows = pd.concat([rows.reset_index(drop=True), keys], axis=1)
     co = data.core
-    is_open = (co["outcome"] == "open").to_numpy() if len(co) else np.zeros(0, bool)
-    opened = co[is_open]
-    leaked = co[co["leak_class"].notna().to_numpy()] if len(co) else co
+    held_by = _aggregate.open_holds(co, ["pool", "fingerprint"])
+    leaks_by = (
+        co[co["leak_class"].notna().to_numpy()]
+        .astype({"pool": object, "fingerprint": object})
+        .groupby(["pool", "fingerprint"])
+        .size()
+        .to_dict()
+        if len(co)
+        else {}
+    )
     out = []
     for (pool, fp), group in rows.groupby(["pool", "fingerprint"], sort=False):
-        mine = (
-            opened[(opened["pool"] == pool) & (opened["fingerprint"] == fp)]
-            if len(opened)
-            else opened
-        )
-        held = mine["hold_s"].to_numpy(dtype="float64") if len(mine) else np.zeros(0)
+        held = held_by.get((pool, fp), np.zeros(0))
         hold = _aggregate.add_values(_aggregate.merged(rollup.hold, group.index), held)
         wait = _aggregate.merged(rollup.wait, group.index)
         n_holds = int(group["returns"].sum()) + len(held)
         total = float(group["hold_sum_s"].sum()) + float(held.sum())
         hold_max = np.fmax(group["hold_max_s"].max(), held.max() if len(held) else np.nan)
-        n_leaks = (
-            int(((leaked["pool"] == pool) & (leaked["fingerprint"] == fp)).sum())
-            if len(leaked)
-            else 0
-        )
+        n_leaks = int(leaks_by.get((pool, fp), 0))
         out.append(
             {
                 "pool": pool,

@@ -240,12 +240,15 @@ def _percentiles_from_rollups(data: _Data, by: str | None) -> pd.DataFrame:
     keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
     rows = pd.concat([rows, keys], axis=1)
     co = data.core
-    opened = co[(co["outcome"] == "open").to_numpy()] if len(co) else co
+    if by is None:
+        opened = co[(co["outcome"] == "open").to_numpy()] if len(co) else co
+        held_by = {None: opened["hold_s"].to_numpy(dtype="float64")} if len(opened) else {}
+    else:
+        held_by = _aggregate.open_holds(co, [by])
     groups = [(None, rows)] if by is None else list(rows.groupby(by, sort=True))
     out = []
     for key, group in groups:
-        mine = opened if by is None or not len(opened) else opened[opened[by].astype(object) == key]
-        held = mine["hold_s"].to_numpy(dtype="float64") if len(mine) else np.zeros(0)
+        held = held_by.get(key, np.zeros(0))
         hold = _aggregate.add_values(_aggregate.merged(rollup.hold, group.index), held)
         wait = _aggregate.merged(rollup.wait, group.index)
         n = int(group["checkouts"].sum())
@@ -373,22 +376,16 @@ def _histograms(data: _Data) -> pd.DataFrame:
         rollup = data.rollup
         rows = rollup.sites.reset_index(drop=True)
         keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
-        co = data.core
-        opened = co[(co["outcome"] == "open").to_numpy()] if len(co) else co
+        held_by = _aggregate.open_holds(data.core, ["pool", "fingerprint"])
         for (pool, fp), group in pd.concat([rows, keys], axis=1).groupby(
             ["pool", "fingerprint"], sort=True
         ):
             site = group["site"].iloc[0]
-            held = (
-                opened[(opened["pool"] == pool) & (opened["fingerprint"] == fp)]
-                if len(opened)
-                else opened
-            )
             hists = {
                 "wait": _aggregate.merged(rollup.wait, group.index),
                 "hold": _aggregate.add_values(
                     _aggregate.merged(rollup.hold, group.index),
-                    held["hold_s"].to_numpy(dtype="float64") if len(held) else np.zeros(0),
+                    held_by.get((pool, fp), np.zeros(0)),
                 ),
             }
             out += _hist_rows(pool, fp, site, hists)
