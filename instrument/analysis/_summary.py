@@ -133,7 +133,7 @@ def _event_totals(data: _Data) -> tuple[int, float | None, float | None, int]:
         # Events pruned live on in the rollups: they count every event recorded, and the
         # first period with one is as close to the first event as they tell.
         pools = data.rollup.pools
-        if len(pools):
+        if len(pools) and _aggregate.raw_since(data.conn) is not None:  # some were pruned
             n = max(int(n or 0), int(pools["events"].fillna(0).sum()))
             start = pools["first_at"].min()
             if first_at is None or (start == start and start < first_at):
