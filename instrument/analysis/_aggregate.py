@@ -379,14 +379,8 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
         ends = bounds[(proc, pool_id)]
         if ends is not None:
             _add_checkouts_between(conn, proc, pool_id, ends, at - horizon - _ID_SLACK_S, at)
-    for proc, pool_id in _open_pairs(data):
-        conn.execute(
-            # The index alone (main.events): the keys are read again through the view.
-            "INSERT OR IGNORE INTO temp.poolscope_keys SELECT process_id, pool_id, checkout_id "
-            "FROM main.events WHERE process_id = ? AND pool_id = ? AND checkout_id IS NOT NULL "
-            "GROUP BY process_id, pool_id, checkout_id HAVING COUNT(*) = 1",
-            (int(proc), int(pool_id)),
-        )
+    for proc, pool_id, expected, spans in _open_spans(data):
+        _add_open_checkouts(conn, proc, pool_id, expected, spans, bounds)
     return "poolscope_keys"
 
 
@@ -438,22 +432,36 @@ def _first_id_at(
     # Every checkout with an id below lo happened before ``at``; every one from hi on at or
     # after it (hi past the last id: none did).
     lo, hi = int(lo_id), int(hi_id) + 1
+    lo_at = hi_at = None  # the times of the checkouts at lo - 1 and hi, once probed
+    step = 0
     while lo < hi:
-        mid = (lo + hi) // 2
+        if step % 2 == 0 and lo_at is not None and hi_at is not None and hi_at > lo_at:
+            # Ids grow about evenly with time: guess by interpolation (every other step,
+            # so that a skewed pool still takes no more than twice the halvings).
+            mid = min(max(lo + int((at - lo_at) / (hi_at - lo_at) * (hi - lo)), lo), hi - 1)
+        else:
+            mid = (lo + hi) // 2
+        step += 1
         row = conn.execute(probe, (proc, pool_id, mid)).fetchone()
         if row is None or int(row[0]) >= hi:  # no checkout id in [mid, hi)
             hi = mid
         elif row[1] < at:
-            lo = int(row[0]) + 1
+            lo, lo_at = int(row[0]) + 1, float(row[1])
         else:
-            hi = int(row[0])
+            hi, hi_at = int(row[0]), float(row[1])
     return hi if hi <= int(hi_id) else None
 
 
-def _open_pairs(data: Any) -> list[tuple[int, int]]:
-    """The (process, pool) pairs of ``data``'s scope whose rollups, over the whole store,
-    count more checkouts than returns: the only ones with open checkouts to look for (a
-    checkout taken before the window may still be out in it)."""
+def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]]]]:
+    """Per (process, pool) of ``data``'s scope whose rollups, over the whole store, count
+    more checkouts than returns (the only ones with open checkouts: a checkout taken before
+    the window may still be out in it): how many more, and the rollup periods where those
+    were taken.
+
+    Per call site, checkouts (by checkout time) minus returns (by return time) summed up to
+    each period is how many were out at its end; the lowest of that from a period on rises
+    exactly where a checkout never returned was taken.
+    """
     from ._load import _in_list
 
     f = data.filters
@@ -461,7 +469,58 @@ def _open_pairs(data: Any) -> list[tuple[int, int]]:
     if f.processes is not None:
         cond += _in_list("process_id", list(f.processes))
     rows = data.conn.execute(
-        "SELECT process_id, pool_id FROM rollups WHERE 1" + cond + " GROUP BY process_id, "
-        "pool_id HAVING SUM(checkouts) != SUM(returns)"
+        "SELECT process_id, pool_id, stack_id, start_at, period_s, checkouts - returns "
+        f"FROM rollups WHERE checkouts != returns{cond} "
+        "ORDER BY process_id, pool_id, stack_id, start_at"
     ).fetchall()
-    return [(int(p), int(q)) for p, q in rows]
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows, columns=["p", "q", "s", "start", "period", "delta"])
+    out = []
+    for (proc, pool_id), pool_rows in frame.groupby(["p", "q"], sort=True):
+        expected = int(pool_rows["delta"].sum())
+        if expected <= 0:
+            continue
+        spans = []
+        for _, site in pool_rows.groupby("s", sort=False):
+            out_at_end = np.cumsum(site["delta"].to_numpy())
+            floor = np.minimum.accumulate(out_at_end[::-1])[::-1]
+            rise = np.diff(np.concatenate([[0], np.maximum(floor, 0)]))
+            for i in np.flatnonzero(rise > 0).tolist():
+                start = float(site["start"].iat[i])
+                spans.append((start, start + float(site["period"].iat[i])))
+        out.append((int(proc), int(pool_id), expected, spans))
+    return out
+
+
+def _add_open_checkouts(
+    conn: sqlite3.Connection,
+    proc: int,
+    pool_id: int,
+    expected: int,
+    spans: list[tuple[float, float]],
+    bounds: dict[tuple[int, int], tuple[int, int] | None],
+) -> None:
+    """Add one pool's open checkouts to ``poolscope_keys``: the keys with one row in the
+    checkout index (index only), among the checkouts of ``spans``; the whole pool's where
+    those hold fewer than ``expected`` (a ``detach`` is no return in the rollups)."""
+    if (proc, pool_id) not in bounds:
+        bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
+    ends = bounds[(proc, pool_id)]
+    if ends is None:
+        return
+    # The index alone (main.events): the keys are read again through the view.
+    single = (
+        "SELECT process_id, pool_id, checkout_id FROM main.events WHERE process_id = ? "
+        "AND pool_id = ? AND checkout_id BETWEEN ? AND ? "
+        "GROUP BY process_id, pool_id, checkout_id HAVING COUNT(*) = 1"
+    )
+    found: set[tuple[int, int, int]] = set()
+    for lo, hi in spans:
+        first = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
+        last = _first_id_at(conn, proc, pool_id, ends, hi + _ID_SLACK_S)
+        if first is not None:
+            found.update(conn.execute(single, (proc, pool_id, first, last or ends[1])).fetchall())
+    if len(found) < expected:  # not all where the rollups put them: read the whole pool
+        found.update(conn.execute(single, (proc, pool_id, ends[0], ends[1])).fetchall())
+    conn.executemany("INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)", found)
