@@ -316,6 +316,31 @@ _FOUND_KINDS = ("gc_checkin", "detach", "unwatched", "timeout", "dropped")
 """Event kinds the notable scan reads every row of (besides the long holds)."""
 
 
+def _notable_complete(data: Any) -> bool:
+    """Whether the ``notable`` table names every checkout a report shows one by one in
+    ``data``'s scope but the open ones: every process has a ``retention`` row (its writer,
+    or ``compact``, marked them), none dropped a mark past its cap, and the leak threshold
+    is not below a pool's own (the marks of long holds used the pool's)."""
+
+    conn = data.conn
+    if not _store.has_table(conn, "notable"):
+        return False
+    scope = ""
+    if data.filters.processes is not None:
+        ids = ", ".join(str(int(p)) for p in data.filters.processes)
+        scope = f" AND process_id IN ({ids})" if ids else " AND 0"
+    dropped = conn.execute(f"SELECT SUM(notable_dropped) FROM retention WHERE 1{scope}").fetchone()
+    if dropped[0]:
+        return False
+    threshold = data.filters.leak_after
+    if threshold is None:
+        return True
+    from ._load import _load_pools
+
+    own = _load_pools(conn)["leak_after_s"].dropna()
+    return bool(len(own)) and threshold >= float(own.max())
+
+
 def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float]) -> str:
     """Fill the temporary table ``poolscope_keys`` with the checkouts a report shows one by
     one, and return its name: returned by the garbage collector, by ``detach()`` or not
@@ -327,7 +352,9 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     One scan of the events gives the row ids of those returns and timeouts (as one
     ``group_concat``, no Python object per row); the checkouts before a timeout are found
     by their ids, which grow with time, through the checkout index; the open checkouts from
-    that index alone (a key with one row has no return).
+    that index alone (a key with one row has no return). Where the ``notable`` table is
+    complete (:func:`_notable_complete`) the leaked, long-held and holding checkouts come
+    from it instead, and the scan looks only for timeouts and drop counts.
     """
     from ._load import _event_filter
 
@@ -340,10 +367,14 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     conn.execute("DELETE FROM temp.poolscope_keys")
     # On main.events, unchecked (checking every number of every row costs more than the
     # rest of the report): the rows found are read again through the checking view.
+    marked = _notable_complete(data)
+    # Where the writer (or compact) marked every notable checkout, the scan needs only the
+    # timeouts and drop counts; the checkouts come from the notable table.
+    wanted = "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
     found, n, first_at, last_at = conn.execute(
-        f"SELECT group_concat(CASE WHEN kind IN {_FOUND_KINDS} OR hold_s > ? THEN id END), "
+        f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
         f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
-        [float(long_s), *params],
+        [*([] if marked else [float(long_s)]), *params],
     ).fetchone()
     ids = [int(i) for i in found.split(",")] if found else []
     rows = []
@@ -372,6 +403,14 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     )
     moments = [(int(r[1]), int(r[2]), float(r[6])) for r in rows if r[4] == "timeout"]
     bounds: dict[tuple[int, int], tuple[int, int] | None] = {}
+    if marked:
+        from ._load import _event_scope
+
+        conn.execute(
+            "INSERT OR IGNORE INTO temp.poolscope_keys SELECT process_id, pool_id, checkout_id "
+            f"FROM notable WHERE 1{_event_scope(data, data.pool_ids)}"
+        )
+        moments = []  # their holders are marked
     for proc, pool_id, at in moments:
         horizon = horizons.get((proc, pool_id), long_s)
         if (proc, pool_id) not in bounds:
