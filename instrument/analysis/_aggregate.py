@@ -499,7 +499,8 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
 
     Per call site, checkouts (by checkout time) minus returns (by return time) summed up to
     each period is how many were out at its end; the lowest of that from a period on rises
-    exactly where a checkout never returned was taken.
+    where a checkout never returned was out, and it was taken by the first period whose
+    count is that lowest.
     """
     from ._load import _in_list
 
@@ -525,9 +526,14 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
             out_at_end = np.cumsum(site["delta"].to_numpy())
             floor = np.minimum.accumulate(out_at_end[::-1])[::-1]
             rise = np.diff(np.concatenate([[0], np.maximum(floor, 0)]))
+            settled = np.flatnonzero(out_at_end == floor)
             for i in np.flatnonzero(rise > 0).tolist():
+                # Taken from period i (others still out may have raised the count there
+                # first) until the first period whose count is the floor: all still out
+                # then are never returned.
+                j = int(settled[np.searchsorted(settled, i)])
                 start = float(site["start"].iat[i])
-                spans.append((start, start + float(site["period"].iat[i])))
+                spans.append((start, float(site["start"].iat[j] + site["period"].iat[j])))
         out.append((int(proc), int(pool_id), expected, spans))
     return out
 
