@@ -122,12 +122,12 @@ class Batch:
         pool_ids: dict[int, int] | None,
         stack_ids: dict[int, int] | None,
     ) -> Batch:
-        """Columns of the writer's queue as ``values``: float64, ``RECORD_WIDTH`` per record
-        (``_record.RECORD_FIELDS``), NULL as NaN, the kind as its index in :data:`KINDS`
-        (what ``Events.numbers(KINDS)`` returns). Pool keys and stack ids are mapped to the
-        store's by ``pool_ids`` and ``stack_ids`` (unknown ones: 0; ``None``: they are the
-        store's already)."""
-        c = np.ascontiguousarray(values.reshape(-1, RECORD_WIDTH).T)  # one row per field
+        """Columns of the writer's queue as ``values``: float64, field by field
+        (``_record.RECORD_FIELDS``: ``RECORD_WIDTH`` columns, one after the other), NULL as
+        NaN, the kind as its index in :data:`KINDS` (what ``Events.numbers(KINDS)``
+        returns). Pool keys and stack ids are mapped to the store's by ``pool_ids`` and
+        ``stack_ids`` (unknown ones: 0; ``None``: they are the store's already)."""
+        c = values.reshape(RECORD_WIDTH, -1)  # one row per field
         return cls(
             at=c[AT],
             pool=_mapped(c[POOL], pool_ids),
@@ -158,13 +158,13 @@ class Batch:
             return cls.from_numbers(values, pool_ids, stack_ids)
         w = RECORD_WIDTH
         n = len(flat) // w
-        m = np.empty((n, w), dtype=np.float64)
+        m = np.zeros((w, n), dtype=np.float64)
         for field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
-            m[:, field] = _floats(flat[field::w])
+            m[field] = _floats(flat[field::w])
         for field in (CHECKOUT_ID, WAIT_S, CONNECT_S, HOLD_S, COUNT):  # NULL often
             col = flat[field::w]
-            m[:, field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
-        m[:, KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
+            m[field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
+        m[KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
         return cls.from_numbers(m, pool_ids, stack_ids)
 
     @classmethod
@@ -212,6 +212,11 @@ def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
         return np.maximum(local, 0)
     if not local.size:
         return local
+    top = max(ids, default=0)
+    if 0 <= top < (1 << 22):  # local ids are small counters: a lookup table, no sort
+        table = np.zeros(top + 2, dtype=np.int64)  # the last: any other key (-1, or past top)
+        table[list(ids)] = [v or 0 for v in ids.values()]
+        return table[np.where((local >= 0) & (local <= top), local, top + 1)]
     uniq, inverse = np.unique(local, return_inverse=True)
     mapped = np.array([ids.get(u) or 0 for u in uniq.tolist()], dtype=np.int64)
     return mapped[inverse.reshape(-1)]
@@ -249,7 +254,9 @@ class Rollups:
         per_site = batch.of(
             "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect"
         )
-        if per_site.any():
+        if per_site.all():  # the common batch: no copy
+            self._feed_sites(batch, start)
+        elif per_site.any():
             self._feed_sites(batch.take(per_site), start[per_site])
         self._feed_pools(batch, start)
 

@@ -630,10 +630,11 @@ Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
     return list;
 }
 
-/* numbers(texts) -> bytes: every value as a float64, in order (width per record): an int
+/* numbers(texts) -> bytes: every value as a float64, field by field (all the records'
+   first field, then all their second, ...: `width` columns of len/width values): an int
    or float as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1
-   where it is none of them). For the writer's rollups: the batch as numbers, without a
-   Python object per value. */
+   where it is none of them). For the writer's rollups: the batch as numpy columns,
+   without a Python object per value. */
 static PyObject *
 Events_numbers(Events *self, PyObject *texts)
 {
@@ -653,21 +654,23 @@ Events_numbers(Events *self, PyObject *texts)
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
     if (out == NULL) return NULL;
     double *d = (double *)PyBytes_AS_STRING(out);
+    Py_ssize_t width = self->width, nrecords = self->nrecords;
     for (Py_ssize_t i = 0; i < n; i++) {
         const Cell *c = &self->cells[i];
+        double *out = &d[(i % width) * nrecords + i / width];
         switch (c->type) {
-        case CELL_INT: d[i] = (double)c->i; break;
-        case CELL_FLOAT: d[i] = c->d; break;
+        case CELL_INT: *out = (double)c->i; break;
+        case CELL_FLOAT: *out = c->d; break;
         case CELL_TEXT:
-            d[i] = -1.0;
+            *out = -1.0;
             for (Py_ssize_t k = 0; k < ntexts; k++) {
                 if (lens[k] == c->len && memcmp(names[k], self->text + c->off, c->len) == 0) {
-                    d[i] = (double)k;
+                    *out = (double)k;
                     break;
                 }
             }
             break;
-        default: d[i] = Py_NAN;
+        default: *out = Py_NAN;
         }
     }
     return out;
@@ -686,8 +689,9 @@ static PyMethodDef Events_methods[] = {
     {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
      "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
     {"numbers", (PyCFunction)Events_numbers, METH_O,
-     "numbers(texts) -> bytes: the values, flat, as float64: numbers as they are, NULL as "
-     "NaN, text as its index in the tuple `texts` (-1 if not in it)."},
+     "numbers(texts) -> bytes: the values as float64, field by field (width columns): "
+     "numbers as they are, NULL as NaN, text as its index in the tuple `texts` (-1 if not "
+     "in it)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -292,9 +292,18 @@ def test_compact_rolls_up_and_prunes_a_first_release_store(tmp_path: Path) -> No
     conn = analysis.open_store(store)
     counts = analysis.summary(conn)
     conn.close()
+    # Rolled up, nothing pruned: the report reads the same.
+    kept = _poolscope("compact", str(store), "--keep-raw", "inf")
+    assert kept.returncode == 0, kept.stderr
+    assert "rolled up 6," in kept.stderr and "pruned 0 raw events" in kept.stderr
+    conn = analysis.open_store(store)
+    assert analysis.summary(conn) == counts
+    conn.close()
+    assert _findings(store) == before
+    # Then pruned past a minute before the last event.
     result = _poolscope("compact", str(store), "--keep-raw", "60")
     assert result.returncode == 0, result.stderr
-    assert "rolled up 6," in result.stderr and "vacuumed" in result.stderr
+    assert "rolled up 0 events" in result.stderr and "vacuumed" in result.stderr
     assert query(store, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
     assert query(store, "SELECT sum(checkouts), sum(timeouts), sum(gc_returned) FROM rollups") == [
         (counts["checkouts"], counts["timeouts"], 1)
@@ -331,3 +340,50 @@ def test_compact_bad_input_is_one_line_and_exit_2(tmp_path: Path, args, message)
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+OTHER_WRITER = """
+import math, sys, time
+import sqlalchemy as sa
+import instrument
+from instrument import _writer
+store, app = sys.argv[1], sys.argv[2]
+engine = sa.create_engine(f"sqlite:///{app}")
+monitor = instrument.attach(engine, store=store, name="other", keep_raw=math.inf)
+monitor.flush()
+sid = monitor._writer.stacks.capture()
+t0 = time.time() - 3600
+null = _writer.NULL
+for i in range(2000):
+    monitor._writer.emit((t0 + i * 0.1, monitor.pool_key, "checkout", 1, i + 1, "w", null, 1, 0,
+                          0, 0, sid, 0.001, null, null, null))
+    monitor._writer.emit((t0 + i * 0.1 + 0.01, monitor.pool_key, "checkin", 1, i + 1, "w", null,
+                          0, 1, 0, 0, sid, null, null, 0.01, null))
+monitor.flush()
+monitor.flush()
+"""
+
+
+def test_a_writer_prunes_only_its_own_process_rows(tmp_path: Path) -> None:
+    """Two processes on one store: the one with keep_raw=60 prunes its own old events
+    only; the other's (kept whole) and both processes' rollups stay complete."""
+    store = tmp_path / "shared.db"
+    done = subprocess.run(
+        [sys.executable, "-c", OTHER_WRITER, str(store), str(tmp_path / "other.db")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    engine, monitor = _attach(tmp_path, store, keep_raw=60.0)
+    Workload(monitor, instrument._clock.REAL.wall() - 3600).emit(monitor)
+    _finish(engine, monitor)
+    per_process = dict(
+        query(store, "SELECT process_id, count(*) FROM events WHERE kind = 'checkout' GROUP BY 1")
+    )
+    other, ours = sorted(per_process)
+    assert per_process[other] == 2000
+    assert per_process[ours] < 100
+    assert dict(query(store, "SELECT process_id, sum(checkouts) FROM rollups GROUP BY 1")) == {
+        other: 2000,
+        ours: 3005,
+    }
+    assert query(store, "SELECT process_id FROM retention WHERE pruned > 0") == [(ours,)]
