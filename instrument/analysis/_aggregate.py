@@ -547,8 +547,9 @@ def _add_open_checkouts(
     bounds: dict[tuple[int, int], tuple[int, int] | None],
 ) -> None:
     """Add one pool's open checkouts to ``poolscope_keys``: the keys with one row in the
-    checkout index (index only), among the checkouts of ``spans``; the whole pool's where
-    those hold fewer than ``expected`` (a ``detach`` is no return in the rollups)."""
+    checkout index (index only), among the checkouts of ``spans``; from the first span on
+    where those hold fewer than ``expected`` (a checkout still out over a later span may
+    have hidden where one was taken; a ``detach`` is no return in the rollups)."""
     if (proc, pool_id) not in bounds:
         bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
     ends = bounds[(proc, pool_id)]
@@ -566,6 +567,14 @@ def _add_open_checkouts(
         last = _first_id_at(conn, proc, pool_id, ends, hi + _ID_SLACK_S)
         if first is not None:
             found.update(conn.execute(single, (proc, pool_id, first, last or ends[1])).fetchall())
-    if len(found) < expected:  # not all where the rollups put them: read the whole pool
-        found.update(conn.execute(single, (proc, pool_id, ends[0], ends[1])).fetchall())
+    if len(found) < expected:  # not all where the rollups put them: read on from the first
+        # None was out at the end of the period before the first span: all were taken since.
+        earliest = min((lo for lo, _ in spans), default=None)
+        start = (
+            _first_id_at(conn, proc, pool_id, ends, earliest - _ID_SLACK_S)
+            if earliest is not None
+            else None
+        )
+        first = ends[0] if start is None else start
+        found.update(conn.execute(single, (proc, pool_id, first, ends[1])).fetchall())
     conn.executemany("INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)", found)
