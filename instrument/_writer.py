@@ -304,11 +304,9 @@ class Writer:
                 run("BEGIN IMMEDIATE", ())
                 self._write_stacks(run, new_stacks)
                 self._write_pools(run, new_pools)
-                if not raw:
-                    pass
-                elif store is not None:
+                if raw and store is not None:
                     self._insert_in_c(store, flat)
-                else:
+                elif raw:
                     self._insert_in_python(conn, flat)
                 if dropped:
                     run(
