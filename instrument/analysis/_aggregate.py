@@ -28,6 +28,10 @@ EXACT_LIMIT = 250_000
 pairs raw events and every figure is exact; past it, where the store has rollups, counts
 come from them (still exact) and percentiles from their histograms."""
 
+RAW_SCAN_LIMIT = 2_000_000
+"""A time window of a store holding more raw events than this reads rollups whatever its
+size: raw events have no index on time, so pairing any window of them scans them all."""
+
 HISTOGRAM_RELATIVE_ERROR = _histogram.MAX_RELATIVE_ERROR
 """The most a percentile read from a histogram differs from the recorded value of that rank,
 relative to it (0.995 %)."""
@@ -120,6 +124,11 @@ def checkouts_in(conn: sqlite3.Connection, data: Any) -> int:
     cond, params = _scope(data.pool_ids, f.processes, f.since, f.until)
     row = conn.execute(f"SELECT SUM(checkouts) FROM rollups WHERE 1 {cond}", params).fetchone()
     return int(row[0] or 0)
+
+
+def raw_event_count(conn: sqlite3.Connection) -> int:
+    """How many raw events the store holds (counted on an index, not row by row)."""
+    return int(conn.execute("SELECT COUNT(*) FROM main.events").fetchone()[0])
 
 
 def load_rollup(data: Any) -> Rollup:

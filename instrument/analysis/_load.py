@@ -166,19 +166,22 @@ class _Data:
 
 
 def _choose_source(data: _Data) -> str:
-    """``rollups`` where the store has them and either the window reaches back before the
-    raw events are complete or it holds more than :data:`_aggregate.EXACT_LIMIT` checkouts;
-    else ``raw_events``."""
+    """``rollups`` where the store has them for every process and the window reaches back
+    before the raw events are complete, or it holds more than
+    :data:`_aggregate.EXACT_LIMIT` checkouts, or it is a time window of a store holding more
+    than :data:`_aggregate.RAW_SCAN_LIMIT` raw events; else ``raw_events``."""
     if not _aggregate.has_rollups(data.conn) or _aggregate.unrolled_processes(data):
         return "raw_events"
     since = _aggregate.raw_since(data.conn)
     if since is not None and (data.filters.since is None or data.filters.since < since):
         return "rollups"
-    return (
-        "rollups"
-        if _aggregate.checkouts_in(data.conn, data) > _aggregate.EXACT_LIMIT
-        else ("raw_events")
-    )
+    if _aggregate.checkouts_in(data.conn, data) > _aggregate.EXACT_LIMIT:
+        return "rollups"
+    # Raw events have no index on time: any window of them is read by a scan of them all.
+    windowed = data.filters.since is not None or data.filters.until is not None
+    if windowed and _aggregate.raw_event_count(data.conn) > _aggregate.RAW_SCAN_LIMIT:
+        return "rollups"
+    return "raw_events"
 
 
 def _notable_keys(data: _Data) -> str:
