@@ -1,7 +1,9 @@
 """Time the dashboard's first render of the Overview on a store of 1,000,000 events.
 
-The store comes from ``bench/report.py``'s generator (8 processes × 3 pools, 30 sites,
-timeouts and leaks of every class). Each run starts cold, with nothing cached:
+The store comes from ``bench/report.py``'s recorder, through the real writer (8 processes ×
+3 pools, 30 sites, timeouts and leaks of every class, rollups written as in production;
+``--direct`` for its rows-inserted first-release store). Each run starts cold, with
+nothing cached:
 
 - **AppTest**: a fresh Python process runs ``dashboard/app.py`` once with
   ``streamlit.testing.v1.AppTest``; the time is that first script run (sidebar + Overview).
@@ -12,7 +14,7 @@ timeouts and leaks of every class). Each run starts cold, with nothing cached:
 Usage::
 
     .venv/bin/python bench/dashboard.py [--events 1000000] [--store PATH] [--runs 3]
-        [--no-browser]
+        [--no-browser] [--direct]
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _generator():
     spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.generate
+    return module
 
 
 def apptest_first_run(store: Path) -> dict:
@@ -105,14 +107,21 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="reuse or keep this store")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument(
+        "--direct", action="store_true", help="a first-release store of inserted rows (no rollups)"
+    )
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="poolscope-bench-")
     store = args.store or Path(tmp.name) / "bench.db"
     if not store.exists():
         t = time.perf_counter()
-        counts = _generator()(store, args.events)
-        print(f"generated {sum(counts.values()):,} events in {time.perf_counter() - t:.1f} s")
+        bench = _generator()
+        if args.direct:
+            bench.generate(store, args.events)
+        else:
+            bench.record(store, args.events)
+        print(f"generated the store in {time.perf_counter() - t:.1f} s")
     print(f"store {store} ({store.stat().st_size / 1e6:.0f} MB); cpus {os.cpu_count()}")
 
     timings = []

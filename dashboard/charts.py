@@ -225,12 +225,21 @@ def _histogram_ms(
     checkouts: pd.DataFrame, column: str, by: str, title: str, empty: str, bins: int
 ) -> go.Figure:
     """One histogram of ``column`` (seconds, drawn in ms) per value of ``by``, counting
-    checkouts; a blank chart saying ``empty`` when no row has a value (it has no traces)."""
+    checkouts (a row with a ``weight`` column counts that many); a blank chart saying
+    ``empty`` when no row has a value (it has no traces)."""
     values = checkouts.dropna(subset=[column]) if not checkouts.empty else checkouts
     if values.empty:
         return _empty(title, empty)
     fig = go.Figure()
     for key, rows in values.groupby(by, sort=True):
+        if "weight" in rows:  # histogram buckets (rollups): each value counts ``weight`` times
+            fig.add_trace(
+                go.Histogram(
+                    x=rows[column] * 1000.0, y=rows["weight"], histfunc="sum", name=str(key),
+                    nbinsx=bins,
+                )
+            )  # fmt: skip
+            continue
         fig.add_trace(go.Histogram(x=rows[column] * 1000.0, name=str(key), nbinsx=bins))
     fig.update_layout(title=title, margin=_MARGIN, yaxis_title="checkouts")
     return fig

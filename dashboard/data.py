@@ -168,7 +168,8 @@ def load_pools(store: str, token: Token) -> pd.DataFrame:
 def load_event_count(store: str, token: Token) -> int:
     """How many events the store holds (0 means nothing was recorded yet)."""
     with _connection(store) as conn:
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        # main.events: counted from its index, not through the checking view row by row.
+        return int(conn.execute("SELECT count(*) FROM main.events").fetchone()[0])
 
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
@@ -237,6 +238,54 @@ def load_leaks(store: str, token: Token, filters: analysis.Filters) -> pd.DataFr
     """Leaks by class and site (see :func:`instrument.analysis.leaks`)."""
     with _connection(store) as conn:
         return analysis.leaks(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=64, show_spinner=False)
+def load_source(store: str, token: Token, filters: analysis.Filters) -> str:
+    """Where the figures of the view come from: ``raw_events`` (every checkout paired) or
+    ``rollups`` (see :func:`instrument.analysis.source`): on rollups, pages draw
+    distributions from histograms instead of loading every checkout."""
+    with _connection(store) as conn:
+        return analysis.source(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=32, show_spinner=False)
+def load_histograms(store: str, token: Token, filters: analysis.Filters) -> pd.DataFrame:
+    """Wait and hold histograms per pool and site (see
+    :func:`instrument.analysis.histograms`)."""
+    with _connection(store) as conn:
+        return analysis.histograms(conn, filters)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, max_entries=32, show_spinner=False)
+def load_wait_percentiles_over_time(
+    store: str, token: Token, filters: analysis.Filters
+) -> pd.DataFrame:
+    """Wait percentiles per pool over time (see
+    :func:`instrument.analysis.wait_percentiles_over_time`)."""
+    with _connection(store) as conn:
+        return analysis.wait_percentiles_over_time(conn, filters)
+
+
+def from_rollups(view: View) -> bool:
+    """Whether the figures of ``view`` come from rollups (:func:`load_source`)."""
+    return load_source(view.store, view.token, view.filters) == "rollups"
+
+
+def weighted(histograms: pd.DataFrame, measure: str, column: str) -> pd.DataFrame:
+    """Rows of ``histograms`` for ``measure`` as a frame the histogram charts draw: the
+    bucket values in ``column`` and their counts in ``weight``."""
+    rows = histograms[histograms["measure"] == measure] if len(histograms) else histograms
+    return pd.DataFrame(
+        {
+            "pool": rows.get("pool", pd.Series(dtype=object)),
+            "site": rows.get("site", pd.Series(dtype=object)),
+            "fingerprint": rows.get("fingerprint", pd.Series(dtype=object)),
+            "outcome": "all",
+            column: rows.get("value_s", pd.Series(dtype="float64")),
+            "weight": rows.get("count", pd.Series(dtype="int64")),
+        }
+    )
 
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=16, show_spinner=False)

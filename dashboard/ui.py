@@ -101,3 +101,10 @@ def _command(argv: Any) -> str:
     if not words:
         return ""
     return " ".join([PurePath(str(words[0])).name, *(str(w) for w in words[1:])])
+
+
+FROM_ROLLUPS = (
+    "Figures from rollups: counts exact, percentiles and distributions from log-bucket "
+    "histograms (within 1 % of the recorded value); leaks and timeouts from the raw events kept."
+)
+"""The caption of a page whose figures come from rollups."""

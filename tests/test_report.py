@@ -112,6 +112,7 @@ class TestJson:
             (_model.Diagnosis, defs["diagnosis"]),
             (_model.ServerView, defs["diagnosis"]["properties"]["server"]["oneOf"][1]),
             (_model.Blocker, defs["diagnosis"]["properties"]["blocked_by"]["items"]),
+            (_model.Source, props["source"]),
         ]
         for typed, obj in pairs:
             assert set(typed.__annotations__) == set(obj["properties"]), typed.__name__

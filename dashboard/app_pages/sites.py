@@ -7,12 +7,21 @@ import streamlit as st
 from instrument.dashboard import charts, data, ui
 
 view = data.current_view()
-sites, checkouts = data.load_together(lambda: data.sites(view), lambda: data.checkouts(view))
+rollups = data.from_rollups(view)
+sites, checkouts = data.load_together(
+    lambda: data.sites(view),
+    # On rollups, each site's hold times come from their histograms, not every checkout.
+    lambda: data.weighted(data.load_histograms(view.store, view.token, view.filters), "hold",
+                          "hold_s")
+    if rollups
+    else data.checkouts(view),
+)  # fmt: skip
 
 st.title("Call sites")
 st.caption(
     "A site is the innermost line of your code that asked for a connection. Share of pool "
     "time = its connection-seconds over all connection-seconds in the window."
+    + (f" {ui.FROM_ROLLUPS}" if rollups else "")
 )
 if sites.empty:
     st.info("No checkouts in the chosen window and filters.")

@@ -43,6 +43,11 @@ for pool, rows in util.groupby("pool", sort=True):
         (st.warning if advice[pool].get("verdict") == "too_small" else st.info)(text)
     if pool in demands:
         what_if.render_what_if(pool, demands[pool], advice.get(pool), stats)
+    elif data.from_rollups(view):
+        st.caption(
+            "No replay or what-if here: they replay every recorded checkout, and this window's "
+            "figures come from rollups. Narrow the time window to where raw events are kept."
+        )
 
 st.header("By host")
 st.caption(

@@ -10,17 +10,28 @@ from instrument.dashboard import charts, data, ui
 MAX_TIMEOUTS_SHOWN = 50
 
 view = data.current_view()
+rollups = data.from_rollups(view)
 checkouts, percentiles, overall, timeouts, diagnosed = data.load_together(
-    lambda: data.checkouts(view),
+    # On rollups, the distribution comes from their histograms, not from every checkout.
+    lambda: data.weighted(data.load_histograms(view.store, view.token, view.filters), "wait",
+                          "wait_s")
+    if rollups
+    else data.checkouts(view),
     lambda: data.load_percentiles(view.store, view.token, view.filters, "pool"),
     lambda: data.load_percentiles(view.store, view.token, view.filters, None).iloc[0],
     lambda: data.timeouts(view),
     lambda: data.diagnoses(view),
+)  # fmt: skip
+over_time = (
+    data.load_wait_percentiles_over_time(view.store, view.token, view.filters)
+    if rollups
+    else data.wait_percentiles_over_time(checkouts)
 )
-over_time = data.wait_percentiles_over_time(checkouts)
 
 st.title("Waits & timeouts")
 st.caption("Wait = time a checkout spent waiting for the pool, not counting connect time.")
+if rollups:
+    st.caption(ui.FROM_ROLLUPS)
 
 cols = st.columns(4)
 cols[0].metric("p50 wait", ui.fmt_duration(overall["wait_p50_s"]))

@@ -6,13 +6,17 @@ Times are unix seconds (float) in columns named ``*_at``; durations are seconds 
 
 Heavy lifting happens in SQLite (pairing, bucketing) and in vectorised pandas on a few
 selected columns: no Python object is built per event row, so a store of a million events
-reports in seconds.
+reports in seconds. Past 250,000 checkouts in the window, or before ``raw_since`` (raw
+events pruned), counts and distributions come from the store's rollups and only the
+checkouts shown one by one are paired (see ``_aggregate`` and ``source`` in the report).
 
 One module per question, all private; this package is the public face:
 
 - ``_model``: the vocabulary (leak classes, columns, :class:`Filters`, times) and the typed
   shape of the JSON report (:class:`Report`, matching ``report_schema.json``);
-- ``_load``: opening a store, its processes and pools, checkouts paired and classified;
+- ``_load``: opening a store, its processes and pools, checkouts paired and classified,
+  and where the figures come from (raw events or rollups);
+- ``_aggregate``: the rollups of a window, their histograms, the notable checkouts;
 - ``_usage``: utilization, percentiles and peaks; ``_timeouts``; ``_leaks``; ``_sites``;
   ``_sizing``; ``_summary``; ``_diagnosis`` (why long holds were held);
 - ``_build``: the JSON report from all of them.
@@ -39,7 +43,13 @@ from ._sites import sites
 from ._sizing import replay_demands, sizing_advice, what_if
 from ._summary import summary
 from ._timeouts import timeouts
-from ._usage import percentiles, utilization
+from ._usage import (
+    histograms,
+    percentiles,
+    source,
+    utilization,
+    wait_percentiles_over_time,
+)
 
 __all__ = [
     "CERTAINTY",
@@ -53,6 +63,7 @@ __all__ = [
     "build_report",
     "checkouts",
     "diagnoses",
+    "histograms",
     "leaks",
     "iso",
     "open_store",
@@ -63,8 +74,10 @@ __all__ = [
     "sites",
     "replay_demands",
     "sizing_advice",
+    "source",
     "summary",
     "timeouts",
     "utilization",
+    "wait_percentiles_over_time",
     "what_if",
 ]

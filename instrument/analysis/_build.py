@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from . import _aggregate
 from ._diagnosis import diagnosis_of, leak_diagnoses
 from ._leaks import _leaks
 from ._load import _Data, _load, _load_pools
@@ -20,7 +21,7 @@ from ._sites import _sites
 from ._sizing import _first_number, _sizing
 from ._summary import _summary
 from ._timeouts import _missing, _timeouts
-from ._usage import _percentiles, _pool_peaks, _utilization
+from ._usage import _percentiles, _percentiles_from_rollups, _pool_peaks, _utilization
 
 
 def _clean(value: Any) -> Any:
@@ -81,7 +82,10 @@ def build_report(
     timeout_frame = _timeouts(data)
     site_frame = _sites(data)
     sizing = {entry["pool"]: entry for entry in _sizing(data)}
-    by_pool = _percentiles(co, "pool").set_index("pool") if len(co) else pd.DataFrame()
+    if data.source == "rollups":
+        by_pool = _percentiles_from_rollups(data, "pool").set_index("pool")
+    else:
+        by_pool = _percentiles(co, "pool").set_index("pool") if len(co) else pd.DataFrame()
     peaks = _pool_peaks(data).copy()
     all_pools = _load_pools(data.conn).set_index("id")
     peaks["pool"] = peaks["pool_id"].map(all_pools["name"])
@@ -212,12 +216,27 @@ def build_report(
         "timeouts": timeout_entries,
         "sites": site_entries,
     }
+    report["source"] = _source(data)
     if with_utilization:
         report["utilization"] = _utilization_series(data)
     summary_ = report["summary"]
     summary_["first_event_at"] = iso(summary_["first_event_at"])
     summary_["last_event_at"] = iso(summary_["last_event_at"])
     return _clean(report)
+
+
+def _source(data: _Data) -> dict[str, Any]:
+    """Where the report's figures come from (see docs/report-json.md, ``source``)."""
+    rollups = data.source == "rollups"
+    since = _aggregate.raw_since(data.conn)
+    return {
+        "figures": data.source,
+        "percentiles": "histograms" if rollups else "raw_events",
+        "percentile_relative_error": _aggregate.HISTOGRAM_RELATIVE_ERROR if rollups else 0.0,
+        "findings": "raw_events",
+        "replay": "raw_events" if not rollups else None,
+        "raw_since": iso(since) if since is not None else None,
+    }
 
 
 def _utilization_series(data: _Data) -> list[dict[str, Any]]:

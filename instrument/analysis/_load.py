@@ -3,6 +3,7 @@ with its return and classified (the :class:`_Data` every other question derives 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sqlite3
@@ -15,6 +16,7 @@ import pandas as pd
 
 from .. import _store
 from ..exceptions import StoreCorruptError
+from . import _aggregate
 from ._model import (
     _CHECKOUT_COLUMNS,
     _CORE_COLUMNS,
@@ -70,9 +72,15 @@ def _set_aside_bad_events(conn: sqlite3.Connection) -> None:
     """Hide events that are not :data:`_SANE_EVENT` behind a temporary ``events`` view.
 
     The view lives in the connection's own temporary schema (the store stays read-only and
-    untouched) and shadows ``main.events`` for every query; a store without such rows, the
-    normal case, is read directly, at the cost of one scan here.
+    untouched) and shadows ``main.events`` for every query. A store without rollups is
+    checked by one scan here, and a store without such rows, the normal case, is then read
+    directly. A store with rollups is not scanned (checking every number of every row of a
+    big store costs more than its whole report): the view checks each row a query reads,
+    and :func:`_ignored_events` counts the bad ones only when asked.
     """
+    if _aggregate.has_rollups(conn):
+        conn.execute(f"CREATE TEMP VIEW events AS SELECT * FROM main.events WHERE {_SANE_EVENT}")
+        return
     bad = conn.execute(f"SELECT COUNT(*) FROM main.events WHERE NOT ({_SANE_EVENT})").fetchone()
     conn.execute("CREATE TEMP TABLE poolscope_ignored (events INTEGER NOT NULL)")
     conn.execute("INSERT INTO poolscope_ignored VALUES (?)", (int(bad[0] or 0),))
@@ -81,11 +89,21 @@ def _set_aside_bad_events(conn: sqlite3.Connection) -> None:
 
 
 def _ignored_events(conn: sqlite3.Connection) -> int:
-    """How many events :func:`open_store` left out of this connection (0 if it did not open it)."""
+    """How many events :func:`open_store` left out of this connection (0 if it did not open
+    it); counted once, by one scan, on first asking."""
     try:
-        return int(conn.execute("SELECT events FROM temp.poolscope_ignored").fetchone()[0])
+        row = conn.execute("SELECT events FROM temp.poolscope_ignored").fetchone()
     except sqlite3.OperationalError:
-        return 0
+        if not conn.execute(
+            "SELECT 1 FROM sqlite_temp_master WHERE type = 'view' AND name = 'events'"
+        ).fetchone():
+            return 0
+        bad = conn.execute(f"SELECT COUNT(*) FROM main.events WHERE NOT ({_SANE_EVENT})")
+        n = int(bad.fetchone()[0] or 0)
+        conn.execute("CREATE TEMP TABLE poolscope_ignored (events INTEGER NOT NULL)")
+        conn.execute("INSERT INTO poolscope_ignored VALUES (?)", (n,))
+        return n
+    return int(row[0])
 
 
 @dataclass
@@ -103,21 +121,84 @@ class _Data:
     _core: pd.DataFrame | None = field(default=None, repr=False)
     _peaks: pd.DataFrame | None = field(default=None, repr=False)
     _timeouts: pd.DataFrame | None = field(default=None, repr=False)
+    _source: str | None = field(default=None, repr=False)
+    _rollup: _aggregate.Rollup | None = field(default=None, repr=False)
+    timeout_ids: list[int] | None = field(default=None, repr=False)
+    event_totals: tuple[Any, ...] | None = field(default=None, repr=False)
 
     @property
     def checkouts(self) -> pd.DataFrame:
         """Every paired checkout with all columns (thread and task included)."""
         if self._checkouts is None:
             self._checkouts = _load_checkouts(self, full=True)
-            self._core = self._checkouts
+            if self.source == "raw_events":
+                self._core = self._checkouts
         return self._checkouts
 
     @property
     def core(self) -> pd.DataFrame:
-        """Paired checkouts without the string columns: what the report needs for all rows."""
+        """Paired checkouts without the string columns: what the report needs for all rows.
+
+        Where the figures come from rollups (:attr:`source`), only the checkouts shown one
+        by one: leaked, open, held long, and those around each timeout (the holders)."""
         if self._core is None:
-            self._core = _load_checkouts(self, full=False)
+            if self.source == "raw_events":
+                self._core = _load_checkouts(self, full=False)
+            else:
+                self._core = _load_checkouts(self, full=False, keys=_notable_keys(self))
         return self._core
+
+    @property
+    def source(self) -> str:
+        """Where counts and distributions come from: ``raw_events`` (every checkout paired,
+        exact) or ``rollups`` (counts exact, percentiles from histograms; see
+        :mod:`._aggregate`)."""
+        if self._source is None:
+            self._source = _choose_source(self)
+        return self._source
+
+    @property
+    def rollup(self) -> _aggregate.Rollup:
+        """The rollups of the window (read once)."""
+        if self._rollup is None:
+            self._rollup = _aggregate.load_rollup(self)
+        return self._rollup
+
+
+def _choose_source(data: _Data) -> str:
+    """``rollups`` where the store has them for every process and the window reaches back
+    before the raw events are complete, or it holds more than
+    :data:`_aggregate.EXACT_LIMIT` checkouts, or it is a time window of a store holding more
+    than :data:`_aggregate.RAW_SCAN_LIMIT` raw events; else ``raw_events``."""
+    if not _aggregate.has_rollups(data.conn) or _aggregate.unrolled_processes(data):
+        return "raw_events"
+    since = _aggregate.raw_since(data.conn)
+    if since is not None and (data.filters.since is None or data.filters.since < since):
+        return "rollups"
+    if _aggregate.checkouts_in(data.conn, data) > _aggregate.EXACT_LIMIT:
+        return "rollups"
+    # Raw events have no index on time: any window of them is read by a scan of them all.
+    windowed = data.filters.since is not None or data.filters.until is not None
+    if windowed and _aggregate.raw_event_count(data.conn) > _aggregate.RAW_SCAN_LIMIT:
+        return "rollups"
+    return "raw_events"
+
+
+def _notable_keys(data: _Data) -> str:
+    """The temporary table of the checkouts :attr:`_Data.core` holds where figures come
+    from rollups (see :func:`_aggregate.notable_keys`)."""
+    rollup = data.rollup
+    leak_after = _leak_after_by_pool(data).dropna()
+    horizons = {}
+    sites = rollup.sites
+    groups = sites.groupby(["process_id", "pool_id"], sort=False).groups
+    for (proc, pool_id), rows in groups.items():
+        p99 = _aggregate.quantiles(_aggregate.merged(rollup.hold, rows), [0.99])[0]
+        horizons[(int(proc), int(pool_id))] = max(1.0, 0.0 if math.isnan(p99) else p99)
+    # Holds longer than the shortest horizon are read whole: a holder of any timeout that
+    # started before the horizon of its pool is one of them.
+    long_s = min([*horizons.values(), *(float(v) for v in leak_after)], default=1.0)
+    return _aggregate.notable_keys(data, long_s, horizons)
 
 
 def _load(conn: sqlite3.Connection, filters: Filters) -> _Data:
@@ -352,10 +433,17 @@ def _fetch_columns(
     }
 
 
-def _checkout_sql(data: _Data, select: str) -> tuple[str, list[Any]]:
+def _checkout_sql(data: _Data, select: str, keys: str | None = None) -> tuple[str, list[Any]]:
     f = data.filters
+    # Only the checkouts named in the temporary table ``keys``, found through its rows.
+    source = (
+        f"temp.{keys} AS k CROSS JOIN events AS o ON o.process_id = k.process_id "
+        "AND o.pool_id = k.pool_id AND o.checkout_id = k.checkout_id"
+        if keys
+        else "events AS o"
+    )
     sql = (
-        f"SELECT {select} FROM events AS o LEFT JOIN events AS r "
+        f"SELECT {select} FROM {source} LEFT JOIN events AS r "
         "ON r.process_id = o.process_id AND r.pool_id = o.pool_id "
         f"AND r.checkout_id = o.checkout_id AND r.kind IN {_RETURN_KINDS} "
         "WHERE o.kind = 'checkout' AND o.checkout_id IS NOT NULL"
@@ -373,7 +461,7 @@ def _checkout_sql(data: _Data, select: str) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
+def _load_checkouts(data: _Data, full: bool, keys: str | None = None) -> pd.DataFrame:
     """Pair checkouts with their returns in SQL; build the frame column by column.
 
     The lean frame (``full=False``) leaves out the string columns (thread, task) and
@@ -399,7 +487,7 @@ def _load_checkouts(data: _Data, full: bool) -> pd.DataFrame:
     if full:
         spec += [("connection_id", "f"), ("thread", "o"), ("task", "o"), ("connect_s", "f")]
         select += ", o.connection_id, o.thread, o.task, o.connect_s"
-    sql, params = _checkout_sql(data, select)
+    sql, params = _checkout_sql(data, select, keys)
     columns = _fetch_columns(data.conn, sql, params, spec)
     if not len(columns["checkout_id"]):
         return _empty(_CHECKOUT_COLUMNS if full else _CORE_COLUMNS)

@@ -480,6 +480,17 @@ class UtilizationSeries(TypedDict):
     capacity: int | None
 
 
+class Source(TypedDict):
+    """Where the report's figures come from (see docs/report-json.md, ``source``)."""
+
+    figures: Literal["raw_events", "rollups"]
+    percentiles: Literal["raw_events", "histograms"]
+    percentile_relative_error: float
+    findings: Literal["raw_events"]
+    replay: Literal["raw_events"] | None
+    raw_since: str | None
+
+
 class _ReportRequired(TypedDict):
     schema: Literal["poolscope.report/1"]
     generated_at: str
@@ -498,3 +509,4 @@ class Report(_ReportRequired, total=False):
     """The JSON report (:func:`instrument.analysis.build_report`), as the plain dict it is."""
 
     utilization: list[UtilizationSeries]
+    source: Source

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _replay
+from . import _aggregate
 from ._load import _Data, _frame, _in_list, _load, _load_pools, _superseded
 from ._model import WAITED_THRESHOLD_S, Filters
 from ._recycle import _recycle, recycle_sentence
@@ -48,13 +49,10 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
     for name, group in peaks.groupby("pool", sort=True):
         pool_rows = all_pools[all_pools["name"] == name]
         pool_rows = pool_rows[pool_rows.index.isin(group["pool_id"])]
-        mine = co[co["pool"] == name]
-        n = len(mine)
+        n, hold, waited = _load_of(data, co, name, [int(i) for i in group["pool_id"]])
         span = float(group["span_s"].sum())
         rate = n / span if span > 0 else math.nan
-        hold = float(mine["hold_s"].mean()) if n else math.nan
         mean_in_use = rate * hold if n and span > 0 else math.nan
-        waited = int((mine["wait_s"] > WAITED_THRESHOLD_S).sum())
         n_timeouts = int(group["timeouts"].sum())
         peak = int(np.nan_to_num(group["peak_in_use"].max()))
         peak_waiting = int(np.nan_to_num(group["peak_waiting"].max()))
@@ -150,15 +148,52 @@ def _sizing(data: _Data) -> list[dict[str, Any]]:
             seen = f"{little}; {observed}; {pressure if pressured else calm}"
             _apply_replay(entry, _replay_sizing(data, group, mean_in_use), seen)
         recycle_s = pd.to_numeric(pool_rows["recycle_s"], errors="coerce").dropna()
-        entry["recycle"] = recycle = _recycle(
-            data,
-            [int(i) for i in group["pool_id"]],
-            float(recycle_s.min()) if len(recycle_s) else None,
+        entry["recycle"] = recycle = (
+            None
+            if _no_invalidations(data, group)
+            else _recycle(
+                data,
+                [int(i) for i in group["pool_id"]],
+                float(recycle_s.min()) if len(recycle_s) else None,
+            )
         )
         if recycle is not None:
             entry["advice"] += recycle_sentence(recycle)
         advice.append(entry)
     return advice
+
+
+def _no_invalidations(data: _Data, group: pd.DataFrame) -> bool:
+    """Whether the rollups say these pools had no invalidation (the recycle advice then has
+    nothing to read; without rollups it looks)."""
+    if data.source != "rollups":
+        return False
+    pools = data.rollup.pools
+    mine = pools[pools["pool_id"].isin(group["pool_id"])]
+    return not mine["invalidations"].fillna(0).sum()
+
+
+def _load_of(
+    data: _Data, co: pd.DataFrame, name: str, pool_ids: list[int]
+) -> tuple[int, float, int]:
+    """A pool name's checkouts, mean hold and checkouts that waited longer than
+    :data:`WAITED_THRESHOLD_S`: from the paired checkouts, or from the rollups (the mean
+    hold over the returns and the open checkouts' time so far; the waits counted from the
+    histogram, to within its bucket at the threshold)."""
+    if data.source != "rollups":
+        mine = co[co["pool"] == name]
+        n = len(mine)
+        hold = float(mine["hold_s"].mean()) if n else math.nan
+        return n, hold, int((mine["wait_s"] > WAITED_THRESHOLD_S).sum())
+    rollup = data.rollup
+    rows = rollup.sites[rollup.sites["pool_id"].isin(pool_ids)]
+    opened = co[(co["outcome"] == "open").to_numpy() & co["pool_id"].isin(pool_ids).to_numpy()]
+    held = opened["hold_s"].to_numpy(dtype="float64")
+    n = int(rows["checkouts"].sum())
+    n_holds = int(rows["returns"].sum()) + len(held)
+    hold = (float(rows["hold_sum_s"].sum()) + float(held.sum())) / n_holds if n_holds else math.nan
+    wait = _aggregate.merged(rollup.wait, rows.index)
+    return n, hold, _aggregate.count_above(wait, WAITED_THRESHOLD_S)
 
 
 def _first_number(values: pd.Series) -> int | None:
@@ -280,6 +315,8 @@ def _replay_sizing(data: _Data, group: pd.DataFrame, mean_in_use: float) -> dict
     timeout_s = float(timeout.max())
     if _replay.capacity_of(size, overflow) is None or not timeout_s >= 0:
         return None
+    if data.source == "rollups":
+        return None  # see _source: the replay needs every checkout; the report says so
     recorded, fixed, info = _replay_demands(data, pool_ids)
     if not info["checkouts"] + info["timeouts"]:
         return None
@@ -306,7 +343,9 @@ def replay_demands(conn: sqlite3.Connection, filters: Filters = Filters()) -> di
     Pass one pool's list to :func:`what_if`.
     """
     data = _load(conn, filters)
-    out = {}
+    out: dict[str, Any] = {}
+    if data.source == "rollups":
+        return out  # the replay reads every checkout: not where the figures are rollups
     for name, rows in data.pools.groupby("name", sort=True):
         recorded, _, info = _replay_demands(data, [int(i) for i in rows["id"]])
         if info["checkouts"] + info["timeouts"]:

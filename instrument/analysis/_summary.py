@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import _aggregate
 from ._leaks import _leaks
 from ._load import (
     _Data,
@@ -35,6 +36,8 @@ def _top_peak(data: _Data, peaks: pd.DataFrame) -> tuple[int, int | None]:
 
 
 def _summary(data: _Data, leak_frame: pd.DataFrame, timeout_count: int) -> dict[str, Any]:
+    if data.source == "rollups":
+        return _summary_from_rollups(data, leak_frame)
     co = data.core
     counts = {c: 0 for c in ("confirmed", "suspected", "unknown")}
     if not leak_frame.empty:
@@ -53,6 +56,34 @@ def _summary(data: _Data, leak_frame: pd.DataFrame, timeout_count: int) -> dict[
     )
 
 
+def _leak_counts(leak_frame: pd.DataFrame) -> dict[str, int]:
+    counts = {c: 0 for c in ("confirmed", "suspected", "unknown")}
+    if not leak_frame.empty:
+        for certainty, n in leak_frame.groupby("certainty")["count"].sum().items():
+            counts[str(certainty)] = int(n)
+    return counts
+
+
+def _summary_from_rollups(data: _Data, leak_frame: pd.DataFrame) -> dict[str, Any]:
+    """:func:`_summary` where figures come from rollups: checkouts and timeouts counted by
+    them, open checkouts and leaks from the raw events kept for them, the p95 wait from the
+    histograms."""
+    rollup = data.rollup
+    co = data.core
+    wait = _aggregate.merged(rollup.wait, rollup.sites.index)
+    peak, capacity = _top_peak(data, _pool_peaks(data))
+    return _summary_dict(
+        data,
+        checkouts=int(rollup.sites["checkouts"].sum()),
+        open_checkouts=int((co["outcome"] == "open").sum()) if len(co) else 0,
+        peak=peak,
+        capacity=capacity,
+        wait_p95=_aggregate.quantiles(wait, [0.95])[0],
+        timeouts=int(rollup.sites["timeouts"].sum()),
+        leak_counts=_leak_counts(leak_frame),
+    )
+
+
 def _summary_dict(
     data: _Data,
     *,
@@ -64,12 +95,7 @@ def _summary_dict(
     timeouts: int,
     leak_counts: dict[str, int],
 ) -> dict[str, Any]:
-    cond, params = _event_filter(data)
-    n_events, first_at, last_at, dropped = data.conn.execute(
-        "SELECT COUNT(*), MIN(at), MAX(at), COALESCE(SUM(CASE WHEN kind = 'dropped' "
-        f"THEN count END), 0) FROM events WHERE 1 {cond}",
-        params,
-    ).fetchone()
+    n_events, first_at, last_at, dropped = _event_totals(data)
     states = data.processes["state"].value_counts()
     return {
         "processes": len(data.processes),
@@ -94,6 +120,42 @@ def _summary_dict(
     }
 
 
+def _event_totals(data: _Data) -> tuple[int, float | None, float | None, int]:
+    """Events, first and last event time and records dropped in the filters' scope.
+
+    Where figures come from rollups, the scan that finds the notable checkouts counted them
+    (:func:`_aggregate.notable_keys`), checking only each event's time.
+    """
+    if data.source == "rollups":
+        data.core  # noqa: B018 - its scan counts the events
+        n, first_at, last_at, dropped, bad = data.event_totals or (0, None, None, 0, 0)
+        _set_ignored(data.conn, int(bad or 0))
+        # Events pruned live on in the rollups: they count every event recorded, and the
+        # first period with one is as close to the first event as they tell.
+        pools = data.rollup.pools
+        if len(pools) and _aggregate.raw_since(data.conn) is not None:  # some were pruned
+            n = max(int(n or 0), int(pools["events"].fillna(0).sum()))
+            start = pools["first_at"].min()
+            if first_at is None or (start == start and start < first_at):
+                first_at = float(start)
+        return int(n or 0), first_at, last_at, int(dropped or 0)
+    cond, params = _event_filter(data)
+    return data.conn.execute(
+        "SELECT COUNT(*), MIN(at), MAX(at), COALESCE(SUM(CASE WHEN kind = 'dropped' "
+        f"THEN count END), 0) FROM events WHERE 1 {cond}",
+        params,
+    ).fetchone()
+
+
+def _set_ignored(conn: sqlite3.Connection, n: int) -> None:
+    """Record ``n`` as the events set aside on this connection (unless counted already)."""
+    try:
+        conn.execute("CREATE TEMP TABLE poolscope_ignored (events INTEGER NOT NULL)")
+    except sqlite3.OperationalError:
+        return
+    conn.execute("INSERT INTO poolscope_ignored VALUES (?)", (n,))
+
+
 def summary(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str, Any]:
     """Headline numbers: processes, pools, events, checkouts, peak in use (of the busiest
     pool in one process) and its capacity, overall p95 wait, timeouts, leaked checkouts by
@@ -104,6 +166,8 @@ def summary(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str,
     checkout with its return (see :func:`_fast_summary`); the values are the same.
     """
     data = _load(conn, filters)
+    if data.source == "rollups":
+        return _summary_from_rollups(data, _leaks(data))
     fast = _fast_summary(data)
     return fast if fast is not None else _summary_exact(data)
 

@@ -18,6 +18,10 @@ def _timeouts(data: _Data) -> pd.DataFrame:
     if data._timeouts is not None:
         return data._timeouts
     cond, params = _event_filter(data, "e")
+    if data.source == "rollups":
+        data.core  # noqa: B018 - its scan finds the timeouts' row ids too
+        ids = data.timeout_ids or []
+        cond += f" AND e.id IN ({', '.join(str(i) for i in ids)})" if ids else " AND 0"
     df = _frame(
         "SELECT e.at, e.process_id, e.pool_id, e.wait_s AS waited_s, e.count AS waiters, "
         "e.stack_id, e.thread, e.task, e.in_use FROM events AS e "

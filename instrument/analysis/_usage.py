@@ -8,6 +8,7 @@ import sqlite3
 import numpy as np
 import pandas as pd
 
+from . import _aggregate
 from ._load import _Data, _empty, _event_filter, _frame, _load, _load_pools, _superseded
 from ._model import _PERCENTILE_COLUMNS, _UTILIZATION_COLUMNS, Filters
 from ._timeouts import _timeouts
@@ -24,6 +25,10 @@ def _nice_interval(span: float, points: int = 300) -> float:
 
 
 def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
+    if interval_s is not None and not interval_s > 0:
+        raise ValueError(f"interval_s must be more than 0 seconds, not {interval_s!r}.")
+    if data.source == "rollups":
+        return _utilization_from_rollups(data, interval_s)
     cond, params = _event_filter(data)
     lo, hi = data.conn.execute(
         f"SELECT MIN(at), MAX(at) FROM events WHERE in_use IS NOT NULL {cond}", params
@@ -105,6 +110,55 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
 
 
+def _utilization_from_rollups(data: _Data, interval_s: float | None) -> pd.DataFrame:
+    """:func:`_utilization` from ``pool_rollups``: per bucket (a whole number of rollup
+    periods) the peaks of each process's pool, summed over the processes of a name. A
+    period without events holds its mean in use (the integral over the period). ``idle``
+    is not rolled up: it is ``pool_size`` minus the peak in use (at least 0)."""
+    f = data.filters
+    cond, params = _aggregate._scope(data.pool_ids, f.processes, f.since, f.until)
+    rows = _frame(
+        "SELECT process_id, pool_id, start_at, period_s, peak_in_use AS in_use, "
+        "peak_overflow AS overflow, peak_waiters AS waiters, in_use_s FROM pool_rollups "
+        f"WHERE 1 {cond}",
+        data.conn,
+        params=params,
+    )
+    if rows.empty:
+        return _empty(_UTILIZATION_COLUMNS)
+    lo = float(rows["start_at"].min())
+    hi = float((rows["start_at"] + rows["period_s"]).max())
+    period = float(rows["period_s"].max())
+    dt = float(interval_s) if interval_s else _nice_interval(hi - lo)
+    dt = max(dt, period)  # never finer than the rollups
+    t0 = math.floor(lo / dt) * dt
+    for c in ("in_use", "overflow", "waiters", "in_use_s"):
+        rows[c] = pd.to_numeric(rows[c], errors="coerce").astype("float64")
+    mean = (rows["in_use_s"] / rows["period_s"]).round()
+    rows["in_use"] = rows["in_use"].fillna(mean)
+    rows["b"] = ((rows["start_at"] - t0) // dt).astype("int64")
+    per = (
+        rows.groupby(["process_id", "pool_id", "b"], sort=True)[["in_use", "overflow", "waiters"]]
+        .max()
+        .reset_index()
+    )
+    all_pools = _load_pools(data.conn).set_index("id")
+    per["pool"] = per["pool_id"].map(all_pools["name"]).fillna("?")
+    per["pool_size"] = per["pool_id"].map(all_pools["pool_size"]).astype("float64")
+    per["capacity"] = per["pool_id"].map(all_pools["capacity"]).astype("float64")
+    per["idle"] = np.maximum(per["pool_size"] - per["in_use"], 0)
+    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
+    grouped = per.groupby(["pool", "b"], sort=True)
+    out = grouped[num].sum(min_count=1)
+    out["processes"] = grouped["process_id"].nunique()
+    out = out.reset_index()
+    out["at"] = t0 + out["b"] * dt
+    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
+        out[m] = out[m].fillna(0).astype("int64")
+    out["interval_s"] = dt
+    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+
+
 def utilization(
     conn: sqlite3.Connection, filters: Filters = Filters(), interval_s: float | None = None
 ) -> pd.DataFrame:
@@ -161,7 +215,52 @@ def percentiles(
 
     :param by: ``None`` for one overall row, ``"pool"`` per pool name, ``"site"`` per call site.
     """
-    return _percentiles(_load(conn, filters).core, by)
+    data = _load(conn, filters)
+    if data.source == "rollups":
+        return _percentiles_from_rollups(data, by)
+    return _percentiles(data.core, by)
+
+
+def _percentiles_from_rollups(data: _Data, by: str | None) -> pd.DataFrame:
+    """:func:`_percentiles` from the rollups' histograms (within
+    :data:`_aggregate.HISTOGRAM_RELATIVE_ERROR`), counts and maxima exact; open checkouts
+    add their time held so far."""
+    if by not in (None, "pool", "site"):
+        raise ValueError(f"by must be None, 'pool' or 'site', not {by!r}.")
+    from ._sites import _site_keys
+
+    rollup = data.rollup
+    rows = rollup.sites.reset_index(drop=True)
+    if rows.empty:
+        return (
+            _empty([by, *_PERCENTILE_COLUMNS])
+            if by
+            else pd.DataFrame([[0] + [math.nan] * 8], columns=_PERCENTILE_COLUMNS)
+        )
+    keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
+    rows = pd.concat([rows, keys], axis=1)
+    co = data.core
+    if by is None:
+        opened = co[(co["outcome"] == "open").to_numpy()] if len(co) else co
+        held_by = {None: opened["hold_s"].to_numpy(dtype="float64")} if len(opened) else {}
+    else:
+        held_by = _aggregate.open_holds(co, [by])
+    groups = [(None, rows)] if by is None else list(rows.groupby(by, sort=True))
+    out = []
+    for key, group in groups:
+        held = held_by.get(key, np.zeros(0))
+        hold = _aggregate.add_values(_aggregate.merged(rollup.hold, group.index), held)
+        wait = _aggregate.merged(rollup.wait, group.index)
+        n = int(group["checkouts"].sum())
+        if by is not None and n == 0:
+            continue
+        w = _aggregate.quantiles(wait, [0.5, 0.95, 0.99])
+        h = _aggregate.quantiles(hold, [0.5, 0.95, 0.99])
+        hold_max = np.fmax(group["hold_max_s"].max(), held.max() if len(held) else np.nan)
+        row = [n, *w, float(group["wait_max_s"].max()), *h, float(hold_max)]
+        out.append(row if by is None else [key, *row])
+    columns = _PERCENTILE_COLUMNS if by is None else [by, *_PERCENTILE_COLUMNS]
+    return pd.DataFrame(out, columns=columns)
 
 
 def _pool_peaks(data: _Data) -> pd.DataFrame:
@@ -171,6 +270,9 @@ def _pool_peaks(data: _Data) -> pd.DataFrame:
     In-use only rises at a checkout, so the checkout rows' counts hold every peak.
     """
     if data._peaks is not None:
+        return data._peaks
+    if data.source == "rollups":
+        data._peaks = _pool_peaks_from_rollups(data)
         return data._peaks
     co = data.core
     to = _timeouts(data)
@@ -235,3 +337,162 @@ def _pool_peaks(data: _Data) -> pd.DataFrame:
     )
     data._peaks = out
     return out
+
+
+def _pool_peaks_from_rollups(data: _Data) -> pd.DataFrame:
+    """:func:`_pool_peaks` from ``pool_rollups`` (peaks exact; first and last moment to the
+    rollup period) and the rollups' timeouts."""
+    pools = data.rollup.pools
+    sites = data.rollup.sites
+    timeouts = sites.groupby(["process_id", "pool_id"])["timeouts"].sum()
+    out = pd.DataFrame(
+        {
+            "process_id": pools["process_id"].astype("int64"),
+            "pool_id": pools["pool_id"].astype("int64"),
+            "first_at": pools["first_at"],
+            "last_at": pools["last_at"],
+            "peak_in_use": pools["peak_in_use"],
+            "peak_waiting": pools["peak_waiters"].fillna(0),
+            "peak_demand": pools["peak_demand"],
+            "timeouts": [
+                int(timeouts.get((p, q), 0))
+                for p, q in zip(pools["process_id"], pools["pool_id"], strict=True)
+            ],
+        }
+    )
+    return out
+
+
+_HISTOGRAM_COLUMNS = ["pool", "fingerprint", "site", "measure", "value_s", "count"]
+
+
+def _histograms(data: _Data) -> pd.DataFrame:
+    """Per pool and call site, the wait and hold distributions as log-bucket histograms."""
+    from .. import _histogram
+    from ._sites import _site_keys
+
+    out = []
+    if data.source == "rollups":
+        rollup = data.rollup
+        rows = rollup.sites.reset_index(drop=True)
+        keys = _site_keys(data, rows["pool_id"].to_numpy(), rows["stack_id"].to_numpy())
+        held_by = _aggregate.open_holds(data.core, ["pool", "fingerprint"])
+        for (pool, fp), group in pd.concat([rows, keys], axis=1).groupby(
+            ["pool", "fingerprint"], sort=True
+        ):
+            site = group["site"].iloc[0]
+            hists = {
+                "wait": _aggregate.merged(rollup.wait, group.index),
+                "hold": _aggregate.add_values(
+                    _aggregate.merged(rollup.hold, group.index),
+                    held_by.get((pool, fp), np.zeros(0)),
+                ),
+            }
+            out += _hist_rows(pool, fp, site, hists)
+    else:
+        co = data.core
+        for (pool, fp), group in co.groupby(["pool", "fingerprint"], observed=True, sort=True):
+            site = str(group["site"].iloc[0])
+            hists = {
+                "wait": _histogram.from_values(group["wait_s"].to_numpy(dtype="float64")),
+                "hold": _histogram.from_values(group["hold_s"].to_numpy(dtype="float64")),
+            }
+            out += _hist_rows(str(pool), str(fp), site, hists)
+    return pd.DataFrame(out, columns=_HISTOGRAM_COLUMNS)
+
+
+def _hist_rows(pool: str, fp: str, site: str, hists: dict) -> list[tuple]:  # type: ignore[type-arg]
+    from .. import _histogram
+
+    rows = []
+    for measure, (indices, counts) in hists.items():
+        values = _histogram.value_of(np.asarray(indices, dtype=np.int64))
+        rows += [
+            (pool, fp, site, measure, float(v), int(c))
+            for v, c in zip(
+                np.atleast_1d(values).tolist(), np.asarray(counts).tolist(), strict=True
+            )
+        ]
+    return rows
+
+
+def histograms(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.DataFrame:
+    """Wait and hold distributions per pool and call site, as log-bucket histograms.
+
+    One row per (pool, fingerprint, site, ``measure`` — ``wait`` or ``hold`` —, bucket):
+    ``value_s`` is the bucket's value (within 1 % of every value in it, see
+    :mod:`instrument._histogram`) and ``count`` how many checkouts it holds. Read from the
+    rollups where the figures come from them, else binned from the paired checkouts; a
+    checkout still open counts its hold so far.
+
+    .. versionadded:: 0.2
+    """
+    return _histograms(_load(conn, filters))
+
+
+def _wait_percentiles_over_time(data: _Data, buckets: int) -> pd.DataFrame:
+    columns = ["at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]
+    if data.source != "rollups":
+        co = data.core
+        waits = co.dropna(subset=["wait_s"]) if len(co) else co
+        if waits.empty:
+            return pd.DataFrame(columns=columns)
+        start = float(waits["checked_out_at"].min())
+        span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
+        width = span / max(buckets, 1)
+        index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
+        grouped = waits.assign(at=start + index * width, pool=waits["pool"].astype(object))
+        frame = grouped.groupby(["at", "pool"])["wait_s"].agg(
+            count="count",
+            wait_p50_s=lambda s: s.quantile(0.50),
+            wait_p95_s=lambda s: s.quantile(0.95),
+            wait_p99_s=lambda s: s.quantile(0.99),
+            wait_max_s="max",
+        )
+        return frame.reset_index()[columns]
+    f = data.filters
+    cond, params = _aggregate._scope(data.pool_ids, f.processes, f.since, f.until)
+    rows = data.conn.execute(
+        "SELECT start_at, pool_id, checkouts, wait_max_s, wait_hist FROM rollups "
+        f"WHERE checkouts > 0 {cond}",
+        params,
+    ).fetchall()
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows, columns=["start_at", "pool_id", "checkouts", "wait_max_s", "h"])
+    names = _load_pools(data.conn).set_index("id")["name"]
+    frame["pool"] = frame["pool_id"].map(names).fillna("?")
+    start = float(frame["start_at"].min())
+    span = max(float(frame["start_at"].max()) - start, 1e-6)
+    width = max(span / max(buckets, 1), 60.0)
+    frame["at"] = start + ((frame["start_at"] - start) // width) * width
+    frame = frame.reset_index(drop=True)
+    group = frame.groupby(["at", "pool"], sort=True).ngroup().to_numpy()
+    hists = _aggregate._merge_blobs(group, tuple(frame["h"]))
+    out = []
+    for g, ((at, pool), rows_) in enumerate(frame.groupby(["at", "pool"], sort=True)):
+        q = _aggregate.quantiles(hists.get(g, _aggregate.merged({}, [])), [0.5, 0.95, 0.99])
+        out.append([at, pool, int(rows_["checkouts"].sum()), *q, float(rows_["wait_max_s"].max())])
+    return pd.DataFrame(out, columns=columns)
+
+
+def wait_percentiles_over_time(
+    conn: sqlite3.Connection, filters: Filters = Filters(), buckets: int = 40
+) -> pd.DataFrame:
+    """Wait percentiles per pool in about ``buckets`` equal spans of the window: the "is it
+    getting worse?" view. Columns ``at`` (span start), ``pool``, ``count``, ``wait_p50_s``,
+    ``wait_p95_s``, ``wait_p99_s``, ``wait_max_s``; from the rollups' histograms (spans of
+    whole rollup periods) where the figures come from them, else exact.
+
+    .. versionadded:: 0.2
+    """
+    return _wait_percentiles_over_time(_load(conn, filters), buckets)
+
+
+def source(conn: sqlite3.Connection, filters: Filters = Filters()) -> str:
+    """Where the figures of this window come from: ``raw_events`` or ``rollups`` (see
+    docs/report-json.md, ``source``).
+
+    .. versionadded:: 0.2
+    """
+    return _load(conn, filters).source

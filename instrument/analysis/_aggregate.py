@@ -1,0 +1,589 @@
+"""Figures from the rollups (schema 2): counts, sums, maxima and histograms per call site and
+per pool, read instead of pairing every raw checkout.
+
+The analysis reads rollups where pairing raw events would cost too much (more than
+:data:`EXACT_LIMIT` checkouts in the window) or where the raw events are gone (retention
+pruned them: the window starts before ``raw_since``). Counts, sums and maxima from rollups
+are exact; percentiles come from their log-bucket histograms, within
+:data:`HISTOGRAM_RELATIVE_ERROR` of a recorded value. The few checkouts a report shows one
+by one (leaks, open checkouts, the holders of each timeout) are always read from the raw
+events, which retention keeps for them (see :func:`notable_keys`).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import _histogram, _store
+from ._model import _MAX_TIME
+
+EXACT_LIMIT = 250_000
+"""Up to this many checkouts in the window (and raw events complete there), the analysis
+pairs raw events and every figure is exact; past it, where the store has rollups, counts
+come from them (still exact) and percentiles from their histograms."""
+
+RAW_SCAN_LIMIT = 2_000_000
+"""A time window of a store holding more raw events than this reads rollups whatever its
+size: raw events have no index on time, so pairing any window of them scans them all."""
+
+HISTOGRAM_RELATIVE_ERROR = _histogram.MAX_RELATIVE_ERROR
+"""The most a percentile read from a histogram differs from the recorded value of that rank,
+relative to it (0.995 %)."""
+
+SITE_COLUMNS = [
+    "process_id", "pool_id", "stack_id", "checkouts", "returns", "gc_returned", "timeouts",
+    "hold_sum_s", "hold_max_s", "wait_sum_s", "wait_max_s", "first_at", "last_at",
+]  # fmt: skip
+
+POOL_COLUMNS = [
+    "process_id", "pool_id", "first_at", "last_at", "events", "peak_in_use", "peak_overflow",
+    "peak_waiters", "peak_demand", "in_use_s", "invalidations", "disconnects",
+]  # fmt: skip
+
+
+@dataclass
+class Rollup:
+    """The rollups of a window: per (process, pool, stack) and per (process, pool).
+
+    ``hold``/``wait`` map a row of ``sites`` (its position) to its merged histogram
+    ``(indices, counts)``; rows without values are absent.
+    """
+
+    sites: pd.DataFrame
+    pools: pd.DataFrame
+    hold: dict[int, tuple[np.ndarray, np.ndarray]]
+    wait: dict[int, tuple[np.ndarray, np.ndarray]]
+    period_s: float
+
+
+def has_rollups(conn: sqlite3.Connection) -> bool:
+    """Whether the store has a ``rollups`` table with at least one row."""
+    if not _store.has_table(conn, "rollups"):
+        return False
+    return conn.execute("SELECT 1 FROM rollups LIMIT 1").fetchone() is not None
+
+
+def unrolled_processes(data: Any) -> bool:
+    """Whether a process of ``data``'s scope has no rollups of its events (the first release
+    recorded it, and ``poolscope compact`` has not rolled it up): its figures must come
+    from raw events."""
+    if not _store.has_table(data.conn, "retention"):
+        return True
+    scope = ""
+    if data.filters.processes is not None:
+        ids = ", ".join(str(int(p)) for p in data.filters.processes)
+        scope = f" AND id IN ({ids})" if ids else " AND 0"
+    row = data.conn.execute(
+        f"SELECT 1 FROM processes WHERE id NOT IN (SELECT process_id FROM retention){scope} LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
+def raw_since(conn: sqlite3.Connection) -> float | None:
+    """From when the store's raw events are complete (``None``: all of them are there)."""
+    try:
+        return _store.raw_since(conn)
+    except (sqlite3.OperationalError, ValueError):
+        return None
+
+
+def _scope(
+    pool_ids: list[int] | None, processes: tuple[int, ...] | None, since: float | None,
+    until: float | None,
+) -> tuple[str, list[Any]]:  # fmt: skip
+    """SQL conditions (from `` AND``) for rollup rows of these pools, processes and periods
+    overlapping ``[since, until]``."""
+    sql, params = "", []
+    if pool_ids is not None:
+        ids = ", ".join(str(int(i)) for i in pool_ids)
+        sql += f" AND pool_id IN ({ids})" if pool_ids else " AND 0"
+    if processes is not None:
+        sql += (
+            f" AND process_id IN ({', '.join(str(int(p)) for p in processes)})"
+            if processes
+            else " AND 0"
+        )
+    if since is not None:
+        sql += " AND start_at + period_s > ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND start_at <= ?"
+        params.append(until)
+    return sql, params
+
+
+def checkouts_in(conn: sqlite3.Connection, data: Any) -> int:
+    """How many checkouts the rollups count in the window of ``data`` (0 without rollups)."""
+    f = data.filters
+    cond, params = _scope(data.pool_ids, f.processes, f.since, f.until)
+    row = conn.execute(f"SELECT SUM(checkouts) FROM rollups WHERE 1 {cond}", params).fetchone()
+    return int(row[0] or 0)
+
+
+def raw_event_count(conn: sqlite3.Connection) -> int:
+    """How many raw events the store holds (counted on an index, not row by row)."""
+    return int(conn.execute("SELECT COUNT(*) FROM main.events").fetchone()[0])
+
+
+def load_rollup(data: Any) -> Rollup:
+    """The rollups of ``data``'s window, summed per (process, pool, stack) and per (process,
+    pool); histograms merged in numpy from the BLOBs, never one Python object per bucket."""
+    f = data.filters
+    cond, params = _scope(data.pool_ids, f.processes, f.since, f.until)
+    conn = data.conn
+    rows = conn.execute(
+        "SELECT process_id, pool_id, stack_id, checkouts, returns, gc_returned, timeouts, "
+        "hold_sum_s, hold_max_s, wait_sum_s, wait_max_s, start_at, start_at + period_s, "
+        f"hold_hist, wait_hist FROM rollups WHERE 1 {cond}",
+        params,
+    ).fetchall()
+    period = conn.execute("SELECT MIN(period_s) FROM rollups").fetchone()[0] or 60
+    if rows:
+        cols = list(zip(*rows, strict=True))
+        raw = pd.DataFrame(
+            {
+                name: np.array(cols[i], dtype="float64")
+                for i, name in enumerate(
+                    [
+                        "process_id",
+                        "pool_id",
+                        "stack_id",
+                        "checkouts",
+                        "returns",
+                        "gc_returned",
+                        "timeouts",
+                        "hold_sum_s",
+                        "hold_max_s",
+                        "wait_sum_s",
+                        "wait_max_s",
+                        "first_at",
+                        "last_at",
+                    ]
+                )
+            }  # fmt: skip
+        )
+        keys = ["process_id", "pool_id", "stack_id"]
+        group = raw.groupby(keys, sort=True).ngroup().to_numpy()
+        sites = (
+            raw.groupby(keys, sort=True)
+            .agg(
+                checkouts=("checkouts", "sum"),
+                returns=("returns", "sum"),
+                gc_returned=("gc_returned", "sum"),
+                timeouts=("timeouts", "sum"),
+                hold_sum_s=("hold_sum_s", "sum"),
+                hold_max_s=("hold_max_s", "max"),
+                wait_sum_s=("wait_sum_s", "sum"),
+                wait_max_s=("wait_max_s", "max"),
+                first_at=("first_at", "min"),
+                last_at=("last_at", "max"),
+            )
+            .reset_index()
+        )
+        for c in ("process_id", "pool_id", "stack_id", "checkouts", "returns", "gc_returned",
+                  "timeouts"):  # fmt: skip
+            sites[c] = sites[c].astype("int64")
+        hold = _merge_blobs(group, cols[13])
+        wait = _merge_blobs(group, cols[14])
+    else:
+        sites = pd.DataFrame({c: pd.Series(dtype="float64") for c in SITE_COLUMNS})
+        hold, wait = {}, {}
+    pools = _load_pools(conn, cond, params)
+    return Rollup(sites[SITE_COLUMNS], pools, hold, wait, float(period))
+
+
+def _load_pools(conn: sqlite3.Connection, cond: str, params: list[Any]) -> pd.DataFrame:
+    rows = conn.execute(
+        "SELECT process_id, pool_id, MIN(start_at), MAX(start_at + period_s), SUM(events), "
+        "MAX(peak_in_use), MAX(peak_overflow), MAX(peak_waiters), MAX(peak_demand), "
+        "SUM(in_use_s), SUM(invalidations), SUM(disconnects) FROM pool_rollups "
+        f"WHERE 1 {cond} GROUP BY process_id, pool_id ORDER BY process_id, pool_id",
+        params,
+    ).fetchall()
+    out = pd.DataFrame.from_records(rows, columns=POOL_COLUMNS, coerce_float=True)
+    for c in POOL_COLUMNS[2:]:
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
+    return out
+
+
+_MERGE_CHUNK_ROWS = 4096
+"""Rollup rows whose histograms are merged at a time: memory stays bounded by one chunk."""
+
+
+def _merge_blobs(group: np.ndarray, blobs: tuple[Any, ...]) -> dict[int, tuple[Any, Any]]:
+    """Per group, the sum of the histogram BLOBs of its rows, a chunk of rows at a time in
+    numpy (never one Python object per bucket)."""
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    dense: np.ndarray | None = None  # groups x buckets, while that stays small
+    parts = []
+    for start in range(0, len(blobs), _MERGE_CHUNK_ROWS):
+        chunk = blobs[start : start + _MERGE_CHUNK_ROWS]
+        lengths = np.array([len(b) // 8 if b else 0 for b in chunk], dtype=np.int64)
+        if not lengths.sum():
+            continue
+        pairs = np.frombuffer(b"".join(b for b in chunk if b), dtype="<u4").reshape(-1, 2)
+        owner = np.repeat(group[start : start + len(chunk)].astype(np.int64), lengths)
+        width = int(pairs[:, 0].max()) + 1
+        if n_groups * max(width, dense.shape[1] if dense is not None else 0) <= _DENSE_CELLS:
+            if dense is None or dense.shape[1] < width:
+                grown = np.zeros((n_groups, width), dtype=np.int64)
+                if dense is not None:
+                    grown[:, : dense.shape[1]] = dense
+                dense = grown
+            flat = owner * dense.shape[1] + pairs[:, 0]
+            dense += (
+                np.bincount(flat, weights=pairs[:, 1].astype(np.float64), minlength=dense.size)
+                .astype(np.int64)
+                .reshape(dense.shape)
+            )
+        else:
+            parts.append(_sum_by_key(owner * _KEY + pairs[:, 0], pairs[:, 1]))
+    if dense is not None:
+        g, b = np.nonzero(dense)
+        parts.append((g.astype(np.int64) * _KEY + b, dense[g, b]))
+    if not parts:
+        return {}
+    keys, counts = _sum_by_key(
+        np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    )
+    groups, buckets = keys // _KEY, keys % _KEY
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.append(starts[1:], len(groups))
+    return {
+        int(groups[lo]): (buckets[lo:hi], counts[lo:hi])
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True)
+    }
+
+
+_DENSE_CELLS = 4_000_000
+"""Up to this many (group, bucket) cells, histograms are summed in one dense array."""
+
+
+_KEY = 1 << 32
+"""Group and bucket in one int64 key: group * _KEY + bucket."""
+
+
+def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ``keys`` and the sum of ``counts`` of each."""
+    uniq, inverse = np.unique(keys.astype(np.int64), return_inverse=True)
+    sums = np.bincount(inverse.reshape(-1), weights=counts.astype(np.float64))
+    return uniq, sums.astype(np.int64)
+
+
+def merged(hists: dict[int, tuple[Any, Any]], rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The sum of the histograms of ``rows`` (positions in :attr:`Rollup.sites`)."""
+    return _histogram.merge([hists[int(i)] for i in rows if int(i) in hists])
+
+
+def add_values(
+    hist: tuple[np.ndarray, np.ndarray], values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``hist`` with ``values`` (seconds; NaN left out) added."""
+    values = np.asarray(values, dtype="float64")
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return hist
+    return _histogram.merge(hist, _histogram.from_values(values))
+
+
+def open_holds(co: pd.DataFrame, by: list[str]) -> dict[Any, np.ndarray]:
+    """The time held so far of the open checkouts in ``co``, per value of the ``by``
+    columns (a tuple key for several)."""
+    if not len(co):
+        return {}
+    opened = co[(co["outcome"] == "open").to_numpy()]
+    if opened.empty:
+        return {}
+    opened = opened.astype({c: object for c in by})
+    key = by if len(by) > 1 else by[0]
+    return {
+        k: rows["hold_s"].to_numpy(dtype="float64") for k, rows in opened.groupby(key, sort=False)
+    }
+
+
+def quantiles(hist: tuple[np.ndarray, np.ndarray], qs: list[float]) -> list[float]:
+    """``qs`` quantiles (0..1) of ``hist`` in seconds; NaN when empty."""
+    indices, counts = hist
+    if not int(np.sum(counts)):
+        return [math.nan] * len(qs)
+    return [float(v) for v in np.atleast_1d(_histogram.quantile(indices, counts, qs))]
+
+
+def count_above(hist: tuple[np.ndarray, np.ndarray], seconds: float) -> int:
+    """How many values of ``hist`` lie in buckets above the one holding ``seconds``."""
+    indices, counts = hist
+    return int(counts[indices > _histogram.bucket_of(seconds)].sum())
+
+
+_FOUND_KINDS = ("gc_checkin", "detach", "unwatched", "timeout", "dropped")
+"""Event kinds the notable scan reads every row of (besides the long holds)."""
+
+
+def _notable_complete(data: Any) -> bool:
+    """Whether the ``notable`` table names every checkout a report shows one by one in
+    ``data``'s scope but the open ones: every process has a ``retention`` row (its writer,
+    or ``compact``, marked them), none dropped a mark past its cap, and the leak threshold
+    is not below a pool's own (the marks of long holds used the pool's)."""
+
+    conn = data.conn
+    if not _store.has_table(conn, "notable"):
+        return False
+    scope = ""
+    if data.filters.processes is not None:
+        ids = ", ".join(str(int(p)) for p in data.filters.processes)
+        scope = f" AND process_id IN ({ids})" if ids else " AND 0"
+    dropped = conn.execute(f"SELECT SUM(notable_dropped) FROM retention WHERE 1{scope}").fetchone()
+    if dropped[0]:
+        return False
+    threshold = data.filters.leak_after
+    if threshold is None:
+        return True
+    from ._load import _load_pools
+
+    own = _load_pools(conn)["leak_after_s"].dropna()
+    return bool(len(own)) and threshold >= float(own.max())
+
+
+def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float]) -> str:
+    """Fill the temporary table ``poolscope_keys`` with the checkouts a report shows one by
+    one, and return its name: returned by the garbage collector, by ``detach()`` or not
+    watched any more, held longer than ``long_s``, still open, and taken by a pool in the
+    ``horizons[(process, pool)]`` seconds before one of its timeouts (its holders; a holder
+    taken earlier was held longer, so it is one of the long holds). The ids of the timeout
+    events go to ``data.timeout_ids``, the event totals of the scope to ``data.event_totals``.
+
+    One scan of the events gives the row ids of those returns and timeouts (as one
+    ``group_concat``, no Python object per row); the checkouts before a timeout are found
+    by their ids, which grow with time, through the checkout index; the open checkouts from
+    that index alone (a key with one row has no return). Where the ``notable`` table is
+    complete (:func:`_notable_complete`) the leaked, long-held and holding checkouts come
+    from it instead, and the scan looks only for timeouts and drop counts.
+    """
+    from ._load import _event_filter
+
+    conn = data.conn
+    cond, params = _event_filter(data)
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS poolscope_keys (process_id INTEGER, pool_id INTEGER, "
+        "checkout_id INTEGER, PRIMARY KEY (process_id, pool_id, checkout_id)) WITHOUT ROWID"
+    )
+    conn.execute("DELETE FROM temp.poolscope_keys")
+    # On main.events, unchecked (checking every number of every row costs more than the
+    # rest of the report): the rows found are read again through the checking view.
+    marked = _notable_complete(data)
+    # Where the writer (or compact) marked every notable checkout, the scan needs only the
+    # timeouts and drop counts; the checkouts come from the notable table.
+    wanted = "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
+    found, n, first_at, last_at = conn.execute(
+        f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
+        f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
+        [*([] if marked else [float(long_s)]), *params],
+    ).fetchone()
+    ids = [int(i) for i in found.split(",")] if found else []
+    rows = []
+    for start in range(0, len(ids), 5000):
+        chunk = ", ".join(str(i) for i in ids[start : start + 5000])
+        rows += conn.execute(
+            "SELECT id, process_id, pool_id, checkout_id, kind, count, at FROM events "
+            f"WHERE id IN ({chunk})"
+        ).fetchall()
+    data.timeout_ids = [r[0] for r in rows if r[4] == "timeout"]
+    dropped = sum(int(r[5]) for r in rows if r[4] == "dropped" and r[5] is not None)
+    bad = 0
+    if n and not (isinstance(first_at, float | int) and isinstance(last_at, float | int)
+                  and first_at >= 0 and last_at <= _MAX_TIME):  # fmt: skip
+        # A time that cannot be real: count those events and leave them out of the span.
+        ok = f"at BETWEEN 0 AND {_MAX_TIME!r}"
+        bad, first_at, last_at = conn.execute(
+            f"SELECT SUM(NOT ({ok})), MIN(CASE WHEN {ok} THEN at END), "
+            f"MAX(CASE WHEN {ok} THEN at END) FROM main.events WHERE 1 {cond}",
+            params,
+        ).fetchone()
+    data.event_totals = (int(n or 0) - int(bad or 0), first_at, last_at, dropped, int(bad or 0))
+    conn.executemany(
+        "INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)",
+        [(r[1], r[2], r[3]) for r in rows if r[3] is not None and r[4] != "timeout"],
+    )
+    moments = [(int(r[1]), int(r[2]), float(r[6])) for r in rows if r[4] == "timeout"]
+    bounds: dict[tuple[int, int], tuple[int, int] | None] = {}
+    if marked:
+        from ._load import _event_scope
+
+        conn.execute(
+            "INSERT OR IGNORE INTO temp.poolscope_keys SELECT process_id, pool_id, checkout_id "
+            f"FROM notable WHERE 1{_event_scope(data, data.pool_ids)}"
+        )
+        moments = []  # their holders are marked
+    for proc, pool_id, at in moments:
+        horizon = horizons.get((proc, pool_id), long_s)
+        if (proc, pool_id) not in bounds:
+            bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
+        ends = bounds[(proc, pool_id)]
+        if ends is not None:
+            _add_checkouts_between(conn, proc, pool_id, ends, at - horizon - _ID_SLACK_S, at)
+    for proc, pool_id, expected, spans in _open_spans(data):
+        _add_open_checkouts(conn, proc, pool_id, expected, spans, bounds)
+    return "poolscope_keys"
+
+
+_ID_SLACK_S = 5.0
+"""Checkout ids grow with checkout times, but threads may take them a little out of order:
+the search for the checkouts of a span reaches this much further back."""
+
+
+def _id_bounds(conn: sqlite3.Connection, proc: int, pool_id: int) -> tuple[int, int] | None:
+    """The smallest and largest checkout id of one pool (two index seeks)."""
+    base = (
+        "SELECT checkout_id FROM main.events WHERE process_id = ? AND pool_id = ? "
+        "AND checkout_id IS NOT NULL ORDER BY checkout_id"
+    )
+    lo = conn.execute(base + " LIMIT 1", (proc, pool_id)).fetchone()
+    hi = conn.execute(base + " DESC LIMIT 1", (proc, pool_id)).fetchone()
+    return None if lo is None or hi is None else (int(lo[0]), int(hi[0]))
+
+
+def _add_checkouts_between(
+    conn: sqlite3.Connection, proc: int, pool_id: int, ends: tuple[int, int], lo: float,
+    hi: float,
+) -> None:  # fmt: skip
+    """Add to ``poolscope_keys`` the checkouts of one pool taken from ``lo`` to ``hi``: a
+    binary search on the checkout ids (each probe one index seek), then one index range."""
+    first = _first_id_at(conn, proc, pool_id, ends, lo)
+    last = _first_id_at(conn, proc, pool_id, ends, math.nextafter(hi, math.inf))
+    if first is None:
+        return
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.poolscope_keys SELECT DISTINCT process_id, pool_id, "
+        "checkout_id FROM main.events WHERE process_id = ? AND pool_id = ? "
+        "AND checkout_id BETWEEN ? AND ?",
+        (proc, pool_id, first, (last if last is not None else 1 << 62)),
+    )
+
+
+def _first_id_at(
+    conn: sqlite3.Connection, proc: int, pool_id: int, ends: tuple[int, int], at: float
+) -> int | None:
+    """The smallest checkout id of the pool whose checkout happened at ``at`` or later (as
+    far as ids follow times); ``None`` if none did."""
+    probe = (
+        "SELECT checkout_id, at FROM main.events WHERE process_id = ? AND pool_id = ? "
+        "AND checkout_id >= ? AND checkout_id IS NOT NULL AND kind = 'checkout' "
+        "ORDER BY checkout_id LIMIT 1"
+    )
+    lo_id, hi_id = ends
+    # Every checkout with an id below lo happened before ``at``; every one from hi on at or
+    # after it (hi past the last id: none did).
+    lo, hi = int(lo_id), int(hi_id) + 1
+    lo_at = hi_at = None  # the times of the checkouts at lo - 1 and hi, once probed
+    step = 0
+    while lo < hi:
+        if step % 2 == 0 and lo_at is not None and hi_at is not None and hi_at > lo_at:
+            # Ids grow about evenly with time: guess by interpolation (every other step,
+            # so that a skewed pool still takes no more than twice the halvings).
+            mid = min(max(lo + int((at - lo_at) / (hi_at - lo_at) * (hi - lo)), lo), hi - 1)
+        else:
+            mid = (lo + hi) // 2
+        step += 1
+        row = conn.execute(probe, (proc, pool_id, mid)).fetchone()
+        if row is None or int(row[0]) >= hi:  # no checkout id in [mid, hi)
+            hi = mid
+        elif row[1] < at:
+            lo, lo_at = int(row[0]) + 1, float(row[1])
+        else:
+            hi, hi_at = int(row[0]), float(row[1])
+    return hi if hi <= int(hi_id) else None
+
+
+def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]]]]:
+    """Per (process, pool) of ``data``'s scope whose rollups, over the whole store, count
+    more checkouts than returns (the only ones with open checkouts: a checkout taken before
+    the window may still be out in it): how many more, and the rollup periods where those
+    were taken.
+
+    Per call site, checkouts (by checkout time) minus returns (by return time) summed up to
+    each period is how many were out at its end; the lowest of that from a period on rises
+    where a checkout never returned was out, and it was taken by the first period whose
+    count is that lowest.
+    """
+    from ._load import _in_list
+
+    f = data.filters
+    cond = _in_list("pool_id", data.pool_ids)
+    if f.processes is not None:
+        cond += _in_list("process_id", list(f.processes))
+    rows = data.conn.execute(
+        "SELECT process_id, pool_id, stack_id, start_at, period_s, checkouts - returns "
+        f"FROM rollups WHERE checkouts != returns{cond} "
+        "ORDER BY process_id, pool_id, stack_id, start_at"
+    ).fetchall()
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows, columns=["p", "q", "s", "start", "period", "delta"])
+    out = []
+    for (proc, pool_id), pool_rows in frame.groupby(["p", "q"], sort=True):
+        expected = int(pool_rows["delta"].sum())
+        if expected <= 0:
+            continue
+        spans = []
+        for _, site in pool_rows.groupby("s", sort=False):
+            out_at_end = np.cumsum(site["delta"].to_numpy())
+            floor = np.minimum.accumulate(out_at_end[::-1])[::-1]
+            rise = np.diff(np.concatenate([[0], np.maximum(floor, 0)]))
+            settled = np.flatnonzero(out_at_end == floor)
+            for i in np.flatnonzero(rise > 0).tolist():
+                # Taken from period i (others still out may have raised the count there
+                # first) until the first period whose count is the floor: all still out
+                # then are never returned.
+                j = int(settled[np.searchsorted(settled, i)])
+                start = float(site["start"].iat[i])
+                spans.append((start, float(site["start"].iat[j] + site["period"].iat[j])))
+        out.append((int(proc), int(pool_id), expected, spans))
+    return out
+
+
+def _add_open_checkouts(
+    conn: sqlite3.Connection,
+    proc: int,
+    pool_id: int,
+    expected: int,
+    spans: list[tuple[float, float]],
+    bounds: dict[tuple[int, int], tuple[int, int] | None],
+) -> None:
+    """Add one pool's open checkouts to ``poolscope_keys``: the keys with one row in the
+    checkout index (index only), among the checkouts of ``spans``; from the first span on
+    where those hold fewer than ``expected`` (a checkout still out over a later span may
+    have hidden where one was taken; a ``detach`` is no return in the rollups)."""
+    if (proc, pool_id) not in bounds:
+        bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
+    ends = bounds[(proc, pool_id)]
+    if ends is None:
+        return
+    # The index alone (main.events): the keys are read again through the view.
+    single = (
+        "SELECT process_id, pool_id, checkout_id FROM main.events WHERE process_id = ? "
+        "AND pool_id = ? AND checkout_id BETWEEN ? AND ? "
+        "GROUP BY process_id, pool_id, checkout_id HAVING COUNT(*) = 1"
+    )
+    found: set[tuple[int, int, int]] = set()
+    for lo, hi in spans:
+        first = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
+        last = _first_id_at(conn, proc, pool_id, ends, hi + _ID_SLACK_S)
+        if first is not None:
+            found.update(conn.execute(single, (proc, pool_id, first, last or ends[1])).fetchall())
+    if len(found) < expected:  # not all where the rollups put them: read on from the first
+        # None was out at the end of the period before the first span: all were taken since.
+        earliest = min((lo for lo, _ in spans), default=None)
+        start = (
+            _first_id_at(conn, proc, pool_id, ends, earliest - _ID_SLACK_S)
+            if earliest is not None
+            else None
+        )
+        first = ends[0] if start is None else start
+        found.update(conn.execute(single, (proc, pool_id, first, ends[1])).fetchall())
+    conn.executemany("INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)", found)
