@@ -48,6 +48,13 @@ MAX_PENDING = 10_000
 """Diagnoses queued for the writer at most; past it they are dropped and counted."""
 
 MAX_REQUESTS = 100
+
+EXIT_SETTLE_S = 2.0
+"""At interpreter exit, how long the samples asked for may still take before the writers
+write their last batch (a hold flagged just before exit is diagnosed, not lost)."""
+
+_sampling: weakref.WeakSet[Diagnoser] = weakref.WeakSet()
+"""The diagnosers whose sampler thread has started (see :func:`settle_all`)."""
 """Samples waiting for the server at most; past it (a server slow to answer during a
 storm of timeouts) new ones are dropped and counted."""
 
@@ -315,6 +322,7 @@ class Diagnoser:
                 target=self._run, name="poolscope-diagnose", daemon=True
             )
             self._thread.start()
+            _sampling.add(self)
 
     def _run(self) -> None:
         while True:
@@ -456,6 +464,16 @@ class Diagnoser:
         self.breakdowns.clear()
         self.diagnosed.clear()
         self._idle.set()
+
+
+def settle_all(timeout: float = EXIT_SETTLE_S) -> None:
+    """Wait, ``timeout`` seconds at most in all, until every sampler has taken the samples
+    asked for so far: called at exit before the writers' last batch."""
+    deadline = REAL.perf() + timeout
+    for diagnoser in list(_sampling):
+        remaining = deadline - REAL.perf()
+        if remaining <= 0 or not diagnoser.settle(remaining):
+            return
 
 
 def restore_has_events(engine: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _native, _store
 from ._clock import REAL
-from ._diagnose import diagnosis_row
+from ._diagnose import diagnosis_row, settle_all
 from ._record import (
     EVENT_COLUMNS,
     MAX_QUEUE_VALUES,
@@ -738,6 +738,8 @@ def _at_exit() -> None:
     # gc_checkin, not as never returned.
     with contextlib.suppress(Exception):
         gc.collect()
+    with contextlib.suppress(Exception):  # holds flagged just before exit: diagnosed too
+        settle_all()
     try:
         shutdown_all(timeout=10.0, reason="exit")
     except Exception:  # pragma: no cover

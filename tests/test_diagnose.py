@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -426,3 +428,35 @@ class TestLeaks:
         monitor.flush()
         d = _leak_at(_report(store_path), "forget_connection")["diagnosis"]
         assert d["complete"] and d["statements"] == 1 and d["kind"] is not None
+
+
+class TestAtExit:
+    def test_holders_at_a_timeout_just_before_exit_are_diagnosed(
+        self, pg_url: str, store_path: Path, tmp_path: Path
+    ) -> None:
+        """A process that ends right after a timeout (the usual crash) still writes its
+        holders' server view: exit waits for the samples asked for (2 s at most)."""
+        program = tmp_path / "ends_at_timeout.py"
+        program.write_text(
+            "import sys, sqlalchemy as sa, instrument\n"
+            "engine = sa.create_engine(sys.argv[1], pool_size=1, max_overflow=0,"
+            " pool_timeout=0.2)\n"
+            "instrument.attach(engine, store=sys.argv[2], leak_after=30)\n"
+            "held = engine.connect()\n"
+            "held.exec_driver_sql('select 1')\n"
+            "try:\n"
+            "    engine.connect()\n"
+            "except sa.exc.TimeoutError:\n"
+            "    sys.exit(3)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, str(program), pg_url, str(store_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 3, done.stderr
+        [timeout] = _report(store_path)["timeouts"]
+        [holder] = timeout["holders"]
+        assert holder["diagnosis"]["server"]["state"] == "idle in transaction"
+        assert holder["diagnosis"]["kind"] == "idle_in_transaction"
