@@ -460,3 +460,7 @@ class TestAtExit:
         [holder] = timeout["holders"]
         assert holder["diagnosis"]["server"]["state"] == "idle in transaction"
         assert holder["diagnosis"]["kind"] == "idle_in_transaction"
+        # Never returned: the line says its hold is the one seen when sampled.
+        assert holder["diagnosis"]["complete"] is False
+        assert diagnosis_text(holder["diagnosis"]).startswith("held ")
+        assert " when sampled: idle in transaction (server: " in diagnosis_text(holder["diagnosis"])

@@ -72,7 +72,8 @@ def _clock(at: str | None) -> str:
 def diagnosis(d: dict | None) -> str:  # type: ignore[type-arg]
     """One line for a hold's diagnosis: ``held 3.02 s: 1 statement, 4 ms SQL, 3.01 s idle in
     transaction (server: idle in transaction since 12:00:01.2, last UPDATE orders SET ...)``;
-    ``""`` for none."""
+    ``held 0.61 s when sampled: ...`` where the checkout never came back (what was seen when
+    it was flagged); ``""`` for none."""
     if not d:
         return ""
     parts = []
@@ -86,7 +87,9 @@ def diagnosis(d: dict | None) -> str:  # type: ignore[type-arg]
         # The kind as the report has it, or escaped for markdown (idle\_in\_transaction).
         kind = str(d["kind"]).replace("\\", "")
         parts.append(DIAGNOSIS_MEANING.get(kind, kind))
-    text = f"held {duration(d.get('held_s'))}: {', '.join(parts) or 'no breakdown'}"
+    # A checkout never returned keeps what was seen when it was flagged: say so.
+    when = "" if d.get("complete", True) else " when sampled"
+    text = f"held {duration(d.get('held_s'))}{when}: {', '.join(parts) or 'no breakdown'}"
     server = d.get("server")
     if server:
         state = server.get("state") or "unknown"
