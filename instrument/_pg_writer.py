@@ -199,18 +199,14 @@ class PostgresWriter(Writer):
         raw = self.keeper.store_raw
         try:
             try:
-                self._transaction(
-                    conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses
-                )
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses)
             except _Retry:
                 self._unwrite(new_stacks, new_pools)
                 new_stacks.clear()
                 new_pools.clear()
                 rows = [_text(v) if type(v) is str else v for v in rows]
                 rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH] = pools, stacks
-                self._transaction(
-                    conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses
-                )
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses)
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
