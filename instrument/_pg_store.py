@@ -23,10 +23,11 @@ from . import _rollups, _store
 from ._store import PostgresStore
 from .exceptions import StoreNotFoundError, StoreUnreachableError, StoreVersionError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The PostgreSQL store's schema version (its own number: 2 added the rollup, notable and
-retention tables, as in the SQLite store's schema 2); a reader or writer refuses a newer
-one, and a writer upgrades an older one in place by adding tables."""
+retention tables, as in the SQLite store's schema 2; 3 added ``diagnoses``); a reader or
+writer refuses a newer one, and a writer (or ``push``) upgrades an older one in place by
+adding tables. A reader of an older one finds no diagnoses in it."""
 
 CONNECT_TIMEOUT_SECONDS = 5
 """How long opening a connection to the store's server may take before it counts as down."""
@@ -105,6 +106,15 @@ def _tables(schema: str) -> list[str]:
             keep_raw_s DOUBLE PRECISION, effective_keep_s DOUBLE PRECISION,
             pruned BIGINT NOT NULL DEFAULT 0, notable BIGINT NOT NULL DEFAULT 0,
             notable_dropped BIGINT NOT NULL DEFAULT 0, raw_skipped BIGINT NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.diagnoses (
+            process_id BIGINT NOT NULL, pool_id BIGINT NOT NULL, checkout_id BIGINT NOT NULL,
+            at DOUBLE PRECISION NOT NULL, hold_s DOUBLE PRECISION, complete INTEGER NOT NULL,
+            statements BIGINT, sql_s DOUBLE PRECISION,
+            idle_in_transaction_s DOUBLE PRECISION, idle_s DOUBLE PRECISION,
+            server_at DOUBLE PRECISION, server_pid BIGINT, server_state TEXT,
+            xact_start DOUBLE PRECISION, state_change DOUBLE PRECISION,
+            wait_event_type TEXT, wait_event TEXT, query TEXT, blocked_by TEXT,
+            PRIMARY KEY (process_id, pool_id, checkout_id))""",
         f"""CREATE INDEX IF NOT EXISTS events_by_checkout ON {s}.events
             (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL""",
     ]
@@ -128,6 +138,7 @@ COPIED_TABLES = {
         "process_id", "raw_since", "keep_raw_s", "effective_keep_s", "pruned", "notable",
         "notable_dropped", "raw_skipped",
     ),
+    "diagnoses": ("process_id", "pool_id", *_store.DIAGNOSIS_COLUMNS),
 }  # fmt: skip
 """The columns both stores have, by table: what a reader copies and ``push`` writes."""
 
@@ -286,6 +297,17 @@ def _token(conn: Any, store: PostgresStore) -> tuple[Any, ...]:
     return tuple(row)
 
 
+ADDED_TABLES = {"diagnoses": 3}
+"""Tables added after schema 2, with the version that added them: a store of an older
+version has none until a writer or ``push`` opens it."""
+
+
+def _has_table(conn: Any, store: PostgresStore, table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s)", (f'"{store.schema}".{table}',)).fetchone()
+    conn.rollback()
+    return row is not None and row[0] is not None
+
+
 def _check_version(conn: Any, store: PostgresStore) -> None:
     version = _version(conn, store)
     conn.rollback()  # no transaction left open on the reader's session
@@ -335,6 +357,8 @@ def copy_into_sqlite(
         out.execute("BEGIN")
         s = f'"{store.schema}"'
         for table, columns in COPIED_TABLES.items():
+            if table in ADDED_TABLES and not _has_table(conn, store, table):
+                continue  # a store of an older schema, read as it is (never upgraded here)
             where, params = "", []
             if table == "events":
                 conds = []

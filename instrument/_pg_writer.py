@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _pg_store, _store
 from ._clock import REAL
+from ._diagnose import diagnosis_row
 from ._record import EVENT_COLUMNS, NULLABLE, POOL, RECORD_WIDTH, STACK
 from ._retention import Keeper
 from ._secrets import masked_argv
@@ -62,6 +63,10 @@ class PostgresWriter(Writer):
         self._retry_s = RETRY_FIRST_SECONDS
         self._schema = f'"{store.schema}"'
         self._copy = f"COPY {self._schema}.events ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+        # The SQLite store's upsert (the table named by the target in its SET clauses).
+        self._upsert_diagnosis = _SqliteLike.translate(_store.UPSERT_DIAGNOSIS).replace(
+            "INSERT INTO diagnoses", f"INSERT INTO {self._schema}.diagnoses", 1
+        )
 
     # -- the store ---------------------------------------------------------------------
 
@@ -160,7 +165,8 @@ class PostgresWriter(Writer):
 
     def _drain(self) -> None:
         # While the server is away the records wait in the queue (bounded: the listeners
-        # drop and count past it); a flush() does not wait for them meanwhile. At shutdown
+        # drop and count past it), and the diagnoses in theirs (bounded likewise, see
+        # _diagnose.MAX_PENDING); a flush() does not wait for them meanwhile. At shutdown
         # they are written if the store can be reached, else counted as dropped.
         if self._connection() is None and not self._stopping:
             markers = self._markers[:]
@@ -173,9 +179,11 @@ class PostgresWriter(Writer):
     def _write(self, flat: Any, ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH
         conn = self._connection()
+        diagnoses = self._take_diagnoses()
         if conn is None:
             self._pending_drops += nrecords + ndrops
             self.dropped_total += nrecords + ndrops
+            self.diagnoses_dropped += len(diagnoses)
             return
         self.dropped_total += ndrops
         dropped = self._pending_drops + ndrops
@@ -191,14 +199,14 @@ class PostgresWriter(Writer):
         raw = self.keeper.store_raw
         try:
             try:
-                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw)
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses)
             except _Retry:
                 self._unwrite(new_stacks, new_pools)
                 new_stacks.clear()
                 new_pools.clear()
                 rows = [_text(v) if type(v) is str else v for v in rows]
                 rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH] = pools, stacks
-                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw)
+                self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses)
             self._last_heartbeat = now
             self._pending_drops = 0
             self.written += nrecords
@@ -206,6 +214,7 @@ class PostgresWriter(Writer):
             self._unwrite(new_stacks, new_pools)
             self._pending_drops += nrecords
             self.dropped_total += nrecords
+            self.diagnoses_dropped += len(diagnoses)
             self._reported_failure = False  # each lost connection is worth one line
             self._report_failure(exc)
             if conn.broken or conn.closed:
@@ -239,9 +248,10 @@ class PostgresWriter(Writer):
         new_stacks: list[int],
         new_pools: list[int],
         raw: bool = True,
+        diagnoses: list[tuple[Any, ...]] | None = None,
     ) -> None:
         """Write one batch in one transaction: new stack and pool rows, the events (COPY;
-        not where ``raw`` is false), the drop count and the heartbeat."""
+        not where ``raw`` is false), the diagnoses, the drop count and the heartbeat."""
         with conn.transaction():
             self._write_stacks_pg(conn, new_stacks)
             self._write_pools_pg(conn, new_pools)
@@ -249,6 +259,8 @@ class PostgresWriter(Writer):
             rows[STACK::RECORD_WIDTH] = map(self._stack_ids.get, rows[STACK::RECORD_WIDTH])
             if raw:
                 self._copy_rows(conn, rows)
+            if diagnoses:
+                self._write_diagnoses_pg(conn, diagnoses)
             if dropped:
                 conn.execute(
                     f"INSERT INTO {self._schema}.events (at, process_id, pool_id, kind, "
@@ -277,6 +289,19 @@ class PostgresWriter(Writer):
                     raise
                 logger.debug("poolscope: rewriting a batch with invalid text (%s)", exc)
                 raise _Retry from None
+
+    def _write_diagnoses_pg(self, conn: Any, diagnoses: list[tuple[Any, ...]]) -> None:
+        """Upsert one ``diagnoses`` row per queued diagnosis whose pool row is written, as
+        the SQLite writer does (``_store.UPSERT_DIAGNOSIS``)."""
+        rows = []
+        for item in diagnoses:
+            pool_id = self._pool_ids.get(item[0])
+            if pool_id is not None:
+                values = (_text(v) if type(v) is str else v for v in diagnosis_row(item))
+                rows.append((self.process_id, pool_id, *values))
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(self._upsert_diagnosis, rows)
 
     def _heartbeat(self, now: float) -> str:
         return (

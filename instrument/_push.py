@@ -4,7 +4,8 @@ Each SQLite store has an identity (``meta.store_id``, a uuid made when missing).
 PostgreSQL store remembers, per identity, the source ids of the processes and pools it
 copied (``origin``, ``origin_id``) and the last event id (``pushes``): pushing again, or
 pushing the same store grown since, copies only what is new, and updates the processes'
-heartbeat and end. Stacks are shared by fingerprint. One push is one transaction, under
+heartbeat and end. Stacks are shared by fingerprint; rollups, notable checkouts, retention
+rows and diagnoses are upserted by their keys. One push is one transaction, under
 an advisory lock per source store: an interrupted push leaves nothing half done.
 """
 
@@ -215,8 +216,9 @@ _KEYS = {
     "pool_rollups": ("period_s", "start_at", "process_id", "pool_id"),
     "notable": ("process_id", "pool_id", "checkout_id"),
     "retention": ("process_id",),
+    "diagnoses": ("process_id", "pool_id", "checkout_id"),
 }
-"""The primary key of each table of schema 2 that push copies."""
+"""The primary key of each table of schema 2 (and ``diagnoses``) that push copies."""
 
 
 def _push_rollups(
@@ -227,9 +229,11 @@ def _push_rollups(
     pools: dict[int, int],
     stacks: dict[int, int],
 ) -> None:
-    """Copy the source's rollups, notable checkouts, retention rows and ``raw_since``
-    (schema 2; nothing for a first-release store). A source process's rows are its own, so
-    each row replaces the one pushed before: pushing again changes nothing."""
+    """Copy the source's rollups, notable checkouts, retention rows, diagnoses and
+    ``raw_since`` (schema 2; nothing for a first-release store, no diagnoses for a store
+    without the table). A source process's rows are its own, so each row replaces the one
+    pushed before: pushing again changes nothing, and a diagnosis completed since (its
+    checkout returned) is brought up to date."""
     tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     ids = {"process_id": processes, "pool_id": pools, "stack_id": stacks}
     for table, key in _KEYS.items():

@@ -171,6 +171,9 @@ class Writer:
         # Diagnoses of long holds and timeout holders (see _diagnose), written with the
         # next batch; appended by the diagnose thread and the listeners.
         self.diagnoses: list[tuple[Any, ...]] = []
+        # Diagnoses taken for a batch that could not be written (store away, failed
+        # transaction): dropped and counted, as its records are.
+        self.diagnoses_dropped = 0
         # Rollups, notable checkouts and retention of what this writer writes (_after_batch).
         self.keeper = Keeper()
 
@@ -313,6 +316,7 @@ class Writer:
         if conn is None:
             self._pending_drops += nrecords + ndrops
             self.dropped_total += nrecords + ndrops
+            self.diagnoses_dropped += len(self._take_diagnoses())
             return
         self.dropped_total += ndrops
         dropped = self._pending_drops + ndrops
@@ -326,9 +330,9 @@ class Writer:
         run = store.run if store is not None else functools.partial(_run, conn)
         # At the store's size cap the records are rolled up but not stored raw.
         raw = self.keeper.store_raw
+        diagnoses = self._take_diagnoses()
         try:
             now = REAL.wall()
-            diagnoses = self._take_diagnoses()
             if dropped or diagnoses or not raw or not self._write_in_one_call(flat, now):
                 run("BEGIN IMMEDIATE", ())
                 self._write_stacks(run, new_stacks)
@@ -356,6 +360,7 @@ class Writer:
             self._unwrite(new_stacks, new_pools)
             self._pending_drops += nrecords
             self.dropped_total += nrecords
+            self.diagnoses_dropped += len(diagnoses)
             self._report_failure(exc)
             return
         self._after_batch(conn, flat, now, raw)

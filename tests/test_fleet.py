@@ -3,6 +3,7 @@ secrets and roles. Every test on the real server records into a schema of its ow
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from conftest import PG_URL, require_postgres
+from conftest import PG_URL, query, require_postgres
 
 import instrument
 from instrument import _hooks, _record, _writer
@@ -675,3 +676,192 @@ def test_a_newer_schema_is_refused(
     assert not monitor2.flush(timeout=5)
     assert any("newer poolscope" in r.getMessage() for r in caplog.records)
     assert _rows(schema, "SELECT count(*) FROM S.processes")[0][0] == 1
+
+
+def _diagnosis_at(store: str, function: str) -> dict[str, Any]:
+    """The ``diagnosis`` that ``poolscope report STORE --format json`` gives the leak group
+    checked out in ``function``."""
+    result = CliRunner().invoke(cli, ["report", store, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    found = [x for x in report["leaks"] if x["site"].endswith(f" in {function}")]
+    assert found, [x["site"] for x in report["leaks"]]
+    return found[0]["diagnosis"]
+
+
+def _timeless(d: dict[str, Any], hold_s: float) -> dict[str, Any]:
+    """What a diagnosis says that does not depend on when (or how fast) it ran: the
+    seconds as whether they are within 10 % of ``hold_s``."""
+    server = dict(d["server"] or {})
+    for key in ("at", "pid", "xact_start", "state_change"):
+        assert server.pop(key, None) is not None, (key, d)
+    near = {k: abs(d[k] - hold_s) <= 0.1 * hold_s for k in ("held_s", "idle_in_transaction_s")}
+    rest = {k: v for k, v in d.items() if not k.endswith("_s") and k != "server"}
+    return {**rest, **near, "server": server}
+
+
+SECRETS = ("literal-Secret-q7", "918273", "param-Secret-z9", "7770321")
+"""Values in the statements (a literal and a parameter) that must never reach a store."""
+
+
+def _hold_in_transaction(engine: sa.Engine, hold_s: float) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT :p, :n"), {"p": "param-Secret-z9", "n": 7770321})
+        conn.exec_driver_sql("SELECT 'literal-Secret-q7', 918273")
+        time.sleep(hold_s)
+        conn.commit()
+
+
+def _texts(schema: str) -> str:
+    """Every row of every table of the PostgreSQL store, as text."""
+    tables = [
+        r[0]
+        for r in _rows(schema, f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
+    ]
+    assert "diagnoses" in tables
+    return "\n".join(
+        str(r[0]) for t in tables for r in _rows(schema, f"SELECT x::text FROM S.{t} x")
+    )
+
+
+class TestDiagnoses:
+    """``diagnose=`` on a PostgreSQL store: written, read and pushed as on SQLite."""
+
+    HOLD_S = 1.0
+    LEAK_AFTER_S = 0.3
+
+    def test_a_diagnosis_reads_as_on_sqlite_and_holds_no_literal(
+        self, tmp_path: Path, pg_url: str, pg_store: str, schema: str
+    ) -> None:
+        """A transaction left open across a sleep, recorded into a PostgreSQL store, has the
+        diagnosis the same workload has in a SQLite store (kind, statements, parts, the
+        server's state and masked statement); no literal or parameter is in the store."""
+        file = tmp_path / "diag.db"
+        found = {}
+        for store in (str(file), pg_store):
+            engine = sa.create_engine(pg_url)
+            monitor = instrument.attach(
+                engine, store=store, leak_after=self.LEAK_AFTER_S, diagnose=True
+            )
+            _hold_in_transaction(engine, self.HOLD_S)
+            assert monitor.flush()
+            assert monitor._writer.diagnoses == [] and monitor._writer.diagnoses_dropped == 0
+            monitor.close()
+            engine.dispose()
+            found[store] = _diagnosis_at(store, "_hold_in_transaction")
+        in_file, in_pg = found[str(file)], found[pg_store]
+        assert in_pg["kind"] == "idle_in_transaction" and in_pg["complete"] is True
+        assert in_pg["statements"] == 2
+        assert in_pg["server"]["query"] == "SELECT '?', ?"
+        assert _timeless(in_pg, self.HOLD_S) == _timeless(in_file, self.HOLD_S)
+        assert _rows(schema, "SELECT count(*) FROM S.diagnoses")[0][0] == 1
+        text = _texts(schema)
+        assert "SELECT '?', ?" in text
+        for secret in SECRETS:
+            assert secret not in text
+
+    def test_push_carries_diagnoses_idempotently(
+        self, tmp_path: Path, pg_url: str, pg_store: str, schema: str
+    ) -> None:
+        """A diagnosis pushed while its checkout is still held (the flagged row) is brought
+        up to date by the push after its return (the whole breakdown); pushing again adds
+        nothing; the PostgreSQL store then reports what the file reports."""
+        file = tmp_path / "pushed.db"
+        engine = sa.create_engine(pg_url)
+        monitor = instrument.attach(engine, store=file, leak_after=self.LEAK_AFTER_S, diagnose=True)
+        runner = CliRunner()
+
+        def push() -> None:
+            result = runner.invoke(cli, ["push", str(file), "--to", pg_store])
+            assert result.exit_code == 0, result.output
+
+        conn = engine.connect()
+        conn.exec_driver_sql("SELECT 'literal-Secret-q7', 918273")
+        time.sleep(self.HOLD_S)
+        assert monitor.flush()
+        push()
+        columns = "complete, statements, idle_in_transaction_s, server_state, query"
+        (flagged,) = _rows(schema, f"SELECT {columns} FROM S.diagnoses")
+        assert flagged[0] == 0 and flagged[3] == "idle in transaction"
+        conn.commit()
+        conn.close()
+        monitor.close()
+        engine.dispose()
+        push()
+        push()
+        (row,) = _rows(schema, f"SELECT {columns} FROM S.diagnoses")
+        assert row == query(file, f"SELECT {columns} FROM diagnoses")[0]
+        assert row[0] == 1 and row[2] > flagged[2]
+        _, from_file = make_report(file, fmt="json")
+        _, from_pg = make_report(pg_store, fmt="json")
+        # This process still runs: what depends on the time of reading is left out.
+        assert from_pg["leaks"] == from_file["leaks"]
+        assert any(x["diagnosis"] for x in from_pg["leaks"])
+        for secret in SECRETS:
+            assert secret not in _texts(schema)
+
+    def test_a_store_made_before_gets_the_table(
+        self, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """A schema-2 store (no diagnoses table) reads as it is, and gets the table, and
+        version 3, when a writer opens it next."""
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(engine, store=pg_store, name="old")
+        _ops(engine, 1)
+        assert monitor.flush()
+        monitor.close()
+        _writer.shutdown_all()
+        with _admin() as conn:
+            conn.execute(f'DROP TABLE "{schema}".diagnoses')
+            conn.execute(f"UPDATE \"{schema}\".meta SET value = '2' WHERE key = 'schema_version'")
+        _, report = make_report(pg_store, fmt="json")
+        assert report["summary"]["checkouts"] == 1
+        monitor = instrument.attach(engine, store=pg_store, name="old")
+        _ops(engine, 1)
+        assert monitor.flush()
+        version = "SELECT value FROM S.meta WHERE key = 'schema_version'"
+        assert _rows(schema, version) == [("3",)]
+        assert _rows(schema, "SELECT count(*) FROM S.diagnoses") == [(0,)]
+
+    def test_diagnoses_wait_bounded_while_the_store_is_away(
+        self, monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+    ) -> None:
+        """While the store's database is not there, diagnoses wait up to their bound (the
+        rest dropped and counted) and no batch is attempted; once it is up they are written."""
+        from instrument import _diagnose
+
+        require_postgres()
+        monkeypatch.setattr(_diagnose, "MAX_PENDING", 2)
+        database = f"ps_away_{uuid.uuid4().hex[:10]}"
+        store = f"{PG_URL.rsplit('/', 1)[0]}/{database}"
+        engine = sa.create_engine(sqlite_url)
+        try:
+            monitor = instrument.attach(engine, store=store, leak_after=0.05, diagnose=True)
+            for _ in range(3):  # three long holds: three complete diagnoses at checkin
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+                    time.sleep(0.1)
+            assert not monitor.flush(timeout=5)
+            assert len(monitor._writer.diagnoses) == 2
+            assert monitor._diagnoser.dropped >= 1
+            with _admin() as conn:
+                conn.execute(f'CREATE DATABASE "{database}"')
+
+            def written() -> int:
+                monitor.flush()
+                try:
+                    with psycopg.connect(_conninfo(store)) as conn:
+                        return conn.execute("SELECT count(*) FROM poolscope.diagnoses").fetchone()[
+                            0
+                        ]
+                except psycopg.Error:
+                    return 0
+
+            assert _until(lambda: written() >= 1)
+            assert monitor._writer.diagnoses == [] and monitor._writer.diagnoses_dropped == 0
+            monitor.close()
+        finally:
+            _writer.shutdown_all(timeout=5)
+            engine.dispose()
+            with _admin() as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

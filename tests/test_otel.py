@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import query, short_checkouts
+from conftest import PG_URL, query, require_postgres, short_checkouts
 
 pytest.importorskip("opentelemetry.sdk.metrics", reason="the test extra installs the SDK")
 
@@ -239,6 +240,56 @@ class TestInstruments:
         wait = histogram(found, "db.client.connection.wait_time")
         assert wait.count == 2 and wait.max > 0.0  # the waiter's wait is in it
         assert histogram(found, "db.client.connection.use_time").count == 2
+
+    @pytest.mark.postgres
+    def test_a_postgresql_store(self, sqlite_url: str, reader, recorder_impl: str) -> None:
+        """With a PostgreSQL store the metrics are fed by the same writer: their counts and
+        sums agree with the events it wrote there."""
+        require_postgres()
+        psycopg = pytest.importorskip("psycopg")
+        schema = f"ps_otel_{uuid.uuid4().hex[:12]}"
+        store = f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
+        engine = sa.create_engine(
+            sqlite_url, poolclass=sa.pool.QueuePool, pool_size=POOL_SIZE,
+            max_overflow=MAX_OVERFLOW, pool_timeout=0.2,
+        )  # fmt: skip
+        conninfo = PG_URL.replace("postgresql+psycopg://", "postgresql://", 1)
+        try:
+            monitor = instrument.attach(
+                engine, store=store, name=NAME, meter_provider=reader.provider
+            )
+            short_checkouts(engine, SHORT)
+            for conn in exhaust_and_time_out(engine):
+                conn.close()
+            assert monitor.flush() and monitor.dropped == 0
+            found = collect(reader)
+            with psycopg.connect(conninfo) as conn:
+
+                def one(kinds: str, column: str) -> tuple[int, float]:
+                    return conn.execute(
+                        f"SELECT COUNT({column}), COALESCE(SUM({column}), 0) "
+                        f'FROM "{schema}".events WHERE kind IN ({kinds})'
+                    ).fetchone()
+
+                stored = {
+                    "db.client.connection.wait_time": one("'checkout'", "wait_s"),
+                    "db.client.connection.use_time": one("'checkin', 'gc_checkin'", "hold_s"),
+                    "db.client.connection.create_time": one("'connect'", "connect_s"),
+                }
+                (timeouts,) = conn.execute(
+                    f"SELECT COUNT(*) FROM \"{schema}\".events WHERE kind = 'timeout'"
+                ).fetchone()
+            assert stored["db.client.connection.use_time"][0] == SHORT + CAPACITY
+            for metric, (n, total) in stored.items():
+                point = histogram(found, metric)
+                assert point.count == n, metric
+                assert math.isclose(point.sum, total, rel_tol=1e-9, abs_tol=1e-12), metric
+            assert value(found, "db.client.connection.timeouts") == timeouts == 1
+        finally:
+            _writer.shutdown_all(timeout=10.0)
+            engine.dispose()
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
     def test_the_store_unwritable_metrics_go_on(
         self, sqlite_url: str, tmp_path: Path, reader
