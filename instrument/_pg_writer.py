@@ -27,7 +27,7 @@ from ._record import EVENT_COLUMNS, NULLABLE, POOL, RECORD_WIDTH, STACK
 from ._retention import Keeper
 from ._secrets import masked_argv
 from ._store import PostgresStore
-from ._writer import Writer, _poolscope_version, _sqlalchemy_version
+from ._writer import POOL_COLUMNS, Writer, _poolscope_version, _sqlalchemy_version, pool_row
 
 logger = logging.getLogger("poolscope")
 
@@ -338,24 +338,9 @@ class PostgresWriter(Writer):
                 continue
             info = {k: _text(v) if isinstance(v, str) else v for k, v in info.items()}
             self._pool_ids[pool_key] = conn.execute(
-                f"INSERT INTO {self._schema}.pools (process_id, name, url, dialect, "
-                "pool_class, pool_size, max_overflow, timeout_s, recycle_s, leak_after_s, "
-                "created_at, pre_ping) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING id",
-                (
-                    self.process_id,
-                    info["name"],
-                    info["url"],
-                    info["dialect"],
-                    info["pool_class"],
-                    info["pool_size"],
-                    info["max_overflow"],
-                    info["timeout_s"],
-                    info["recycle_s"],
-                    info["leak_after_s"],
-                    info["created_at"],
-                    None if info.get("pre_ping") is None else int(info["pre_ping"]),
-                ),
+                f"INSERT INTO {self._schema}.pools ({', '.join(POOL_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(POOL_COLUMNS))}) RETURNING id",
+                pool_row(self.process_id, info),
             ).fetchone()[0]
             written.append(pool_key)
 

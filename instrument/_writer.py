@@ -531,23 +531,9 @@ class Writer:
             # text cannot: written with the bytes it stands for escaped.
             info = {k: _store.valid_text(v) if isinstance(v, str) else v for k, v in info.items()}
             self._pool_ids[pool_key] = run(
-                "INSERT INTO pools (process_id, name, url, dialect, pool_class, pool_size, "
-                "max_overflow, timeout_s, recycle_s, leak_after_s, created_at, pre_ping) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.process_id,
-                    info["name"],
-                    info["url"],
-                    info["dialect"],
-                    info["pool_class"],
-                    info["pool_size"],
-                    info["max_overflow"],
-                    info["timeout_s"],
-                    info["recycle_s"],
-                    info["leak_after_s"],
-                    info["created_at"],
-                    info.get("pre_ping"),
-                ),
+                f"INSERT INTO pools ({', '.join(POOL_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(POOL_COLUMNS))})",
+                pool_row(self.process_id, info),
             )
             written.append(pool_key)
 
@@ -668,6 +654,23 @@ class Writer:
 _Run = Callable[[str, Sequence[Any]], Any]
 """Run one statement with its parameters: the first column of its first row, if it returns
 rows, else the last inserted rowid (``_sqlite_rows.Store.run``, or ``_run``)."""
+
+
+POOL_COLUMNS = (
+    "process_id", "name", "url", "dialect", "pool_class", "pool_size", "max_overflow",
+    "timeout_s", "recycle_s", "leak_after_s", "created_at", "pre_ping",
+)  # fmt: skip
+"""The ``pools`` columns a writer fills, in :func:`pool_row`'s order."""
+
+
+def pool_row(process_id: int | None, info: dict[str, Any]) -> tuple[Any, ...]:
+    """The ``pools`` row (:data:`POOL_COLUMNS`) of the pool described by ``info``."""
+    pre_ping = info.get("pre_ping")
+    return (
+        process_id,
+        *(info[c] for c in POOL_COLUMNS[1:-1]),
+        None if pre_ping is None else int(pre_ping),
+    )
 
 
 def _run(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
