@@ -22,7 +22,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import instrument
-from instrument import _compact, _histogram, analysis
+from instrument import _compact, _histogram, _store, analysis
 from instrument.analysis import Filters, _aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +222,47 @@ class TestDashboardOnRollups:
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
         assert at.title[0].value
+
+
+class TestRareEventsIndex:
+    def test_a_new_store_indexes_its_timeouts_and_dropped_records_only(self, stores):
+        """The writer's store indexes the timeouts and ``dropped`` records (a few rows), so
+        the report finds them without reading every event."""
+        with sqlite3.connect(stores["compacted"]) as conn:
+            indexed = conn.execute(
+                "SELECT COUNT(*) FROM events INDEXED BY events_rare "
+                "WHERE kind IN ('timeout', 'dropped')"
+            ).fetchone()[0]
+            counted = conn.execute(
+                "SELECT COUNT(*) FROM events NOT INDEXED WHERE kind IN ('timeout', 'dropped')"
+            ).fetchone()[0]
+        conn.close()
+        assert indexed == counted > 0
+
+    def test_a_store_without_the_index_reports_the_same(self, stores, reports, tmp_path):
+        """A schema 2 store made before the index (none is added to an older store) reads
+        the same report, its timeouts and drop counts found by a scan of the events."""
+        old = _copy(stores["compacted"], tmp_path / "unindexed.db")
+        with sqlite3.connect(old) as conn:
+            conn.execute("DROP INDEX events_rare")
+        conn.close()
+        report = _report(old)
+        indexed = reports["compacted"]
+        assert report["source"]["figures"] == indexed["source"]["figures"] == "rollups"
+        assert report["summary"]["timeouts"] > 0 and report["summary"]["dropped"] > 0
+        assert report["summary"] == indexed["summary"]
+        assert report["timeouts"] == indexed["timeouts"]
+        assert report["leaks"] == indexed["leaks"]
+
+    def test_a_store_with_events_gets_no_index_when_opened_for_writing(self, stores, tmp_path):
+        """Opening a store that has events already (made before the index) for writing adds
+        no index: building it would read every event under the write lock."""
+        old = _copy(stores["raw"], tmp_path / "older.db")
+        with sqlite3.connect(old) as conn:
+            conn.execute("DROP INDEX events_rare")
+        conn.close()
+        conn = _store.connect_for_writing(old)
+        try:
+            assert not _store.has_rare_index(conn)
+        finally:
+            conn.close()

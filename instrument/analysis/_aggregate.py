@@ -379,13 +379,30 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     marked = _notable_complete(data)
     # Where the writer (or compact) marked every notable checkout, the scan needs only the
     # timeouts and drop counts; the checkouts come from the notable table.
-    wanted = "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
-    found, n, first_at, last_at = conn.execute(
-        f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
-        f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
-        [*([] if marked else [float(long_s)]), *params],
-    ).fetchone()
-    ids = [int(i) for i in found.split(",")] if found else []
+    if marked and _store.has_rare_index(conn):
+        # The timeouts and drop counts through their own index (a few rows); the count and
+        # span of the events from a scan of their times alone.
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM main.events INDEXED BY events_rare "
+                f"WHERE kind IN ('timeout', 'dropped') {cond}",
+                params,
+            )
+        ]
+        n, first_at, last_at = conn.execute(
+            f"SELECT COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}", params
+        ).fetchone()
+    else:
+        wanted = (
+            "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
+        )
+        found, n, first_at, last_at = conn.execute(
+            f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
+            f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
+            [*([] if marked else [float(long_s)]), *params],
+        ).fetchone()
+        ids = [int(i) for i in found.split(",")] if found else []
     rows = []
     for start in range(0, len(ids), 5000):
         chunk = ", ".join(str(i) for i in ids[start : start + 5000])
