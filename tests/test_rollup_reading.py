@@ -22,7 +22,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import instrument
-from instrument import _compact, _histogram, _store, analysis
+from instrument import _compact, _histogram, _retention, _store, analysis
 from instrument.analysis import Filters, _aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,3 +266,33 @@ class TestRareEventsIndex:
             assert not _store.has_rare_index(conn)
         finally:
             conn.close()
+
+
+class TestRecordedSpan:
+    def test_the_writers_spans_give_the_count_and_times_a_scan_gives(self, tmp_path, monkeypatch):
+        """On a store the writer recorded (8 processes, the last one crashed), the events'
+        count, first and last time come from the B-tree's count and the span each writer
+        kept with its rollups, not a scan of every event: the same figures as the scan."""
+        spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        store = tmp_path / "recorded.db"
+        module.record(store, 20_000)
+        with sqlite3.connect(store) as conn:
+            exact = conn.execute("SELECT COUNT(*), MIN(at), MAX(at) FROM events").fetchone()
+            assert len(_retention.recorded_spans(conn)) == 8
+        conn.close()
+        conn = analysis.open_store(store)
+        try:
+            assert _aggregate._recorded_span(conn) == exact
+        finally:
+            conn.close()
+        monkeypatch.setattr(_aggregate, "EXACT_LIMIT", 10)  # the whole store from rollups
+        fast = _report(store)
+        assert fast["source"]["figures"] == "rollups"
+        with sqlite3.connect(store) as conn:
+            conn.execute("DELETE FROM meta WHERE key LIKE 'span:%'")  # as an older writer
+        conn.close()
+        scanned = _report(store)
+        assert scanned["summary"] == fast["summary"]
+        assert fast["summary"]["events"] == exact[0]
