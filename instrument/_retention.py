@@ -307,6 +307,19 @@ def set_raw_since(conn: Any, value: float) -> None:
     )
 
 
+def recorded_spans(conn: Any) -> dict[int, tuple[float, float]]:
+    """Per process, what its writer last wrote in ``meta`` ``span:<id>``: the first and
+    last time of its events whose rollups were written (in the same transaction)."""
+    out = {}
+    for key, value in conn.execute("SELECT key, value FROM meta WHERE key LIKE 'span:%'"):
+        try:
+            first, last = str(value).split()
+            out[int(str(key)[5:])] = (float(first), float(last))
+        except ValueError:
+            continue
+    return out
+
+
 # -- the writer's keeper --------------------------------------------------------------
 
 
@@ -340,6 +353,7 @@ class Keeper:
         self._next_coarsen = 0.0
         self.max_leak_after = 0.0
         self._configured = False
+        self._span: tuple[float, float] | None = None
 
     def configure(self, keep_raw: float, max_store_mb: float) -> None:
         """Apply a monitor's settings: the tightest of every monitor's on this store wins."""
@@ -366,6 +380,7 @@ class Keeper:
         self._counts = dict.fromkeys(self._counts, 0)
         self._next_size_check = 0.0
         self._next_coarsen = now + COARSEN_EVERY_S
+        self._span = None
         conn.execute(
             "INSERT OR IGNORE INTO retention (process_id, raw_since, keep_raw_s, "
             "effective_keep_s) VALUES (?, 0, ?, ?)",
@@ -408,6 +423,10 @@ class Keeper:
         protected = 0
         if len(flat):
             batch = Batch.from_flat(flat, pool_ids, stack_ids)
+            first, last = float(batch.at.min()), float(batch.at.max())
+            if self._span is not None:
+                first, last = min(first, self._span[0]), max(last, self._span[1])
+            self._span = (first, last)
             rollups.feed(batch)
             limits = leak_after
             if limits:
@@ -425,6 +444,7 @@ class Keeper:
             upsert_rollups(conn, rows, pool_rows)
             self._mark(conn, marks, protected)
             self._write_counts(conn)
+            self._write_span(conn)
             conn.execute("COMMIT")
         self._unwritten = ([], [])
         if now >= self._next_size_check:
@@ -456,6 +476,19 @@ class Keeper:
         if self._cap_id is None and self._notable_count > MAX_NOTABLE:
             # Kept kinds written from here on are pruned as any other (and counted).
             self._cap_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def _write_span(self, conn: sqlite3.Connection) -> None:
+        """In the transaction of the rollups (never one of its own): the first and last time
+        of the events of this process rolled up so far, in ``meta`` ``span:<process id>``
+        (see :func:`recorded_spans`)."""
+        if self._span is None or self.process_id is None:
+            return
+        first, last = self._span
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET value = excluded.value",
+            (f"span:{self.process_id}", f"{first!r} {last!r}"),
+        )
 
     def _write_counts(self, conn: sqlite3.Connection) -> None:
         c = self._counts

@@ -373,6 +373,11 @@ def connect_for_writing(
         for statement in _split(DIAGNOSES_SCHEMA):  # diagnoses (issue 18)
             conn.execute(statement)
         _add_columns(conn)
+        if conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is None:
+            # A new store (or one without events yet): index its rare rows as it grows. An
+            # older store is not indexed here: that would read all its events under the
+            # write lock; readers find its rare rows by a scan instead.
+            conn.execute(RARE_EVENTS_INDEX)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -392,6 +397,20 @@ def connect_for_writing(
         conn.close()
         raise
     return conn
+
+
+RARE_EVENTS_INDEX = (
+    "CREATE INDEX IF NOT EXISTS events_rare ON events (id) WHERE kind IN ('timeout', 'dropped')"
+)
+"""The timeouts and ``dropped`` records, a few rows in millions, indexed so a reader finds
+them without reading every event (:func:`has_rare_index`). Only those rows enter the
+index: writing any other event costs the evaluation of its ``kind`` test."""
+
+
+def has_rare_index(conn: sqlite3.Connection) -> bool:
+    """Whether the store has :data:`RARE_EVENTS_INDEX` (a store created before it has not)."""
+    sql = "SELECT 1 FROM main.sqlite_master WHERE type = 'index' AND name = 'events_rare'"
+    return conn.execute(sql).fetchone() is not None
 
 
 ADDED_COLUMNS = {"pools": (("pre_ping", "INTEGER"),)}

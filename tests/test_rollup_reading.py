@@ -22,7 +22,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import instrument
-from instrument import _compact, _histogram, analysis
+from instrument import _compact, _histogram, _retention, _store, analysis
 from instrument.analysis import Filters, _aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +222,77 @@ class TestDashboardOnRollups:
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
         assert at.title[0].value
+
+
+class TestRareEventsIndex:
+    def test_a_new_store_indexes_its_timeouts_and_dropped_records_only(self, stores):
+        """The writer's store indexes the timeouts and ``dropped`` records (a few rows), so
+        the report finds them without reading every event."""
+        with sqlite3.connect(stores["compacted"]) as conn:
+            indexed = conn.execute(
+                "SELECT COUNT(*) FROM events INDEXED BY events_rare "
+                "WHERE kind IN ('timeout', 'dropped')"
+            ).fetchone()[0]
+            counted = conn.execute(
+                "SELECT COUNT(*) FROM events NOT INDEXED WHERE kind IN ('timeout', 'dropped')"
+            ).fetchone()[0]
+        conn.close()
+        assert indexed == counted > 0
+
+    def test_a_store_without_the_index_reports_the_same(self, stores, reports, tmp_path):
+        """A schema 2 store made before the index (none is added to an older store) reads
+        the same report, its timeouts and drop counts found by a scan of the events."""
+        old = _copy(stores["compacted"], tmp_path / "unindexed.db")
+        with sqlite3.connect(old) as conn:
+            conn.execute("DROP INDEX events_rare")
+        conn.close()
+        report = _report(old)
+        indexed = reports["compacted"]
+        assert report["source"]["figures"] == indexed["source"]["figures"] == "rollups"
+        assert report["summary"]["timeouts"] > 0 and report["summary"]["dropped"] > 0
+        assert report["summary"] == indexed["summary"]
+        assert report["timeouts"] == indexed["timeouts"]
+        assert report["leaks"] == indexed["leaks"]
+
+    def test_a_store_with_events_gets_no_index_when_opened_for_writing(self, stores, tmp_path):
+        """Opening a store that has events already (made before the index) for writing adds
+        no index: building it would read every event under the write lock."""
+        old = _copy(stores["raw"], tmp_path / "older.db")
+        with sqlite3.connect(old) as conn:
+            conn.execute("DROP INDEX events_rare")
+        conn.close()
+        conn = _store.connect_for_writing(old)
+        try:
+            assert not _store.has_rare_index(conn)
+        finally:
+            conn.close()
+
+
+class TestRecordedSpan:
+    def test_the_writers_spans_give_the_count_and_times_a_scan_gives(self, tmp_path, monkeypatch):
+        """On a store the writer recorded (8 processes, the last one crashed), the events'
+        count, first and last time come from the B-tree's count and the span each writer
+        kept with its rollups, not a scan of every event: the same figures as the scan."""
+        spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        store = tmp_path / "recorded.db"
+        module.record(store, 20_000)
+        with sqlite3.connect(store) as conn:
+            exact = conn.execute("SELECT COUNT(*), MIN(at), MAX(at) FROM events").fetchone()
+            assert len(_retention.recorded_spans(conn)) == 8
+        conn.close()
+        conn = analysis.open_store(store)
+        try:
+            assert _aggregate._recorded_span(conn) == exact
+        finally:
+            conn.close()
+        monkeypatch.setattr(_aggregate, "EXACT_LIMIT", 10)  # the whole store from rollups
+        fast = _report(store)
+        assert fast["source"]["figures"] == "rollups"
+        with sqlite3.connect(store) as conn:
+            conn.execute("DELETE FROM meta WHERE key LIKE 'span:%'")  # as an older writer
+        conn.close()
+        scanned = _report(store)
+        assert scanned["summary"] == fast["summary"]
+        assert fast["summary"]["events"] == exact[0]

@@ -67,10 +67,15 @@ def _checkouts(store: Path) -> int:
 
 class TestSchema:
     def test_meta_holds_the_schema_version(self, written_store: Path) -> None:
-        """A new store records its schema version, that poolscope wrote it, and its own
-        identity (a uuid: what ``poolscope push`` maps its rows by)."""
+        """A new store records its schema version, that poolscope wrote it, its own
+        identity (a uuid: what ``poolscope push`` maps its rows by) and, per process, the
+        first and last time of its events (``span:<process id>``)."""
         meta = dict(query(written_store, "SELECT key, value FROM meta"))
         assert uuid.UUID(meta.pop("store_id"))
+        spans = {k: meta.pop(k) for k in list(meta) if k.startswith("span:")}
+        for value in spans.values():
+            first, last = (float(v) for v in value.split())
+            assert 0 < first <= last
         assert meta == {
             "schema_version": str(_store.SCHEMA_VERSION),
             "application": "poolscope",

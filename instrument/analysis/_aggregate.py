@@ -379,13 +379,34 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     marked = _notable_complete(data)
     # Where the writer (or compact) marked every notable checkout, the scan needs only the
     # timeouts and drop counts; the checkouts come from the notable table.
-    wanted = "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
-    found, n, first_at, last_at = conn.execute(
-        f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
-        f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
-        [*([] if marked else [float(long_s)]), *params],
-    ).fetchone()
-    ids = [int(i) for i in found.split(",")] if found else []
+    if marked and _store.has_rare_index(conn):
+        # The timeouts and drop counts through their own index (a few rows); the count and
+        # span of the events from a scan of their times alone.
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM main.events INDEXED BY events_rare "
+                f"WHERE kind IN ('timeout', 'dropped') {cond}",
+                params,
+            )
+        ]
+        span = None if cond else _recorded_span(conn)
+        if span is not None:
+            n, first_at, last_at = span
+        else:
+            n, first_at, last_at = conn.execute(
+                f"SELECT COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}", params
+            ).fetchone()
+    else:
+        wanted = (
+            "kind IN ('timeout', 'dropped')" if marked else f"kind IN {_FOUND_KINDS} OR hold_s > ?"
+        )
+        found, n, first_at, last_at = conn.execute(
+            f"SELECT group_concat(CASE WHEN {wanted} THEN id END), "
+            f"COUNT(*), MIN(at), MAX(at) FROM main.events WHERE 1 {cond}",
+            [*([] if marked else [float(long_s)]), *params],
+        ).fetchone()
+        ids = [int(i) for i in found.split(",")] if found else []
     rows = []
     for start in range(0, len(ids), 5000):
         chunk = ", ".join(str(i) for i in ids[start : start + 5000])
@@ -430,6 +451,32 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
     for proc, pool_id, expected, spans in _open_spans(data):
         _add_open_checkouts(conn, proc, pool_id, expected, spans, bounds)
     return "poolscope_keys"
+
+
+def _recorded_span(conn: sqlite3.Connection) -> tuple[int, float, float] | None:
+    """The count, first and last time of every event of the store, exact, without reading
+    them all: the count from the table's B-tree, the times from the span each process's
+    writer recorded with its rollups (:func:`_retention.recorded_spans`). Those cover every
+    event where the rollups count as many events as the table holds, none was pruned or
+    left unstored, and every process has a span; else ``None`` (the caller scans)."""
+    from .. import _retention
+
+    spans = _retention.recorded_spans(conn)
+    procs = [int(r[0]) for r in conn.execute("SELECT id FROM processes")]
+    if not procs or any(p not in spans for p in procs):
+        return None
+    gone = conn.execute("SELECT COUNT(*), SUM(pruned + raw_skipped) FROM retention").fetchone()
+    if int(gone[0] or 0) < len(procs) or int(gone[1] or 0):
+        return None
+    n = int(conn.execute("SELECT COUNT(*) FROM main.events").fetchone()[0])
+    rolled = conn.execute("SELECT SUM(events) FROM pool_rollups").fetchone()[0]
+    if n == 0 or int(rolled or 0) != n:
+        return None
+    first = min(spans[p][0] for p in procs)
+    last = max(spans[p][1] for p in procs)
+    if not (first >= 0 and last <= _MAX_TIME):
+        return None
+    return n, first, last
 
 
 _ID_SLACK_S = 5.0
