@@ -632,6 +632,7 @@ class Writer:
         # Cleared in place: the listeners hold these very objects.
         self.queue.clear()
         self.drops.clear()
+        self.diagnoses.clear()  # the parent's, of the parent's checkouts
         if self._rows is not None:  # a batch the fork copied mid-write is not ours either
             self._spare = self._rows.Events(RECORD_WIDTH)
         self._markers = []
