@@ -31,6 +31,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from instrument import _pg_store, analysis, report
 from instrument._store import PostgresStore, parse_store
+from instrument.analysis._usage import waits_by_interval
 from instrument.exceptions import StoreCorruptError, StoreError
 from instrument.render import words
 
@@ -478,23 +479,7 @@ def wait_percentiles_over_time(checkouts: pd.DataFrame, buckets: int = 40) -> pd
     :returns: columns ``at`` (bucket start), ``pool``, ``count``, ``wait_p50_s``,
         ``wait_p95_s``, ``wait_p99_s``, ``wait_max_s``.
     """
-    columns = ["at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]
-    waits = checkouts.dropna(subset=["wait_s"]) if not checkouts.empty else checkouts
-    if waits.empty:
-        return pd.DataFrame(columns=columns)
-    start = float(waits["checked_out_at"].min())
-    span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
-    width = span / max(buckets, 1)
-    index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
-    grouped = waits.assign(at=start + index * width).groupby(["at", "pool"])["wait_s"]
-    frame = grouped.agg(
-        count="count",
-        wait_p50_s=lambda s: s.quantile(0.50),
-        wait_p95_s=lambda s: s.quantile(0.95),
-        wait_p99_s=lambda s: s.quantile(0.99),
-        wait_max_s="max",
-    ).reset_index()
-    return frame[columns]
+    return waits_by_interval(checkouts, buckets)
 
 
 def holders_by_site(timeouts: pd.DataFrame) -> pd.DataFrame:

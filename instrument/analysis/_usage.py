@@ -24,6 +24,23 @@ def _nice_interval(span: float, points: int = 300) -> float:
     return float(math.ceil(raw / 86400) * 86400)
 
 
+_SUMMED = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
+
+
+def _summed_over_processes(per: pd.DataFrame, t0: float, dt: float) -> pd.DataFrame:
+    """Per-process rows (``pool``, interval index ``b``, ``process_id`` and the
+    :data:`_SUMMED` counts) summed per pool and interval: the utilization frame."""
+    grouped = per.groupby(["pool", "b"], sort=True)
+    out = grouped[_SUMMED].sum(min_count=1)
+    out["processes"] = grouped["process_id"].nunique()
+    out = out.reset_index()
+    out["at"] = t0 + out["b"] * dt
+    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
+        out[m] = out[m].fillna(0).astype("int64")
+    out["interval_s"] = dt
+    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+
+
 def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     if interval_s is not None and not interval_s > 0:
         raise ValueError(f"interval_s must be more than 0 seconds, not {interval_s!r}.")
@@ -97,17 +114,7 @@ def _utilization(data: _Data, interval_s: float | None) -> pd.DataFrame:
     if not frames:
         return _empty(_UTILIZATION_COLUMNS)
     long = pd.concat(frames, ignore_index=True)
-    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
-    long[num] = long[num].astype("float64")
-    grouped = long.groupby(["pool", "b"], sort=True)
-    out = grouped[num].sum(min_count=1)
-    out["processes"] = grouped["process_id"].nunique()
-    out = out.reset_index()
-    out["at"] = t0 + out["b"] * dt
-    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
-        out[m] = out[m].fillna(0).astype("int64")
-    out["interval_s"] = dt
-    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+    return _summed_over_processes(long.astype({c: "float64" for c in _SUMMED}), t0, dt)
 
 
 def _utilization_from_rollups(data: _Data, interval_s: float | None) -> pd.DataFrame:
@@ -147,16 +154,7 @@ def _utilization_from_rollups(data: _Data, interval_s: float | None) -> pd.DataF
     per["pool_size"] = per["pool_id"].map(all_pools["pool_size"]).astype("float64")
     per["capacity"] = per["pool_id"].map(all_pools["capacity"]).astype("float64")
     per["idle"] = np.maximum(per["pool_size"] - per["in_use"], 0)
-    num = ["in_use", "idle", "overflow", "waiters", "pool_size", "capacity"]
-    grouped = per.groupby(["pool", "b"], sort=True)
-    out = grouped[num].sum(min_count=1)
-    out["processes"] = grouped["process_id"].nunique()
-    out = out.reset_index()
-    out["at"] = t0 + out["b"] * dt
-    for m in ("in_use", "idle", "overflow", "waiters", "processes"):
-        out[m] = out[m].fillna(0).astype("int64")
-    out["interval_s"] = dt
-    return out[[*_UTILIZATION_COLUMNS, "interval_s"]].reset_index(drop=True)
+    return _summed_over_processes(per, t0, dt)
 
 
 def utilization(
@@ -430,26 +428,39 @@ def histograms(conn: sqlite3.Connection, filters: Filters = Filters()) -> pd.Dat
     return _histograms(_load(conn, filters))
 
 
+_WAITS_OVER_TIME_COLUMNS = [
+    "at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s",
+]  # fmt: skip
+
+
+def waits_by_interval(checkouts: pd.DataFrame, buckets: int) -> pd.DataFrame:
+    """Wait percentiles per pool per interval of the paired ``checkouts`` (their span cut
+    into ``buckets`` equal intervals): columns ``at`` (interval start), ``pool``,
+    ``count``, ``wait_p50_s``, ``wait_p95_s``, ``wait_p99_s``, ``wait_max_s``."""
+    columns = _WAITS_OVER_TIME_COLUMNS
+    waits = checkouts.dropna(subset=["wait_s"]) if len(checkouts) else checkouts
+    if waits.empty:
+        return pd.DataFrame(columns=columns)
+    start = float(waits["checked_out_at"].min())
+    span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
+    width = span / max(buckets, 1)
+    index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
+    grouped = waits.assign(at=start + index * width).groupby(["at", "pool"])["wait_s"]
+    frame = grouped.agg(
+        count="count",
+        wait_p50_s=lambda s: s.quantile(0.50),
+        wait_p95_s=lambda s: s.quantile(0.95),
+        wait_p99_s=lambda s: s.quantile(0.99),
+        wait_max_s="max",
+    )
+    return frame.reset_index()[columns]
+
+
 def _wait_percentiles_over_time(data: _Data, buckets: int) -> pd.DataFrame:
-    columns = ["at", "pool", "count", "wait_p50_s", "wait_p95_s", "wait_p99_s", "wait_max_s"]
+    columns = _WAITS_OVER_TIME_COLUMNS
     if data.source != "rollups":
         co = data.core
-        waits = co.dropna(subset=["wait_s"]) if len(co) else co
-        if waits.empty:
-            return pd.DataFrame(columns=columns)
-        start = float(waits["checked_out_at"].min())
-        span = max(float(waits["checked_out_at"].max()) - start, 1e-6)
-        width = span / max(buckets, 1)
-        index = ((waits["checked_out_at"] - start) // width).clip(upper=buckets - 1)
-        grouped = waits.assign(at=start + index * width, pool=waits["pool"].astype(object))
-        frame = grouped.groupby(["at", "pool"])["wait_s"].agg(
-            count="count",
-            wait_p50_s=lambda s: s.quantile(0.50),
-            wait_p95_s=lambda s: s.quantile(0.95),
-            wait_p99_s=lambda s: s.quantile(0.99),
-            wait_max_s="max",
-        )
-        return frame.reset_index()[columns]
+        return waits_by_interval(co.assign(pool=co["pool"].astype(object)), buckets)
     f = data.filters
     cond, params = _aggregate._scope(data.pool_ids, f.processes, f.since, f.until)
     rows = data.conn.execute(
