@@ -289,28 +289,14 @@ def main() -> int:
         store = Path(tmp) / "bench.db"
         if pg_store is not None:
             _drop(pg_store)
-        if not args.postgres_only:
-            r = measure(
-                f"sqlite:///{tmp}/app.db",
-                args.seconds,
-                store,
-                args.round_seconds,
-                args.metrics,
-                args.diagnose,
-                args.store,
-            )
-            report("SQLite", r)
-        if not args.sqlite_only:
-            r = measure(
-                args.postgres_url,
-                args.seconds,
-                store,
-                args.round_seconds,
-                args.metrics,
-                args.diagnose,
-                args.store,
-            )
-            report("PostgreSQL", r)
+        databases = {"SQLite": f"sqlite:///{tmp}/app.db", "PostgreSQL": args.postgres_url}
+        if args.postgres_only:
+            del databases["SQLite"]
+        if args.sqlite_only:
+            del databases["PostgreSQL"]
+        for label, url in databases.items():
+            options = (args.metrics, args.diagnose, args.store)
+            report(label, measure(url, args.seconds, store, args.round_seconds, *options))
         _writer.shutdown_all()
         if pg_store is not None:
             _drop(pg_store)
