@@ -38,6 +38,23 @@ AUTO_ENV = "POOLSCOPE_AUTO"
 LEAK_AFTER_ENV = "POOLSCOPE_LEAK_AFTER"
 """Seconds a checkout may be held before it is a suspected leak, for auto-attached pools."""
 
+DIAGNOSE_ENV = "POOLSCOPE_DIAGNOSE"
+"""``off``, ``server`` (the default) or ``on``: ``attach(diagnose=False | "server" | True)``
+for auto-attached pools."""
+
+METRICS_ENV = "POOLSCOPE_METRICS"
+"""Set (and not ``0`` or ``false``): auto-attached pools report OpenTelemetry's pool metrics
+to the global ``MeterProvider`` (``attach(meter_provider=True)``)."""
+
+DIAGNOSE_WORDS: dict[str, bool | str] = {
+    "off": False, "false": False, "0": False, "no": False,
+    "server": "server",
+    "on": True, "true": True, "1": True, "yes": True,
+}  # fmt: skip
+"""What ``$POOLSCOPE_DIAGNOSE`` (and ``poolscope run --diagnose``) may say, and what it means."""
+
+_OFF_WORDS = ("", "0", "false", "no", "off")
+
 _lock = threading.Lock()
 _installed = False
 _hooked = False
@@ -46,7 +63,7 @@ _warned: set[str] = set()
 
 def wanted(environ: Any = os.environ) -> bool:
     """Whether ``$POOLSCOPE_AUTO`` asks for auto-attach (set, and not ``0`` or ``false``)."""
-    return environ.get(AUTO_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return environ.get(AUTO_ENV, "").strip().lower() not in _OFF_WORDS
 
 
 def install() -> None:
@@ -189,7 +206,7 @@ def _on_engine_created(engine: Any) -> None:
     try:
         from ._hooks import attach
 
-        attach(engine, leak_after=_leak_after(), name=_configured_name(engine))
+        attach(engine, name=_configured_name(engine), **_settings())
     except Exception:
         _warn_once("attach", "poolscope: could not attach an engine", exc_info=True)
 
@@ -207,7 +224,7 @@ def _on_first_connect(dbapi_connection: Any, record: Any) -> None:
             return
         from ._hooks import attach
 
-        attach(pool, leak_after=_leak_after(), name=getattr(pool, "_orig_logging_name", None))
+        attach(pool, name=getattr(pool, "_orig_logging_name", None), **_settings())
     except Exception:
         _warn_once("attach", "poolscope: could not attach a pool", exc_info=True)
 
@@ -217,6 +234,59 @@ def _configured_name(engine: Any) -> str | None:
     ``logging_name=...``; ``None`` (the URL's database) when it chose none."""
     name = getattr(engine.pool, "_orig_logging_name", None) or getattr(engine, "logging_name", None)
     return name if isinstance(name, str) and name.strip() else None
+
+
+def _settings() -> dict[str, Any]:
+    """``attach()``'s arguments from the environment (``$POOLSCOPE_LEAK_AFTER``,
+    ``$POOLSCOPE_DIAGNOSE``, ``$POOLSCOPE_METRICS``); a bad value warns once and is left at
+    its default."""
+    return {
+        "leak_after": _leak_after(),
+        "diagnose": _diagnose(),
+        "meter_provider": True if _metrics() else None,
+    }
+
+
+def _diagnose() -> bool | str:
+    from ._diagnose import DEFAULT_DIAGNOSE
+
+    text = os.environ.get(DIAGNOSE_ENV, "").strip()
+    if not text:
+        return DEFAULT_DIAGNOSE
+    value = DIAGNOSE_WORDS.get(text.lower())
+    if value is None:
+        _warn_once(
+            "diagnose",
+            f"poolscope: ${DIAGNOSE_ENV}={text!r} is not off, server or on; "
+            f"using {DEFAULT_DIAGNOSE}",
+        )
+        return DEFAULT_DIAGNOSE
+    return value
+
+
+def _metrics() -> bool:
+    """Whether ``$POOLSCOPE_METRICS`` asks for metrics and OpenTelemetry's API is there to
+    report them (without it: one warning, and the pools are recorded without metrics)."""
+    if os.environ.get(METRICS_ENV, "").strip().lower() in _OFF_WORDS:
+        return False
+    if not otel_api_installed():
+        _warn_once(
+            "metrics",
+            f"poolscope: ${METRICS_ENV} asks for OpenTelemetry metrics, but OpenTelemetry's "
+            "API is not installed (pip install 'poolscope[otel]'); recording without them",
+        )
+        return False
+    return True
+
+
+def otel_api_installed() -> bool:
+    """Whether ``opentelemetry.metrics`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("opentelemetry.metrics") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _leak_after() -> float:

@@ -11,7 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._auto import AUTO_ENV, LEAK_AFTER_ENV
+from ._auto import (
+    AUTO_ENV,
+    DIAGNOSE_ENV,
+    DIAGNOSE_WORDS,
+    LEAK_AFTER_ENV,
+    METRICS_ENV,
+    otel_api_installed,
+)
 from ._retention import KEEP_RAW_ENV, MAX_STORE_MB_ENV, keep_raw_setting, max_store_setting
 from ._store import resolve_store_path
 
@@ -26,6 +33,8 @@ def launch_environment(
     leak_after: str | float | None = None,
     keep_raw: str | float | None = None,
     max_store_mb: str | float | None = None,
+    diagnose: str | None = None,
+    metrics: bool = False,
 ) -> dict[str, str]:
     """The environment ``poolscope run`` gives its command: ``environ`` with auto-attach on.
 
@@ -41,10 +50,19 @@ def launch_environment(
         leaves it as it is.
     :param max_store_mb: the store's budget, for ``$POOLSCOPE_MAX_STORE_MB``; ``None``
         leaves it as it is.
-    :raises ValueError: ``leak_after`` is not a number of seconds above 0, or
-        ``keep_raw``/``max_store_mb`` is not what ``attach()`` takes.
+    :param diagnose: ``off``, ``server`` or ``on``, for ``$POOLSCOPE_DIAGNOSE``; ``None``
+        leaves it as it is.
+    :param metrics: set ``$POOLSCOPE_METRICS``: report OpenTelemetry's pool metrics to the
+        program's global ``MeterProvider``.
+    :raises ValueError: ``leak_after`` is not a number of seconds above 0,
+        ``keep_raw``/``max_store_mb`` is not what ``attach()`` takes, ``diagnose`` is not
+        one of its words, or ``metrics`` is asked without OpenTelemetry's API installed.
     """
     seconds = _seconds(leak_after) if leak_after is not None else None
+    if diagnose is not None and diagnose.strip().lower() not in DIAGNOSE_WORDS:
+        raise ValueError(f"--diagnose must be off, server or on, not {diagnose!r}")
+    if metrics and not otel_api_installed():
+        raise ValueError("--metrics needs OpenTelemetry's API: pip install 'poolscope[otel]'")
     retention = {}
     if keep_raw is not None:
         retention[KEEP_RAW_ENV] = repr(_setting(keep_raw, "--keep-raw", keep_raw_setting))
@@ -65,6 +83,10 @@ def launch_environment(
     if seconds is not None:
         env[LEAK_AFTER_ENV] = repr(seconds)
     env.update(retention)
+    if diagnose is not None:
+        env[DIAGNOSE_ENV] = diagnose.strip().lower()
+    if metrics:
+        env[METRICS_ENV] = "1"
     return env
 
 
@@ -100,6 +122,8 @@ def run_command(
     leak_after: str | float | None = None,
     keep_raw: str | float | None = None,
     max_store_mb: str | float | None = None,
+    diagnose: str | None = None,
+    metrics: bool = False,
 ) -> NoReturn:
     """Replace this process with ``command``, every SQLAlchemy engine of it attached.
 
@@ -118,6 +142,8 @@ def run_command(
         leak_after=leak_after,
         keep_raw=keep_raw,
         max_store_mb=max_store_mb,
+        diagnose=diagnose,
+        metrics=metrics,
     )
     program = command[0]
     if os.sep in program or (os.altsep and os.altsep in program):

@@ -342,12 +342,26 @@ class _OneLineUsageErrors(click.Command):
     metavar="MB",
     help="The store's budget in MiB (default: $POOLSCOPE_MAX_STORE_MB, else 1024).",
 )
+@click.option(
+    "--diagnose",
+    metavar="off|server|on",
+    help="Why long holds were held: attach(diagnose=False | 'server' | True) "
+    "(default: $POOLSCOPE_DIAGNOSE, else server).",
+)
+@click.option(
+    "--metrics",
+    is_flag=True,
+    help="Also report OpenTelemetry's pool metrics to the program's global MeterProvider "
+    "(needs poolscope[otel]).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(
     store: str | None,
     leak_after: str | None,
     keep_raw: str | None,
     max_store_mb: str | None,
+    diagnose: str | None,
+    metrics: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run CMD with every SQLAlchemy pool of its Python processes recorded, no code change.
@@ -364,6 +378,8 @@ def run(
             leak_after=leak_after,
             keep_raw=keep_raw,
             max_store_mb=max_store_mb,
+            diagnose=diagnose,
+            metrics=metrics,
         )
     except ValueError as exc:
         _fail(str(exc))

@@ -161,6 +161,76 @@ class TestScript:
         finally:
             conn.close()
 
+    @pytest.mark.parametrize(("word", "statements"), [("on", [2]), ("off", [])])
+    def test_diagnose_reaches_every_pool(
+        self, tmp_path: Path, word: str, statements: list[int]
+    ) -> None:
+        """--diagnose on gives a long hold its breakdown (statements run, idle in
+        transaction); off writes no diagnosis."""
+        script = _write(
+            tmp_path / "slow.py",
+            """\
+            import sys, time
+            from sqlalchemy import create_engine
+
+            engine = create_engine(sys.argv[1])
+            with engine.connect() as conn:
+                conn.exec_driver_sql("select 1")
+                conn.exec_driver_sql("select 2")
+                time.sleep(0.6)
+                conn.commit()
+            """,
+        )
+        store = tmp_path / "s.db"
+        done = subprocess.run(
+            _launcher("--store", str(store), "--leak-after", "0.2", "--diagnose", word, "--",
+                      sys.executable, str(script), f"sqlite:///{tmp_path / 'a.db'}"),
+            capture_output=True, text=True, timeout=60, env=_env(),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (leak,) = _report(store)["leaks"]
+        diagnosis = leak["diagnosis"]
+        assert ([diagnosis["statements"]] if diagnosis else []) == statements
+
+    def test_metrics_reach_the_programs_meter_provider(self, tmp_path: Path) -> None:
+        """--metrics: the program's global MeterProvider, set after its engine is made, gets
+        every checkout's use time and wait time under the pool's name."""
+        script = _write(
+            tmp_path / "metered.py",
+            """\
+            import sys
+            from opentelemetry import metrics
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+            from sqlalchemy import create_engine, text
+
+            engine = create_engine(sys.argv[1], pool_logging_name="orders")
+            reader = InMemoryMetricReader()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            for _ in range(5):
+                with engine.connect() as conn:
+                    conn.execute(text("select 1"))
+            import instrument
+            instrument.monitor_of(engine).flush()
+            for metric in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+                for point in metric.data.data_points:
+                    pool = point.attributes["db.client.connection.pool.name"]
+                    if hasattr(point, "count"):
+                        print(metric.name, pool, point.count)
+            """,
+        )
+        done = subprocess.run(
+            _launcher("--store", str(tmp_path / "s.db"), "--metrics", "--",
+                      sys.executable, str(script), f"sqlite:///{tmp_path / 'a.db'}"),
+            capture_output=True, text=True, timeout=60, env=_env(),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert set(done.stdout.splitlines()) == {
+            "db.client.connection.wait_time orders 5",
+            "db.client.connection.use_time orders 5",
+            "db.client.connection.create_time orders 1",
+        }
+
     def test_engine_made_after_dispose(self, tmp_path: Path) -> None:
         """The pool engine.dispose() puts in place and an engine made after it are watched:
         a leak on each is reported at its own line."""
@@ -340,6 +410,8 @@ class TestBadInput:
              "--keep-raw must be at least 60 seconds, not '30'."),
             (["--max-store-mb", "big", "--", "true"],
              "--max-store-mb must be a number of megabytes, not 'big'."),
+            (["--diagnose", "always", "--", "true"],
+             "--diagnose must be off, server or on, not 'always'"),
         ],
     )  # fmt: skip
     def test_one_line_and_status_2(self, args: list[str], message: str) -> None:
