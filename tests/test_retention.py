@@ -7,6 +7,7 @@ writer, its rollups and its pruning are the real ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
@@ -211,6 +212,33 @@ def test_retention_keeps_leaks_timeout_holders_and_long_holds(
     leaks, timeouts = _findings(pruned)
     assert {c for c, _, _ in leaks} >= {"gc_reclaimed", "held_too_long"}
     assert {(10_004, 0.5), (10_005, 0.4)} <= set(timeouts[0][1])
+
+
+def test_notable_rows_past_the_cap_are_counted_and_the_report_says_so(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Past its cap of notable rows a writer keeps the first ones, counts the rest, and the
+    report says how many (source.notable_dropped, a warning in the text report); a store
+    that kept every one says 0 and warns of nothing."""
+    reports = {}
+    for name, cap in (("capped", 2), ("whole", _retention.MAX_NOTABLE)):
+        monkeypatch.setattr(_retention, "MAX_NOTABLE", cap)
+        store = tmp_path / f"{name}.db"
+        engine, monitor = _attach(tmp_path, store)
+        Workload(monitor, instrument._clock.REAL.wall() - 3600).emit(monitor)
+        _finish(engine, monitor)
+        reports[name] = (
+            _poolscope("report", str(store), "--format", "json").stdout,
+            _poolscope("report", str(store)).stdout,
+        )
+    (capped_json, capped_text), (whole_json, whole_text) = reports["capped"], reports["whole"]
+    sql = "SELECT notable_dropped FROM retention"
+    (dropped,), = query(tmp_path / "capped.db", sql)  # fmt: skip
+    assert dropped > 0
+    assert json.loads(capped_json)["source"]["notable_dropped"] == dropped
+    assert f"warning: {dropped} notable records not kept" in " ".join(capped_text.split())
+    assert json.loads(whole_json)["source"]["notable_dropped"] == 0
+    assert "notable record" not in whole_text
 
 
 def test_store_at_its_size_cap_keeps_recording_rollups(

@@ -325,6 +325,21 @@ _FOUND_KINDS = ("gc_checkin", "detach", "unwatched", "timeout", "dropped")
 """Event kinds the notable scan reads every row of (besides the long holds)."""
 
 
+def notable_dropped(conn: sqlite3.Connection, processes: Any = None) -> int:
+    """Notable checkouts and events the writers of ``processes`` (all when ``None``) did not
+    keep past their cap (``retention.notable_dropped``): findings among them may be missing."""
+    if not _store.has_table(conn, "retention"):
+        return 0
+    scope = ""
+    if processes is not None:
+        ids = ", ".join(str(int(p)) for p in processes)
+        scope = f" AND process_id IN ({ids})" if ids else " AND 0"
+    (dropped,) = conn.execute(
+        f"SELECT SUM(notable_dropped) FROM retention WHERE 1{scope}"
+    ).fetchone()
+    return int(dropped or 0)
+
+
 def _notable_complete(data: Any) -> bool:
     """Whether the ``notable`` table names every checkout a report shows one by one in
     ``data``'s scope but the open ones: every process has a ``retention`` row (its writer,
@@ -334,12 +349,7 @@ def _notable_complete(data: Any) -> bool:
     conn = data.conn
     if not _store.has_table(conn, "notable"):
         return False
-    scope = ""
-    if data.filters.processes is not None:
-        ids = ", ".join(str(int(p)) for p in data.filters.processes)
-        scope = f" AND process_id IN ({ids})" if ids else " AND 0"
-    dropped = conn.execute(f"SELECT SUM(notable_dropped) FROM retention WHERE 1{scope}").fetchone()
-    if dropped[0]:
+    if notable_dropped(conn, data.filters.processes):
         return False
     threshold = data.filters.leak_after
     if threshold is None:

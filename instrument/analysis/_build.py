@@ -236,6 +236,7 @@ def _source(data: _Data) -> dict[str, Any]:
         "findings": "raw_events",
         "replay": "raw_events" if not rollups else None,
         "raw_since": iso(since) if since is not None else None,
+        "notable_dropped": _aggregate.notable_dropped(data.conn, data.filters.processes),
     }
 
 

@@ -489,6 +489,7 @@ class Source(TypedDict):
     findings: Literal["raw_events"]
     replay: Literal["raw_events"] | None
     raw_since: str | None
+    notable_dropped: int
 
 
 class _ReportRequired(TypedDict):

@@ -65,6 +65,12 @@ def _headline(report: dict[str, Any]) -> list[str]:
             f"warning: {plural(s['ignored_events'], 'event')} left out: a time out of range or "
             "not a number where one belongs (a damaged or edited store)"
         )
+    dropped_notable = report.get("source", {}).get("notable_dropped")
+    if dropped_notable:
+        lines.append(
+            f"warning: {plural(dropped_notable, 'notable record')} not kept (past the cap of "
+            "100,000 per process): leaks, timeouts or long holds among them may be missing"
+        )
     f = report["filters"]
     active = [
         f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
