@@ -8,6 +8,10 @@ PYTEST_ARGS ?=
 # The other Pythons we claim (requires-python), found under pyenv or on PATH.
 PYTHONS ?= 3.10 3.12 3.13
 PYENV_ROOT ?= $(HOME)/.pyenv
+# Extra requirements of a venv; test-pythons pins the oldest OpenTelemetry claimed on 3.10.
+PINS ?=
+OLDEST_OTEL := opentelemetry-api==1.26.0 opentelemetry-sdk==1.26.0 \
+	opentelemetry-exporter-prometheus==0.47b0
 RECORDER_TESTS := tests/test_recorder.py tests/test_runtime.py tests/test_store.py \
 	tests/test_report.py tests/test_otel.py
 
@@ -19,7 +23,7 @@ setup: $(VENV)/.installed-$(SQLALCHEMY)
 $(VENV)/.installed-$(SQLALCHEMY): pyproject.toml setup.py $(wildcard instrument/*.c instrument/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' 'sqlalchemy~=$(SQLALCHEMY).0'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' 'sqlalchemy~=$(SQLALCHEMY).0' $(PINS)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -43,7 +47,8 @@ wheel-check:
 
 ## test-pythons: the recorder, runtime, store and report tests on every other Python we
 ## claim, each in its own venv with the C helpers built (CI=true: a missing one fails;
-## SQLAlchemy 2.0 on 3.10, 2.1 on the others), then once without the helpers
+## SQLAlchemy 2.0 and the oldest OpenTelemetry we claim on 3.10, 2.1 and the newest on
+## the others), then once without the helpers
 test-pythons:
 	@set -e; for v in $(PYTHONS); do $(MAKE) --no-print-directory test-python PYVER=$$v; done
 	$(MAKE) --no-print-directory test-no-cext
@@ -54,7 +59,8 @@ test-python:
 		if "$$c" -c '' 2>/dev/null; then py=$$c; break; fi; done; \
 	test -n "$$py" || { echo "no working python$(PYVER) (in $(PYENV_ROOT) or on PATH)"; exit 1; }; \
 	$(MAKE) --no-print-directory setup PYTHON=$$py VENV=.venv-py$(PYVER) EXTRAS=test \
-		SQLALCHEMY=$(if $(filter 3.10,$(PYVER)),2.0,2.1)
+		SQLALCHEMY=$(if $(filter 3.10,$(PYVER)),2.0,2.1) \
+		PINS="$(if $(filter 3.10,$(PYVER)),$(OLDEST_OTEL))"
 	CI=true POOLSCOPE_REQUIRE_CEXT=1 .venv-py$(PYVER)/bin/python -m pytest $(RECORDER_TESTS) \
 		-q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -63,8 +63,9 @@ RETURNS = frozenset(("checkin", "gc_checkin", "detach"))
 """The record kinds that end a checkout, with its hold time: ``use_time``."""
 
 _NO_CONTEXT = Context()
-"""Passed with every measurement: the writer thread's context is no request's, so a
-measurement carries no span (and the SDK does not look one up each time)."""
+"""Passed with every measurement where the API takes a context: the writer thread's context
+is no request's, so a measurement carries no span (and the SDK does not look one up each
+time)."""
 
 
 def meter_provider_of(meter_provider: Any) -> Any:
@@ -138,6 +139,11 @@ class Instruments:
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool.",
         )
+        # An API older than 1.27 takes no context with a measurement (record(amount,
+        # attributes)): passed one, every call would fail.
+        self.takes_context = _takes_context(self.use_time.record) and _takes_context(
+            self.timeouts.add
+        )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
             callbacks=[self._observe_count],
@@ -205,6 +211,19 @@ class Instruments:
             yield Observation(sum(pool.pending() for pool in pools), {POOL_NAME: name})
 
 
+def _takes_context(method: Any) -> bool:
+    """Whether the instrument method ``method`` takes a ``context`` argument."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "context" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
 _instruments: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()
 _instruments_lock = threading.Lock()
 
@@ -230,6 +249,7 @@ class PoolMetrics:
 
     __slots__ = (
         "__weakref__",
+        "args",
         "attributes",
         "idle_max",
         "instruments",
@@ -246,6 +266,11 @@ class PoolMetrics:
         self.instruments = instruments
         self.name: str = info["name"]
         self.attributes = {POOL_NAME: self.name}
+        # What follows the value in every measurement: the attributes, and the context
+        # where the API takes one.
+        self.args: tuple[Any, ...] = (
+            (self.attributes, _NO_CONTEXT) if instruments.takes_context else (self.attributes,)
+        )
         size, overflow = info["pool_size"], info["max_overflow"]
         # A QueuePool keeps at most pool_size idle connections (one returned past that is
         # closed), and opens at most pool_size + max_overflow (-1: no limit, none reported).
@@ -311,7 +336,6 @@ class RecordFeed:
         timeouts: dict[PoolMetrics, int] = {}
         recorded = 0
         sleep = time.sleep
-        context = _NO_CONTEXT
         for key, kind, wait, connect, hold in zip(
             values[POOL::RECORD_WIDTH],
             values[KIND::RECORD_WIDTH],
@@ -328,19 +352,17 @@ class RecordFeed:
                 if hold is None or hold == "":
                     continue
                 for target in targets:  # a wall-clock step back is not a negative hold
-                    target.instruments.use_time.record(
-                        hold if hold > 0.0 else 0.0, target.attributes, context
-                    )
+                    target.instruments.use_time.record(hold if hold > 0.0 else 0.0, *target.args)
             elif kind == "checkout":
                 if wait is None or wait == "":
                     continue
                 for target in targets:
-                    target.instruments.wait_time.record(wait, target.attributes, context)
+                    target.instruments.wait_time.record(wait, *target.args)
             elif kind == "connect":
                 if connect is None or connect == "":
                     continue
                 for target in targets:
-                    target.instruments.create_time.record(connect, target.attributes, context)
+                    target.instruments.create_time.record(connect, *target.args)
             elif kind == "timeout":
                 for target in targets:
                     timeouts[target] = timeouts.get(target, 0) + 1
@@ -351,7 +373,7 @@ class RecordFeed:
             if recorded % YIELD_EVERY_RECORDS == 0:
                 sleep(0)  # let the application have the GIL (see YIELD_EVERY_RECORDS)
         for target, n in timeouts.items():
-            target.instruments.timeouts.add(n, target.attributes, context)
+            target.instruments.timeouts.add(n, *target.args)
 
 
 def feed_of(writer: Any) -> RecordFeed:
