@@ -551,12 +551,12 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
     """Per (process, pool) of ``data``'s scope whose rollups, over the whole store, count
     more checkouts than returns (the only ones with open checkouts: a checkout taken before
     the window may still be out in it): how many more, and the rollup periods where those
-    were taken.
+    were taken, as far as the rollups tell (:func:`_add_open_checkouts` reads on from them).
 
     Per call site, checkouts (by checkout time) minus returns (by return time) summed up to
     each period is how many were out at its end; the lowest of that from a period on rises
     where a checkout never returned was out, and it was taken by the first period whose
-    count is that lowest.
+    count is that lowest. Computed for every call site at once in numpy.
     """
     from ._load import _in_list
 
@@ -571,27 +571,40 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
     ).fetchall()
     if not rows:
         return []
-    frame = pd.DataFrame(rows, columns=["p", "q", "s", "start", "period", "delta"])
-    out = []
-    for (proc, pool_id), pool_rows in frame.groupby(["p", "q"], sort=True):
-        expected = int(pool_rows["delta"].sum())
-        if expected <= 0:
-            continue
-        spans = []
-        for _, site in pool_rows.groupby("s", sort=False):
-            out_at_end = np.cumsum(site["delta"].to_numpy())
-            floor = np.minimum.accumulate(out_at_end[::-1])[::-1]
-            rise = np.diff(np.concatenate([[0], np.maximum(floor, 0)]))
-            settled = np.flatnonzero(out_at_end == floor)
-            for i in np.flatnonzero(rise > 0).tolist():
-                # Taken from period i (others still out may have raised the count there
-                # first) until the first period whose count is the floor: all still out
-                # then are never returned.
-                j = int(settled[np.searchsorted(settled, i)])
-                start = float(site["start"].iat[i])
-                spans.append((start, float(site["start"].iat[j] + site["period"].iat[j])))
-        out.append((int(proc), int(pool_id), expected, spans))
-    return out
+    table = np.array(rows, dtype=np.float64)
+    proc, pool, stack = (table[:, i].astype(np.int64) for i in range(3))
+    start, period = table[:, 3], table[:, 4]
+    delta = table[:, 5].astype(np.int64)
+    # Segments: one per (process, pool, stack), rows in time order within each.
+    new_site = np.r_[True, (proc[1:] != proc[:-1]) | (pool[1:] != pool[:-1])
+                     | (stack[1:] != stack[:-1])]  # fmt: skip
+    site = np.cumsum(new_site) - 1
+    site_start = np.flatnonzero(new_site)
+    total = np.cumsum(delta)
+    before = np.r_[0, total][site_start]  # the running sum before each segment
+    out_at_end = total - before[site]
+    # The lowest count from each period on, within its segment: a reversed running minimum
+    # over segments kept apart by an offset larger than any count (later segments higher).
+    span = int(np.abs(delta).sum()) + 1
+    shifted = out_at_end + site * (2 * span)
+    floor = np.minimum.accumulate(shifted[::-1])[::-1] - site * (2 * span)
+    clipped = np.maximum(floor, 0)
+    previous = np.r_[0, clipped[:-1]]
+    previous[site_start] = 0
+    rise = clipped - previous
+    settled = np.flatnonzero(out_at_end == floor)  # the last row of each segment is one
+    spans: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for i in np.flatnonzero(rise > 0).tolist():
+        # Taken from period i (others still out may have raised the count there first)
+        # until the first period whose count is the floor.
+        j = int(settled[np.searchsorted(settled, i)])
+        spans.setdefault((int(proc[i]), int(pool[i])), []).append(
+            (float(start[i]), float(start[j] + period[j]))
+        )
+    expected: dict[tuple[int, int], int] = {}
+    for p, q, d in zip(proc.tolist(), pool.tolist(), delta.tolist(), strict=True):
+        expected[(p, q)] = expected.get((p, q), 0) + d
+    return [(p, q, e, spans.get((p, q), [])) for (p, q), e in sorted(expected.items()) if e > 0]
 
 
 def _add_open_checkouts(
@@ -603,34 +616,79 @@ def _add_open_checkouts(
     bounds: dict[tuple[int, int], tuple[int, int] | None],
 ) -> None:
     """Add one pool's open checkouts to ``poolscope_keys``: the keys with one row in the
-    checkout index (index only), among the checkouts of ``spans``; from the first span on
-    where those hold fewer than ``expected`` (a checkout still out over a later span may
-    have hidden where one was taken; a ``detach`` is no return in the rollups)."""
+    checkout index (index only) whose row is a checkout, among the checkouts of ``spans``;
+    while those hold fewer than ``expected``, each span is read on, twice as far each round
+    (a checkout still out over a later period may have made the rollups place one too
+    early), at the end from the first span on to the pool's last checkout (a ``detach`` is
+    no return in the rollups: then every key from there on is read)."""
     if (proc, pool_id) not in bounds:
         bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
     ends = bounds[(proc, pool_id)]
     if ends is None:
         return
-    # The index alone (main.events): the keys are read again through the view.
-    single = (
-        "SELECT process_id, pool_id, checkout_id FROM main.events WHERE process_id = ? "
-        "AND pool_id = ? AND checkout_id BETWEEN ? AND ? "
-        "GROUP BY process_id, pool_id, checkout_id HAVING COUNT(*) = 1"
-    )
-    found: set[tuple[int, int, int]] = set()
-    for lo, hi in spans:
-        first = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
-        last = _first_id_at(conn, proc, pool_id, ends, hi + _ID_SLACK_S)
-        if first is not None:
-            found.update(conn.execute(single, (proc, pool_id, first, last or ends[1])).fetchall())
-    if len(found) < expected:  # not all where the rollups put them: read on from the first
+    found: set[int] = set()
+    read: list[tuple[int, int]] = []  # checkout id ranges read so far
+
+    def read_ids(first: int, last: int) -> None:
+        for lo, hi in _unread(read, first, last):
+            candidates = [int(r[0]) for r in conn.execute(_SINGLE_KEYS, (proc, pool_id, lo, hi))]
+            for start in range(0, len(candidates), 500):  # a few: checked one by one
+                chunk = ", ".join(str(c) for c in candidates[start : start + 500])
+                found.update(
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT checkout_id FROM main.events WHERE process_id = ? "
+                        f"AND pool_id = ? AND checkout_id IN ({chunk}) AND kind = 'checkout'",
+                        (proc, pool_id),
+                    )
+                )
+        read.append((first, last))
+
+    starts = {}
+    for lo, _ in spans:
+        if lo not in starts:
+            starts[lo] = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
+    reach = [hi - lo for lo, hi in spans]
+    while True:
+        done = True
+        for (lo, _), width in zip(spans, reach, strict=True):
+            first = starts[lo]
+            if first is None:
+                continue
+            last = _first_id_at(conn, proc, pool_id, ends, lo + width + _ID_SLACK_S)
+            read_ids(first, ends[1] if last is None else last)
+            done = done and last is None
+        if len(found) >= expected or done or not spans:
+            break
+        reach = [2 * w for w in reach]
+    if len(found) < expected:  # not all where the rollups put them: every key from the first
         # None was out at the end of the period before the first span: all were taken since.
         earliest = min((lo for lo, _ in spans), default=None)
-        start = (
-            _first_id_at(conn, proc, pool_id, ends, earliest - _ID_SLACK_S)
-            if earliest is not None
-            else None
-        )
-        first = ends[0] if start is None else start
-        found.update(conn.execute(single, (proc, pool_id, first, ends[1])).fetchall())
-    conn.executemany("INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)", found)
+        start = starts[earliest] if earliest is not None else None
+        read_ids(ends[0] if start is None else start, ends[1])
+    conn.executemany(
+        "INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)",
+        [(proc, pool_id, c) for c in sorted(found)],
+    )
+
+
+_SINGLE_KEYS = (
+    "SELECT checkout_id FROM main.events WHERE process_id = ? AND pool_id = ? "
+    "AND checkout_id BETWEEN ? AND ? GROUP BY process_id, pool_id, checkout_id "
+    "HAVING COUNT(*) = 1"
+)
+"""The checkout ids of one pool in a range with one row in the checkout index (the index
+alone: the keys found are read again through the checking view)."""
+
+
+def _unread(read: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
+    """The parts of the id range ``[first, last]`` outside every range of ``read``."""
+    parts = [(first, last)]
+    for lo, hi in read:
+        parts = [
+            piece
+            for a, b in parts
+            for piece in ((a, min(b, lo - 1)), (max(a, hi + 1), b))
+            if piece[0] <= piece[1]
+        ]
+    return parts
