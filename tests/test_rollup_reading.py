@@ -383,3 +383,19 @@ class TestOpenCheckouts:
         for key in ("open_checkouts", "confirmed_leaks", "suspected_leaks", "unknown_leaks"):
             assert rolled["summary"][key] == exact["summary"][key], key
         assert rolled["leaks"] == exact["leaks"]
+
+    def test_the_summary_alone_counts_what_the_report_does(self, recorded, monkeypatch):
+        """The summary the dashboard asks for alone (leaks counted by class, every wait
+        histogram merged in one pass, no hold histogram) equals the report's, which merges
+        them per call site and groups its leaks."""
+        monkeypatch.setattr(_aggregate, "EXACT_LIMIT", 10)
+        report = _report(recorded)["summary"]
+        conn = analysis.open_store(recorded)
+        try:
+            alone = analysis.summary(conn)
+        finally:
+            conn.close()
+        assert report["confirmed_leaks"] + report["unknown_leaks"] > 0
+        for key in ("first_event_at", "last_event_at"):
+            report.pop(key), alone.pop(key)
+        assert alone == report
