@@ -176,7 +176,7 @@ def render_filters(store: str) -> data.View:
         until=until,
         leak_after=leak_after,
     )
-    if data.load_event_count(store, token) == 0:
+    if not data.load_has_events(store, token):
         raise _EmptyStore(
             f"{data.shown(store)} holds no pool events yet: the app that attached poolscope "
             "has not checked out a connection. Run it, then reload this page"

@@ -24,6 +24,7 @@ from streamlit.testing.v1 import AppTest
 import instrument
 from instrument import _compact, _histogram, _retention, _store, analysis
 from instrument.analysis import Filters, _aggregate
+from instrument.analysis import _load as _load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
@@ -269,15 +270,13 @@ class TestRareEventsIndex:
 
 
 class TestRecordedSpan:
-    def test_the_writers_spans_give_the_count_and_times_a_scan_gives(self, tmp_path, monkeypatch):
+    def test_the_writers_spans_give_the_count_and_times_a_scan_gives(
+        self, recorded, tmp_path, monkeypatch
+    ):
         """On a store the writer recorded (8 processes, the last one crashed), the events'
         count, first and last time come from the B-tree's count and the span each writer
         kept with its rollups, not a scan of every event: the same figures as the scan."""
-        spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        store = tmp_path / "recorded.db"
-        module.record(store, 20_000)
+        store = _copy(recorded, tmp_path / "recorded.db")
         with sqlite3.connect(store) as conn:
             exact = conn.execute("SELECT COUNT(*), MIN(at), MAX(at) FROM events").fetchone()
             assert len(_retention.recorded_spans(conn)) == 8
@@ -296,3 +295,107 @@ class TestRecordedSpan:
         scanned = _report(store)
         assert scanned["summary"] == fast["summary"]
         assert fast["summary"]["events"] == exact[0]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store the writer recorded (8 processes, 3 pools each, 3 checkouts never returned in
+    each pool; the last process crashed), rollups written as in production."""
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    store = tmp_path_factory.mktemp("recorded") / "recorded.db"
+    module.record(store, 20_000)
+    return store
+
+
+def _open_by_scan(store: Path) -> set[tuple[int, int, int]]:
+    """Every checkout without a return row, found by reading every event."""
+    with sqlite3.connect(store) as conn:
+        rows = conn.execute(
+            "SELECT process_id, pool_id, checkout_id FROM events AS o NOT INDEXED "
+            "WHERE kind = 'checkout' AND NOT EXISTS (SELECT 1 FROM events AS r NOT INDEXED "
+            "WHERE r.process_id = o.process_id AND r.pool_id = o.pool_id "
+            "AND r.checkout_id = o.checkout_id AND r.kind IN "
+            "('checkin', 'gc_checkin', 'detach', 'unwatched'))"
+        ).fetchall()
+    conn.close()
+    return set(rows)
+
+
+def _open_found(store: Path) -> set[tuple[int, int, int]]:
+    """The open checkouts the rollups' periods lead the reader to (the checkout index read
+    only where they place them, and on from there while some are missing)."""
+    conn = analysis.open_store(store)
+    try:
+        data = _load_module._load(conn, Filters())
+        conn.execute(
+            "CREATE TEMP TABLE poolscope_keys (process_id INTEGER, pool_id INTEGER, "
+            "checkout_id INTEGER, PRIMARY KEY (process_id, pool_id, checkout_id)) WITHOUT ROWID"
+        )
+        bounds: dict[tuple[int, int], Any] = {}
+        for proc, pool_id, expected, spans in _aggregate._open_spans(data):
+            _aggregate._add_open_checkouts(conn, proc, pool_id, expected, spans, bounds)
+        return set(conn.execute("SELECT * FROM temp.poolscope_keys").fetchall())
+    finally:
+        conn.close()
+
+
+class TestOpenCheckouts:
+    def test_the_rollups_periods_lead_to_every_open_checkout(self, recorded):
+        """The open checkouts found from the rollups' periods are those a scan of every
+        event finds: 3 never returned per pool."""
+        truth = _open_by_scan(recorded)
+        assert len(truth) == 8 * 3 * 3
+        assert _open_found(recorded) == truth
+
+    @pytest.mark.parametrize("misplaced", ["too_early", "none"])
+    def test_periods_that_miss_them_are_read_on_from(self, recorded, monkeypatch, misplaced):
+        """Where the rollups place the open checkouts too early (a checkout out across the
+        end of a period raises its count first), or not at all, the reader reads on and
+        finds every one."""
+        truth = _open_by_scan(recorded)
+        real = _aggregate._open_spans
+
+        def wrong(data):
+            out = []
+            for proc, pool_id, expected, spans in real(data):
+                if misplaced == "too_early":
+                    spans = [(lo - 1200.0, lo - 1140.0) for lo, _ in spans]
+                else:
+                    spans = []
+                out.append((proc, pool_id, expected, spans))
+            return out
+
+        monkeypatch.setattr(_aggregate, "_open_spans", wrong)
+        assert _open_found(recorded) == truth
+
+    def test_the_report_from_rollups_lists_the_leaks_the_raw_events_give(
+        self, recorded, monkeypatch
+    ):
+        """The whole store read from rollups (its open checkouts found as above) reports
+        the same open checkouts and leaks as pairing every raw checkout."""
+        exact = _report(recorded)
+        assert exact["source"]["figures"] == "raw_events"
+        monkeypatch.setattr(_aggregate, "EXACT_LIMIT", 10)
+        rolled = _report(recorded)
+        assert rolled["source"]["figures"] == "rollups"
+        for key in ("open_checkouts", "confirmed_leaks", "suspected_leaks", "unknown_leaks"):
+            assert rolled["summary"][key] == exact["summary"][key], key
+        assert rolled["leaks"] == exact["leaks"]
+
+    def test_the_summary_alone_counts_what_the_report_does(self, recorded, monkeypatch):
+        """The summary the dashboard asks for alone (leaks counted by class, every wait
+        histogram merged in one pass, no hold histogram) equals the report's, which merges
+        them per call site and groups its leaks."""
+        monkeypatch.setattr(_aggregate, "EXACT_LIMIT", 10)
+        report = _report(recorded)["summary"]
+        conn = analysis.open_store(recorded)
+        try:
+            alone = analysis.summary(conn)
+        finally:
+            conn.close()
+        assert report["confirmed_leaks"] + report["unknown_leaks"] > 0
+        for key in ("first_event_at", "last_event_at"):
+            report.pop(key), alone.pop(key)
+        assert alone == report

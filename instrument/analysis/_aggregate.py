@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,19 +46,43 @@ POOL_COLUMNS = [
 ]  # fmt: skip
 
 
-@dataclass
 class Rollup:
     """The rollups of a window: per (process, pool, stack) and per (process, pool).
 
     ``hold``/``wait`` map a row of ``sites`` (its position) to its merged histogram
-    ``(indices, counts)``; rows without values are absent.
+    ``(indices, counts)``; rows without values are absent. Each is read and merged on
+    first use (the summary needs no hold histogram).
     """
 
-    sites: pd.DataFrame
-    pools: pd.DataFrame
-    hold: dict[int, tuple[np.ndarray, np.ndarray]]
-    wait: dict[int, tuple[np.ndarray, np.ndarray]]
-    period_s: float
+    def __init__(
+        self, sites: pd.DataFrame, pools: pd.DataFrame, period_s: float, reader: Any = None
+    ) -> None:
+        self.sites = sites
+        self.pools = pools
+        self.period_s = period_s
+        self._reader = reader
+        self._merged: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def _histograms(self, column: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        if column not in self._merged:
+            self._merged[column] = self._reader(column) if self._reader is not None else {}
+        return self._merged[column]
+
+    @property
+    def hold(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return self._histograms("hold_hist")
+
+    @property
+    def wait(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return self._histograms("wait_hist")
+
+    def total(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """The sum of every row's ``column`` histogram (``hold_hist`` or ``wait_hist``):
+        from the merged ones where they are read already, else in one pass of their BLOBs."""
+        name = column.removesuffix("_hist")
+        if column in self._merged or self._reader is None:
+            return merged(getattr(self, name), range(len(self.sites)))
+        return self._reader(column, total=True).get(0, _histogram.merge([]))
 
 
 def has_rollups(conn: sqlite3.Connection) -> bool:
@@ -132,70 +155,57 @@ def raw_event_count(conn: sqlite3.Connection) -> int:
 
 
 def load_rollup(data: Any) -> Rollup:
-    """The rollups of ``data``'s window, summed per (process, pool, stack) and per (process,
-    pool); histograms merged in numpy from the BLOBs, never one Python object per bucket."""
+    """The rollups of ``data``'s window, summed per (process, pool, stack) in SQL and per
+    (process, pool); histograms merged in numpy from the BLOBs when first used, never one
+    Python object per bucket."""
     f = data.filters
     cond, params = _scope(data.pool_ids, f.processes, f.since, f.until)
     conn = data.conn
     rows = conn.execute(
-        "SELECT process_id, pool_id, stack_id, checkouts, returns, gc_returned, timeouts, "
-        "hold_sum_s, hold_max_s, wait_sum_s, wait_max_s, start_at, start_at + period_s, "
-        f"hold_hist, wait_hist FROM rollups WHERE 1 {cond}",
+        "SELECT process_id, pool_id, stack_id, SUM(checkouts), SUM(returns), "
+        "SUM(gc_returned), SUM(timeouts), SUM(hold_sum_s), MAX(hold_max_s), SUM(wait_sum_s), "
+        "MAX(wait_max_s), MIN(start_at), MAX(start_at + period_s) "
+        f"FROM rollups WHERE 1 {cond} GROUP BY process_id, pool_id, stack_id "
+        "ORDER BY process_id, pool_id, stack_id",
         params,
     ).fetchall()
     period = conn.execute("SELECT MIN(period_s) FROM rollups").fetchone()[0] or 60
-    if rows:
-        cols = list(zip(*rows, strict=True))
-        raw = pd.DataFrame(
-            {
-                name: np.array(cols[i], dtype="float64")
-                for i, name in enumerate(
-                    [
-                        "process_id",
-                        "pool_id",
-                        "stack_id",
-                        "checkouts",
-                        "returns",
-                        "gc_returned",
-                        "timeouts",
-                        "hold_sum_s",
-                        "hold_max_s",
-                        "wait_sum_s",
-                        "wait_max_s",
-                        "first_at",
-                        "last_at",
-                    ]
-                )
-            }  # fmt: skip
-        )
-        keys = ["process_id", "pool_id", "stack_id"]
-        group = raw.groupby(keys, sort=True).ngroup().to_numpy()
-        sites = (
-            raw.groupby(keys, sort=True)
-            .agg(
-                checkouts=("checkouts", "sum"),
-                returns=("returns", "sum"),
-                gc_returned=("gc_returned", "sum"),
-                timeouts=("timeouts", "sum"),
-                hold_sum_s=("hold_sum_s", "sum"),
-                hold_max_s=("hold_max_s", "max"),
-                wait_sum_s=("wait_sum_s", "sum"),
-                wait_max_s=("wait_max_s", "max"),
-                first_at=("first_at", "min"),
-                last_at=("last_at", "max"),
-            )
-            .reset_index()
-        )
-        for c in ("process_id", "pool_id", "stack_id", "checkouts", "returns", "gc_returned",
-                  "timeouts"):  # fmt: skip
-            sites[c] = sites[c].astype("int64")
-        hold = _merge_blobs(group, cols[13])
-        wait = _merge_blobs(group, cols[14])
-    else:
-        sites = pd.DataFrame({c: pd.Series(dtype="float64") for c in SITE_COLUMNS})
-        hold, wait = {}, {}
     pools = _load_pools(conn, cond, params)
-    return Rollup(sites[SITE_COLUMNS], pools, hold, wait, float(period))
+    if not rows:
+        empty = pd.DataFrame({c: pd.Series(dtype="float64") for c in SITE_COLUMNS})
+        return Rollup(empty, pools, float(period))
+    sites = pd.DataFrame.from_records(rows, columns=SITE_COLUMNS, coerce_float=True)
+    for c in SITE_COLUMNS[7:]:
+        sites[c] = pd.to_numeric(sites[c], errors="coerce").astype("float64")
+    for c in SITE_COLUMNS[:7]:
+        sites[c] = sites[c].astype("int64")
+    keys = pd.MultiIndex.from_frame(sites[["process_id", "pool_id", "stack_id"]])
+
+    def read(column: str, total: bool = False) -> dict[int, tuple[Any, Any]]:
+        """One histogram column's BLOBs of the window, merged per row of ``sites`` (or all
+        into one, group 0, for ``total``)."""
+        if total:
+            found = conn.execute(
+                f"SELECT length({column}), {column} FROM rollups WHERE {column} IS NOT NULL {cond}",
+                params,
+            ).fetchall()
+            if not found:
+                return {}
+            lengths, blobs = zip(*found, strict=True)
+            group = np.zeros(len(blobs), dtype=np.int64)
+            return _merge_blobs(group, blobs, np.array(lengths, dtype=np.int64) // 8, 1)
+        found = conn.execute(
+            f"SELECT process_id, pool_id, stack_id, length({column}), {column} "
+            f"FROM rollups WHERE {column} IS NOT NULL {cond}",
+            params,
+        ).fetchall()
+        if not found:
+            return {}
+        p, q, st, lengths, blobs = zip(*found, strict=True)
+        group = keys.get_indexer(pd.MultiIndex.from_arrays([p, q, st]))
+        return _merge_blobs(group, blobs, np.array(lengths, dtype=np.int64) // 8, len(keys))
+
+    return Rollup(sites, pools, float(period), read)
 
 
 def _load_pools(conn: sqlite3.Connection, cond: str, params: list[Any]) -> pd.DataFrame:
@@ -216,15 +226,25 @@ _MERGE_CHUNK_ROWS = 4096
 """Rollup rows whose histograms are merged at a time: memory stays bounded by one chunk."""
 
 
-def _merge_blobs(group: np.ndarray, blobs: tuple[Any, ...]) -> dict[int, tuple[Any, Any]]:
+def _merge_blobs(
+    group: np.ndarray,
+    blobs: tuple[Any, ...],
+    pairs_of: np.ndarray | None = None,
+    n_groups: int | None = None,
+) -> dict[int, tuple[Any, Any]]:
     """Per group, the sum of the histogram BLOBs of its rows, a chunk of rows at a time in
-    numpy (never one Python object per bucket)."""
-    n_groups = int(group.max()) + 1 if len(group) else 0
+    numpy (never one Python object per bucket). ``pairs_of``: each BLOB's number of
+    (bucket, count) pairs, where the caller has them (else measured here)."""
+    if n_groups is None:
+        n_groups = int(group.max()) + 1 if len(group) else 0
     dense: np.ndarray | None = None  # groups x buckets, while that stays small
     parts = []
     for start in range(0, len(blobs), _MERGE_CHUNK_ROWS):
         chunk = blobs[start : start + _MERGE_CHUNK_ROWS]
-        lengths = np.array([len(b) // 8 if b else 0 for b in chunk], dtype=np.int64)
+        if pairs_of is not None:
+            lengths = pairs_of[start : start + _MERGE_CHUNK_ROWS]
+        else:
+            lengths = np.array([len(b) // 8 if b else 0 for b in chunk], dtype=np.int64)
         if not lengths.sum():
             continue
         pairs = np.frombuffer(b"".join(b for b in chunk if b), dtype="<u4").reshape(-1, 2)
@@ -465,7 +485,7 @@ def notable_keys(data: Any, long_s: float, horizons: dict[tuple[int, int], float
 
 def _recorded_span(conn: sqlite3.Connection) -> tuple[int, float, float] | None:
     """The count, first and last time of every event of the store, exact, without reading
-    them all: the count from the table's B-tree, the times from the span each process's
+    them all: the count from the range of the events' ids, the times from the span each process's
     writer recorded with its rollups (:func:`_retention.recorded_spans`). Those cover every
     event where the rollups count as many events as the table holds, none was pruned or
     left unstored, and every process has a span; else ``None`` (the caller scans)."""
@@ -478,9 +498,17 @@ def _recorded_span(conn: sqlite3.Connection) -> tuple[int, float, float] | None:
     gone = conn.execute("SELECT COUNT(*), SUM(pruned + raw_skipped) FROM retention").fetchone()
     if int(gone[0] or 0) < len(procs) or int(gone[1] or 0):
         return None
-    n = int(conn.execute("SELECT COUNT(*) FROM main.events").fetchone()[0])
+    # The count from the ids' range (two seeks; counting the rows reads every page): rows
+    # are only deleted by pruning, counted above, so the ids run without a gap, and a
+    # count equal to the rollups' says each row was rolled up.
+    # (One aggregate a query: SQLite seeks for a lone MIN or MAX, and scans for both.)
+    lo = conn.execute("SELECT MIN(id) FROM main.events").fetchone()[0]
+    hi = conn.execute("SELECT MAX(id) FROM main.events").fetchone()[0]
+    if lo is None or hi is None:
+        return None
+    n = int(hi) - int(lo) + 1
     rolled = conn.execute("SELECT SUM(events) FROM pool_rollups").fetchone()[0]
-    if n == 0 or int(rolled or 0) != n:
+    if int(rolled or 0) != n:
         return None
     first = min(spans[p][0] for p in procs)
     last = max(spans[p][1] for p in procs)
@@ -561,12 +589,12 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
     """Per (process, pool) of ``data``'s scope whose rollups, over the whole store, count
     more checkouts than returns (the only ones with open checkouts: a checkout taken before
     the window may still be out in it): how many more, and the rollup periods where those
-    were taken.
+    were taken, as far as the rollups tell (:func:`_add_open_checkouts` reads on from them).
 
     Per call site, checkouts (by checkout time) minus returns (by return time) summed up to
     each period is how many were out at its end; the lowest of that from a period on rises
     where a checkout never returned was out, and it was taken by the first period whose
-    count is that lowest.
+    count is that lowest. Computed for every call site at once in numpy.
     """
     from ._load import _in_list
 
@@ -581,27 +609,40 @@ def _open_spans(data: Any) -> list[tuple[int, int, int, list[tuple[float, float]
     ).fetchall()
     if not rows:
         return []
-    frame = pd.DataFrame(rows, columns=["p", "q", "s", "start", "period", "delta"])
-    out = []
-    for (proc, pool_id), pool_rows in frame.groupby(["p", "q"], sort=True):
-        expected = int(pool_rows["delta"].sum())
-        if expected <= 0:
-            continue
-        spans = []
-        for _, site in pool_rows.groupby("s", sort=False):
-            out_at_end = np.cumsum(site["delta"].to_numpy())
-            floor = np.minimum.accumulate(out_at_end[::-1])[::-1]
-            rise = np.diff(np.concatenate([[0], np.maximum(floor, 0)]))
-            settled = np.flatnonzero(out_at_end == floor)
-            for i in np.flatnonzero(rise > 0).tolist():
-                # Taken from period i (others still out may have raised the count there
-                # first) until the first period whose count is the floor: all still out
-                # then are never returned.
-                j = int(settled[np.searchsorted(settled, i)])
-                start = float(site["start"].iat[i])
-                spans.append((start, float(site["start"].iat[j] + site["period"].iat[j])))
-        out.append((int(proc), int(pool_id), expected, spans))
-    return out
+    table = np.array(rows, dtype=np.float64)
+    proc, pool, stack = (table[:, i].astype(np.int64) for i in range(3))
+    start, period = table[:, 3], table[:, 4]
+    delta = table[:, 5].astype(np.int64)
+    # Segments: one per (process, pool, stack), rows in time order within each.
+    new_site = np.r_[True, (proc[1:] != proc[:-1]) | (pool[1:] != pool[:-1])
+                     | (stack[1:] != stack[:-1])]  # fmt: skip
+    site = np.cumsum(new_site) - 1
+    site_start = np.flatnonzero(new_site)
+    total = np.cumsum(delta)
+    before = np.r_[0, total][site_start]  # the running sum before each segment
+    out_at_end = total - before[site]
+    # The lowest count from each period on, within its segment: a reversed running minimum
+    # over segments kept apart by an offset larger than any count (later segments higher).
+    span = int(np.abs(delta).sum()) + 1
+    shifted = out_at_end + site * (2 * span)
+    floor = np.minimum.accumulate(shifted[::-1])[::-1] - site * (2 * span)
+    clipped = np.maximum(floor, 0)
+    previous = np.r_[0, clipped[:-1]]
+    previous[site_start] = 0
+    rise = clipped - previous
+    settled = np.flatnonzero(out_at_end == floor)  # the last row of each segment is one
+    spans: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for i in np.flatnonzero(rise > 0).tolist():
+        # Taken from period i (others still out may have raised the count there first)
+        # until the first period whose count is the floor.
+        j = int(settled[np.searchsorted(settled, i)])
+        spans.setdefault((int(proc[i]), int(pool[i])), []).append(
+            (float(start[i]), float(start[j] + period[j]))
+        )
+    expected: dict[tuple[int, int], int] = {}
+    for p, q, d in zip(proc.tolist(), pool.tolist(), delta.tolist(), strict=True):
+        expected[(p, q)] = expected.get((p, q), 0) + d
+    return [(p, q, e, spans.get((p, q), [])) for (p, q), e in sorted(expected.items()) if e > 0]
 
 
 def _add_open_checkouts(
@@ -613,34 +654,94 @@ def _add_open_checkouts(
     bounds: dict[tuple[int, int], tuple[int, int] | None],
 ) -> None:
     """Add one pool's open checkouts to ``poolscope_keys``: the keys with one row in the
-    checkout index (index only), among the checkouts of ``spans``; from the first span on
-    where those hold fewer than ``expected`` (a checkout still out over a later span may
-    have hidden where one was taken; a ``detach`` is no return in the rollups)."""
+    checkout index (index only) whose row is a checkout, among the checkouts of ``spans``;
+    while those and the open ones found already hold fewer than ``expected``, each span is
+    read on, twice as far each round (a checkout still out over a later period may have
+    made the rollups place one too early), at the end from the first span on to the pool's
+    last checkout (a ``detach`` is no return in the rollups: then every key from there on
+    is read)."""
     if (proc, pool_id) not in bounds:
         bounds[(proc, pool_id)] = _id_bounds(conn, proc, pool_id)
     ends = bounds[(proc, pool_id)]
     if ends is None:
         return
-    # The index alone (main.events): the keys are read again through the view.
-    single = (
-        "SELECT process_id, pool_id, checkout_id FROM main.events WHERE process_id = ? "
-        "AND pool_id = ? AND checkout_id BETWEEN ? AND ? "
-        "GROUP BY process_id, pool_id, checkout_id HAVING COUNT(*) = 1"
-    )
-    found: set[tuple[int, int, int]] = set()
-    for lo, hi in spans:
-        first = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
-        last = _first_id_at(conn, proc, pool_id, ends, hi + _ID_SLACK_S)
-        if first is not None:
-            found.update(conn.execute(single, (proc, pool_id, first, last or ends[1])).fetchall())
-    if len(found) < expected:  # not all where the rollups put them: read on from the first
+    # Open checkouts with rows besides their checkout (``leak_suspected``: flagged by the
+    # watchdog) are among the keys found already (marked notable, or their hold scanned).
+    found = {int(r[0]) for r in conn.execute(_OPEN_KEYS_FOUND, (proc, pool_id))}
+    read: list[tuple[int, int]] = []  # checkout id ranges read so far
+
+    def read_ids(first: int, last: int) -> None:
+        for lo, hi in _unread(read, first, last):
+            candidates = [int(r[0]) for r in conn.execute(_SINGLE_KEYS, (proc, pool_id, lo, hi))]
+            for start in range(0, len(candidates), 500):  # a few: checked one by one
+                chunk = ", ".join(str(c) for c in candidates[start : start + 500])
+                found.update(
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT checkout_id FROM main.events WHERE process_id = ? "
+                        f"AND pool_id = ? AND checkout_id IN ({chunk}) AND kind = 'checkout'",
+                        (proc, pool_id),
+                    )
+                )
+        read.append((first, last))
+
+    starts: dict[float, int | None] = {}
+    for lo, _ in spans if len(found) < expected else ():
+        if lo not in starts:
+            starts[lo] = _first_id_at(conn, proc, pool_id, ends, lo - _ID_SLACK_S)
+    reach = [hi - lo for lo, hi in spans]
+    while spans and len(found) < expected:
+        done = True
+        for (lo, _), width in zip(spans, reach, strict=True):
+            first = starts[lo]
+            if first is None:
+                continue
+            last = _first_id_at(conn, proc, pool_id, ends, lo + width + _ID_SLACK_S)
+            read_ids(first, ends[1] if last is None else last)
+            done = done and last is None
+        if done:
+            break
+        reach = [2 * w for w in reach]
+    if len(found) < expected:  # not all where the rollups put them: every key from the first
         # None was out at the end of the period before the first span: all were taken since.
         earliest = min((lo for lo, _ in spans), default=None)
-        start = (
-            _first_id_at(conn, proc, pool_id, ends, earliest - _ID_SLACK_S)
-            if earliest is not None
-            else None
-        )
-        first = ends[0] if start is None else start
-        found.update(conn.execute(single, (proc, pool_id, first, ends[1])).fetchall())
-    conn.executemany("INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)", found)
+        start = starts[earliest] if earliest is not None else None
+        read_ids(ends[0] if start is None else start, ends[1])
+    conn.executemany(
+        "INSERT OR IGNORE INTO temp.poolscope_keys VALUES (?, ?, ?)",
+        [(proc, pool_id, c) for c in sorted(found)],
+    )
+
+
+_OPEN_KEYS_FOUND = (
+    "SELECT k.checkout_id FROM temp.poolscope_keys AS k WHERE k.process_id = ? "
+    "AND k.pool_id = ? AND EXISTS (SELECT 1 FROM main.events AS o "
+    "WHERE o.process_id = k.process_id AND o.pool_id = k.pool_id "
+    "AND o.checkout_id = k.checkout_id AND o.kind = 'checkout') "
+    "AND NOT EXISTS (SELECT 1 FROM main.events AS r WHERE r.process_id = k.process_id "
+    "AND r.pool_id = k.pool_id AND r.checkout_id = k.checkout_id "
+    "AND r.kind IN ('checkin', 'gc_checkin', 'detach', 'unwatched'))"
+)
+"""The open checkouts of one pool among the keys found so far."""
+
+
+_SINGLE_KEYS = (
+    "SELECT checkout_id FROM main.events WHERE process_id = ? AND pool_id = ? "
+    "AND checkout_id BETWEEN ? AND ? GROUP BY process_id, pool_id, checkout_id "
+    "HAVING COUNT(*) = 1"
+)
+"""The checkout ids of one pool in a range with one row in the checkout index (the index
+alone: the keys found are read again through the checking view)."""
+
+
+def _unread(read: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
+    """The parts of the id range ``[first, last]`` outside every range of ``read``."""
+    parts = [(first, last)]
+    for lo, hi in read:
+        parts = [
+            piece
+            for a, b in parts
+            for piece in ((a, min(b, lo - 1)), (max(a, hi + 1), b))
+            if piece[0] <= piece[1]
+        ]
+    return parts

@@ -26,6 +26,11 @@ from ._usage import _percentiles, _percentiles_from_rollups, _pool_peaks, _utili
 
 def _clean(value: Any) -> Any:
     """Make a value JSON-ready: numpy scalars to Python, NaN to ``None``."""
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is bool:  # most values: as they are
+        return value
+    if kind is float:
+        return None if math.isnan(value) or math.isinf(value) else value
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

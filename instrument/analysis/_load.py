@@ -187,6 +187,8 @@ def _choose_source(data: _Data) -> str:
 def _notable_keys(data: _Data) -> str:
     """The temporary table of the checkouts :attr:`_Data.core` holds where figures come
     from rollups (see :func:`_aggregate.notable_keys`)."""
+    if _aggregate._notable_complete(data):  # every holder is marked: no horizon needed
+        return _aggregate.notable_keys(data, math.inf, {})
     rollup = data.rollup
     leak_after = _leak_after_by_pool(data).dropna()
     horizons = {}

@@ -20,7 +20,7 @@ from ._load import (
     _load,
     _load_pools,
 )
-from ._model import _RETURN_KINDS, Filters
+from ._model import _RETURN_KINDS, CERTAINTY, Filters
 from ._timeouts import _count_timeouts
 from ._usage import _pool_peaks, _quantiles
 
@@ -64,13 +64,15 @@ def _leak_counts(leak_frame: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-def _summary_from_rollups(data: _Data, leak_frame: pd.DataFrame) -> dict[str, Any]:
+def _summary_from_rollups(data: _Data, leak_frame: pd.DataFrame | None = None) -> dict[str, Any]:
     """:func:`_summary` where figures come from rollups: checkouts and timeouts counted by
     them, open checkouts and leaks from the raw events kept for them, the p95 wait from the
-    histograms."""
+    histograms. Without ``leak_frame`` the leaks are counted from the checkouts' classes
+    (what the frame's groups add up to, without looking up their threads)."""
     rollup = data.rollup
     co = data.core
-    wait = _aggregate.merged(rollup.wait, rollup.sites.index)
+    leak_counts = _leak_counts(leak_frame) if leak_frame is not None else _class_counts(co)
+    wait = rollup.total("wait_hist")
     peak, capacity = _top_peak(data, _pool_peaks(data))
     return _summary_dict(
         data,
@@ -80,8 +82,17 @@ def _summary_from_rollups(data: _Data, leak_frame: pd.DataFrame) -> dict[str, An
         capacity=capacity,
         wait_p95=_aggregate.quantiles(wait, [0.95])[0],
         timeouts=int(rollup.sites["timeouts"].sum()),
-        leak_counts=_leak_counts(leak_frame),
+        leak_counts=leak_counts,
     )
+
+
+def _class_counts(co: pd.DataFrame) -> dict[str, int]:
+    """Leaked checkouts of ``co`` by certainty, from their ``leak_class``."""
+    counts = {c: 0 for c in ("confirmed", "suspected", "unknown")}
+    if len(co):
+        for leak_class, n in co["leak_class"].value_counts().items():
+            counts[CERTAINTY[str(leak_class)]] += int(n)
+    return counts
 
 
 def _summary_dict(
@@ -167,7 +178,7 @@ def summary(conn: sqlite3.Connection, filters: Filters = Filters()) -> dict[str,
     """
     data = _load(conn, filters)
     if data.source == "rollups":
-        return _summary_from_rollups(data, _leaks(data))
+        return _summary_from_rollups(data)
     fast = _fast_summary(data)
     return fast if fast is not None else _summary_exact(data)
 
