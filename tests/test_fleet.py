@@ -865,3 +865,167 @@ class TestDiagnoses:
             engine.dispose()
             with _admin() as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _records(pool: int, stack: int, at: float) -> list[tuple[Any, ...]]:
+    """Records of every shape the events columns take, as the listeners queue them (absent
+    values, in the fields that may be absent, as ``_record.NULL``): text of many scripts,
+    ints where floats go, negative and 64-bit numbers, infinities, a NUL in a thread name
+    (the last record), an unknown stack."""
+    null = _record.NULL
+    return [
+        (at, pool, "connect", 1, null, "MainThread", null, 0, 0, -5, 0, stack, null, 0.0125,
+         null, null),
+        (at + 1e-6, pool, "checkout", 1, 7, "wörker-1 ✓ 線程", "Task-3", 1, 0, 0, 0, stack,
+         0, null, null, null),
+        (at + 2, pool, "checkin", 1, 7, "wörker-1 ✓ 線程", "Task-3", 0, 1, 0, 0, stack,
+         null, null, 2.000000000000001, null),
+        (at + 3, pool, "timeout", null, null, "a\tb\nc\\d", null, 2**62, 0, 0, 3, 999_999,
+         30, null, null, null),
+        (at + 4, pool, "dropped", null, null, null, null, 0, 0, 0, 0, stack, null, math.inf,
+         -math.inf, -(2**63)),
+        (at + 5, pool, "checkout", 2, 2**40, "nul\x00here", null, 1, 0, 0, 0, stack,
+         1e-300, null, null, null),
+    ]  # fmt: skip
+
+
+def _spy_copies(writer: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each of ``writer``'s calls of ``_copy_events`` (the C COPY) returns, in order."""
+    copied: list[bool] = []
+    copy_events = writer._copy_events
+
+    def spy(conn: Any, events: Any) -> bool:
+        copied.append(copy_events(conn, events))
+        return copied[-1]
+
+    monkeypatch.setattr(writer, "_copy_events", spy)
+    return copied
+
+
+def _events(schema: str) -> list[tuple[Any, ...]]:
+    return _rows(schema, "SELECT * FROM S.events ORDER BY id")
+
+
+class TestCopy:
+    """The writer's COPY of the queue's records: formatted in C (binary, the GIL released)
+    where it can be, else from Python values; the same rows either way."""
+
+    def test_same_rows_from_c_and_python(
+        self, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same records written through the C queue and through a list queue are the
+        same rows, every column (ids included: each in a fresh schema)."""
+        if _writer.sqlite_rows is None:
+            pytest.skip("the C helpers are off")
+        require_postgres()
+        stored = []
+        schemas = [f"ps_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+        at = time.time() + 1 / 3  # recent: kept raw
+        try:
+            for impl, name in zip(("c", "python"), schemas, strict=True):
+                if impl == "python":
+                    monkeypatch.setattr(_writer, "sqlite_rows", None)
+                engine = sa.create_engine(sqlite_url)
+                monitor = instrument.attach(engine, store=_with_query(PG_URL, schema=name))
+                writer = monitor._writer
+                assert (writer._rows is None) == (impl == "python")
+                copied = _spy_copies(writer, monkeypatch)
+                stack = writer.stacks.capture()
+                records = _records(monitor.pool_key, stack, at)
+                for record in records[:-1]:
+                    writer.emit(record)
+                assert monitor.flush() and monitor.dropped == 0
+                assert copied[-1:] == ([True] if impl == "c" else [])
+                writer.emit(records[-1])  # a NUL: the batch is written from Python values
+                assert monitor.flush() and monitor.dropped == 0
+                assert copied[-1:] == ([False] if impl == "c" else [])
+                stored.append(_events(name))
+                monitor.detach()
+                _writer.shutdown_all(timeout=10.0)
+        finally:
+            with _admin() as conn:
+                for name in schemas:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        from_c, from_python = stored
+        assert len(from_c) == 6
+        assert from_c == from_python
+        threads = [row[7] for row in from_c]
+        assert threads[1] == "wörker-1 ✓ 線程" and threads[5] == "nul\\x00here"
+        assert [row[14] for row in from_c][:2] == [None, 0.0]  # wait_s: an int queued
+        assert from_c[3][13] is None and from_c[0][13] is not None  # stack 999_999: unknown
+        assert from_c[3][9] == 2**62 and from_c[4][-1] == -(2**63)
+
+    def test_c_formats_the_binary_stream(self) -> None:
+        """``copy_binary`` gives the whole stream: each record's values in its column's
+        binary form, the ids mapped (NULL where unmapped), the suffix after each; None
+        where a value does not go into its column as it is."""
+        rows = _writer.sqlite_rows
+        if rows is None:
+            pytest.skip("the C helpers are off")
+        from instrument import _pg_writer
+
+        events = rows.Events(_record.RECORD_WIDTH)
+        records = _records(5, 8, 1.5)[:5]
+        for record in records:
+            events.extend(record)
+        remap = {_record.POOL: {5: 42}, _record.STACK: {8: 9}}
+        suffix = (8).to_bytes(4, "big") + (77).to_bytes(8, "big")
+        data = rows.copy_binary(events, _pg_writer._COPY_TYPES, remap, suffix, 1)
+        assert data[:19] == b"PGCOPY\n\xff\r\n\x00" + bytes(8) and data[-2:] == b"\xff\xff"
+        parsed = _parse_copy(data[19:-2], _pg_writer._COPY_TYPES + "q")
+        expected = []
+        for record in records:
+            values = [None if v == _record.NULL else v for v in record]
+            values[_record.POOL] = 42
+            values[_record.STACK] = {8: 9}.get(values[_record.STACK])
+            values[_record.WAIT_S] = (
+                None if values[_record.WAIT_S] is None else float(values[_record.WAIT_S])
+            )
+            expected.append((*values, 77))
+        assert parsed == expected
+        nul = rows.Events(_record.RECORD_WIDTH)
+        nul.extend(_records(5, 8, 1.5)[5])
+        assert rows.copy_binary(nul, _pg_writer._COPY_TYPES, remap, suffix, 1) is None
+        floated = rows.Events(_record.RECORD_WIDTH)
+        floated.extend((1.0, 5, "checkout", 1.5, *records[1][4:]))  # a float connection id
+        assert rows.copy_binary(floated, _pg_writer._COPY_TYPES, remap, suffix, 1) is None
+
+    def test_column_types_are_the_tables(self, pg_store: str, schema: str) -> None:
+        """The C formatter's column types are those of the store's ``events`` table."""
+        from instrument import _pg_writer
+
+        monitor = instrument.attach(sa.create_engine("sqlite://"), store=pg_store)
+        assert monitor.flush()
+        names = {"double precision": "d", "bigint": "q", "text": "t"}
+        found = _rows(
+            schema,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = '{schema}' AND table_name = 'events' AND column_name <> 'id'",
+        )
+        assert {c: names[t] for c, t in found} == _pg_writer.COLUMN_TYPES
+
+
+def _parse_copy(data: bytes, types: str) -> list[tuple[Any, ...]]:
+    """The tuples of a binary COPY stream's body (no signature, no trailer)."""
+    import struct
+
+    out, at = [], 0
+    while at < len(data):
+        (count,) = struct.unpack_from("!h", data, at)
+        at += 2
+        values: list[Any] = []
+        for k in range(count):
+            (size,) = struct.unpack_from("!i", data, at)
+            at += 4
+            if size == -1:
+                values.append(None)
+                continue
+            raw, at = data[at : at + size], at + size
+            kind = types[k]
+            values.append(
+                struct.unpack("!d", raw)[0] if kind == "d" else
+                struct.unpack("!q", raw)[0] if kind == "q" else raw.decode()
+            )  # fmt: skip
+        assert count == len(types)
+        out.append(tuple(values))
+    return out
