@@ -594,6 +594,45 @@ class TestRetention:
         assert _findings(pg_store) == _findings(store)
         assert _findings(store)[0]  # leaks found, so the equality is not vacuous
 
+    def test_prune_finds_returns_through_their_index(self, pg_store: str, schema: str) -> None:
+        """The prune's test that a checkout was returned reads the returns' index, which
+        holds the returns alone (writing any other event adds no index entry)."""
+        from instrument import _retention
+
+        engine = sa.create_engine("sqlite://")
+        monitor = instrument.attach(engine, store=pg_store, name="app")
+        _ops(engine, 3)
+        assert monitor.flush()
+        kinds = ", ".join(f"'{k}'" for k in _retention.DELETABLE_KINDS)
+        with _admin() as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("SET enable_seqscan TO off")  # as on a store of many events
+            plan = "\n".join(
+                row[0]
+                for row in conn.execute(
+                    f"EXPLAIN DELETE FROM events WHERE id > 0 AND id <= 100 AND process_id = 1 "
+                    f"AND kind IN ({kinds}) AND (checkout_id IS NULL OR "
+                    f"({_retention._NOT_NOTABLE} AND {_retention._RETURNED}))"
+                )
+            )
+            events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        assert "Scan using events_returns" in plan or "Scan on events_returns" in plan, plan
+        assert events > 6  # the connect, 3 checkouts, 3 checkins
+        assert _index_entries(schema, "events_returns") == 3
+
+
+def _index_entries(schema: str, index: str) -> int:
+    """How many entries the index holds (its statistics, brought up to date first)."""
+    with _admin() as conn:
+        conn.execute(f'ANALYZE "{schema}".events')
+        return int(
+            conn.execute(
+                "SELECT reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s",
+                (schema, index),
+            ).fetchone()[0]
+        )
+
 
 def _child_ops(engine: sa.Engine) -> None:
     engine.dispose(close=False)  # as SQLAlchemy documents for a forked child
