@@ -19,9 +19,10 @@ import sqlite3
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from . import _pg_store, _store
+from . import _pg_store, _retention, _store
 from ._clock import REAL
 from ._diagnose import diagnosis_row
 from ._record import EVENT_COLUMNS, NULLABLE, POOL, RECORD_WIDTH, STACK
@@ -438,6 +439,31 @@ class PostgresKeeper(Keeper):
 
     def _check_size(self, conn: Any, now: float) -> None:
         return None
+
+    def _upsert(
+        self, conn: Any, rows: list[dict[str, Any]], pool_rows: list[dict[str, Any]]
+    ) -> None:
+        """As the SQLite store's, reading the stored rows of a table in one statement."""
+        _retention.upsert_rollups(conn, rows, pool_rows, find=find_all)
+
+
+_KEY_TYPES = {"period_s": "bigint", "start_at": "double precision"}
+"""The rollup keys' column types other than ``bigint`` (the ids)."""
+
+
+def find_all(
+    conn: Any, table: str, columns: Sequence[str], key: Sequence[str], keys: list[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], Any]:
+    """A ``_retention.Find`` that reads every key's row of ``table`` in one ``SELECT`` (the
+    keys as arrays, one per key column): one round trip a table per batch, however many
+    call sites and minutes the batch holds. The key columns come first in ``columns``."""
+    arrays = ", ".join(f"?::{_KEY_TYPES.get(k, 'bigint')}[]" for k in key)
+    rows = conn.execute(
+        f"SELECT {', '.join(columns)} FROM {table} WHERE ({', '.join(key)}) IN "
+        f"(SELECT * FROM unnest({arrays}))",
+        [list(column) for column in zip(*keys, strict=True)],
+    ).fetchall()
+    return {tuple(row[: len(key)]): row for row in rows}
 
 
 _TRANSLATIONS = (

@@ -594,6 +594,53 @@ class TestRetention:
         assert _findings(pg_store) == _findings(store)
         assert _findings(store)[0]  # leaks found, so the equality is not vacuous
 
+    def test_rollups_are_the_sqlite_stores(
+        self, tmp_path: Path, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """The same records, written in many batches (each batch's rollup rows merged into
+        those stored by the ones before), give the same rollup rows in a PostgreSQL store
+        as in a SQLite file."""
+        from conftest import query
+        from test_retention import LEAK_AFTER, Workload
+
+        from instrument import _rollups
+
+        file = tmp_path / "rollups.db"
+        t0 = time.time() - 600
+        for store in (str(file), pg_store):
+            engine = sa.create_engine(sqlite_url)
+            monitor = instrument.attach(
+                engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=math.inf
+            )
+            monitor.flush()
+            records = Workload(monitor, t0).records
+            for start in range(0, len(records), 400):
+                for record in records[start : start + 400]:
+                    monitor._writer.emit(record)
+                assert monitor.flush()
+            monitor.close()
+            engine.dispose()
+        # Stacks by fingerprint: the two stores number them in the order they were written.
+        rest = ", ".join(f"r.{c}" for c in _rollups.ROLLUP_COLUMNS[5:])
+        by_site = (
+            f"SELECT r.period_s, r.start_at, r.pool_id, s.fingerprint, {rest} FROM S.rollups r "
+            "LEFT JOIN S.stacks s ON s.id = r.stack_id ORDER BY 1, 2, 3, 4"
+        )
+        by_pool = "SELECT * FROM S.pool_rollups ORDER BY 1, 2, 4"
+        for table, sql in (("rollups", by_site), ("pool_rollups", by_pool)):
+            in_file = query(file, sql.replace("S.", ""))
+            in_pg = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                     for row in _rows(schema, sql)]  # fmt: skip
+            # Sums of floats may differ in their last bits where the writer thread took
+            # the records in other batches: the same to 1e-9, every other column exactly.
+            assert len(in_pg) == len(in_file) > 5, table
+            for pg_row, file_row in zip(in_pg, in_file, strict=True):
+                assert len(pg_row) == len(file_row)
+                for a, b in zip(pg_row, file_row, strict=True):
+                    same = math.isclose(a, b, rel_tol=1e-9) if type(b) is float else a == b
+                    assert same, (table, pg_row, file_row)
+        assert sum(r[0] for r in query(file, "SELECT checkouts FROM rollups")) == 3005
+
     def test_prune_finds_returns_through_their_index(self, pg_store: str, schema: str) -> None:
         """The prune's test that a checkout was returned reads the returns' index, which
         holds the returns alone (writing any other event adds no index entry)."""
