@@ -14,6 +14,10 @@ Two measurements on a fresh store:
 schema is dropped first and after): the same measurements into PostgreSQL. With
 ``--processes N`` the burst runs in N processes at once, each queueing ``events / N``,
 and the rate is all of them over the wall time from the first start to the last end.
+
+Beside the burst's rate, the CPU time per event of the writer threads (all of them, over
+the burst) and, into a PostgreSQL store on this machine, of the server processes they
+write through: measures that the machine's other load barely moves (Linux only).
 """
 
 from __future__ import annotations
@@ -76,13 +80,40 @@ def _reset(store: PostgresStore) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
 
 
-def burst(tmp: Path, n: int, store: Any = None) -> float:
-    """Events per second persisted: ``n`` records queued as fast as the queue takes them."""
-    start, end = _burst(tmp, n, store)
-    return n / (end - start)
+def _thread_cpu_s(thread: Any) -> float:
+    """CPU seconds ``thread`` has run so far (Linux's schedstat); 0 elsewhere."""
+    return _cpu_s(f"/proc/self/task/{getattr(thread, 'native_id', None)}/schedstat")
 
 
-def _burst(tmp: Path, n: int, store: Any = None, ready: Any = None) -> tuple[float, float]:
+def _cpu_s(path: str) -> float:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _backend_cpu_s(writer: Any) -> float:
+    """CPU seconds of the server process of ``writer``'s PostgreSQL connection (of any user;
+    on this machine), else 0."""
+    conn = getattr(writer, "_pg", None)
+    try:
+        pid = int(conn.info.backend_pid)  # type: ignore[union-attr]
+    except Exception:
+        return 0.0
+    return _cpu_s(f"/proc/{pid}/schedstat")
+
+
+def burst(tmp: Path, n: int, store: Any = None) -> tuple[float, float, float]:
+    """Events per second persisted: ``n`` records queued as fast as the queue takes them;
+    with the writer thread's and its server process's CPU µs per event."""
+    start, end, writer_s, server_s = _burst(tmp, n, store)
+    return n / (end - start), writer_s / n * 1e6, server_s / n * 1e6
+
+
+def _burst(
+    tmp: Path, n: int, store: Any = None, ready: Any = None
+) -> tuple[float, float, float, float]:
     store = tmp / "burst.db" if store is None else store
     engine = sa.create_engine(f"sqlite:///{tmp}/app.db")
     monitor = instrument.attach(engine, store=_given(store), name="burst")
@@ -92,6 +123,7 @@ def _burst(tmp: Path, n: int, store: Any = None, ready: Any = None) -> tuple[flo
     room = _writer.MAX_QUEUE_VALUES // 2
     if ready is not None:
         ready.wait()
+    cpu0, server0 = _thread_cpu_s(writer._thread), _backend_cpu_s(writer)
     t0 = time.time()
     for r in records:  # as fast as the writer takes them, never past the queue's bound
         if len(writer.queue) > room:
@@ -100,19 +132,22 @@ def _burst(tmp: Path, n: int, store: Any = None, ready: Any = None) -> tuple[flo
         writer.emit(r)
     monitor.flush(timeout=None)
     t1 = time.time()
+    writer_s = _thread_cpu_s(writer._thread) - cpu0
+    server_s = _backend_cpu_s(writer) - server0
     counted = _count(store, monitor.store_ids[0])
     assert counted == n, (counted, n)
     monitor.detach()
-    return t0, t1
+    return t0, t1, writer_s, server_s
 
 
-def _burst_worker(args: tuple[str, int, str, Any]) -> tuple[float, float]:
+def _burst_worker(args: tuple[str, int, str, Any]) -> tuple[float, float, float, float]:
     tmp, n, url, ready = args
     return _burst(Path(tmp), n, parse_store(url), ready)
 
 
-def burst_processes(tmp: Path, n: int, store: Any, processes: int) -> float:
-    """Events per second persisted by ``processes`` processes bursting at once."""
+def burst_processes(tmp: Path, n: int, store: Any, processes: int) -> tuple[float, float, float]:
+    """Events per second persisted by ``processes`` processes bursting at once; with the
+    writer threads' and their server processes' CPU µs per event."""
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         ready = manager.Barrier(processes)
@@ -122,7 +157,9 @@ def burst_processes(tmp: Path, n: int, store: Any, processes: int) -> float:
         jobs = [(str(d), n // processes, str(_given(store)), ready) for d in dirs]
         with context.Pool(processes) as pool:
             spans = pool.map(_burst_worker, jobs)
-    return (n // processes) * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
+    total = (n // processes) * processes
+    rate = total / (max(span[1] for span in spans) - min(span[0] for span in spans))
+    return rate, sum(s[2] for s in spans) / total * 1e6, sum(s[3] for s in spans) / total * 1e6
 
 
 def steady(tmp: Path, rate: int, seconds: float, store: Any = None) -> tuple[int, int, int]:
@@ -148,6 +185,11 @@ def steady(tmp: Path, rate: int, seconds: float, store: Any = None) -> tuple[int
     return sent, _count(store, monitor.store_ids[0]) - before, monitor.dropped
 
 
+def _cpu(writer_us: float, server_us: float) -> str:
+    text = f"; writer thread CPU {writer_us:.2f} µs/event" if writer_us else ""
+    return text + (f", its server process {server_us:.2f} µs/event" if server_us else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -165,16 +207,21 @@ def main() -> int:
         if args.processes > 1:
             if store is None:
                 store = Path(tmp) / "burst.db"
-            rate = burst_processes(Path(tmp), args.events, store, args.processes)
+            rate, writer_us, server_us = burst_processes(
+                Path(tmp), args.events, store, args.processes
+            )
             print(
                 f"burst:  {args.events:,} events from {args.processes} processes persisted "
-                f"at {rate:,.0f} events/s"
+                f"at {rate:,.0f} events/s{_cpu(writer_us, server_us)}"
             )
             if isinstance(store, PostgresStore):
                 _reset(store)
             return 0
-        rate = burst(Path(tmp), args.events, store)
-        print(f"burst:  {args.events:,} events persisted at {rate:,.0f} events/s")
+        rate, writer_us, server_us = burst(Path(tmp), args.events, store)
+        print(
+            f"burst:  {args.events:,} events persisted at {rate:,.0f} events/s"
+            f"{_cpu(writer_us, server_us)}"
+        )
         sent, stored, dropped = steady(Path(tmp), args.rate, args.seconds, store)
         print(
             f"steady: {args.rate:,} events/s for {args.seconds:g} s: sent {sent:,}, "

@@ -14,7 +14,9 @@ and the first variant always followed the last one's settling.)
 Prints the median over rounds of the throughput ratio against the same round's
 bare one (higher is better; 1.0 means no cost), and, where Linux tells, the writer
 thread's CPU time per iteration (its records written, up to the flush after the round):
-unlike the ratios, machine load barely moves it.
+unlike the ratios, machine load barely moves it. Recording into a PostgreSQL store on
+this machine, the CPU time per iteration of the server process the writer talks to is
+printed beside it (read from ``/proc``, as the writer thread's).
 
 With ``--metrics``, a fifth variant, ``metrics``: ``full`` with ``meter_provider=`` an
 OpenTelemetry SDK ``MeterProvider`` whose periodic reader collects every second (into an
@@ -67,9 +69,32 @@ def _thread_cpu_s(thread: threading.Thread | None) -> float:
         return 0.0
 
 
+def _process_cpu_s(pid: int | None) -> float:
+    """CPU time the process ``pid`` (of any user) has run so far, in seconds; 0 elsewhere."""
+    try:
+        with open(f"/proc/{int(pid)}/schedstat") as f:  # type: ignore[arg-type]
+            return int(f.read().split()[0]) / 1e9
+    except (TypeError, OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _store_backend(monitor: instrument.Monitor | None) -> int | None:
+    """The pid of the PostgreSQL server process serving ``monitor``'s writer (a PostgreSQL
+    store on this machine), else ``None``."""
+    conn = getattr(monitor._writer, "_pg", None) if monitor is not None else None
+    try:
+        return int(conn.info.backend_pid) if conn is not None else None
+    except Exception:
+        return None
+
+
 writer_cpu: dict[str, list[float]] = {}
 """Per variant, the writer thread's CPU seconds per iteration in each round, written
 records included (its work after the round, up to the flush, is counted with it)."""
+
+backend_cpu: dict[str, list[float]] = {}
+"""Per variant recording into a PostgreSQL store on this machine: the CPU seconds per
+iteration of the server process its writer talks to, measured as ``writer_cpu`` is."""
 
 
 STATEMENTS = 1  # per checkout; more than one: committed at the end
@@ -84,6 +109,8 @@ def _loop(
 ) -> float:
     writer_thread = monitor._writer._thread if monitor is not None else None
     cpu0 = _thread_cpu_s(writer_thread)
+    backend = _store_backend(monitor)
+    server0 = _process_cpu_s(backend)
     lock = monitor._writer._io_lock if monitor is not None and hold_writer else None
     if lock is not None:
         lock.acquire()  # the writer thread waits on this lock: listeners only
@@ -107,6 +134,9 @@ def _loop(
         _settle(monitor)
         if variant is not None:
             writer_cpu.setdefault(variant, []).append((_thread_cpu_s(writer_thread) - cpu0) / n)
+            if backend is not None and backend == _store_backend(monitor):
+                server = (_process_cpu_s(backend) - server0) / n
+                backend_cpu.setdefault(variant, []).append(server)
     return elapsed
 
 
@@ -231,6 +261,9 @@ def measure(
     for name, cpu in writer_cpu.items():
         result[f"{name}_writer_us"] = statistics.median(cpu) * 1e6
     writer_cpu.clear()
+    for name, cpu in backend_cpu.items():
+        result[f"{name}_server_us"] = statistics.median(cpu) * 1e6
+    backend_cpu.clear()
     result["rounds"] = len(rates["bare"])
     result["per_round"] = per_round
     result["events_written"] = sum(w.written for w in writers) - written
@@ -245,10 +278,12 @@ def report(label: str, r: dict[str, float]) -> None:
         name = name[: -len("_ratio")]
         cost_us = 1e6 / r[name] - 1e6 / bare
         writer_us = r.get(f"{name}_writer_us")
+        server_us = r.get(f"{name}_server_us")
         print(
             f"  {name:10s} {r[name]:,.0f} it/s  ratio {r[f'{name}_ratio']:.3f}  "
             f"(+{cost_us:.2f} µs/it)"
             + (f"  writer thread CPU {writer_us:.2f} µs/it" if writer_us else "")
+            + (f", its store's server process {server_us:.2f} µs/it" if server_us else "")
         )
     print(
         f"  {int(r['rounds'])} rounds of {int(r['per_round'])} per variant; events written "

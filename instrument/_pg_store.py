@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import _rollups, _store
+from . import _retention, _rollups, _store
 from ._store import PostgresStore
 from .exceptions import StoreNotFoundError, StoreUnreachableError, StoreVersionError
 
@@ -47,6 +47,10 @@ def psycopg() -> Any:
             f"a PostgreSQL store needs psycopg 3, which is not installed: {INSTALL_HINT}"
         ) from None
     return module
+
+
+RETURN_KINDS_SQL = ", ".join(f"'{k}'" for k in _retention.RETURN_KINDS)
+"""The kinds that end a checkout, as the prune's ``_retention._RETURNED`` lists them."""
 
 
 def _tables(schema: str) -> list[str]:
@@ -115,8 +119,13 @@ def _tables(schema: str) -> list[str]:
             xact_start DOUBLE PRECISION, state_change DOUBLE PRECISION,
             wait_event_type TEXT, wait_event TEXT, query TEXT, blocked_by TEXT,
             PRIMARY KEY (process_id, pool_id, checkout_id))""",
-        f"""CREATE INDEX IF NOT EXISTS events_by_checkout ON {s}.events
-            (process_id, pool_id, checkout_id) WHERE checkout_id IS NOT NULL""",
+        # The returns by checkout, for the prune's test that a checkout was returned
+        # (_retention._RETURNED): the only read of events by checkout on this store, as
+        # readers copy the rows out. Returns only: writing any other event adds only the
+        # test of its kind. (A store made before has events_by_checkout, which the same
+        # query uses: (process_id, pool_id, checkout_id) of every event with a checkout.)
+        f"""CREATE INDEX IF NOT EXISTS events_returns ON {s}.events
+            (process_id, pool_id, checkout_id) WHERE kind IN ({RETURN_KINDS_SQL})""",
     ]
 
 

@@ -16,11 +16,13 @@ import os
 import platform
 import socket
 import sqlite3
+import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from . import _pg_store, _store
+from . import _pg_store, _retention, _store
 from ._clock import REAL
 from ._diagnose import diagnosis_row
 from ._record import EVENT_COLUMNS, NULLABLE, POOL, RECORD_WIDTH, STACK
@@ -43,6 +45,18 @@ ROWS_BETWEEN_YIELDS = 128
 _COPY_COLUMNS = [c for c in EVENT_COLUMNS if c != "process_id"] + ["process_id"]
 """The events columns in a record's order, then ``process_id`` (the record does not carry it)."""
 
+COLUMN_TYPES = {
+    "at": "d", "process_id": "q", "pool_id": "q", "kind": "t", "connection_id": "q",
+    "checkout_id": "q", "thread": "t", "task": "t", "in_use": "q", "idle": "q",
+    "overflow": "q", "waiters": "q", "stack_id": "q", "wait_s": "d", "connect_s": "d",
+    "hold_s": "d", "count": "q",
+}  # fmt: skip
+"""The ``events`` table's column types (``_pg_store``'s DDL) as the C formatter names them:
+``d`` double precision, ``q`` bigint, ``t`` text."""
+
+_COPY_TYPES = "".join(COLUMN_TYPES[c] for c in _COPY_COLUMNS[:RECORD_WIDTH])
+"""Each record field's column type, in the record's order (``process_id`` is not one)."""
+
 _inherited: list[Any] = []
 """Connections a forked child inherited: kept, never closed (closing would end the
 parent's session on the shared socket)."""
@@ -63,6 +77,10 @@ class PostgresWriter(Writer):
         self._retry_s = RETRY_FIRST_SECONDS
         self._schema = f'"{store.schema}"'
         self._copy = f"COPY {self._schema}.events ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+        self._copy_binary = f"{self._copy} (FORMAT BINARY)"
+        # Whether the session's text is UTF-8, as the queue's is: the C formatter's bytes
+        # go to the server as they are (see _copy_events).
+        self._utf8 = False
         # The SQLite store's upsert (the table named by the target in its SET clauses).
         self._upsert_diagnosis = _SqliteLike.translate(_store.UPSERT_DIAGNOSIS).replace(
             "INSERT INTO diagnoses", f"INSERT INTO {self._schema}.diagnoses", 1
@@ -125,6 +143,7 @@ class PostgresWriter(Writer):
             self._reported_failure = False
         self._pg = self._conn = conn
         self._keeper_conn = keeper_conn
+        self._utf8 = conn.info.encoding == "utf-8"
         self._failed_at = None
         self._retry_s = RETRY_FIRST_SECONDS
         self._last_heartbeat = now
@@ -189,11 +208,13 @@ class PostgresWriter(Writer):
         dropped = self._pending_drops + ndrops
         new_stacks: list[int] = []
         new_pools: list[int] = []
-        rows = flat if isinstance(flat, list) else flat.tolist()
+        # The queue's Events as they are (formatted for COPY in C where they can be), or a
+        # list queue's values (NULL as None; their ids mapped in place as they are written).
+        rows = flat
         if isinstance(flat, list):  # a list queue holds NULL as "" (see _record.NULL)
             for k in NULLABLE:
                 rows[k::RECORD_WIDTH] = [None if v == "" else v for v in rows[k::RECORD_WIDTH]]
-        pools, stacks = rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH]
+            pools, stacks = rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH]
         now = REAL.wall()
         # At the keeper's size cap the records are rolled up but not stored raw.
         raw = self.keeper.store_raw
@@ -204,8 +225,10 @@ class PostgresWriter(Writer):
                 self._unwrite(new_stacks, new_pools)
                 new_stacks.clear()
                 new_pools.clear()
-                rows = [_text(v) if type(v) is str else v for v in rows]
-                rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH] = pools, stacks
+                values = rows if isinstance(flat, list) else flat.tolist()
+                rows = [_text(v) if type(v) is str else v for v in values]
+                if isinstance(flat, list):
+                    rows[POOL::RECORD_WIDTH], rows[STACK::RECORD_WIDTH] = pools, stacks
                 self._transaction(conn, rows, dropped, now, new_stacks, new_pools, raw, diagnoses)
             self._last_heartbeat = now
             self._pending_drops = 0
@@ -221,7 +244,7 @@ class PostgresWriter(Writer):
                 self._close()
                 self._failed_at = REAL.wall()
             return
-        self._after_batch_pg(rows if isinstance(flat, list) else flat, now, raw)
+        self._after_batch_pg(rows if isinstance(rows, list) else flat, now, raw)
 
     def _after_batch_pg(self, batch: Any, now: float, raw: bool) -> None:
         """Rollups, notable checkouts and retention of the batch just written: the SQLite
@@ -242,7 +265,7 @@ class PostgresWriter(Writer):
     def _transaction(
         self,
         conn: Any,
-        rows: list[Any],
+        rows: Any,
         dropped: int,
         now: float,
         new_stacks: list[int],
@@ -251,14 +274,19 @@ class PostgresWriter(Writer):
         diagnoses: list[tuple[Any, ...]] | None = None,
     ) -> None:
         """Write one batch in one transaction: new stack and pool rows, the events (COPY;
-        not where ``raw`` is false), the diagnoses, the drop count and the heartbeat."""
+        not where ``raw`` is false), the diagnoses, the drop count and the heartbeat.
+        ``rows``: the queue's ``Events``, or a list of values (its ids mapped in place)."""
         with conn.transaction():
             self._write_stacks_pg(conn, new_stacks)
             self._write_pools_pg(conn, new_pools)
-            rows[POOL::RECORD_WIDTH] = map(self._pool_ids.get, rows[POOL::RECORD_WIDTH])
-            rows[STACK::RECORD_WIDTH] = map(self._stack_ids.get, rows[STACK::RECORD_WIDTH])
-            if raw:
-                self._copy_rows(conn, rows)
+            if isinstance(rows, list):
+                self._map_ids(rows)
+                if raw:
+                    self._copy_rows(conn, rows)
+            elif raw and not self._copy_events(conn, rows):
+                values = rows.tolist()
+                self._map_ids(values)
+                self._copy_rows(conn, values)
             if diagnoses:
                 self._write_diagnoses_pg(conn, diagnoses)
             if dropped:
@@ -268,6 +296,32 @@ class PostgresWriter(Writer):
                     (now, self.process_id, next(iter(self._pool_ids.values()), 0), dropped),
                 )
             conn.execute(self._heartbeat(now))
+
+    def _map_ids(self, rows: list[Any]) -> None:
+        """Map the records' pool keys and stack ids in ``rows`` to the store's, in place."""
+        rows[POOL::RECORD_WIDTH] = map(self._pool_ids.get, rows[POOL::RECORD_WIDTH])
+        rows[STACK::RECORD_WIDTH] = map(self._stack_ids.get, rows[STACK::RECORD_WIDTH])
+
+    def _copy_events(self, conn: Any, events: Any) -> bool:
+        """COPY the queue's ``events`` in binary, formatted in C with the GIL released
+        (``_sqlite_rows.copy_binary``): no Python object per value, and nothing for the
+        server to parse. False, having written nothing, where it cannot: no C formatter,
+        a session whose text is not UTF-8, or a value that does not go into its column
+        as it is (the batch is then written as Python values, as :meth:`_copy_rows`)."""
+        if self._rows is None or not self._utf8:
+            return False
+        data = self._rows.copy_binary(
+            events,
+            _COPY_TYPES,
+            {POOL: self._pool_ids, STACK: self._stack_ids},
+            struct.pack("!iq", 8, self.process_id),  # process_id: an int8 after each record
+            1,
+        )
+        if data is None:
+            return False
+        with conn.cursor() as cur, cur.copy(self._copy_binary) as copy:
+            copy.write(data)
+        return True
 
     def _copy_rows(self, conn: Any, rows: list[Any]) -> None:
         pid = self.process_id
@@ -385,6 +439,31 @@ class PostgresKeeper(Keeper):
 
     def _check_size(self, conn: Any, now: float) -> None:
         return None
+
+    def _upsert(
+        self, conn: Any, rows: list[dict[str, Any]], pool_rows: list[dict[str, Any]]
+    ) -> None:
+        """As the SQLite store's, reading the stored rows of a table in one statement."""
+        _retention.upsert_rollups(conn, rows, pool_rows, find=find_all)
+
+
+_KEY_TYPES = {"period_s": "bigint", "start_at": "double precision"}
+"""The rollup keys' column types other than ``bigint`` (the ids)."""
+
+
+def find_all(
+    conn: Any, table: str, columns: Sequence[str], key: Sequence[str], keys: list[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], Any]:
+    """A ``_retention.Find`` that reads every key's row of ``table`` in one ``SELECT`` (the
+    keys as arrays, one per key column): one round trip a table per batch, however many
+    call sites and minutes the batch holds. The key columns come first in ``columns``."""
+    arrays = ", ".join(f"?::{_KEY_TYPES.get(k, 'bigint')}[]" for k in key)
+    rows = conn.execute(
+        f"SELECT {', '.join(columns)} FROM {table} WHERE ({', '.join(key)}) IN "
+        f"(SELECT * FROM unnest({arrays}))",
+        [list(column) for column in zip(*keys, strict=True)],
+    ).fetchall()
+    return {tuple(row[: len(key)]): row for row in rows}
 
 
 _TRANSLATIONS = (

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,8 +158,10 @@ class Notable:
         returned = b.of(*RETURN_KINDS) & has_id
         if leak_after and returned.any():
             pools = b.pool[returned]
-            limits = np.array([leak_after.get(p, math.inf) for p in pools.tolist()])
-            long = b.hold_s[returned] > limits
+            # Each pool's threshold looked up once (a batch holds few pools), not per return.
+            uniq, which = np.unique(pools, return_inverse=True)
+            limits = np.array([leak_after.get(p, math.inf) for p in uniq.tolist()])
+            long = b.hold_s[returned] > limits[which.reshape(-1)]
             for pool, c in zip(pools[long].tolist(), ids[returned][long].tolist(), strict=True):
                 out.append((pool, c, "long_hold"))
         co = b.of("checkout") & has_id
@@ -185,32 +187,57 @@ class Notable:
 # -- store steps (plain SQL; the connection is in autocommit mode) -----------------------
 
 
+Find = Callable[[Any, str, Sequence[str], Sequence[str], list[tuple[Any, ...]]], dict]
+"""``find(conn, table, columns, key, keys)``: the stored rows (``columns``, in order) of
+``table`` whose ``key`` columns are one of ``keys``, by key tuple."""
+
+
 def upsert_rollups(
-    conn: Any, rows: Sequence[dict[str, Any]], pool_rows: Sequence[dict[str, Any]]
+    conn: Any,
+    rows: Sequence[dict[str, Any]],
+    pool_rows: Sequence[dict[str, Any]],
+    find: Find | None = None,
 ) -> None:
     """Merge delta rows into the store's ``rollups`` and ``pool_rollups`` (in the caller's
-    transaction): each row is read, added to and written back."""
+    transaction): each row is read (with ``find``; default :func:`find_each`), added to
+    and written back."""
+    find = find or find_each
     _upsert(conn, "rollups", _rollups.ROLLUP_COLUMNS, _rollups.ROLLUP_KEY, rows,
-            _rollups.rollup_from_values, _rollups.merge_rollup, _rollups.rollup_params)  # fmt: skip
+            _rollups.rollup_from_values, _rollups.merge_rollup, _rollups.rollup_params,
+            find)  # fmt: skip
     _upsert(conn, "pool_rollups", _rollups.POOL_ROLLUP_COLUMNS, _rollups.POOL_ROLLUP_KEY,
             pool_rows, _rollups.pool_rollup_from_values, _rollups.merge_pool_rollup,
-            _rollups.pool_rollup_params)  # fmt: skip
+            _rollups.pool_rollup_params, find)  # fmt: skip
 
 
-def _upsert(conn, table, columns, key, rows, from_values, merge, params) -> None:  # type: ignore[no-untyped-def]
-    if not rows:
-        return
+def find_each(
+    conn: Any, table: str, columns: Sequence[str], key: Sequence[str], keys: list[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], Any]:
+    """A :data:`Find` that reads each key's row with a statement of its own (plain SQL)."""
     where = " AND ".join(f"{k} = ?" for k in key)
     select = f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+    found = {}
+    for k in keys:
+        row = conn.execute(select, k).fetchone()
+        if row is not None:
+            found[k] = row
+    return found
+
+
+def _upsert(conn, table, columns, key, rows, from_values, merge, params, find) -> None:  # type: ignore[no-untyped-def]
+    if not rows:
+        return
     sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
     insert = (
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
     )
+    keys = [tuple(row[k] for k in key) for row in rows]
+    found = find(conn, table, columns, key, keys)
     out = []
-    for row in rows:
-        found = conn.execute(select, tuple(row[k] for k in key)).fetchone()
-        merged = merge(from_values(found), row) if found is not None else row
+    for row, k in zip(rows, keys, strict=True):
+        stored = found.get(k)
+        merged = merge(from_values(stored), row) if stored is not None else row
         out.append(params(merged))
     conn.executemany(insert, out)
 
@@ -441,7 +468,7 @@ class Keeper:
         self._unwritten = (rows, pool_rows)
         if rows or pool_rows or marks or protected or any(self._counts.values()):
             conn.execute("BEGIN IMMEDIATE")
-            upsert_rollups(conn, rows, pool_rows)
+            self._upsert(conn, rows, pool_rows)
             self._mark(conn, marks, protected)
             self._write_counts(conn)
             self._write_span(conn)
@@ -454,6 +481,12 @@ class Keeper:
         if now >= self._next_coarsen:
             self._next_coarsen = now + COARSEN_EVERY_S
             self._coarsen(conn, now)
+
+    def _upsert(
+        self, conn: Any, rows: list[dict[str, Any]], pool_rows: list[dict[str, Any]]
+    ) -> None:
+        """Merge the batch's rollup rows into the store's (:func:`upsert_rollups`)."""
+        upsert_rollups(conn, rows, pool_rows)
 
     def _mark(
         self, conn: sqlite3.Connection, marks: list[tuple[int, int, str]], protected: int

@@ -865,6 +865,187 @@ insert(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* ---- copy_binary: the records as PostgreSQL's binary COPY stream ------------------- */
+
+static const char copy_signature[19] = "PGCOPY\n\377\r\n\0\0\0\0\0\0\0\0\0";
+
+static char *
+put_be(char *p, unsigned long long v, int bytes)
+{
+    for (int k = bytes - 1; k >= 0; k--) *p++ = (char)(v >> (8 * k));
+    return p;
+}
+
+/* The bytes one cell takes in the stream (its length word included), or -1 where its
+   value does not go into a column of type `type` as it is: text in a number column or
+   the reverse, a float in an int8 column, text holding a NUL byte. */
+static Py_ssize_t
+copy_cell_size(const Cell *cell, char type, const char *text, const ColumnMap *map)
+{
+    if (map != NULL && map->ids != NULL) {
+        if (cell->type == CELL_NULL) return 4;
+        if (cell->type != CELL_INT) return -1;
+        return cell->i >= 0 && cell->i < map->n && map->ids[cell->i] != NO_MAP ? 12 : 4;
+    }
+    switch (cell->type) {
+    case CELL_NULL: return 4;
+    case CELL_INT: return type == 'q' || type == 'd' ? 12 : -1;
+    case CELL_FLOAT: return type == 'd' ? 12 : -1;
+    case CELL_TEXT:
+        if (type != 't' || memchr(text + cell->off, '\0', (size_t)cell->len) != NULL) return -1;
+        return 4 + (Py_ssize_t)cell->len;
+    default: return -1;
+    }
+}
+
+static char *
+copy_cell(char *p, const Cell *cell, char type, const char *text, const ColumnMap *map)
+{
+    if (map != NULL && map->ids != NULL) {
+        long long id = NO_MAP;
+        if (cell->type == CELL_INT && cell->i >= 0 && cell->i < map->n) id = map->ids[cell->i];
+        if (id == NO_MAP) return put_be(p, 0xFFFFFFFFu, 4);  /* NULL */
+        p = put_be(p, 8, 4);
+        return put_be(p, (unsigned long long)id, 8);
+    }
+    switch (cell->type) {
+    case CELL_INT:
+        p = put_be(p, 8, 4);
+        if (type == 'd') {
+            double d = (double)cell->i;
+            unsigned long long bits;
+            memcpy(&bits, &d, 8);
+            return put_be(p, bits, 8);
+        }
+        return put_be(p, (unsigned long long)cell->i, 8);
+    case CELL_FLOAT: {
+        unsigned long long bits;
+        memcpy(&bits, &cell->d, 8);
+        p = put_be(p, 8, 4);
+        return put_be(p, bits, 8);
+    }
+    case CELL_TEXT:
+        p = put_be(p, (unsigned long long)cell->len, 4);
+        memcpy(p, text + cell->off, (size_t)cell->len);
+        return p + cell->len;
+    default:
+        return put_be(p, 0xFFFFFFFFu, 4);  /* NULL */
+    }
+}
+
+static PyObject *format_copy(Events *events, const char *types, const ColumnMap *maps,
+                             const char *suffix, Py_ssize_t suffix_len, int suffix_fields);
+
+/* copy_binary(events, types, remap, suffix, suffix_fields) -> bytes | None
+
+   The records of `events` as one whole binary COPY stream (signature, one tuple per
+   record, trailer), formatted with the GIL released. `types` gives each field's column
+   type: 'd' float8, 'q' int8, 't' text (UTF-8). `remap` maps a field's index to a dict
+   (int -> int) through which its values become int8 ids (one it lacks: NULL). `suffix`
+   (already in the stream's encoding: `suffix_fields` fields) ends every tuple. None,
+   having formatted nothing, where a value does not go into its column as it is (text
+   in a number column or the reverse, a float in an int8 column, text holding a NUL
+   byte): the caller formats those records another way. */
+static PyObject *
+copy_binary(PyObject *self, PyObject *args)
+{
+    Events *events;
+    const char *types;
+    Py_ssize_t ntypes, suffix_len;
+    PyObject *remap;
+    const char *suffix;
+    int suffix_fields;
+    if (!PyArg_ParseTuple(args, "O!s#O!y#i", &EventsType, &events, &types, &ntypes,
+                          &PyDict_Type, &remap, &suffix, &suffix_len, &suffix_fields))
+        return NULL;
+    Py_ssize_t width = events->width;
+    if (ntypes != width) {
+        PyErr_Format(PyExc_ValueError, "types names %zd columns, not %zd", ntypes, width);
+        return NULL;
+    }
+    if (suffix_fields < 0 || width + suffix_fields > 0x7FFF) {
+        PyErr_SetString(PyExc_ValueError, "suffix_fields is out of range");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < width; k++) {
+        if (types[k] != 'd' && types[k] != 'q' && types[k] != 't') {
+            PyErr_Format(PyExc_ValueError, "unknown column type %c", types[k]);
+            return NULL;
+        }
+    }
+    ColumnMap *maps = PyMem_Calloc((size_t)width, sizeof(ColumnMap));
+    if (maps == NULL) return PyErr_NoMemory();
+    PyObject *key, *map, *out = NULL;
+    Py_ssize_t pos = 0;
+    int failed = 0;
+    while (!failed && PyDict_Next(remap, &pos, &key, &map)) {
+        Py_ssize_t column = PyLong_AsSsize_t(key);
+        if (column >= 0 && column < width && PyDict_Check(map) && maps[column].ids == NULL)
+            failed = column_map(map, &maps[column]) < 0;
+        else
+            PyErr_Clear();
+    }
+    if (!failed) out = format_copy(events, types, maps, suffix, suffix_len, suffix_fields);
+    for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
+    PyMem_Free(maps);
+    return out;
+}
+
+/* copy_binary's stream, once its maps are made. */
+static PyObject *
+format_copy(Events *events, const char *types, const ColumnMap *maps, const char *suffix,
+            Py_ssize_t suffix_len, int suffix_fields)
+{
+    Py_ssize_t width = events->width, nrecords = events->nrecords;
+    const Cell *cells = events->cells;
+    const char *text = events->text;
+    char *buffer = NULL;
+    Py_ssize_t size = 0;
+    int fits = 1;
+    PyObject *out = NULL;
+    Py_INCREF(events);
+    Py_BEGIN_ALLOW_THREADS
+    size = (Py_ssize_t)sizeof copy_signature + 2;
+    for (Py_ssize_t i = 0; fits && i < nrecords; i++) {
+        size += 2 + suffix_len;
+        for (Py_ssize_t k = 0; k < width; k++) {
+            Py_ssize_t n = copy_cell_size(&cells[i * width + k], types[k], text, &maps[k]);
+            if (n < 0 || size > PY_SSIZE_T_MAX / 2) {
+                fits = 0;
+                break;
+            }
+            size += n;
+        }
+    }
+    if (fits) buffer = PyMem_RawMalloc((size_t)size);
+    if (buffer != NULL) {
+        char *p = buffer;
+        memcpy(p, copy_signature, sizeof copy_signature);
+        p += sizeof copy_signature;
+        for (Py_ssize_t i = 0; i < nrecords; i++) {
+            p = put_be(p, (unsigned long long)(width + suffix_fields), 2);
+            for (Py_ssize_t k = 0; k < width; k++)
+                p = copy_cell(p, &cells[i * width + k], types[k], text, &maps[k]);
+            memcpy(p, suffix, (size_t)suffix_len);
+            p += suffix_len;
+        }
+        p = put_be(p, 0xFFFFu, 2);  /* the trailer: -1 as int16 */
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(events);
+    if (!fits) {
+        out = Py_NewRef(Py_None);
+    }
+    else if (buffer == NULL) {
+        PyErr_NoMemory();
+    }
+    else {
+        out = PyBytes_FromStringAndSize(buffer, size);
+        PyMem_RawFree(buffer);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"load", load, METH_VARARGS,
      "load(module_path, version_number) -> bool: find SQLite in the sqlite3 module's library."},
@@ -875,6 +1056,10 @@ static PyMethodDef methods[] = {
      "insert(store, events, many_sql, rows_per_statement, one_sql, remap, before, after) -> "
      "True: run before, insert the records of an Events, run after, with the GIL released "
      "once (rolled back on a failure)."},
+    {"copy_binary", copy_binary, METH_VARARGS,
+     "copy_binary(events, types, remap, suffix, suffix_fields) -> bytes | None: the "
+     "records of an Events as a whole binary COPY stream, formatted with the GIL "
+     "released; None where a value does not fit its column's type as it is."},
     RECORD_LAYOUT_METHOD,
     {NULL, NULL, 0, NULL},
 };

@@ -594,6 +594,92 @@ class TestRetention:
         assert _findings(pg_store) == _findings(store)
         assert _findings(store)[0]  # leaks found, so the equality is not vacuous
 
+    def test_rollups_are_the_sqlite_stores(
+        self, tmp_path: Path, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """The same records, written in many batches (each batch's rollup rows merged into
+        those stored by the ones before), give the same rollup rows in a PostgreSQL store
+        as in a SQLite file."""
+        from conftest import query
+        from test_retention import LEAK_AFTER, Workload
+
+        from instrument import _rollups
+
+        file = tmp_path / "rollups.db"
+        t0 = time.time() - 600
+        for store in (str(file), pg_store):
+            engine = sa.create_engine(sqlite_url)
+            monitor = instrument.attach(
+                engine, store=store, leak_after=LEAK_AFTER, name="app", keep_raw=math.inf
+            )
+            monitor.flush()
+            records = Workload(monitor, t0).records
+            for start in range(0, len(records), 400):
+                for record in records[start : start + 400]:
+                    monitor._writer.emit(record)
+                assert monitor.flush()
+            monitor.close()
+            engine.dispose()
+        # Stacks by fingerprint: the two stores number them in the order they were written.
+        rest = ", ".join(f"r.{c}" for c in _rollups.ROLLUP_COLUMNS[5:])
+        by_site = (
+            f"SELECT r.period_s, r.start_at, r.pool_id, s.fingerprint, {rest} FROM S.rollups r "
+            "LEFT JOIN S.stacks s ON s.id = r.stack_id ORDER BY 1, 2, 3, 4"
+        )
+        by_pool = "SELECT * FROM S.pool_rollups ORDER BY 1, 2, 4"
+        for table, sql in (("rollups", by_site), ("pool_rollups", by_pool)):
+            in_file = query(file, sql.replace("S.", ""))
+            in_pg = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                     for row in _rows(schema, sql)]  # fmt: skip
+            # Sums of floats may differ in their last bits where the writer thread took
+            # the records in other batches: the same to 1e-9, every other column exactly.
+            assert len(in_pg) == len(in_file) > 5, table
+            for pg_row, file_row in zip(in_pg, in_file, strict=True):
+                assert len(pg_row) == len(file_row)
+                for a, b in zip(pg_row, file_row, strict=True):
+                    same = math.isclose(a, b, rel_tol=1e-9) if type(b) is float else a == b
+                    assert same, (table, pg_row, file_row)
+        assert sum(r[0] for r in query(file, "SELECT checkouts FROM rollups")) == 3005
+
+    def test_prune_finds_returns_through_their_index(self, pg_store: str, schema: str) -> None:
+        """The prune's test that a checkout was returned reads the returns' index, which
+        holds the returns alone (writing any other event adds no index entry)."""
+        from instrument import _retention
+
+        engine = sa.create_engine("sqlite://")
+        monitor = instrument.attach(engine, store=pg_store, name="app")
+        _ops(engine, 3)
+        assert monitor.flush()
+        kinds = ", ".join(f"'{k}'" for k in _retention.DELETABLE_KINDS)
+        with _admin() as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("SET enable_seqscan TO off")  # as on a store of many events
+            plan = "\n".join(
+                row[0]
+                for row in conn.execute(
+                    f"EXPLAIN DELETE FROM events WHERE id > 0 AND id <= 100 AND process_id = 1 "
+                    f"AND kind IN ({kinds}) AND (checkout_id IS NULL OR "
+                    f"({_retention._NOT_NOTABLE} AND {_retention._RETURNED}))"
+                )
+            )
+            events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        assert "Scan using events_returns" in plan or "Scan on events_returns" in plan, plan
+        assert events > 6  # the connect, 3 checkouts, 3 checkins
+        assert _index_entries(schema, "events_returns") == 3
+
+
+def _index_entries(schema: str, index: str) -> int:
+    """How many entries the index holds (its statistics, brought up to date first)."""
+    with _admin() as conn:
+        conn.execute(f'ANALYZE "{schema}".events')
+        return int(
+            conn.execute(
+                "SELECT reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s",
+                (schema, index),
+            ).fetchone()[0]
+        )
+
 
 def _child_ops(engine: sa.Engine) -> None:
     engine.dispose(close=False)  # as SQLAlchemy documents for a forked child
@@ -865,3 +951,167 @@ class TestDiagnoses:
             engine.dispose()
             with _admin() as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _records(pool: int, stack: int, at: float) -> list[tuple[Any, ...]]:
+    """Records of every shape the events columns take, as the listeners queue them (absent
+    values, in the fields that may be absent, as ``_record.NULL``): text of many scripts,
+    ints where floats go, negative and 64-bit numbers, infinities, a NUL in a thread name
+    (the last record), an unknown stack."""
+    null = _record.NULL
+    return [
+        (at, pool, "connect", 1, null, "MainThread", null, 0, 0, -5, 0, stack, null, 0.0125,
+         null, null),
+        (at + 1e-6, pool, "checkout", 1, 7, "wörker-1 ✓ 線程", "Task-3", 1, 0, 0, 0, stack,
+         0, null, null, null),
+        (at + 2, pool, "checkin", 1, 7, "wörker-1 ✓ 線程", "Task-3", 0, 1, 0, 0, stack,
+         null, null, 2.000000000000001, null),
+        (at + 3, pool, "timeout", null, null, "a\tb\nc\\d", null, 2**62, 0, 0, 3, 999_999,
+         30, null, null, null),
+        (at + 4, pool, "dropped", null, null, null, null, 0, 0, 0, 0, stack, null, math.inf,
+         -math.inf, -(2**63)),
+        (at + 5, pool, "checkout", 2, 2**40, "nul\x00here", null, 1, 0, 0, 0, stack,
+         1e-300, null, null, null),
+    ]  # fmt: skip
+
+
+def _spy_copies(writer: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each of ``writer``'s calls of ``_copy_events`` (the C COPY) returns, in order."""
+    copied: list[bool] = []
+    copy_events = writer._copy_events
+
+    def spy(conn: Any, events: Any) -> bool:
+        copied.append(copy_events(conn, events))
+        return copied[-1]
+
+    monkeypatch.setattr(writer, "_copy_events", spy)
+    return copied
+
+
+def _events(schema: str) -> list[tuple[Any, ...]]:
+    return _rows(schema, "SELECT * FROM S.events ORDER BY id")
+
+
+class TestCopy:
+    """The writer's COPY of the queue's records: formatted in C (binary, the GIL released)
+    where it can be, else from Python values; the same rows either way."""
+
+    def test_same_rows_from_c_and_python(
+        self, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same records written through the C queue and through a list queue are the
+        same rows, every column (ids included: each in a fresh schema)."""
+        if _writer.sqlite_rows is None:
+            pytest.skip("the C helpers are off")
+        require_postgres()
+        stored = []
+        schemas = [f"ps_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+        at = time.time() + 1 / 3  # recent: kept raw
+        try:
+            for impl, name in zip(("c", "python"), schemas, strict=True):
+                if impl == "python":
+                    monkeypatch.setattr(_writer, "sqlite_rows", None)
+                engine = sa.create_engine(sqlite_url)
+                monitor = instrument.attach(engine, store=_with_query(PG_URL, schema=name))
+                writer = monitor._writer
+                assert (writer._rows is None) == (impl == "python")
+                copied = _spy_copies(writer, monkeypatch)
+                stack = writer.stacks.capture()
+                records = _records(monitor.pool_key, stack, at)
+                for record in records[:-1]:
+                    writer.emit(record)
+                assert monitor.flush() and monitor.dropped == 0
+                assert copied[-1:] == ([True] if impl == "c" else [])
+                writer.emit(records[-1])  # a NUL: the batch is written from Python values
+                assert monitor.flush() and monitor.dropped == 0
+                assert copied[-1:] == ([False] if impl == "c" else [])
+                stored.append(_events(name))
+                monitor.detach()
+                _writer.shutdown_all(timeout=10.0)
+        finally:
+            with _admin() as conn:
+                for name in schemas:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        from_c, from_python = stored
+        assert len(from_c) == 6
+        assert from_c == from_python
+        threads = [row[7] for row in from_c]
+        assert threads[1] == "wörker-1 ✓ 線程" and threads[5] == "nul\\x00here"
+        assert [row[14] for row in from_c][:2] == [None, 0.0]  # wait_s: an int queued
+        assert from_c[3][13] is None and from_c[0][13] is not None  # stack 999_999: unknown
+        assert from_c[3][9] == 2**62 and from_c[4][-1] == -(2**63)
+
+    def test_c_formats_the_binary_stream(self) -> None:
+        """``copy_binary`` gives the whole stream: each record's values in its column's
+        binary form, the ids mapped (NULL where unmapped), the suffix after each; None
+        where a value does not go into its column as it is."""
+        rows = _writer.sqlite_rows
+        if rows is None:
+            pytest.skip("the C helpers are off")
+        from instrument import _pg_writer
+
+        events = rows.Events(_record.RECORD_WIDTH)
+        records = _records(5, 8, 1.5)[:5]
+        for record in records:
+            events.extend(record)
+        remap = {_record.POOL: {5: 42}, _record.STACK: {8: 9}}
+        suffix = (8).to_bytes(4, "big") + (77).to_bytes(8, "big")
+        data = rows.copy_binary(events, _pg_writer._COPY_TYPES, remap, suffix, 1)
+        assert data[:19] == b"PGCOPY\n\xff\r\n\x00" + bytes(8) and data[-2:] == b"\xff\xff"
+        parsed = _parse_copy(data[19:-2], _pg_writer._COPY_TYPES + "q")
+        expected = []
+        for record in records:
+            values = [None if v == _record.NULL else v for v in record]
+            values[_record.POOL] = 42
+            values[_record.STACK] = {8: 9}.get(values[_record.STACK])
+            values[_record.WAIT_S] = (
+                None if values[_record.WAIT_S] is None else float(values[_record.WAIT_S])
+            )
+            expected.append((*values, 77))
+        assert parsed == expected
+        nul = rows.Events(_record.RECORD_WIDTH)
+        nul.extend(_records(5, 8, 1.5)[5])
+        assert rows.copy_binary(nul, _pg_writer._COPY_TYPES, remap, suffix, 1) is None
+        floated = rows.Events(_record.RECORD_WIDTH)
+        floated.extend((1.0, 5, "checkout", 1.5, *records[1][4:]))  # a float connection id
+        assert rows.copy_binary(floated, _pg_writer._COPY_TYPES, remap, suffix, 1) is None
+
+    def test_column_types_are_the_tables(self, pg_store: str, schema: str) -> None:
+        """The C formatter's column types are those of the store's ``events`` table."""
+        from instrument import _pg_writer
+
+        monitor = instrument.attach(sa.create_engine("sqlite://"), store=pg_store)
+        assert monitor.flush()
+        names = {"double precision": "d", "bigint": "q", "text": "t"}
+        found = _rows(
+            schema,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = '{schema}' AND table_name = 'events' AND column_name <> 'id'",
+        )
+        assert {c: names[t] for c, t in found} == _pg_writer.COLUMN_TYPES
+
+
+def _parse_copy(data: bytes, types: str) -> list[tuple[Any, ...]]:
+    """The tuples of a binary COPY stream's body (no signature, no trailer)."""
+    import struct
+
+    out, at = [], 0
+    while at < len(data):
+        (count,) = struct.unpack_from("!h", data, at)
+        at += 2
+        values: list[Any] = []
+        for k in range(count):
+            (size,) = struct.unpack_from("!i", data, at)
+            at += 4
+            if size == -1:
+                values.append(None)
+                continue
+            raw, at = data[at : at + size], at + size
+            kind = types[k]
+            values.append(
+                struct.unpack("!d", raw)[0] if kind == "d" else
+                struct.unpack("!q", raw)[0] if kind == "q" else raw.decode()
+            )  # fmt: skip
+        assert count == len(types)
+        out.append(tuple(values))
+    return out
