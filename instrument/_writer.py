@@ -59,6 +59,18 @@ row, written before the first sleep) are on disk a tenth of a second after they 
 not a full schedule later. Once events are written, batches are ``SCHEDULE_DELAY_SECONDS``
 apart."""
 
+START_WAIT_SECONDS = 0.5
+"""The longest ``attach()`` waits for a new writer to make the store, its schema and the
+process's row.
+
+The writer thread does it, in some thirty statements, each of which gives up the GIL and
+waits to get it back from a busy application thread (up to the 5 ms switch interval, longer
+on a loaded machine): 0.35 s was measured on two busy cores, so a process killed 0.4 s after
+``attach()`` returned could leave a new store in WAL mode but without its schema. While
+``attach()`` waits, the application's thread holds no GIL: the start takes its own few
+milliseconds. A store that cannot be written, or is held locked by another process, is
+waited for no longer than this; the writer goes on trying in the background, as always."""
+
 TERMINATE_TIMEOUT_SECONDS = 5.0
 """The longest a SIGTERM handled by poolscope waits for the store before the process dies."""
 
@@ -181,6 +193,8 @@ class Writer:
         self._fork_done.set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Set once the thread has tried to open the store and write the process row.
+        self._started = threading.Event()
         self.written = 0
         self.dropped_total = 0
         # Diagnoses of long holds and timeout holders (see _diagnose), written with the
@@ -257,6 +271,7 @@ class Writer:
                 self._connection()
             except Exception:  # never let the thread die; the app must not notice
                 logger.exception("poolscope writer failed; continuing")
+        self._started.set()
         while not self._stopping:
             if self._fork_pending:  # a fork waits for _io_lock: let it have it first
                 self._fork_done.wait(FORK_WAIT_SECONDS)
@@ -689,6 +704,7 @@ class Writer:
         self._fork_done = threading.Event()
         self._fork_done.set()
         self._thread = None
+        self._started = threading.Event()
         self._stopping = False
         self._failed_at = None
         self._pending_drops = 0
@@ -755,7 +771,8 @@ _registry_lock = threading.Lock()
 
 def get_writer(path: Path | _store.PostgresStore) -> Writer:
     """Return this process's writer for ``path`` (a SQLite file, or a PostgreSQL store),
-    creating and starting it once."""
+    creating and starting it once, and waiting (``START_WAIT_SECONDS`` at most) until it
+    has opened the store and written the process's row."""
     key = str(path) if isinstance(path, _store.PostgresStore) else os.path.abspath(path)
     with _registry_lock:
         writer = _writers.get(key)
@@ -769,7 +786,9 @@ def get_writer(path: Path | _store.PostgresStore) -> Writer:
             _hook_multiprocessing_exit()
         _install_sigterm_handler()
         writer.start()
-        return writer
+    # Outside the lock (another thread may attach meanwhile); at once for a started writer.
+    writer._started.wait(START_WAIT_SECONDS)
+    return writer
 
 
 def _sqlalchemy_version() -> str:
