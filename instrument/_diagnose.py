@@ -463,6 +463,10 @@ class Diagnoser:
         self._requests.clear()
         self.breakdowns.clear()
         self.diagnosed.clear()
+        # New events, not the copies: the parent's sampler may have been inside one
+        # (holding its lock) when the process was copied.
+        self._wake = threading.Event()
+        self._idle = threading.Event()
         self._idle.set()
 
 

@@ -260,7 +260,9 @@ class PostgresWriter(Writer):
             for key, info in self.pools.items()
             if key in self._pool_ids
         }
-        self.keeper.after_batch(self._keeper_conn, batch, pools, stacks, leak_after, now, raw)
+        self.keeper.after_batch(
+            self._keeper_conn, batch, pools, stacks, leak_after, now, raw, stop=self._fork_wanted
+        )
 
     def _transaction(
         self,
@@ -419,12 +421,12 @@ class PostgresWriter(Writer):
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def reinit_after_fork(self) -> None:
+    def reinit_after_fork(self, quiet: bool = True) -> None:
         if self._pg is not None:
             _inherited.append(self._pg)  # the parent's session: neither ours to use nor close
-        self._pg = None
+        self._pg = self._conn = None
         self._keeper_conn = None
-        super().reinit_after_fork()
+        super().reinit_after_fork(quiet)
         self._retry_s = RETRY_FIRST_SECONDS
 
 

@@ -381,6 +381,7 @@ class Keeper:
         self.max_leak_after = 0.0
         self._configured = False
         self._span: tuple[float, float] | None = None
+        self._stop: Callable[[], bool] = _never
 
     def configure(self, keep_raw: float, max_store_mb: float) -> None:
         """Apply a monitor's settings: the tightest of every monitor's on this store wins."""
@@ -423,12 +424,17 @@ class Keeper:
         leak_after: dict[int, float],
         now: float,
         raw_written: bool,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         """Roll up the batch ``flat`` the writer just wrote (or skipped: ``raw_written``
         false), mark its notable checkouts, then prune and check the size. Never raises.
 
         ``pool_ids``/``stack_ids`` map the records' pool keys and stack ids to the store's
-        (``None``: already the store's); ``leak_after`` is by the store's pool id."""
+        (``None``: already the store's); ``leak_after`` is by the store's pool id. Pruning
+        and merging minute rows stop between two steps (each its own transaction) once
+        ``stop()`` is true, as past their time budget: the rest is left for the next batch.
+        """
+        self._stop = stop or _never
         try:
             self._after_batch(conn, flat, pool_ids, stack_ids, leak_after, now, raw_written)
         except Exception as exc:  # sqlite3.Error, or anything else: the writer carries on
@@ -547,7 +553,7 @@ class Keeper:
         top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         deadline = REAL.perf() + PRUNE_BUDGET_S
         deleted_any = False
-        while self._cursor < top and REAL.perf() < deadline:
+        while self._cursor < top and REAL.perf() < deadline and not self._stop():
             lo, hi = self._cursor, min(self._cursor + PRUNE_STEP_IDS, top)
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -614,7 +620,7 @@ class Keeper:
 
     def _coarsen(self, conn: sqlite3.Connection, now: float) -> None:
         deadline = REAL.perf() + PRUNE_BUDGET_S
-        while REAL.perf() < deadline:
+        while REAL.perf() < deadline and not self._stop():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 age = MINUTE_ROWS_S if self.store_raw else MINUTE_ROWS_AT_CAP_S
@@ -625,6 +631,10 @@ class Keeper:
                 raise
             if not moved:
                 break
+
+
+def _never() -> bool:
+    return False
 
 
 def _finite(value: float) -> float | None:

@@ -59,6 +59,18 @@ row, written before the first sleep) are on disk a tenth of a second after they 
 not a full schedule later. Once events are written, batches are ``SCHEDULE_DELAY_SECONDS``
 apart."""
 
+START_WAIT_SECONDS = 0.5
+"""The longest ``attach()`` waits for a new writer to make the store, its schema and the
+process's row.
+
+The writer thread does it, in some thirty statements, each of which gives up the GIL and
+waits to get it back from a busy application thread (up to the 5 ms switch interval, longer
+on a loaded machine): 0.35 s was measured on two busy cores, so a process killed 0.4 s after
+``attach()`` returned could leave a new store in WAL mode but without its schema. While
+``attach()`` waits, the application's thread holds no GIL: the start takes its own few
+milliseconds. A store that cannot be written, or is held locked by another process, is
+waited for no longer than this; the writer goes on trying in the background, as always."""
+
 TERMINATE_TIMEOUT_SECONDS = 5.0
 """The longest a SIGTERM handled by poolscope waits for the store before the process dies."""
 
@@ -70,6 +82,14 @@ SPARE_CAPACITY_RECORDS = 65_536
 
 HEARTBEAT_SECONDS = 2.0
 RETRY_OPEN_SECONDS = 5.0
+
+FORK_WAIT_SECONDS = _store.WRITE_BUSY_TIMEOUT_MS / 1000 + 1.0
+"""The longest ``fork()`` waits for a writer to finish the transaction it is in.
+
+The writer stops between transactions once a fork is asked for (pruning leaves the rest for
+the next batch), so a fork normally waits for at most one batch's transaction; only a store
+another process holds locked keeps one waiting longer, for its busy timeout at most. Past
+this, the fork goes ahead and the child leaves the copies of the writer's handles alone."""
 
 ROWS_PER_STATEMENT = 200
 """Rows per multi-row INSERT: fewer statements means fewer GIL hand-offs with the app."""
@@ -164,8 +184,17 @@ class Writer:
         # Held by the writer thread while it works in SQLite, and by fork() (see
         # _before_fork): a child must not inherit a SQLite mutex held mid-write.
         self._io_lock = threading.Lock()
+        # Set by _before_fork while it waits for _io_lock: the writer then stops between
+        # transactions (pruning included) and does not take the lock again until
+        # _fork_done is set, after the fork (a Lock is not fair: a writer with a backlog
+        # would otherwise take it back at once, again and again).
+        self._fork_pending = False
+        self._fork_done = threading.Event()
+        self._fork_done.set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Set once the thread has tried to open the store and write the process row.
+        self._started = threading.Event()
         self.written = 0
         self.dropped_total = 0
         # Diagnoses of long holds and timeout holders (see _diagnose), written with the
@@ -242,7 +271,10 @@ class Writer:
                 self._connection()
             except Exception:  # never let the thread die; the app must not notice
                 logger.exception("poolscope writer failed; continuing")
+        self._started.set()
         while not self._stopping:
+            if self._fork_pending:  # a fork waits for _io_lock: let it have it first
+                self._fork_done.wait(FORK_WAIT_SECONDS)
             # A backlog past the batch threshold is written at once; otherwise the
             # writer sleeps, so that it wakes (and takes the GIL) a few times a second,
             # and more often until the first events are on disk.
@@ -377,7 +409,13 @@ class Writer:
             for key, info in self.pools.items()
             if key in self._pool_ids
         }
-        self.keeper.after_batch(conn, flat, pools, stacks, leak_after, now, raw)
+        self.keeper.after_batch(
+            conn, flat, pools, stacks, leak_after, now, raw, stop=self._fork_wanted
+        )
+
+    def _fork_wanted(self) -> bool:
+        """Whether a fork waits for this writer: its keeper then stops between steps."""
+        return self._fork_pending
 
     def _take_diagnoses(self) -> list[tuple[Any, ...]]:
         """The diagnoses queued so far (see ``_diagnose``), taken off the list."""
@@ -625,8 +663,18 @@ class Writer:
                 self._conn.close()
             self._conn = None
 
-    def reinit_after_fork(self) -> None:
-        """Forget the parent's thread, queue, connection and process row; start afresh."""
+    def reinit_after_fork(self, quiet: bool = True) -> None:
+        """Forget the parent's thread, queue, connection and process row; start afresh.
+
+        :param quiet: whether the fork held this writer's I/O lock, so that no SQLite call
+            of the parent's writer was under way in the copy. Then the copies of its handles
+            are closed: SQLite keeps one record per process of the locks each open handle
+            holds on a file, and a new handle on the same file shares it, so a copy left open
+            would make this process's own handle take no real lock (a parent closing its
+            last handle would then checkpoint and delete the WAL under this one). Where
+            not, they are left alone (closing one would wait forever for the mutex of the
+            call the copy was in), held for the life of the process.
+        """
         self.parent_process_id = self.process_id
         self.process_id = None
         # Cleared in place: the listeners hold these very objects.
@@ -636,15 +684,27 @@ class Writer:
         if self._rows is not None:  # a batch the fork copied mid-write is not ours either
             self._spare = self._rows.Events(RECORD_WIDTH)
         self._markers = []
-        self._conn = None  # the parent's handle is not ours to use or close
-        if self._c_store is not None:
-            self._c_store.forget()
-            self._c_store = None
+        conn, c_store = self._conn, self._c_store
+        self._conn = self._c_store = None
+        if quiet:
+            for handle in (c_store, conn):
+                if handle is not None:
+                    with contextlib.suppress(Exception):
+                        handle.close()
+        else:
+            if c_store is not None:
+                c_store.forget()
+            if conn is not None:
+                _inherited.append(conn)
         # Every pool and stack this process knows needs its store id again.
         self._forget_written_rows()
         self._wake = threading.Event()
         self._io_lock = threading.Lock()
+        self._fork_pending = False
+        self._fork_done = threading.Event()
+        self._fork_done.set()
         self._thread = None
+        self._started = threading.Event()
         self._stopping = False
         self._failed_at = None
         self._pending_drops = 0
@@ -711,7 +771,8 @@ _registry_lock = threading.Lock()
 
 def get_writer(path: Path | _store.PostgresStore) -> Writer:
     """Return this process's writer for ``path`` (a SQLite file, or a PostgreSQL store),
-    creating and starting it once."""
+    creating and starting it once, and waiting (``START_WAIT_SECONDS`` at most) until it
+    has opened the store and written the process's row."""
     key = str(path) if isinstance(path, _store.PostgresStore) else os.path.abspath(path)
     with _registry_lock:
         writer = _writers.get(key)
@@ -725,7 +786,9 @@ def get_writer(path: Path | _store.PostgresStore) -> Writer:
             _hook_multiprocessing_exit()
         _install_sigterm_handler()
         writer.start()
-        return writer
+    # Outside the lock (another thread may attach meanwhile); at once for a started writer.
+    writer._started.wait(START_WAIT_SECONDS)
+    return writer
 
 
 def _sqlalchemy_version() -> str:
@@ -845,14 +908,22 @@ def _die_of(signum: int) -> None:
 
 
 _forking: list[Writer] = []
+"""The writers whose I/O lock fork() holds (see ``_before_fork``)."""
+
+_waited: list[Writer] = []
+"""The writers told that a fork waits for them (``_fork_pending``)."""
+
+_inherited: list[Any] = []
+"""Handles a forked child copied mid-call (see ``Writer.reinit_after_fork``): never closed."""
 
 
 def _before_fork() -> None:
     """Quiesce every writer before ``fork()`` copies the process.
 
     A writer that has not written its process row yet writes it now, so that the
-    child can name its parent; then its I/O lock is taken, so that no SQLite call
-    is half-done in the copy. Both waits are bounded: fork is never held up long.
+    child can name its parent; then it is asked to stop between transactions and its
+    I/O lock is taken, so that no SQLite call or transaction is half-done in the copy.
+    Both waits are bounded (``FORK_WAIT_SECONDS``): fork is never held up long.
     """
     current = threading.current_thread()
     for writer in list(_writers.values()):
@@ -861,23 +932,34 @@ def _before_fork() -> None:
             continue
         if writer.process_id is None and thread is not None and thread.is_alive():
             writer.flush(timeout=1.0)
-        if writer._io_lock.acquire(timeout=2.0):
+        writer._fork_done.clear()
+        writer._fork_pending = True
+        _waited.append(writer)
+        if writer._io_lock.acquire(timeout=FORK_WAIT_SECONDS):
             _forking.append(writer)
 
 
 def _after_fork_in_parent() -> None:
     while _forking:
         _forking.pop()._io_lock.release()
+    while _waited:
+        writer = _waited.pop()
+        writer._fork_pending = False
+        writer._fork_done.set()
 
 
 def _after_fork_in_child() -> None:
     global _registry_lock, _process_start, _multiprocessing_hooked, _ending, _deferred_signal
+    # The writers whose lock the fork held, or whose thread forked: none was mid-call.
+    waited = {id(w) for w in _waited}
+    quiet = {id(w) for w in _forking} | {id(w) for w in _writers.values() if id(w) not in waited}
     _forking.clear()  # the child's writers get fresh locks below
+    _waited.clear()
     _ending, _deferred_signal = _RUNNING, None
     _registry_lock = threading.Lock()
     _process_start = REAL.wall()
     for writer in _writers.values():
-        writer.reinit_after_fork()
+        writer.reinit_after_fork(quiet=id(writer) in quiet)
         for owner, (_, after_fork) in list(writer.ticking.items()):
             after_fork(owner)
         writer.start()
