@@ -257,7 +257,8 @@ class PostgresWriter(Writer):
         stacks = None if mapped else self._stack_ids
         leak_after = {
             self._pool_ids[key]: info["leak_after_s"]
-            for key, info in self.pools.items()
+            # A copy: attach() adds pools from the application's threads meanwhile.
+            for key, info in list(self.pools.items())
             if key in self._pool_ids
         }
         self.keeper.after_batch(
