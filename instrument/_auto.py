@@ -61,6 +61,16 @@ _hooked = False
 _warned: set[str] = set()
 
 
+def _lock_afresh_in_child() -> None:
+    """In a forked child: a new lock (a fork may copy one held by another thread)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_afresh_in_child)
+
+
 def wanted(environ: Any = os.environ) -> bool:
     """Whether ``$POOLSCOPE_AUTO`` asks for auto-attach (set, and not ``0`` or ``false``)."""
     return environ.get(AUTO_ENV, "").strip().lower() not in _OFF_WORDS

@@ -21,6 +21,7 @@ poolscope reports it.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -226,6 +227,19 @@ def _takes_context(method: Any) -> bool:
 
 _instruments: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()
 _instruments_lock = threading.Lock()
+
+
+def _locks_afresh_in_child() -> None:
+    """In a forked child: new locks, as a fork may have copied one held by another thread
+    (a collection under way in the reader's thread would leave it held for good)."""
+    global _instruments_lock
+    _instruments_lock = threading.Lock()
+    for made in list(_instruments.values()):
+        made._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_locks_afresh_in_child)
 
 
 def instruments_of(provider: Any) -> Instruments:
