@@ -389,6 +389,41 @@ class TestInstruments:
 
 
 class TestLifecycle:
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+    def test_a_child_forked_during_a_collection_attaches(
+        self, sqlite_url: str, store_path: Path, reader
+    ) -> None:
+        """A fork while the reader's thread collects (holding the instruments' lock) leaves
+        the child free to attach and report: it does not wait for a lock no thread of its
+        own will release."""
+        engine = sa.create_engine(sqlite_url)
+        try:
+            instrument.attach(engine, store=store_path, name=NAME, meter_provider=reader.provider)
+            made = _otel.instruments_of(reader.provider)
+            with made._lock:  # as a collection in another thread holds it
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child
+                    code = 1
+                    try:
+                        child = sa.create_engine(sqlite_url)
+                        instrument.attach(
+                            child, store=store_path, name="child", meter_provider=reader.provider
+                        )
+                        short_checkouts(child, 1)
+                        code = 0
+                    finally:
+                        os._exit(code)
+            deadline = time.monotonic() + 30
+            while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the child waited for the lock the fork copied held")
+                time.sleep(0.05)
+            assert os.waitstatus_to_exitcode(done[1]) == 0
+        finally:
+            engine.dispose()
+
     def test_attach_again_with_a_provider_reports_there(
         self, sqlite_url: str, store_path: Path, reader
     ) -> None:
