@@ -153,33 +153,72 @@ class Notable:
         has_id = ~np.isnan(cid)
         ids = np.where(has_id, cid, -1).astype(np.int64)
         leak = b.of(*LEAK_MARK_KINDS) & has_id
-        for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
-            out.append((pool, c, "leak"))
+        if leak.any():
+            for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
+                out.append((pool, c, "leak"))
         returned = b.of(*RETURN_KINDS) & has_id
         if leak_after and returned.any():
-            pools = b.pool[returned]
-            limits = np.array([leak_after.get(p, math.inf) for p in pools.tolist()])
-            long = b.hold_s[returned] > limits
-            for pool, c in zip(pools[long].tolist(), ids[returned][long].tolist(), strict=True):
+            long = np.flatnonzero((b.hold_s > _limits(b.pool, leak_after)) & returned)
+            for pool, c in zip(b.pool[long].tolist(), ids[long].tolist(), strict=True):
                 out.append((pool, c, "long_hold"))
         co = b.of("checkout") & has_id
-        for j in np.nonzero(b.of("timeout"))[0].tolist():  # rare: one pass each
-            t, pool = float(b.at[j]), int(b.pool[j])
-            held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
-            m = co & (b.pool == pool) & (b.at <= t)
-            held.update(ids[m].tolist())
-            m = returned & (b.pool == pool) & (b.at <= t)
-            held.difference_update(ids[m].tolist())
-            out.extend((pool, c, "timeout_holder") for c in sorted(held))
+        timeouts = b.of("timeout")
+        if timeouts.any():
+            for j in np.nonzero(timeouts)[0].tolist():  # rare: one pass each
+                t, pool = float(b.at[j]), int(b.pool[j])
+                held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
+                m = co & (b.pool == pool) & (b.at <= t)
+                held.update(ids[m].tolist())
+                m = returned & (b.pool == pool) & (b.at <= t)
+                held.difference_update(ids[m].tolist())
+                out.extend((pool, c, "timeout_holder") for c in sorted(held))
         # The open checkouts after the batch (only the few that outlive it are touched).
         keys = b.pool.astype(np.int64) * (1 << 40) + ids
         co_keys, ret_keys = keys[co], keys[returned]
-        stays = ~np.isin(co_keys, ret_keys)
+        stays, gone = _unmatched(b.pool, ids, co, returned)
         for k, at in zip(co_keys[stays].tolist(), b.at[co][stays].tolist(), strict=True):
             self.open[(k >> 40, k & ((1 << 40) - 1))] = at
-        for k in ret_keys[~np.isin(ret_keys, co_keys)].tolist():
+        for k in ret_keys[gone].tolist():
             self.open.pop((k >> 40, k & ((1 << 40) - 1)), None)
         return out
+
+
+def _limits(pools: np.ndarray, leak_after: dict[int, float]) -> np.ndarray:
+    """Each of ``pools``' threshold in ``leak_after`` (``inf`` where it has none)."""
+    known = np.array(sorted(leak_after), dtype=np.int64)
+    values = np.array([leak_after[p] for p in known.tolist()], dtype=np.float64)
+    top = int(known[-1])
+    if known[0] >= 0 and top < (1 << 16):  # the store's pool ids: a lookup table
+        table = np.full(top + 2, math.inf)  # the last: any pool past them
+        table[known] = values
+        return table[np.clip(pools, -1, top + 1)]  # -1 (no such id) reads the last too
+    at = np.minimum(np.searchsorted(known, pools), known.size - 1)
+    return np.where(known[at] == pools, values[at], math.inf)
+
+
+def _unmatched(
+    pool: np.ndarray, ids: np.ndarray, co: np.ndarray, returned: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of the checkouts ``co`` and the returns ``returned`` (masks of the records whose
+    ``(pool, ids)`` they are), which checkouts have no return in the batch, and which
+    returns no checkout."""
+    mine = co | returned
+    if mine.any():
+        p, c = pool[mine], ids[mine]
+        plo, clo = int(p.min()), int(c.min())
+        npool, nid = int(p.max()) - plo + 1, int(c.max()) - clo + 1
+        if npool * nid <= (1 << 16) + 8 * p.size:  # ids of a batch are close: a table
+            key = (pool - plo) * nid + (ids - clo)
+            co_key, ret_key = key[co], key[returned]
+            seen = np.zeros(npool * nid, dtype=bool)
+            seen[ret_key] = True
+            stays = ~seen[co_key]
+            seen[:] = False
+            seen[co_key] = True
+            return stays, ~seen[ret_key]
+    keys = pool.astype(np.int64) * (1 << 40) + ids
+    co_keys, ret_keys = keys[co], keys[returned]
+    return ~np.isin(co_keys, ret_keys), ~np.isin(ret_keys, co_keys)
 
 
 # -- store steps (plain SQL; the connection is in autocommit mode) -----------------------
@@ -432,7 +471,7 @@ class Keeper:
             if limits:
                 self.max_leak_after = max(self.max_leak_after, max(limits.values()))
             marks = self.notable.marks(batch, limits)
-            protected = int(batch.of(*PROTECTED_KINDS).sum())
+            protected = int(batch.kind_counts()[_rollups.kind_codes(*PROTECTED_KINDS)].sum())
             if not raw_written:
                 self._counts["raw_skipped"] += len(batch)
                 self._raw_since = max(self._raw_since, float(batch.at.max()) + 1e-6)

@@ -634,7 +634,9 @@ Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
    first field, then all their second, ...: `width` columns of len/width values): an int
    or float as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1
    where it is none of them). For the writer's rollups: the batch as numpy columns,
-   without a Python object per value. */
+   without a Python object per value. Read with the GIL released, as insert() reads:
+   nothing else may append to these Events meanwhile (the writer calls it on the batch
+   it took). */
 static PyObject *
 Events_numbers(Events *self, PyObject *texts)
 {
@@ -655,24 +657,35 @@ Events_numbers(Events *self, PyObject *texts)
     if (out == NULL) return NULL;
     double *d = (double *)PyBytes_AS_STRING(out);
     Py_ssize_t width = self->width, nrecords = self->nrecords;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const Cell *c = &self->cells[i];
-        double *out = &d[(i % width) * nrecords + i / width];
-        switch (c->type) {
-        case CELL_INT: *out = (double)c->i; break;
-        case CELL_FLOAT: *out = c->d; break;
-        case CELL_TEXT:
-            *out = -1.0;
-            for (Py_ssize_t k = 0; k < ntexts; k++) {
-                if (lens[k] == c->len && memcmp(names[k], self->text + c->off, c->len) == 0) {
-                    *out = (double)k;
-                    break;
+    const Cell *cells = self->cells;
+    const char *text = self->text;
+    Py_INCREF(self);
+    Py_INCREF(texts);  /* names[] point into its str */
+    Py_BEGIN_ALLOW_THREADS
+    const Cell *c = cells;
+    for (Py_ssize_t r = 0; r < nrecords; r++) {  /* the cells in order, into `width` columns */
+        double *value = d + r;
+        for (Py_ssize_t f = 0; f < width; f++, c++, value += nrecords) {
+            switch (c->type) {
+            case CELL_INT: *value = (double)c->i; break;
+            case CELL_FLOAT: *value = c->d; break;
+            case CELL_TEXT:
+                *value = -1.0;
+                for (Py_ssize_t k = 0; k < ntexts; k++) {
+                    if (lens[k] == c->len && (c->len == 0 || names[k][0] == text[c->off]) &&
+                        memcmp(names[k], text + c->off, c->len) == 0) {
+                        *value = (double)k;
+                        break;
+                    }
                 }
+                break;
+            default: *value = Py_NAN;
             }
-            break;
-        default: *out = Py_NAN;
         }
     }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(texts);
+    Py_DECREF(self);
     return out;
 }
 
