@@ -176,8 +176,10 @@ class Reference:
         self.last[pool] = (at[-1], _clean(in_use[-1]))
         periods: dict[float, dict[str, Any]] = {}
         for i in idx:
-            row = periods.setdefault(_start(b.at[i]), {"events": 0, "invalidations": 0,
-                                                       "disconnects": 0, "peaks": defaultdict(list)})  # fmt: skip
+            row = periods.setdefault(
+                _start(b.at[i]),
+                {"events": 0, "invalidations": 0, "disconnects": 0, "peaks": defaultdict(list)},
+            )
             row["events"] += 1
             if kind[i] == "invalidate":
                 row["invalidations"] += 1
@@ -192,8 +194,12 @@ class Reference:
                 if not math.isnan(value):
                     row["peaks"][name].append(float(value))
         for start, row in periods.items():
-            delta = {"events": row["events"], "in_use_s": integral.pop(start, 0.0),
-                     "invalidations": row["invalidations"], "disconnects": int(row["disconnects"])}  # fmt: skip
+            delta = {
+                "events": row["events"],
+                "in_use_s": integral.pop(start, 0.0),
+                "invalidations": row["invalidations"],
+                "disconnects": int(row["disconnects"]),
+            }
             for name in _rollups._POOL_MAXES:
                 delta[name] = int(max(row["peaks"][name])) if row["peaks"][name] else None
             self._add_pool(start, pool, delta)
