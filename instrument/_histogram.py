@@ -143,24 +143,44 @@ def merge(*hists: Histogram | Iterable[Histogram]) -> tuple[np.ndarray, np.ndarr
         hists = tuple(hists[0])
     if len(hists) == 1 and isinstance(hists[0], Merged):
         return hists[0]
-    parts = [_pairs(h) for h in hists]  # type: ignore[arg-type]
+    parts = [_counted(h) for h in hists]  # type: ignore[arg-type]
     parts = [p for p in parts if p[0].size]
     if not parts:
         return _empty()
-    indices = np.concatenate([p[0] for p in parts])
-    counts = np.concatenate([p[1] for p in parts])
+    size = sum(p[0].size for p in parts)
+    low = min(int(p[0].min()) for p in parts)
+    top = max(int(p[0].max()) for p in parts)
+    if low >= 0 and top < 4096 + 16 * size:
+        # Buckets are small numbers: add the counts bucket by bucket, no sort. The counts
+        # are whole numbers, added exactly in float64 (below 2**53) in any order.
+        sums = np.bincount(parts[0][0], weights=parts[0][1], minlength=top + 1)
+        for indices, counts in parts[1:]:
+            sums += np.bincount(indices, weights=counts, minlength=top + 1)
+        uniq = np.flatnonzero(sums)
+        return Merged((uniq.astype(np.int64, copy=False), sums[uniq].astype(np.int64)))
+    indices = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
+    counts = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
     keep = counts > 0
     indices, counts = indices[keep], counts[keep]
     if not indices.size:
         return _empty()
-    if indices.min() >= 0 and indices.max() < 4096 + 16 * indices.size:
-        # Buckets are small numbers: add the counts bucket by bucket, no sort (the same
-        # sums, in the same order, as the general way below).
-        sums = np.bincount(indices, weights=counts)
-        uniq = np.flatnonzero(sums)
-        return Merged((uniq.astype(np.int64), sums[uniq].astype(np.int64)))
     uniq, inverse = np.unique(indices, return_inverse=True)
     return Merged((uniq.astype(np.int64), np.bincount(inverse, weights=counts).astype(np.int64)))
+
+
+def _counted(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """``hist`` as ``(indices, counts)`` arrays without a negative count (the entries of a
+    count of 0 or less are left out, but where every count is unsigned: a BLOB's)."""
+    if isinstance(hist, (bytes, bytearray, memoryview)):
+        if not hist:
+            return _empty()
+        pairs = np.frombuffer(hist, dtype=_DTYPE).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+    if isinstance(hist, Merged):
+        return hist
+    indices, counts = _pairs(hist)
+    keep = counts > 0
+    return (indices, counts) if keep.all() else (indices[keep], counts[keep])
 
 
 def count(hist: Histogram) -> int:

@@ -152,19 +152,21 @@ class Notable:
         cid = b.checkout_id
         has_id = ~np.isnan(cid)
         ids = np.where(has_id, cid, -1).astype(np.int64)
-        leak = b.of(*LEAK_MARK_KINDS) & has_id
-        if leak.any():
+        if b.has(*LEAK_MARK_KINDS):
+            leak = b.of(*LEAK_MARK_KINDS) & has_id
             for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
                 out.append((pool, c, "leak"))
         returned = b.of(*RETURN_KINDS) & has_id
         if leak_after and returned.any():
-            long = np.flatnonzero((b.hold_s > _limits(b.pool, leak_after)) & returned)
+            # Held past the lowest threshold first (a few, if any), then past their pool's.
+            lowest = np.fmin.reduce(np.fromiter(leak_after.values(), np.float64, len(leak_after)))
+            maybe = np.flatnonzero((b.hold_s > lowest) & returned)
+            long = maybe[b.hold_s[maybe] > _limits(b.pool[maybe], leak_after)]
             for pool, c in zip(b.pool[long].tolist(), ids[long].tolist(), strict=True):
                 out.append((pool, c, "long_hold"))
         co = b.of("checkout") & has_id
-        timeouts = b.of("timeout")
-        if timeouts.any():
-            for j in np.nonzero(timeouts)[0].tolist():  # rare: one pass each
+        if b.has("timeout"):
+            for j in np.flatnonzero(b.of("timeout")).tolist():  # rare: one pass each
                 t, pool = float(b.at[j]), int(b.pool[j])
                 held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
                 m = co & (b.pool == pool) & (b.at <= t)
@@ -173,12 +175,12 @@ class Notable:
                 held.difference_update(ids[m].tolist())
                 out.extend((pool, c, "timeout_holder") for c in sorted(held))
         # The open checkouts after the batch (only the few that outlive it are touched).
-        keys = b.pool.astype(np.int64) * (1 << 40) + ids
-        co_keys, ret_keys = keys[co], keys[returned]
-        stays, gone = _unmatched(b.pool, ids, co, returned)
-        for k, at in zip(co_keys[stays].tolist(), b.at[co][stays].tolist(), strict=True):
+        stays, gone = _unmatched(b.pool, ids, np.flatnonzero(co), np.flatnonzero(returned))
+        keys = b.pool.take(stays).astype(np.int64) * (1 << 40) + ids.take(stays)
+        for k, at in zip(keys.tolist(), b.at.take(stays).tolist(), strict=True):
             self.open[(k >> 40, k & ((1 << 40) - 1))] = at
-        for k in ret_keys[gone].tolist():
+        keys = b.pool.take(gone).astype(np.int64) * (1 << 40) + ids.take(gone)
+        for k in keys.tolist():
             self.open.pop((k >> 40, k & ((1 << 40) - 1)), None)
         return out
 
@@ -191,7 +193,7 @@ def _limits(pools: np.ndarray, leak_after: dict[int, float]) -> np.ndarray:
     if known[0] >= 0 and top < (1 << 16):  # the store's pool ids: a lookup table
         table = np.full(top + 2, math.inf)  # the last: any pool past them
         table[known] = values
-        return table[np.clip(pools, -1, top + 1)]  # -1 (no such id) reads the last too
+        return table.take(np.clip(pools, -1, top + 1))  # -1 (no such id) reads the last too
     at = np.minimum(np.searchsorted(known, pools), known.size - 1)
     return np.where(known[at] == pools, values[at], math.inf)
 
@@ -199,26 +201,29 @@ def _limits(pools: np.ndarray, leak_after: dict[int, float]) -> np.ndarray:
 def _unmatched(
     pool: np.ndarray, ids: np.ndarray, co: np.ndarray, returned: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Of the checkouts ``co`` and the returns ``returned`` (masks of the records whose
-    ``(pool, ids)`` they are), which checkouts have no return in the batch, and which
-    returns no checkout."""
-    mine = co | returned
-    if mine.any():
-        p, c = pool[mine], ids[mine]
-        plo, clo = int(p.min()), int(c.min())
-        npool, nid = int(p.max()) - plo + 1, int(c.max()) - clo + 1
-        if npool * nid <= (1 << 16) + 8 * p.size:  # ids of a batch are close: a table
-            key = (pool - plo) * nid + (ids - clo)
-            co_key, ret_key = key[co], key[returned]
+    """Of the checkouts at ``co`` and the returns at ``returned`` (indices of the records
+    whose ``(pool, ids)`` they are), the checkouts with no return in the batch and the
+    returns with no checkout (their indices, in order)."""
+    if co.size and returned.size:
+        co_pool, co_id = pool.take(co), ids.take(co)
+        ret_pool, ret_id = pool.take(returned), ids.take(returned)
+        plo = min(int(co_pool.min()), int(ret_pool.min()))
+        clo = min(int(co_id.min()), int(ret_id.min()))
+        npool = max(int(co_pool.max()), int(ret_pool.max())) - plo + 1
+        nid = max(int(co_id.max()), int(ret_id.max())) - clo + 1
+        if npool * nid <= (1 << 16) + 8 * (co.size + returned.size):  # close ids: a table
+            co_key = (co_pool - plo) * nid + (co_id - clo)
+            ret_key = (ret_pool - plo) * nid + (ret_id - clo)
             seen = np.zeros(npool * nid, dtype=bool)
             seen[ret_key] = True
-            stays = ~seen[co_key]
+            stays = co[~seen[co_key]]
             seen[:] = False
             seen[co_key] = True
-            return stays, ~seen[ret_key]
-    keys = pool.astype(np.int64) * (1 << 40) + ids
-    co_keys, ret_keys = keys[co], keys[returned]
-    return ~np.isin(co_keys, ret_keys), ~np.isin(ret_keys, co_keys)
+            return stays, returned[~seen[ret_key]]
+        keys = pool.astype(np.int64) * (1 << 40) + ids
+        co_keys, ret_keys = keys.take(co), keys.take(returned)
+        return co[~np.isin(co_keys, ret_keys)], returned[~np.isin(ret_keys, co_keys)]
+    return co, returned
 
 
 # -- store steps (plain SQL; the connection is in autocommit mode) -----------------------

@@ -112,9 +112,8 @@ class Batch:
     def kind_counts(self) -> np.ndarray:
         """How many records are of each kind (by code; the last: any other kind)."""
         if self._kinds is None:
-            k = len(KINDS)
-            counts = np.bincount(np.clip(self.kind, -1, k) + 1, minlength=k + 2)
-            self._kinds = np.append(counts[1 : k + 1], counts[0] + counts[k + 1])
+            counts = [np.count_nonzero(self.kind == code) for code in range(len(KINDS))]
+            self._kinds = np.array([*counts, len(self) - sum(counts)], dtype=np.int64)
         return self._kinds
 
     def has(self, *kinds: str) -> bool:
@@ -151,7 +150,7 @@ class Batch:
         return cls(
             at=c[AT],
             pool=_mapped(c[POOL], pool_ids),
-            kind=np.nan_to_num(c[KIND], nan=-1).astype(np.int16),
+            kind=_ints(c[KIND]).astype(np.int16),
             checkout_id=c[CHECKOUT_ID],
             in_use=c[IN_USE],
             overflow=c[OVERFLOW],
@@ -227,7 +226,7 @@ def _floats(values: Sequence[Any]) -> np.ndarray:
 def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
     """``values`` (local keys as float64, NULL as NaN) mapped through ``ids`` (else 0);
     ``ids`` ``None``: the values as they are."""
-    local = np.nan_to_num(values, nan=-1.0).astype(np.int64)
+    local = _ints(values)
     if ids is None:
         return np.maximum(local, 0)
     if not local.size:
@@ -236,7 +235,9 @@ def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
     if 0 <= top < (1 << 22):  # local ids are small counters: a lookup table, no sort
         table = np.zeros(top + 2, dtype=np.int64)  # the last: any other key (-1, or past top)
         table[list(ids)] = [v or 0 for v in ids.values()]
-        return table[np.where((local >= 0) & (local <= top), local, top + 1)]
+        if local.min() >= 0 and local.max() <= top:
+            return table.take(local)
+        return table.take(np.clip(local, -1, top + 1))  # -1 reads the last: any other key
     uniq, inverse = np.unique(local, return_inverse=True)
     mapped = np.array([ids.get(u) or 0 for u in uniq.tolist()], dtype=np.int64)
     return mapped[inverse.reshape(-1)]
@@ -314,14 +315,14 @@ class Rollups:
         }
         holds = waits = {}
         if b.has("checkin", "gc_checkin"):
-            ret = b.of("checkin", "gc_checkin")
-            where, values = group[ret], b.hold_s[ret]
+            ret = np.flatnonzero(b.of("checkin", "gc_checkin"))
+            where, values = group.take(ret), b.hold_s.take(ret)
             columns["hold_sum_s"] = total(where, values)
             columns["hold_max_s"] = peak(where, values)
             holds = _group_hists(where, values, g)
         if b.has("checkout"):
-            co = kind == KIND_CODE["checkout"]
-            where, values = group[co], b.wait_s[co]
+            co = np.flatnonzero(kind == KIND_CODE["checkout"])
+            where, values = group.take(co), b.wait_s.take(co)
             columns["wait_sum_s"] = total(where, values)
             columns["wait_max_s"] = peak(where, values)
             waits = _group_hists(where, values, g)
@@ -402,9 +403,13 @@ class Rollups:
         p = self.period_s
         invalidations_in_batch = b.has("invalidate")
         for pool, rows in _by_pool(b.pool):
-            at, in_use, st = b.at[rows], b.in_use[rows], start[rows]
-            overflow, waiters = b.overflow[rows], b.waiters[rows]
-            kind, count = (b.kind[rows], b.count[rows]) if invalidations_in_batch else (None, None)
+
+            def pick(x: np.ndarray, rows: np.ndarray | None = rows) -> np.ndarray:
+                return x if rows is None else x.take(rows)
+
+            at, in_use, st = pick(b.at), pick(b.in_use), pick(start)
+            overflow, waiters = pick(b.overflow), pick(b.waiters)
+            kind, count = (pick(b.kind), pick(b.count)) if invalidations_in_batch else (None, None)
             if not _ascending(at):  # the queue's order is the clock's, but for a few
                 order = np.argsort(at, kind="stable")
                 at, in_use, st = at[order], in_use[order], st[order]
@@ -425,8 +430,16 @@ class Rollups:
                 s0 = np.floor(starts / p) * p
                 same = ends < s0 + p
                 if same.any():
-                    us, inv, _ = _unique_inverse(s0[same])
-                    sums = np.bincount(inv, weights=(ends - starts)[same] * vals[same])
+                    if same.all():  # no interval across periods: no copies
+                        us, inv, runs = _unique_inverse(s0)
+                        weights = (ends - starts) * vals
+                        if runs is not None and runs.size == 1:  # one period: a running sum
+                            sums = np.cumsum(weights)[-1:] + 0.0  # bincount's sum, from +0.0
+                        else:
+                            sums = np.bincount(inv, weights=weights)
+                    else:
+                        us, inv, _ = _unique_inverse(s0[same])
+                        sums = np.bincount(inv, weights=(ends - starts)[same] * vals[same])
                     for u, s in zip(us.tolist(), sums.tolist(), strict=True):
                         integral[u] = integral.get(u, 0.0) + s
                 for i in np.nonzero(~same)[0].tolist():  # rare: an interval across periods
@@ -442,7 +455,10 @@ class Rollups:
             self._last[pool] = (float(at[-1]), final)
             us, inv, bounds = _unique_inverse(st)
             k = len(us)
-            events = np.bincount(inv, minlength=k).tolist()
+            if bounds is not None:  # runs: their lengths
+                events = np.diff(bounds, append=st.size).tolist()
+            else:
+                events = np.bincount(inv, minlength=k).tolist()
             invalidations = disconnects = [0] * k
             if kind is not None and count is not None:
                 is_inv = kind == KIND_CODE["invalidate"]
@@ -514,7 +530,8 @@ class Rollups:
 def _group_hists(group: np.ndarray, values: np.ndarray, g: int) -> dict[int, tuple[Any, Any]]:
     """Per group index, the histogram of its ``values`` (NaN left out)."""
     ok = ~np.isnan(values)
-    group, values = group[ok], values[ok]
+    if not ok.all():
+        group, values = group[ok], values[ok]
     if not values.size:
         return {}
     buckets = hist.buckets_of(values)
@@ -541,6 +558,11 @@ def _group_hists(group: np.ndarray, values: np.ndarray, g: int) -> dict[int, tup
 _COUNTING_SPAN = 1 << 16
 """Keys in a range up to this (plus 4 per record) are grouped by counting (``np.bincount``
 over the range, linear); wider ranges by sorting."""
+
+
+def _ints(x: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(x, nan=-1).astype(np.int64)``: ids and codes, NULL (NaN) as -1."""
+    return x.astype(np.int64) if np.isfinite(x).all() else np.nan_to_num(x, nan=-1).astype(np.int64)
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
@@ -571,10 +593,10 @@ def _unique_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray |
 
 def _by_pool(pool: np.ndarray) -> Iterator[tuple[int, Any]]:
     """Each pool id of ``pool`` (int64, not empty), in ascending order, with the indices of
-    its records in their order (a slice where every record is of one pool)."""
+    its records in their order (``None`` where every record is of one pool)."""
     lo, hi = int(pool.min()), int(pool.max())
     if lo == hi:
-        yield lo, slice(None)
+        yield lo, None
         return
     if lo >= 0 and hi - lo <= _COUNTING_SPAN + 4 * pool.size:
         ids = np.flatnonzero(np.bincount(pool - lo)) + lo

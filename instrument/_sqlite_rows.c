@@ -652,6 +652,16 @@ Events_numbers(Events *self, PyObject *texts)
         names[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(texts, k), &lens[k]);
         if (names[k] == NULL) return NULL;
     }
+    /* The names by length (LONG: any longer), each length's in the tuple's order: a text
+       is compared with the names of its length only, the first that matches wins. */
+    enum { LONG = 32 };
+    int first[LONG + 1], next[MAX_TEXTS];
+    for (int l = 0; l <= LONG; l++) first[l] = -1;
+    for (int k = (int)ntexts - 1; k >= 0; k--) {
+        int l = lens[k] < LONG ? (int)lens[k] : LONG;
+        next[k] = first[l];
+        first[l] = k;
+    }
     Py_ssize_t n = Events_length(self);
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
     if (out == NULL) return NULL;
@@ -671,7 +681,7 @@ Events_numbers(Events *self, PyObject *texts)
             case CELL_FLOAT: *value = c->d; break;
             case CELL_TEXT:
                 *value = -1.0;
-                for (Py_ssize_t k = 0; k < ntexts; k++) {
+                for (int k = first[c->len < LONG ? c->len : LONG]; k >= 0; k = next[k]) {
                     if (lens[k] == c->len && (c->len == 0 || names[k][0] == text[c->off]) &&
                         memcmp(names[k], text + c->off, c->len) == 0) {
                         *value = (double)k;
