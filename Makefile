@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTHONS ?= 3.10 3.12 3.13
 PYENV_ROOT ?= $(HOME)/.pyenv
 RECORDER_TESTS := tests/test_recorder.py tests/test_runtime.py tests/test_store.py \
-	tests/test_report.py tests/test_otel.py
+	tests/test_report.py tests/test_otel.py tests/test_rollups.py
 
 .PHONY: setup test test-sa20 test-sqlalchemy test-pythons test-python test-no-cext \
 	wheel-check demo lint format bench clean

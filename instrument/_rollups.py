@@ -141,12 +141,12 @@ class Batch:
         pool_ids: dict[int, int] | None,
         stack_ids: dict[int, int] | None,
     ) -> Batch:
-        """Columns of the writer's queue as ``values``: float64, field by field
-        (``_record.RECORD_FIELDS``: ``RECORD_WIDTH`` columns, one after the other), NULL as
-        NaN, the kind as its index in :data:`KINDS` (what ``Events.numbers(KINDS)``
-        returns). Pool keys and stack ids are mapped to the store's by ``pool_ids`` and
-        ``stack_ids`` (unknown ones: 0; ``None``: they are the store's already)."""
-        c = values.reshape(RECORD_WIDTH, -1)  # one row per field
+        """Columns of the writer's queue as ``values``: float64, the fields
+        :data:`NUMBER_FIELDS` one after the other, NULL as NaN, the kind as its index in
+        :data:`KINDS` (what ``Events.numbers(KINDS, NUMBER_FIELDS)`` returns). Pool keys and
+        stack ids are mapped to the store's by ``pool_ids`` and ``stack_ids`` (unknown ones:
+        0; ``None``: they are the store's already)."""
+        c = dict(zip(NUMBER_FIELDS, values.reshape(len(NUMBER_FIELDS), -1), strict=True))
         return cls(
             at=c[AT],
             pool=_mapped(c[POOL], pool_ids),
@@ -173,17 +173,19 @@ class Batch:
         (read in C), or a flat list (NULL as ``""`` or ``None``; read column by column)."""
         numbers = getattr(flat, "numbers", None)
         if numbers is not None:
-            values = np.frombuffer(numbers(KINDS), dtype=np.float64)
+            values = np.frombuffer(numbers(KINDS, NUMBER_FIELDS), dtype=np.float64)
             return cls.from_numbers(values, pool_ids, stack_ids)
         w = RECORD_WIDTH
         n = len(flat) // w
-        m = np.zeros((w, n), dtype=np.float64)
-        for field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
-            m[field] = _floats(flat[field::w])
-        for field in (CHECKOUT_ID, WAIT_S, CONNECT_S, HOLD_S, COUNT):  # NULL often
+        m = np.zeros((len(NUMBER_FIELDS), n), dtype=np.float64)
+        for row, field in enumerate(NUMBER_FIELDS):
             col = flat[field::w]
-            m[field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
-        m[KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
+            if field == KIND:
+                m[row] = np.fromiter(map(KIND_CODE.get, col, repeat(-1)), np.float64, n)
+            elif field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
+                m[row] = _floats(col)
+            else:  # NULL often
+                m[row] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
         return cls.from_numbers(m, pool_ids, stack_ids)
 
     @classmethod
@@ -207,6 +209,10 @@ class Batch:
             count=_floats(cols[11]),
         )
 
+
+NUMBER_FIELDS = (AT, POOL, KIND, CHECKOUT_ID, IN_USE, OVERFLOW, WAITERS, STACK, WAIT_S,
+                 CONNECT_S, HOLD_S, COUNT)  # fmt: skip
+"""The fields of the writer's records a :class:`Batch` reads, in its order."""
 
 BATCH_SELECT = (
     "at, pool_id, kind, checkout_id, in_use, overflow, waiters, stack_id, wait_s, connect_s, "
