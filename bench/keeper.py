@@ -12,10 +12,12 @@ GIL for most of it: time the application's threads wait.
 
 ``--save FILE`` keeps the recorded batch (pickled) and ``--load FILE`` times a saved one,
 so that two versions of the code time the very same batch. ``--profile`` prints a
-cProfile of the keeper calls instead (the top functions by own time).
+cProfile of the keeper calls too (the top functions by own time). ``--same-batch`` hands
+the keeper one copy of the batch every time, made once: under valgrind, two runs with
+``--repeat`` 2 and 7 differ by five keeper calls' instructions, and nothing else.
 
     python bench/keeper.py [--checkouts 14000] [--pools 3] [--sites 5] [--repeat 30]
-                           [--save FILE | --load FILE] [--profile]
+                           [--save FILE | --load FILE] [--profile] [--same-batch]
 """
 
 from __future__ import annotations
@@ -96,8 +98,11 @@ def _batch(values: list[Any], c_queue: bool) -> Any:
     return events
 
 
-def time_keeper(batch: dict[str, Any], repeat: int, profile: bool) -> list[float]:
-    """Thread CPU seconds of each of ``repeat`` keeper calls on copies of the batch."""
+def time_keeper(
+    batch: dict[str, Any], repeat: int, profile: bool, same: bool = False
+) -> list[float]:
+    """Thread CPU seconds of each of ``repeat`` keeper calls on copies of the batch (or,
+    ``same``, on one copy, made once)."""
     import sqlite3
 
     from instrument._retention import Keeper
@@ -112,12 +117,14 @@ def time_keeper(batch: dict[str, Any], repeat: int, profile: bool) -> list[float
     profiler = cProfile.Profile() if profile else None
     values = batch["values"]
     at = AT  # each repeat's batch is a little later, as the writer's are
+    flat = _batch(values, c_queue) if same else None
     for _ in range(repeat):
-        copy = list(values)
-        for i in range(at, len(copy), RECORD_WIDTH):
-            copy[i] = copy[i] + shift
-        shift += 0.5
-        flat = _batch(copy, c_queue)
+        if not same:
+            copy = list(values)
+            for i in range(at, len(copy), RECORD_WIDTH):
+                copy[i] = copy[i] + shift
+            shift += 0.5
+            flat = _batch(copy, c_queue)
         now = time.time()
         if profiler is not None:
             profiler.enable()
@@ -143,6 +150,7 @@ def main() -> int:
     parser.add_argument("--save", type=Path)
     parser.add_argument("--load", type=Path)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--same-batch", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.load is not None:
@@ -157,7 +165,7 @@ def main() -> int:
                 saved = {k: v for k, v in batch.items() if k != "store"}
                 saved["store_bytes"] = batch["store"].read_bytes()
                 args.save.write_bytes(pickle.dumps(saved))
-        times = time_keeper(batch, args.repeat, args.profile)
+        times = time_keeper(batch, args.repeat, args.profile, args.same_batch)
     n = len(batch["values"]) // RECORD_WIDTH
     median = statistics.median(times)
     print(
