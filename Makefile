@@ -13,7 +13,7 @@ PINS ?=
 OLDEST_OTEL := opentelemetry-api==1.26.0 opentelemetry-sdk==1.26.0 \
 	opentelemetry-exporter-prometheus==0.47b0
 RECORDER_TESTS := tests/test_recorder.py tests/test_runtime.py tests/test_store.py \
-	tests/test_report.py tests/test_otel.py
+	tests/test_report.py tests/test_otel.py tests/test_rollups.py
 
 .PHONY: setup test test-sa20 test-sqlalchemy test-pythons test-python test-no-cext \
 	wheel-check demo lint format bench clean

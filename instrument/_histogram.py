@@ -48,8 +48,16 @@ def bucket_of(seconds: float) -> int:
 def buckets_of(seconds: np.ndarray) -> np.ndarray:
     """The bucket of each value of ``seconds`` (int64; NaN and values ``<= 1e-6`` give 0)."""
     x = np.asarray(seconds, dtype=np.float64)
-    out = np.zeros(x.shape, dtype=np.int64)
     big = x > BASE
+    if big.all():  # the common case: the same steps, in place, without selecting
+        y = x / BASE
+        np.log(y, out=y)
+        y /= LOG_G
+        y -= 1e-9
+        np.ceil(y, out=y)
+        np.maximum(y, 1, out=y)
+        return y.astype(np.int64)
+    out = np.zeros(x.shape, dtype=np.int64)
     if big.any():
         out[big] = np.maximum(1, np.ceil(np.log(x[big] / BASE) / LOG_G - 1e-9)).astype(np.int64)
     return out
@@ -78,8 +86,16 @@ def from_values(seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64), counts.astype(np.int64)
 
 
+class Merged(tuple):  # type: ignore[type-arg]
+    """A histogram as :func:`merge` returns it, ``(indices, counts)``: int64 arrays, the
+    indices ascending and unique, the counts positive. :func:`encode` and :func:`merge`
+    take it as it is (merging it alone would give it back)."""
+
+    __slots__ = ()
+
+
 def _empty() -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return Merged((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
 
 
 def _pairs(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +121,7 @@ def encode(hist: Histogram) -> bytes:
     Equal buckets are summed; a count past uint32 is not expected in one rollup row (4e9
     checkouts in an hour) and is clipped.
     """
-    indices, counts = merge(hist)
+    indices, counts = hist if isinstance(hist, Merged) else merge(hist)
     out = np.empty((indices.size, 2), dtype=_DTYPE)
     out[:, 0] = indices
     out[:, 1] = np.minimum(counts, 0xFFFFFFFF)
@@ -125,18 +141,46 @@ def merge(*hists: Histogram | Iterable[Histogram]) -> tuple[np.ndarray, np.ndarr
     ``(indices, counts)`` arrays without empty buckets."""
     if len(hists) == 1 and isinstance(hists[0], list):
         hists = tuple(hists[0])
-    parts = [_pairs(h) for h in hists]  # type: ignore[arg-type]
+    if len(hists) == 1 and isinstance(hists[0], Merged):
+        return hists[0]
+    parts = [_counted(h) for h in hists]  # type: ignore[arg-type]
     parts = [p for p in parts if p[0].size]
     if not parts:
         return _empty()
-    indices = np.concatenate([p[0] for p in parts])
-    counts = np.concatenate([p[1] for p in parts])
+    size = sum(p[0].size for p in parts)
+    low = min(int(p[0].min()) for p in parts)
+    top = max(int(p[0].max()) for p in parts)
+    if low >= 0 and top < 4096 + 16 * size:
+        # Buckets are small numbers: add the counts bucket by bucket, no sort. The counts
+        # are whole numbers, added exactly in float64 (below 2**53) in any order.
+        sums = np.bincount(parts[0][0], weights=parts[0][1], minlength=top + 1)
+        for indices, counts in parts[1:]:
+            sums += np.bincount(indices, weights=counts, minlength=top + 1)
+        uniq = np.flatnonzero(sums)
+        return Merged((uniq.astype(np.int64, copy=False), sums[uniq].astype(np.int64)))
+    indices = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
+    counts = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
     keep = counts > 0
     indices, counts = indices[keep], counts[keep]
     if not indices.size:
         return _empty()
     uniq, inverse = np.unique(indices, return_inverse=True)
-    return uniq.astype(np.int64), np.bincount(inverse, weights=counts).astype(np.int64)
+    return Merged((uniq.astype(np.int64), np.bincount(inverse, weights=counts).astype(np.int64)))
+
+
+def _counted(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """``hist`` as ``(indices, counts)`` arrays without a negative count (the entries of a
+    count of 0 or less are left out, but where every count is unsigned: a BLOB's)."""
+    if isinstance(hist, (bytes, bytearray, memoryview)):
+        if not hist:
+            return _empty()
+        pairs = np.frombuffer(hist, dtype=_DTYPE).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+    if isinstance(hist, Merged):
+        return hist
+    indices, counts = _pairs(hist)
+    keep = counts > 0
+    return (indices, counts) if keep.all() else (indices[keep], counts[keep])
 
 
 def count(hist: Histogram) -> int:

@@ -152,36 +152,78 @@ class Notable:
         cid = b.checkout_id
         has_id = ~np.isnan(cid)
         ids = np.where(has_id, cid, -1).astype(np.int64)
-        leak = b.of(*LEAK_MARK_KINDS) & has_id
-        for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
-            out.append((pool, c, "leak"))
+        if b.has(*LEAK_MARK_KINDS):
+            leak = b.of(*LEAK_MARK_KINDS) & has_id
+            for pool, c in zip(b.pool[leak].tolist(), ids[leak].tolist(), strict=True):
+                out.append((pool, c, "leak"))
         returned = b.of(*RETURN_KINDS) & has_id
         if leak_after and returned.any():
-            pools = b.pool[returned]
-            # Each pool's threshold looked up once (a batch holds few pools), not per return.
-            uniq, which = np.unique(pools, return_inverse=True)
-            limits = np.array([leak_after.get(p, math.inf) for p in uniq.tolist()])
-            long = b.hold_s[returned] > limits[which.reshape(-1)]
-            for pool, c in zip(pools[long].tolist(), ids[returned][long].tolist(), strict=True):
+            # Held past the lowest threshold first (a few, if any), then past their pool's.
+            lowest = np.fmin.reduce(np.fromiter(leak_after.values(), np.float64, len(leak_after)))
+            maybe = np.flatnonzero((b.hold_s > lowest) & returned)
+            long = maybe[b.hold_s[maybe] > _limits(b.pool[maybe], leak_after)]
+            for pool, c in zip(b.pool[long].tolist(), ids[long].tolist(), strict=True):
                 out.append((pool, c, "long_hold"))
         co = b.of("checkout") & has_id
-        for j in np.nonzero(b.of("timeout"))[0].tolist():  # rare: one pass each
-            t, pool = float(b.at[j]), int(b.pool[j])
-            held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
-            m = co & (b.pool == pool) & (b.at <= t)
-            held.update(ids[m].tolist())
-            m = returned & (b.pool == pool) & (b.at <= t)
-            held.difference_update(ids[m].tolist())
-            out.extend((pool, c, "timeout_holder") for c in sorted(held))
+        if b.has("timeout"):
+            for j in np.flatnonzero(b.of("timeout")).tolist():  # rare: one pass each
+                t, pool = float(b.at[j]), int(b.pool[j])
+                held = {c for (p, c), at in self.open.items() if p == pool and at <= t}
+                m = co & (b.pool == pool) & (b.at <= t)
+                held.update(ids[m].tolist())
+                m = returned & (b.pool == pool) & (b.at <= t)
+                held.difference_update(ids[m].tolist())
+                out.extend((pool, c, "timeout_holder") for c in sorted(held))
         # The open checkouts after the batch (only the few that outlive it are touched).
-        keys = b.pool.astype(np.int64) * (1 << 40) + ids
-        co_keys, ret_keys = keys[co], keys[returned]
-        stays = ~np.isin(co_keys, ret_keys)
-        for k, at in zip(co_keys[stays].tolist(), b.at[co][stays].tolist(), strict=True):
+        stays, gone = _unmatched(b.pool, ids, np.flatnonzero(co), np.flatnonzero(returned))
+        keys = b.pool.take(stays).astype(np.int64) * (1 << 40) + ids.take(stays)
+        for k, at in zip(keys.tolist(), b.at.take(stays).tolist(), strict=True):
             self.open[(k >> 40, k & ((1 << 40) - 1))] = at
-        for k in ret_keys[~np.isin(ret_keys, co_keys)].tolist():
+        keys = b.pool.take(gone).astype(np.int64) * (1 << 40) + ids.take(gone)
+        for k in keys.tolist():
             self.open.pop((k >> 40, k & ((1 << 40) - 1)), None)
         return out
+
+
+def _limits(pools: np.ndarray, leak_after: dict[int, float]) -> np.ndarray:
+    """Each of ``pools``' threshold in ``leak_after`` (``inf`` where it has none)."""
+    known = np.array(sorted(leak_after), dtype=np.int64)
+    values = np.array([leak_after[p] for p in known.tolist()], dtype=np.float64)
+    top = int(known[-1])
+    if known[0] >= 0 and top < (1 << 16):  # the store's pool ids: a lookup table
+        table = np.full(top + 2, math.inf)  # the last: any pool past them
+        table[known] = values
+        return table.take(np.clip(pools, -1, top + 1))  # -1 (no such id) reads the last too
+    at = np.minimum(np.searchsorted(known, pools), known.size - 1)
+    return np.where(known[at] == pools, values[at], math.inf)
+
+
+def _unmatched(
+    pool: np.ndarray, ids: np.ndarray, co: np.ndarray, returned: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of the checkouts at ``co`` and the returns at ``returned`` (indices of the records
+    whose ``(pool, ids)`` they are), the checkouts with no return in the batch and the
+    returns with no checkout (their indices, in order)."""
+    if co.size and returned.size:
+        co_pool, co_id = pool.take(co), ids.take(co)
+        ret_pool, ret_id = pool.take(returned), ids.take(returned)
+        plo = min(int(co_pool.min()), int(ret_pool.min()))
+        clo = min(int(co_id.min()), int(ret_id.min()))
+        npool = max(int(co_pool.max()), int(ret_pool.max())) - plo + 1
+        nid = max(int(co_id.max()), int(ret_id.max())) - clo + 1
+        if npool * nid <= (1 << 16) + 8 * (co.size + returned.size):  # close ids: a table
+            co_key = (co_pool - plo) * nid + (co_id - clo)
+            ret_key = (ret_pool - plo) * nid + (ret_id - clo)
+            seen = np.zeros(npool * nid, dtype=bool)
+            seen[ret_key] = True
+            stays = co[~seen[co_key]]
+            seen[:] = False
+            seen[co_key] = True
+            return stays, returned[~seen[ret_key]]
+        keys = pool.astype(np.int64) * (1 << 40) + ids
+        co_keys, ret_keys = keys.take(co), keys.take(returned)
+        return co[~np.isin(co_keys, ret_keys)], returned[~np.isin(ret_keys, co_keys)]
+    return co, returned
 
 
 # -- store steps (plain SQL; the connection is in autocommit mode) -----------------------
@@ -465,7 +507,7 @@ class Keeper:
             if limits:
                 self.max_leak_after = max(self.max_leak_after, max(limits.values()))
             marks = self.notable.marks(batch, limits)
-            protected = int(batch.of(*PROTECTED_KINDS).sum())
+            protected = int(batch.kind_counts()[_rollups.kind_codes(*PROTECTED_KINDS)].sum())
             if not raw_written:
                 self._counts["raw_skipped"] += len(batch)
                 self._raw_since = max(self._raw_since, float(batch.at.max()) + 1e-6)

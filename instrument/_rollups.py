@@ -16,7 +16,7 @@ checkout returned after all, not another leak); ``gc_returned`` counts ``gc_chec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -66,6 +66,9 @@ _HISTS = ("hold_hist", "wait_hist")
 _POOL_SUMS = ("events", "in_use_s", "invalidations", "disconnects")
 _POOL_MAXES = ("peak_in_use", "peak_overflow", "peak_waiters", "peak_demand")
 
+_SITE_KINDS = ("checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect")
+"""The kinds counted per call site (every kind counts per pool)."""
+
 RETURN_KINDS = ("checkin", "gc_checkin")
 """The kinds the rollups count as returns (``detach`` and ``unwatched`` end a watch but are
 not returns to the pool)."""
@@ -92,28 +95,44 @@ class Batch:
     ``kind`` as int16 codes (:data:`KINDS`), ``pool`` and ``stack`` as the store's ids
     (int64; a NULL stack is 0)."""
 
-    __slots__ = ("at", "pool", "kind", "checkout_id", "in_use", "overflow", "waiters",
-                 "stack", "wait_s", "connect_s", "hold_s", "count")  # fmt: skip
+    COLUMNS = ("at", "pool", "kind", "checkout_id", "in_use", "overflow", "waiters", "stack",
+               "wait_s", "connect_s", "hold_s", "count")  # fmt: skip
+    """The columns, each an attribute."""
+
+    __slots__ = (*COLUMNS, "_kinds")
 
     def __init__(self, **columns: np.ndarray) -> None:
-        for name in self.__slots__:
+        for name in self.COLUMNS:
             setattr(self, name, columns[name])
+        self._kinds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.at.size)
 
+    def kind_counts(self) -> np.ndarray:
+        """How many records are of each kind (by code; the last: any other kind)."""
+        if self._kinds is None:
+            counts = [np.count_nonzero(self.kind == code) for code in range(len(KINDS))]
+            self._kinds = np.array([*counts, len(self) - sum(counts)], dtype=np.int64)
+        return self._kinds
+
+    def has(self, *kinds: str) -> bool:
+        """Whether any record is of one of ``kinds``."""
+        counts = self.kind_counts()
+        return any(counts[code] for code in kind_codes(*kinds))
+
     def of(self, *kinds: str) -> np.ndarray:
         """Where the records are of one of ``kinds``."""
-        codes = kind_codes(*kinds)
-        if len(codes) == 1:
-            return self.kind == codes[0]
-        table = np.zeros(len(KINDS) + 1, dtype=bool)  # the last: any other kind (-1)
-        table[codes] = True
-        return table[self.kind]
+        counts = self.kind_counts()
+        out = None
+        for code in kind_codes(*kinds):  # a comparison per kind the batch has
+            if counts[code]:
+                out = self.kind == code if out is None else out | (self.kind == code)
+        return np.zeros(len(self), dtype=bool) if out is None else out
 
     def take(self, mask: np.ndarray) -> Batch:
         """The records where ``mask`` is true."""
-        return Batch(**{name: getattr(self, name)[mask] for name in self.__slots__})
+        return Batch(**{name: getattr(self, name)[mask] for name in self.COLUMNS})
 
     @classmethod
     def from_numbers(
@@ -122,16 +141,16 @@ class Batch:
         pool_ids: dict[int, int] | None,
         stack_ids: dict[int, int] | None,
     ) -> Batch:
-        """Columns of the writer's queue as ``values``: float64, field by field
-        (``_record.RECORD_FIELDS``: ``RECORD_WIDTH`` columns, one after the other), NULL as
-        NaN, the kind as its index in :data:`KINDS` (what ``Events.numbers(KINDS)``
-        returns). Pool keys and stack ids are mapped to the store's by ``pool_ids`` and
-        ``stack_ids`` (unknown ones: 0; ``None``: they are the store's already)."""
-        c = values.reshape(RECORD_WIDTH, -1)  # one row per field
+        """Columns of the writer's queue as ``values``: float64, the fields
+        :data:`NUMBER_FIELDS` one after the other, NULL as NaN, the kind as its index in
+        :data:`KINDS` (what ``Events.numbers(KINDS, NUMBER_FIELDS)`` returns). Pool keys and
+        stack ids are mapped to the store's by ``pool_ids`` and ``stack_ids`` (unknown ones:
+        0; ``None``: they are the store's already)."""
+        c = dict(zip(NUMBER_FIELDS, values.reshape(len(NUMBER_FIELDS), -1), strict=True))
         return cls(
             at=c[AT],
             pool=_mapped(c[POOL], pool_ids),
-            kind=np.nan_to_num(c[KIND], nan=-1).astype(np.int16),
+            kind=_ints(c[KIND]).astype(np.int16),
             checkout_id=c[CHECKOUT_ID],
             in_use=c[IN_USE],
             overflow=c[OVERFLOW],
@@ -154,17 +173,19 @@ class Batch:
         (read in C), or a flat list (NULL as ``""`` or ``None``; read column by column)."""
         numbers = getattr(flat, "numbers", None)
         if numbers is not None:
-            values = np.frombuffer(numbers(KINDS), dtype=np.float64)
+            values = np.frombuffer(numbers(KINDS, NUMBER_FIELDS), dtype=np.float64)
             return cls.from_numbers(values, pool_ids, stack_ids)
         w = RECORD_WIDTH
         n = len(flat) // w
-        m = np.zeros((w, n), dtype=np.float64)
-        for field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
-            m[field] = _floats(flat[field::w])
-        for field in (CHECKOUT_ID, WAIT_S, CONNECT_S, HOLD_S, COUNT):  # NULL often
+        m = np.zeros((len(NUMBER_FIELDS), n), dtype=np.float64)
+        for row, field in enumerate(NUMBER_FIELDS):
             col = flat[field::w]
-            m[field] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
-        m[KIND] = np.fromiter(map(KIND_CODE.get, flat[KIND::w], repeat(-1)), np.float64, n)
+            if field == KIND:
+                m[row] = np.fromiter(map(KIND_CODE.get, col, repeat(-1)), np.float64, n)
+            elif field in (AT, POOL, IN_USE, OVERFLOW, WAITERS, STACK):  # NULL only rarely
+                m[row] = _floats(col)
+            else:  # NULL often
+                m[row] = np.fromiter(map(_NULLS.get, col, col), np.float64, n)
         return cls.from_numbers(m, pool_ids, stack_ids)
 
     @classmethod
@@ -189,6 +210,10 @@ class Batch:
         )
 
 
+NUMBER_FIELDS = (AT, POOL, KIND, CHECKOUT_ID, IN_USE, OVERFLOW, WAITERS, STACK, WAIT_S,
+                 CONNECT_S, HOLD_S, COUNT)  # fmt: skip
+"""The fields of the writer's records a :class:`Batch` reads, in its order."""
+
 BATCH_SELECT = (
     "at, pool_id, kind, checkout_id, in_use, overflow, waiters, stack_id, wait_s, connect_s, "
     "hold_s, count"
@@ -207,7 +232,7 @@ def _floats(values: Sequence[Any]) -> np.ndarray:
 def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
     """``values`` (local keys as float64, NULL as NaN) mapped through ``ids`` (else 0);
     ``ids`` ``None``: the values as they are."""
-    local = np.nan_to_num(values, nan=-1.0).astype(np.int64)
+    local = _ints(values)
     if ids is None:
         return np.maximum(local, 0)
     if not local.size:
@@ -216,7 +241,9 @@ def _mapped(values: np.ndarray, ids: dict[int, int] | None) -> np.ndarray:
     if 0 <= top < (1 << 22):  # local ids are small counters: a lookup table, no sort
         table = np.zeros(top + 2, dtype=np.int64)  # the last: any other key (-1, or past top)
         table[list(ids)] = [v or 0 for v in ids.values()]
-        return table[np.where((local >= 0) & (local <= top), local, top + 1)]
+        if local.min() >= 0 and local.max() <= top:
+            return table.take(local)
+        return table.take(np.clip(local, -1, top + 1))  # -1 reads the last: any other key
     uniq, inverse = np.unique(local, return_inverse=True)
     mapped = np.array([ids.get(u) or 0 for u in uniq.tolist()], dtype=np.int64)
     return mapped[inverse.reshape(-1)]
@@ -251,70 +278,68 @@ class Rollups:
         self.fed += n
         p = self.period_s
         start = np.floor(batch.at / p) * p
-        per_site = batch.of(
-            "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect"
-        )
-        if per_site.all():  # the common batch: no copy
+        counts = batch.kind_counts()
+        sites = sum(int(counts[KIND_CODE[k]]) for k in _SITE_KINDS)
+        if sites == n:  # the common batch: no copy
             self._feed_sites(batch, start)
-        elif per_site.any():
+        elif sites:
+            per_site = batch.of(*_SITE_KINDS)
             self._feed_sites(batch.take(per_site), start[per_site])
         self._feed_pools(batch, start)
 
     def _feed_sites(self, b: Batch, start: np.ndarray) -> None:
-        # One int64 key per (period, pool, stack): period number within the batch, pool id
-        # and stack id in bit fields (ids past the fields fall back to a slower grouping).
-        first = float(start.min())
-        period = ((start - first) / self.period_s).astype(np.int64)
-        pool, stack = b.pool.astype(np.int64), b.stack.astype(np.int64)
-        if period.max() < (1 << 16) and pool.max() < (1 << 20) and stack.max() < (1 << 27):
-            packed = (period << 47) | (pool << 27) | stack
-            keys, group = np.unique(packed, return_inverse=True)
-            uniq = np.stack(
-                [first + (keys >> 47) * self.period_s, (keys >> 27) & ((1 << 20) - 1),
-                 keys & ((1 << 27) - 1)], axis=1,
-            )  # fmt: skip
-        else:
-            triples = np.stack([start, pool.astype(np.float64), stack.astype(np.float64)], axis=1)
-            uniq, group = np.unique(triples, axis=0, return_inverse=True)
-        group = group.reshape(-1)
-        g = len(uniq)
-        is_co = b.of("checkout")
-        is_ret = b.of("checkin", "gc_checkin")
-        is_gc = b.of("gc_checkin")
+        group, starts, pools, stacks = self._site_groups(b, start)
+        g = len(starts)
+        kind = b.kind
+        # Every kind's count per group in one pass (the records here are all of a site kind).
+        nk = len(KINDS)
+        tallies = np.bincount(group * nk + kind, minlength=g * nk).reshape(g, nk)
+        checkin, gc = KIND_CODE["checkin"], KIND_CODE["gc_checkin"]
+        zeros, none = np.zeros(g), np.full(g, np.nan)
 
-        def tally(mask: np.ndarray) -> np.ndarray:
-            return np.bincount(group[mask], minlength=g)
+        def total(where: np.ndarray, values: np.ndarray) -> np.ndarray:
+            # bincount adds in record order, group by group: the sums are exact to the bit.
+            return np.bincount(where, weights=_finite(values), minlength=g)
 
-        def total(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
-            v = np.nan_to_num(values[mask])
-            return np.bincount(group[mask], weights=v, minlength=g)
-
-        def peak(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
-            out = np.full(g, np.nan)
-            m = mask & ~np.isnan(values)
-            np.fmax.at(out, group[m], values[m])
+        def peak(where: np.ndarray, values: np.ndarray) -> np.ndarray:
+            out = none.copy()
+            np.fmax.at(out, where, values)  # fmax passes NaN over
             return out
 
-        is_connect = b.of("connect")
         columns = {
-            "checkouts": tally(is_co),
-            "returns": tally(is_ret),
-            "gc_returned": tally(is_gc),
-            "timeouts": tally(b.of("timeout")),
-            "leaks": tally(b.of("leak_suspected")),
-            "hold_sum_s": total(is_ret, b.hold_s),
-            "hold_max_s": peak(is_ret, b.hold_s),
-            "wait_sum_s": total(is_co, b.wait_s),
-            "wait_max_s": peak(is_co, b.wait_s),
-            "connect_sum_s": total(is_connect, b.connect_s),
-            "connects": tally(is_connect),
+            "checkouts": tallies[:, KIND_CODE["checkout"]],
+            "returns": tallies[:, checkin] + tallies[:, gc],
+            "gc_returned": tallies[:, gc],
+            "timeouts": tallies[:, KIND_CODE["timeout"]],
+            "leaks": tallies[:, KIND_CODE["leak_suspected"]],
+            "hold_sum_s": zeros,
+            "hold_max_s": none,
+            "wait_sum_s": zeros,
+            "wait_max_s": none,
+            "connect_sum_s": zeros,
+            "connects": tallies[:, KIND_CODE["connect"]],
         }
-        holds = _group_hists(group[is_ret], b.hold_s[is_ret], g)
-        waits = _group_hists(group[is_co], b.wait_s[is_co], g)
+        holds = waits = {}
+        if b.has("checkin", "gc_checkin"):
+            ret = np.flatnonzero(b.of("checkin", "gc_checkin"))
+            where, values = group.take(ret), b.hold_s.take(ret)
+            columns["hold_sum_s"] = total(where, values)
+            columns["hold_max_s"] = peak(where, values)
+            holds = _group_hists(where, values, g)
+        if b.has("checkout"):
+            co = np.flatnonzero(kind == KIND_CODE["checkout"])
+            where, values = group.take(co), b.wait_s.take(co)
+            columns["wait_sum_s"] = total(where, values)
+            columns["wait_max_s"] = peak(where, values)
+            waits = _group_hists(where, values, g)
+        if b.has("connect"):
+            connect = kind == KIND_CODE["connect"]
+            columns["connect_sum_s"] = total(group[connect], b.connect_s[connect])
+        values = {name: col.tolist() for name, col in columns.items()}
         rows = self._rows
         for i in range(g):
-            key = (float(uniq[i, 0]), int(uniq[i, 1]), int(uniq[i, 2]))
-            delta = {name: col[i].item() for name, col in columns.items()}
+            key = (starts[i], pools[i], stacks[i])
+            delta = {name: col[i] for name, col in values.items()}
             for name in _MAXES:
                 if delta[name] != delta[name]:  # NaN: no value in this batch
                     delta[name] = None
@@ -325,6 +350,49 @@ class Rollups:
                 rows[key] = self._new_row(key, delta)
             else:
                 _merge_into(have, delta, _SUMS, _MAXES, _HISTS)
+
+    def _site_groups(
+        self, b: Batch, start: np.ndarray
+    ) -> tuple[np.ndarray, list[float], list[int], list[int]]:
+        """Each record's group, numbered as ``np.unique`` numbers the sorted ``(period,
+        pool, stack)`` keys, and the groups' period starts, pool ids and stack ids."""
+        # The period number within the batch, pool id and stack id; where their ranges are
+        # small (the common batch: a few pools and call sites), the groups are found by
+        # counting one key per record; else by sorting it (bit fields packed into an int64,
+        # or, for ids past the fields, the triples).
+        first = float(start.min())
+        p = self.period_s
+        period = ((start - first) / p).astype(np.int64)
+        pool, stack = b.pool.astype(np.int64, copy=False), b.stack.astype(np.int64, copy=False)
+        top = int(period.max())
+        plo, phi = int(pool.min()), int(pool.max())
+        slo, shi = int(stack.min()), int(stack.max())
+        if top < (1 << 16) and plo >= 0 and phi < (1 << 20) and slo >= 0 and shi < (1 << 27):
+            npool, nstack = phi - plo + 1, shi - slo + 1
+            span = (top + 1) * npool * nstack
+            if span <= _COUNTING_SPAN + 4 * period.size:
+                key = (period * npool + (pool - plo)) * nstack + (stack - slo)
+                present = np.bincount(key, minlength=span) > 0
+                keys = np.flatnonzero(present)
+                group = (np.cumsum(present) - 1)[key]
+                starts = first + (keys // (npool * nstack)) * p
+                pools = (keys // nstack) % npool + plo
+                stacks = keys % nstack + slo
+                return group, starts.tolist(), pools.tolist(), stacks.tolist()
+            packed = (period << 47) | (pool << 27) | stack
+            keys, group = np.unique(packed, return_inverse=True)
+            starts = first + (keys >> 47) * p
+            pools = (keys >> 27) & ((1 << 20) - 1)
+            stacks = keys & ((1 << 27) - 1)
+            return group.reshape(-1), starts.tolist(), pools.tolist(), stacks.tolist()
+        triples = np.stack([start, pool.astype(np.float64), stack.astype(np.float64)], axis=1)
+        uniq, group = np.unique(triples, axis=0, return_inverse=True)
+        return (
+            group.reshape(-1),
+            uniq[:, 0].tolist(),
+            [int(v) for v in uniq[:, 1].tolist()],
+            [int(v) for v in uniq[:, 2].tolist()],
+        )
 
     def _new_row(self, key: tuple[float, int, int], delta: dict[str, Any]) -> dict[str, Any]:
         row = {
@@ -339,29 +407,45 @@ class Rollups:
 
     def _feed_pools(self, b: Batch, start: np.ndarray) -> None:
         p = self.period_s
-        for pool in np.unique(b.pool).tolist():
-            m = b.pool == pool
-            at, in_use, st = b.at[m], b.in_use[m], start[m]
-            order = np.argsort(at, kind="stable")
-            at, in_use, st = at[order], in_use[order], st[order]
-            kind = b.kind[m][order]
-            overflow, waiters = b.overflow[m][order], b.waiters[m][order]
-            count = b.count[m][order]
+        invalidations_in_batch = b.has("invalidate")
+        for pool, rows in _by_pool(b.pool):
+
+            def pick(x: np.ndarray, rows: np.ndarray | None = rows) -> np.ndarray:
+                return x if rows is None else x.take(rows)
+
+            at, in_use, st = pick(b.at), pick(b.in_use), pick(start)
+            overflow, waiters = pick(b.overflow), pick(b.waiters)
+            kind, count = (pick(b.kind), pick(b.count)) if invalidations_in_batch else (None, None)
+            if not _ascending(at):  # the queue's order is the clock's, but for a few
+                order = np.argsort(at, kind="stable")
+                at, in_use, st = at[order], in_use[order], st[order]
+                overflow, waiters = overflow[order], waiters[order]
+                if kind is not None and count is not None:
+                    kind, count = kind[order], count[order]
             # The integral of in_use: each count holds from its event to the next one.
             last = self._last.get(pool)
             if last is not None:
-                t0 = np.concatenate([[last[0]], at])
-                v = np.concatenate([[last[1]], in_use])
+                t0, v = np.empty(at.size + 1), np.empty(at.size + 1)
+                t0[0], t0[1:] = last[0], at
+                v[0], v[1:] = last[1], in_use
             else:
                 t0, v = at, in_use
             integral: dict[float, float] = {}
             if t0.size > 1:
-                starts, ends, vals = t0[:-1], np.maximum(t0[1:], t0[:-1]), np.nan_to_num(v[:-1])
+                starts, ends, vals = t0[:-1], np.maximum(t0[1:], t0[:-1]), _finite(v[:-1])
                 s0 = np.floor(starts / p) * p
                 same = ends < s0 + p
                 if same.any():
-                    us, inv = np.unique(s0[same], return_inverse=True)
-                    sums = np.bincount(inv.reshape(-1), weights=(ends - starts)[same] * vals[same])
+                    if same.all():  # no interval across periods: no copies
+                        us, inv, runs = _unique_inverse(s0)
+                        weights = (ends - starts) * vals
+                        if runs is not None and runs.size == 1:  # one period: a running sum
+                            sums = np.cumsum(weights)[-1:] + 0.0  # bincount's sum, from +0.0
+                        else:
+                            sums = np.bincount(inv, weights=weights)
+                    else:
+                        us, inv, _ = _unique_inverse(s0[same])
+                        sums = np.bincount(inv, weights=(ends - starts)[same] * vals[same])
                     for u, s in zip(us.tolist(), sums.tolist(), strict=True):
                         integral[u] = integral.get(u, 0.0) + s
                 for i in np.nonzero(~same)[0].tolist():  # rare: an interval across periods
@@ -371,34 +455,44 @@ class Rollups:
                         upto = min(end, period + p)
                         integral[period] = integral.get(period, 0.0) + (upto - t) * val
                         t = upto
-            self._last[pool] = (float(at[-1]), float(np.nan_to_num(in_use[-1])))
-            us, inv = np.unique(st, return_inverse=True)
-            inv = inv.reshape(-1)
+            final = float(in_use[-1])
+            if not math.isfinite(final):
+                final = float(np.nan_to_num(final))
+            self._last[pool] = (float(at[-1]), final)
+            us, inv, bounds = _unique_inverse(st)
             k = len(us)
-            events = np.bincount(inv, minlength=k)
-            is_inv = kind == KIND_CODE["invalidate"]
-            invalidations = np.bincount(inv[is_inv], minlength=k)
-            disconnects = np.bincount(inv[is_inv & (count == 1)], minlength=k)
+            if bounds is not None:  # runs: their lengths
+                events = np.diff(bounds, append=st.size).tolist()
+            else:
+                events = np.bincount(inv, minlength=k).tolist()
+            invalidations = disconnects = [0] * k
+            if kind is not None and count is not None:
+                is_inv = kind == KIND_CODE["invalidate"]
+                invalidations = np.bincount(inv[is_inv], minlength=k).tolist()
+                disconnects = np.bincount(inv[is_inv & (count == 1)], minlength=k).tolist()
             peaks = {}
             for name, values in (
                 ("peak_in_use", in_use),
                 ("peak_overflow", overflow),
                 ("peak_waiters", waiters),
-                ("peak_demand", in_use + np.nan_to_num(waiters)),
+                ("peak_demand", in_use + _finite(waiters)),
             ):
-                out = np.full(k, np.nan)
-                ok = ~np.isnan(values)
-                np.fmax.at(out, inv[ok], values[ok])
-                peaks[name] = out
+                if bounds is not None:  # each period's records in one run: reduce the runs
+                    out = np.fmax.reduceat(values, bounds)
+                else:
+                    out = np.full(k, np.nan)
+                    ok = ~np.isnan(values)
+                    np.fmax.at(out, inv[ok], values[ok])
+                peaks[name] = [None if x != x else int(x) for x in out.tolist()]
             for i, s in enumerate(us.tolist()):
                 delta: dict[str, Any] = {
-                    "events": int(events[i]),
+                    "events": events[i],
                     "in_use_s": integral.pop(s, 0.0),
-                    "invalidations": int(invalidations[i]),
-                    "disconnects": int(disconnects[i]),
+                    "invalidations": invalidations[i],
+                    "disconnects": disconnects[i],
                 }
                 for name, col in peaks.items():
-                    delta[name] = None if np.isnan(col[i]) else int(col[i])
+                    delta[name] = col[i]
                 self._add_pool(s, pool, delta)
             for s, value in integral.items():  # periods crossed without events of their own
                 self._add_pool(s, pool, {"events": 0, "in_use_s": value, "invalidations": 0,
@@ -442,18 +536,86 @@ class Rollups:
 def _group_hists(group: np.ndarray, values: np.ndarray, g: int) -> dict[int, tuple[Any, Any]]:
     """Per group index, the histogram of its ``values`` (NaN left out)."""
     ok = ~np.isnan(values)
-    group, values = group[ok], values[ok]
+    if not ok.all():
+        group, values = group[ok], values[ok]
     if not values.size:
         return {}
-    pairs = group.astype(np.int64) * 65536 + hist.buckets_of(values)
-    keys, counts = np.unique(pairs, return_counts=True)
-    groups, buckets = keys // 65536, keys % 65536
+    buckets = hist.buckets_of(values)
+    lo, hi = int(buckets.min()), int(buckets.max())
+    width = hi - lo + 1
+    if lo >= 0 and hi < 65536 and g * width <= _COUNTING_SPAN + 4 * values.size:
+        # Few groups and buckets: count every (group, bucket) cell, no sort.
+        cells = np.bincount(group * width + (buckets - lo), minlength=g * width)
+        keys = np.flatnonzero(cells)
+        counts = cells[keys]
+        groups, buckets = keys // width, keys % width + lo
+    else:
+        pairs = group.astype(np.int64) * 65536 + buckets
+        keys, counts = np.unique(pairs, return_counts=True)
+        groups, buckets = keys // 65536, keys % 65536
     bounds = np.searchsorted(groups, np.arange(g + 1))
     out = {}
-    for i in np.unique(groups).tolist():
+    for i in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
         lo, hi = bounds[i], bounds[i + 1]
-        out[i] = (buckets[lo:hi], counts[lo:hi].astype(np.int64))
+        out[i] = hist.Merged((buckets[lo:hi], counts[lo:hi].astype(np.int64)))
     return out
+
+
+_COUNTING_SPAN = 1 << 16
+"""Keys in a range up to this (plus 4 per record) are grouped by counting (``np.bincount``
+over the range, linear); wider ranges by sorting."""
+
+
+def _ints(x: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(x, nan=-1).astype(np.int64)``: ids and codes, NULL (NaN) as -1."""
+    return x.astype(np.int64) if np.isfinite(x).all() else np.nan_to_num(x, nan=-1).astype(np.int64)
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(x)``: ``x`` itself where every value is finite already."""
+    return x if np.isfinite(x).all() else np.nan_to_num(x)
+
+
+def _ascending(x: np.ndarray) -> bool:
+    """Whether ``x`` is in ascending order (``False`` where it holds a NaN)."""
+    return x.size < 2 or bool((x[1:] >= x[:-1]).all())
+
+
+def _unique_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``np.unique(x, return_inverse=True)`` (the inverse flat), and, where ``x`` is in
+    ascending order already (then no sort is needed), the index of each value's first
+    occurrence (else ``None``). ``x`` is not empty."""
+    if x[0] == x[-1] and (x == x[0]).all():  # the common batch: all in one period
+        return x[:1], np.zeros(x.size, dtype=np.intp), np.zeros(1, dtype=np.intp)
+    if _ascending(x):
+        new = np.empty(x.size, dtype=bool)
+        new[0] = True
+        np.not_equal(x[1:], x[:-1], out=new[1:])
+        first = np.flatnonzero(new)
+        return x[first], np.cumsum(new) - 1, first
+    uniq, inverse = np.unique(x, return_inverse=True)
+    return uniq, inverse.reshape(-1), None
+
+
+def _by_pool(pool: np.ndarray) -> Iterator[tuple[int, Any]]:
+    """Each pool id of ``pool`` (int64, not empty), in ascending order, with the indices of
+    its records in their order (``None`` where every record is of one pool)."""
+    lo, hi = int(pool.min()), int(pool.max())
+    if lo == hi:
+        yield lo, None
+        return
+    if lo >= 0 and hi - lo <= _COUNTING_SPAN + 4 * pool.size:
+        ids = np.flatnonzero(np.bincount(pool - lo)) + lo
+    else:
+        ids = np.unique(pool)
+    if len(ids) <= 16:  # a comparison per pool: cheaper than a sort for a few
+        for value in ids.tolist():
+            yield value, np.flatnonzero(pool == value)
+        return
+    order = np.argsort(pool, kind="stable")
+    edges = np.searchsorted(pool[order], ids).tolist() + [pool.size]
+    for i, value in enumerate(ids.tolist()):
+        yield value, order[edges[i] : edges[i + 1]]
 
 
 def _merge_into(

@@ -630,15 +630,19 @@ Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
     return list;
 }
 
-/* numbers(texts) -> bytes: every value as a float64, field by field (all the records'
-   first field, then all their second, ...: `width` columns of len/width values): an int
-   or float as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1
-   where it is none of them). For the writer's rollups: the batch as numpy columns,
-   without a Python object per value. */
+/* numbers(texts[, fields]) -> bytes: every value of the `fields` (a tuple of field
+   indices; all by default) as a float64, field by field (all the records' first field,
+   then all their second, ...: len(fields) columns of len/width values): an int or float
+   as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1 where it
+   is none of them). For the writer's rollups: the batch as numpy columns, without a
+   Python object per value. Read with the GIL released, as insert() reads: nothing else
+   may append to these Events meanwhile (the writer calls it on the batch it took). */
 static PyObject *
-Events_numbers(Events *self, PyObject *texts)
+Events_numbers(Events *self, PyObject *args)
 {
-    enum { MAX_TEXTS = 64 };
+    enum { MAX_TEXTS = 64, MAX_FIELDS = 1024, LONG = 32 };
+    PyObject *texts, *wanted = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &texts, &wanted)) return NULL;
     const char *names[MAX_TEXTS];
     Py_ssize_t lens[MAX_TEXTS];
     if (!PyTuple_Check(texts) || PyTuple_GET_SIZE(texts) > MAX_TEXTS) {
@@ -650,29 +654,68 @@ Events_numbers(Events *self, PyObject *texts)
         names[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(texts, k), &lens[k]);
         if (names[k] == NULL) return NULL;
     }
-    Py_ssize_t n = Events_length(self);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
-    if (out == NULL) return NULL;
-    double *d = (double *)PyBytes_AS_STRING(out);
     Py_ssize_t width = self->width, nrecords = self->nrecords;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const Cell *c = &self->cells[i];
-        double *out = &d[(i % width) * nrecords + i / width];
-        switch (c->type) {
-        case CELL_INT: *out = (double)c->i; break;
-        case CELL_FLOAT: *out = c->d; break;
-        case CELL_TEXT:
-            *out = -1.0;
-            for (Py_ssize_t k = 0; k < ntexts; k++) {
-                if (lens[k] == c->len && memcmp(names[k], self->text + c->off, c->len) == 0) {
-                    *out = (double)k;
-                    break;
-                }
+    Py_ssize_t fields[MAX_FIELDS], nfields = width;
+    if (wanted == Py_None) {
+        for (Py_ssize_t f = 0; f < width; f++) fields[f] = f;
+    }
+    else {
+        if (!PyTuple_Check(wanted) || PyTuple_GET_SIZE(wanted) > width) {
+            PyErr_SetString(PyExc_TypeError, "numbers() takes a tuple of at most width fields");
+            return NULL;
+        }
+        nfields = PyTuple_GET_SIZE(wanted);
+        for (Py_ssize_t j = 0; j < nfields; j++) {
+            fields[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, j));
+            if (fields[j] == -1 && PyErr_Occurred()) return NULL;
+            if (fields[j] < 0 || fields[j] >= width) {
+                PyErr_SetString(PyExc_ValueError, "a field index is out of range");
+                return NULL;
             }
-            break;
-        default: *out = Py_NAN;
         }
     }
+    /* The names by length (LONG: any longer), each length's in the tuple's order: a text
+       is compared with the names of its length only, the first that matches wins. */
+    int first[LONG + 1], next[MAX_TEXTS];
+    for (int l = 0; l <= LONG; l++) first[l] = -1;
+    for (int k = (int)ntexts - 1; k >= 0; k--) {
+        int l = lens[k] < LONG ? (int)lens[k] : LONG;
+        next[k] = first[l];
+        first[l] = k;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, nfields * nrecords * (Py_ssize_t)sizeof(double));
+    if (out == NULL) return NULL;
+    double *d = (double *)PyBytes_AS_STRING(out);
+    const Cell *cells = self->cells;
+    const char *text = self->text;
+    Py_INCREF(self);
+    Py_INCREF(texts);  /* names[] point into its str */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < nrecords; r++) {  /* the records in order, into the columns */
+        const Cell *record = cells + r * width;
+        double *value = d + r;
+        for (Py_ssize_t j = 0; j < nfields; j++, value += nrecords) {
+            const Cell *c = record + fields[j];
+            switch (c->type) {
+            case CELL_INT: *value = (double)c->i; break;
+            case CELL_FLOAT: *value = c->d; break;
+            case CELL_TEXT:
+                *value = -1.0;
+                for (int k = first[c->len < LONG ? c->len : LONG]; k >= 0; k = next[k]) {
+                    if (lens[k] == c->len && (c->len == 0 || names[k][0] == text[c->off]) &&
+                        memcmp(names[k], text + c->off, c->len) == 0) {
+                        *value = (double)k;
+                        break;
+                    }
+                }
+                break;
+            default: *value = Py_NAN;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(texts);
+    Py_DECREF(self);
     return out;
 }
 
@@ -688,10 +731,10 @@ static PyMethodDef Events_methods[] = {
      "`keep` records, else keep them for the next take()."},
     {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
      "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
-    {"numbers", (PyCFunction)Events_numbers, METH_O,
-     "numbers(texts) -> bytes: the values as float64, field by field (width columns): "
-     "numbers as they are, NULL as NaN, text as its index in the tuple `texts` (-1 if not "
-     "in it)."},
+    {"numbers", (PyCFunction)Events_numbers, METH_VARARGS,
+     "numbers(texts[, fields]) -> bytes: the values of the fields at the indices `fields` "
+     "(all by default) as float64, field by field (a column each): numbers as they are, "
+     "NULL as NaN, text as its index in the tuple `texts` (-1 if not in it)."},
     {NULL, NULL, 0, NULL},
 };
 
