@@ -942,6 +942,27 @@ def _impl_env(impl: str) -> dict[str, str]:
     return {**os.environ, "POOLSCOPE_NO_CEXT": "1" if impl == "python" else "0"}
 
 
+def _children_checkouts(
+    script: str, impl: str, sqlite_url: str, store_path: Path
+) -> list[tuple[object, ...]]:
+    """Run ``script`` (with the C helpers or without, ``impl``), check that it succeeded,
+    and return its forked children's ``(end_reason, checkouts, returned)`` rows."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, sqlite_url, str(store_path)],
+        cwd=REPO,
+        env=_impl_env(impl),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return query(
+        store_path,
+        "SELECT p.end_reason, count(*), count(c.returned_by) FROM processes p "
+        "JOIN checkouts c ON c.process_id = p.id WHERE p.parent_id IS NOT NULL",
+    )
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
 class TestForkWhileWriting:
     def test_children_forked_while_the_writer_writes_and_prunes_record_and_exit(
@@ -980,20 +1001,9 @@ class TestForkWhileWriting:
         waited for that transaction, so the child's own handle did not share the lock
         record of a copy caught mid-call (with it, the store looked locked to the child
         for good, and the child recorded nothing)."""
-        done = subprocess.run(
-            [sys.executable, "-c", _FORK_WHILE_LOCKED, sqlite_url, str(store_path)],
-            cwd=REPO,
-            env=_impl_env(impl),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        assert query(
-            store_path,
-            "SELECT p.end_reason, count(*), count(c.returned_by) FROM processes p "
-            "JOIN checkouts c ON c.process_id = p.id WHERE p.parent_id IS NOT NULL",
-        ) == [("exit", 20, 20)]
+        assert _children_checkouts(_FORK_WHILE_LOCKED, impl, sqlite_url, store_path) == [
+            ("exit", 20, 20)
+        ]
         parent_checkouts = query(
             store_path,
             "SELECT count(*) FROM checkouts c JOIN processes p ON p.id = c.process_id "
@@ -1009,20 +1019,9 @@ class TestForkWhileWriting:
         store has every checkout on disk: the child closed its copies of the parent's
         handles, so its own handle holds real locks on the store, and the parent's last
         close did not take the WAL (and what the child writes to it) away."""
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD_OUTLIVES_PARENT, sqlite_url, str(store_path)],
-            cwd=REPO,
-            env=_impl_env(impl),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        assert query(
-            store_path,
-            "SELECT p.end_reason, count(*), count(c.returned_by) FROM processes p "
-            "JOIN checkouts c ON c.process_id = p.id WHERE p.parent_id IS NOT NULL",
-        ) == [("exit", 100, 100)]
+        assert _children_checkouts(_CHILD_OUTLIVES_PARENT, impl, sqlite_url, store_path) == [
+            ("exit", 100, 100)
+        ]
 
 
 # -------------------------------------------------------------------------------------------
