@@ -232,10 +232,16 @@ def _upsert(conn, table, columns, key, rows, from_values, merge, params, find) -
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
     )
-    keys = [tuple(row[k] for k in key) for row in rows]
-    found = find(conn, table, columns, key, keys)
+    # Rows of one key (a batch's rows with those of a batch whose transaction failed) are
+    # added together first: each written row replaces the stored one.
+    deltas: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        k = tuple(row[c] for c in key)
+        before = deltas.get(k)
+        deltas[k] = row if before is None else merge(before, row)
+    found = find(conn, table, columns, key, list(deltas))
     out = []
-    for row, k in zip(rows, keys, strict=True):
+    for k, row in deltas.items():
         stored = found.get(k)
         merged = merge(from_values(stored), row) if stored is not None else row
         out.append(params(merged))

@@ -453,3 +453,45 @@ def test_compact_while_a_process_writes_the_store(tmp_path: Path) -> None:
     # The writer's own rows are rolled up by the writer, the first release's by compact.
     (rolled,) = query(store, "SELECT count(DISTINCT process_id) FROM rollups")[0]
     assert rolled == 2
+
+
+def keeper_batch(at: float, first_cid: int, n: int) -> list:  # type: ignore[type-arg]
+    """``n`` checkouts and their returns at ``at`` (one minute, pool 1, stack 1: one
+    rollup row), as the writer hands a written batch to its keeper (the store's ids)."""
+    from instrument._record import RECORD_WIDTH
+
+    flat: list = []  # type: ignore[type-arg]
+    for cid in range(first_cid, first_cid + n):
+        for kind, wait, hold in (("checkout", 0.001, None), ("checkin", None, 0.002)):
+            rec: list = [None] * RECORD_WIDTH  # type: ignore[type-arg]
+            rec[:5] = [at, 1, kind, 1, cid]
+            rec[7], rec[9], rec[10], rec[11], rec[12], rec[14] = 1, 0, 0, 1, wait, hold
+            flat += rec
+    return flat
+
+
+def test_rollups_of_a_failed_keeper_transaction_are_added_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The keeper's transaction fails (the store locked by another connection past the busy
+    timeout): its rollup rows are written with the next batch's, added to them (same
+    minute and call site) and to the stored row, so every checkout is counted once."""
+    store = tmp_path / "locked.db"
+    conn = _store.connect_for_writing(store, busy_timeout_ms=100)
+    keeper = _retention.Keeper(math.inf, math.inf)
+    now = instrument._clock.REAL.wall()
+    at = math.floor(now / 60) * 60 - 120 + 1  # three batches in one minute
+    keeper.start(conn, 1, now)
+    keeper.after_batch(conn, keeper_batch(at, 1, 10), None, None, {}, now, True)
+    other = sqlite3.connect(str(store), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.WARNING, logger="poolscope")
+    keeper.after_batch(conn, keeper_batch(at + 1, 11, 7), None, None, {}, now, True)
+    assert "could not update the rollups" in caplog.text
+    assert query(store, "SELECT sum(checkouts) FROM rollups") == [(10,)]
+    other.execute("ROLLBACK")
+    other.close()
+    keeper.after_batch(conn, keeper_batch(at + 2, 18, 5), None, None, {}, now, True)
+    conn.close()
+    assert query(store, "SELECT count(*), sum(checkouts), sum(returns) FROM rollups") == [
+        (1, 22, 22)
+    ]
+    assert query(store, "SELECT count(*), sum(events) FROM pool_rollups") == [(1, 44)]
