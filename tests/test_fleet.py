@@ -667,6 +667,43 @@ class TestRetention:
         assert events > 6  # the connect, 3 checkouts, 3 checkins
         assert _index_entries(schema, "events_returns") == 3
 
+    def test_a_checkout_returned_in_a_later_batch_is_pruned_with_its_return(
+        self, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """As on a SQLite store: a checkout past keep_raw when written, returned in a later
+        batch, is pruned with its return (no checkout is left without its return), through
+        lookups by event id (the primary key), as the prune's."""
+        from test_retention import LATE, LEAK_AFTER, UNRETURNED_SQL, emit_late_return
+
+        from instrument import _retention
+
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(
+            engine, store=pg_store, leak_after=LEAK_AFTER, name="app", keep_raw=60.0
+        )
+        monitor.flush()
+        checkouts = emit_late_return(monitor, time.time() - 3600)
+        monitor.close()
+        engine.dispose()
+        assert _rows(schema, UNRETURNED_SQL.format(events="S.events")) == []
+        assert _rows(schema, f"SELECT count(*) FROM S.events WHERE checkout_id = {LATE}") == [(0,)]
+        assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'") == [(0,)]
+        assert _rows(schema, "SELECT sum(checkouts), sum(returns) FROM S.rollups") == [
+            (checkouts, checkouts)
+        ]
+        with _admin() as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("SET enable_seqscan TO off")  # as on a store of many events
+            for sql in (
+                "EXPLAIN SELECT id, pool_id, checkout_id FROM events WHERE id > 0 AND id <= 100 "
+                f"AND process_id = 1 AND at < 1 AND kind = 'checkout' AND "
+                f"{_retention._NOT_NOTABLE}",
+                "EXPLAIN DELETE FROM events WHERE id = 5 AND process_id = 1 AND kind = "
+                f"'checkout' AND {_retention._NOT_NOTABLE}",
+            ):
+                plan = "\n".join(row[0] for row in conn.execute(sql))
+                assert "events_pkey" in plan and "Seq Scan on events" not in plan, plan
+
     def test_rollups_of_a_failed_keeper_transaction_are_added_once(
         self, pg_store: str, schema: str, caplog: pytest.LogCaptureFixture
     ) -> None:
