@@ -9,7 +9,9 @@ The writer thread hands each batch it wrote to its :class:`Keeper` (one call). T
 3. prunes this process's raw events older than the retention in small steps (a range of
    :data:`PRUNE_STEP_IDS` event ids per transaction; never another process's rows, so
    several processes may write one store), and records from when its raw events are
-   complete (``retention.raw_since``, and the store-wide ``meta`` ``raw_since``);
+   complete (``retention.raw_since``, and the store-wide ``meta`` ``raw_since``). A
+   checkout is pruned with its return: one still open is kept, and deleted by id in the
+   transaction of the batch that returns it (its return pruned as any other event);
 4. watches the store's size (pages in use) against ``max_store_mb``: past 80 % it halves
    the retention applied at each check; past 95 % it prunes all it may and raw events are
    rolled up but not stored (counted in ``retention.raw_skipped``) until the store is back
@@ -73,6 +75,11 @@ MINUTE_ROWS_AT_CAP_S = 3600.0
 
 COARSEN_EVERY_S = 600.0
 COARSEN_ROWS = 2000
+
+MAX_LATE = 100_000
+"""Old checkouts a prune kept open (their return not written yet: a backlog) that a
+keeper remembers until they are returned, to delete them then (see :func:`kept_open`);
+past it, such a checkout is left in the store when its return is pruned."""
 
 MAX_NOTABLE = 100_000
 """Notable checkouts and events kept per process; past it, new ones are counted in
@@ -274,10 +281,16 @@ def _upsert(conn, table, columns, key, rows, from_values, merge, params, find) -
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
     )
-    keys = [tuple(row[k] for k in key) for row in rows]
-    found = find(conn, table, columns, key, keys)
+    # Rows of one key (a batch's rows with those of a batch whose transaction failed) are
+    # added together first: each written row replaces the stored one.
+    deltas: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        k = tuple(row[c] for c in key)
+        before = deltas.get(k)
+        deltas[k] = row if before is None else merge(before, row)
+    found = find(conn, table, columns, key, list(deltas))
     out = []
-    for row, k in zip(rows, keys, strict=True):
+    for k, row in deltas.items():
         stored = found.get(k)
         merged = merge(from_values(stored), row) if stored is not None else row
         out.append(params(merged))
@@ -366,6 +379,31 @@ def prune_step(
     return deleted, dropped, stop
 
 
+def kept_open(
+    conn: Any, process_id: int, after_id: int, upto_id: int, cutoff: float
+) -> list[tuple[int, int, int]]:
+    """After :func:`prune_step` on the same range: ``process_id``'s checkouts in
+    ``(after_id, upto_id]`` older than ``cutoff`` that it kept because they were not returned
+    (not notable), as ``(id, pool_id, checkout_id)``. Once returned, each is deleted by
+    :func:`delete_returned` (a later step would not see it again)."""
+    return conn.execute(
+        f"SELECT id, pool_id, checkout_id FROM events WHERE id > ? AND id <= ? "
+        f"AND process_id = ? AND at < ? AND kind = 'checkout' AND {_NOT_NOTABLE}",
+        (after_id, upto_id, process_id, cutoff),
+    ).fetchall()
+
+
+def delete_returned(conn: Any, process_id: int, ids: Sequence[int]) -> None:
+    """Delete the checkouts of ``process_id`` with event ``ids`` (from :func:`kept_open`,
+    returned since) unless notable (in the caller's transaction): by id, so one index
+    lookup each on any store. Their returns are pruned as any other event."""
+    conn.executemany(
+        f"DELETE FROM events WHERE id = ? AND process_id = ? AND kind = 'checkout' "
+        f"AND {_NOT_NOTABLE}",
+        [(i, process_id) for i in ids],
+    )
+
+
 def set_raw_since(conn: Any, value: float) -> None:
     """Raise the store-wide ``meta`` ``raw_since`` to ``value`` (never lowers it)."""
     conn.execute(
@@ -412,6 +450,8 @@ class Keeper:
         self.rollups: Rollups | None = None
         self.notable = Notable()
         self._unwritten: tuple[list[Any], list[Any]] = ([], [])
+        self._late: dict[int, tuple[int, float]] = {}
+        self._due: list[tuple[int, float]] = []
         self._cursor = 0
         self._raw_since = 0.0
         self._stop_at = -math.inf
@@ -442,6 +482,7 @@ class Keeper:
         self.rollups = Rollups(process_id)
         self.notable = Notable()
         self._unwritten = ([], [])
+        self._late, self._due = {}, []
         self._cursor = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         self._raw_since = 0.0
         self._stop_at = -math.inf
@@ -507,6 +548,8 @@ class Keeper:
             if limits:
                 self.max_leak_after = max(self.max_leak_after, max(limits.values()))
             marks = self.notable.marks(batch, limits)
+            if self._late:
+                self._find_returned(batch)
             protected = int(batch.kind_counts()[_rollups.kind_codes(*PROTECTED_KINDS)].sum())
             if not raw_written:
                 self._counts["raw_skipped"] += len(batch)
@@ -514,14 +557,16 @@ class Keeper:
         rows, pool_rows = rollups.flush_rows()
         rows, pool_rows = self._unwritten[0] + rows, self._unwritten[1] + pool_rows
         self._unwritten = (rows, pool_rows)
-        if rows or pool_rows or marks or protected or any(self._counts.values()):
+        if rows or pool_rows or marks or protected or self._due or any(self._counts.values()):
             conn.execute("BEGIN IMMEDIATE")
             self._upsert(conn, rows, pool_rows)
             self._mark(conn, marks, protected)
+            self._delete_returned(conn)
             self._write_counts(conn)
             self._write_span(conn)
             conn.execute("COMMIT")
         self._unwritten = ([], [])
+        self._due = []
         if now >= self._next_size_check:
             self._next_size_check = now + SIZE_CHECK_S
             self._check_size(conn, now)
@@ -557,6 +602,38 @@ class Keeper:
         if self._cap_id is None and self._notable_count > MAX_NOTABLE:
             # Kept kinds written from here on are pruned as any other (and counted).
             self._cap_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def _find_returned(self, b: Batch) -> None:
+        """Move the old checkouts the prune kept open (``_late``) that batch ``b`` returns
+        to ``_due``: they are deleted in the batch's transaction (:meth:`_delete_returned`),
+        their returns pruned as any other event."""
+        returned = b.of(*RETURN_KINDS) & ~np.isnan(b.checkout_id)
+        if not returned.any():
+            return
+        keys = b.pool[returned].astype(np.int64) * (1 << 40) + b.checkout_id[returned].astype(
+            np.int64
+        )
+        late = np.fromiter(self._late, np.int64, len(self._late))
+        for k in keys[np.isin(keys, late)].tolist():
+            entry = self._late.pop(k, None)
+            if entry is not None:
+                self._due.append(entry)
+
+    def _delete_returned(self, conn: sqlite3.Connection) -> None:
+        if not self._due or self.process_id is None:
+            return
+        before = conn.total_changes
+        delete_returned(conn, self.process_id, [i for i, _ in self._due])
+        self._counts["pruned"] += conn.total_changes - before
+        # Raw events before the prune that kept them are no longer complete.
+        self._raw_since = max(self._raw_since, max(cutoff for _, cutoff in self._due))
+
+    def _track_open(self, conn: sqlite3.Connection, lo: int, hi: int, cutoff: float) -> None:
+        """Remember the checkouts of ids ``(lo, hi]`` the prune step just kept open."""
+        for eid, pool, cid in kept_open(conn, self.process_id, lo, hi, cutoff):  # type: ignore[arg-type]
+            if len(self._late) >= MAX_LATE:
+                break
+            self._late[int(pool) * (1 << 40) + int(cid)] = (int(eid), cutoff)
 
     def _write_span(self, conn: sqlite3.Connection) -> None:
         """In the transaction of the rollups (never one of its own): the first and last time
@@ -607,6 +684,7 @@ class Keeper:
                     cutoff,
                     self._cap_id,  # type: ignore[arg-type]
                 )
+                self._track_open(conn, lo, hi if stop is None else stop - 1, cutoff)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

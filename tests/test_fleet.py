@@ -667,6 +667,88 @@ class TestRetention:
         assert events > 6  # the connect, 3 checkouts, 3 checkins
         assert _index_entries(schema, "events_returns") == 3
 
+    def test_a_checkout_returned_in_a_later_batch_is_pruned_with_its_return(
+        self, pg_store: str, schema: str, sqlite_url: str
+    ) -> None:
+        """As on a SQLite store: a checkout past keep_raw when written, returned in a later
+        batch, is pruned with its return (no checkout is left without its return), through
+        lookups by event id (the primary key), as the prune's."""
+        from test_retention import LATE, LEAK_AFTER, UNRETURNED_SQL, emit_late_return
+
+        from instrument import _retention
+
+        engine = sa.create_engine(sqlite_url)
+        monitor = instrument.attach(
+            engine, store=pg_store, leak_after=LEAK_AFTER, name="app", keep_raw=60.0
+        )
+        monitor.flush()
+        checkouts = emit_late_return(monitor, time.time() - 3600)
+        monitor.close()
+        engine.dispose()
+        assert _rows(schema, UNRETURNED_SQL.format(events="S.events")) == []
+        assert _rows(schema, f"SELECT count(*) FROM S.events WHERE checkout_id = {LATE}") == [(0,)]
+        assert _rows(schema, "SELECT count(*) FROM S.events WHERE kind = 'checkout'") == [(0,)]
+        assert _rows(schema, "SELECT sum(checkouts), sum(returns) FROM S.rollups") == [
+            (checkouts, checkouts)
+        ]
+        with _admin() as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("SET enable_seqscan TO off")  # as on a store of many events
+            for sql in (
+                "EXPLAIN SELECT id, pool_id, checkout_id FROM events WHERE id > 0 AND id <= 100 "
+                f"AND process_id = 1 AND at < 1 AND kind = 'checkout' AND "
+                f"{_retention._NOT_NOTABLE}",
+                "EXPLAIN DELETE FROM events WHERE id = 5 AND process_id = 1 AND kind = "
+                f"'checkout' AND {_retention._NOT_NOTABLE}",
+            ):
+                plan = "\n".join(row[0] for row in conn.execute(sql))
+                assert "events_pkey" in plan and "Seq Scan on events" not in plan, plan
+
+    def test_rollups_of_a_failed_keeper_transaction_are_added_once(
+        self, pg_store: str, schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """As on a SQLite store: the keeper's session is terminated (pg_terminate_backend),
+        so its transaction fails; its rollup rows go out with the next batch's on the new
+        session, added to them and to the stored row: every checkout is counted once."""
+        from test_retention import keeper_batch
+
+        from instrument import _pg_store
+        from instrument._pg_writer import PostgresKeeper, _SqliteLike
+
+        store = parse_store(pg_store)
+        assert isinstance(store, PostgresStore)
+
+        def session() -> Any:
+            conn = _pg_store.connect(store, autocommit=True)
+            _pg_store.ensure_schema(conn, store)
+            conn.execute(f'SET search_path TO "{schema}"')
+            return conn
+
+        first = session()
+        keeper = PostgresKeeper(math.inf, math.inf)
+        now = time.time()
+        at = math.floor(now / 60) * 60 - 120 + 1  # three batches in one minute
+        keeper.start(_SqliteLike(first), 1, now)
+        keeper.after_batch(_SqliteLike(first), keeper_batch(at, 1, 10), None, None, {}, now, True)
+        with _admin() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (first.info.backend_pid,))
+        caplog.set_level(logging.WARNING, logger="poolscope")
+        keeper.after_batch(_SqliteLike(first), keeper_batch(at + 1, 11, 7), None, None, {}, now,
+                           True)  # fmt: skip
+        assert "could not update the rollups" in caplog.text
+        assert _rows(schema, "SELECT sum(checkouts) FROM S.rollups") == [(10,)]
+        second = session()
+        try:
+            keeper.after_batch(_SqliteLike(second), keeper_batch(at + 2, 18, 5), None, None, {},
+                               now, True)  # fmt: skip
+        finally:
+            second.close()
+            first.close()
+        assert _rows(schema, "SELECT count(*), sum(checkouts), sum(returns) FROM S.rollups") == [
+            (1, 22, 22)
+        ]
+        assert _rows(schema, "SELECT count(*), sum(events) FROM S.pool_rollups") == [(1, 44)]
+
 
 def _index_entries(schema: str, index: str) -> int:
     """How many entries the index holds (its statistics, brought up to date first)."""

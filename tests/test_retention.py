@@ -453,3 +453,100 @@ def test_compact_while_a_process_writes_the_store(tmp_path: Path) -> None:
     # The writer's own rows are rolled up by the writer, the first release's by compact.
     (rolled,) = query(store, "SELECT count(DISTINCT process_id) FROM rollups")[0]
     assert rolled == 2
+
+
+LATE = 90_001
+"""A checkout whose return comes in a later batch than it (see :func:`emit_late_return`)."""
+
+UNRETURNED_SQL = (
+    "SELECT c.checkout_id FROM {events} AS c WHERE c.kind = 'checkout' AND NOT EXISTS "
+    "(SELECT 1 FROM {events} AS r WHERE r.process_id = c.process_id AND r.pool_id = c.pool_id "
+    "AND r.checkout_id = c.checkout_id AND r.kind IN ('checkin', 'gc_checkin', 'detach', "
+    "'unwatched')) ORDER BY 1"
+)
+"""The stored checkouts without a stored return (``{events}``: the events table's name)."""
+
+
+def emit_late_return(monitor, t0: float) -> int:  # type: ignore[no-untyped-def]
+    """A backlog of hour-old records in two parts, each flushed twice (written, then
+    pruned): ordinary checkouts and their returns, and checkout :data:`LATE` whose return
+    (a short hold: not notable) is in the second part only. Return the checkouts emitted."""
+    sid = monitor._writer.stacks.capture()
+    n = 0
+    for part in range(2):
+        for i in range(200):
+            n += 1
+            at = t0 + part * 30 + i * 0.1
+            monitor._writer.emit(_record(monitor, at, "checkout", n, stack=sid, wait=0.001))
+            monitor._writer.emit(_record(monitor, at + 0.01, "checkin", n, stack=sid,
+                                         in_use=0, hold=0.01))  # fmt: skip
+        if part == 0:
+            monitor._writer.emit(_record(monitor, t0 + 5, "checkout", LATE, stack=sid))
+        else:
+            monitor._writer.emit(_record(monitor, t0 + 45, "checkin", LATE, stack=sid,
+                                         in_use=0, hold=40.0 - LEAK_AFTER))  # fmt: skip
+        monitor.flush()
+        monitor.flush()
+    return n + 1
+
+
+def test_a_checkout_returned_in_a_later_batch_is_pruned_with_its_return(
+    recorder_impl: str, tmp_path: Path
+) -> None:
+    """A checkout already past keep_raw when written, whose return comes in a later batch:
+    the first prune keeps it (it is open), and once returned it is pruned with its
+    return, so no checkout is left in the store without its return (it would read as
+    open for good); the rollups still count every checkout."""
+    store = tmp_path / "late.db"
+    engine, monitor = _attach(tmp_path, store, keep_raw=60.0)
+    t0 = instrument._clock.REAL.wall() - 3600
+    checkouts = emit_late_return(monitor, t0)
+    _finish(engine, monitor)
+    assert query(store, UNRETURNED_SQL.format(events="events")) == []
+    assert query(store, "SELECT count(*) FROM events WHERE checkout_id = ?", LATE) == [(0,)]
+    assert query(store, "SELECT count(*) FROM events WHERE kind = 'checkout'") == [(0,)]
+    assert query(store, "SELECT sum(checkouts), sum(returns) FROM rollups") == [
+        (checkouts, checkouts)
+    ]
+
+
+def keeper_batch(at: float, first_cid: int, n: int) -> list:  # type: ignore[type-arg]
+    """``n`` checkouts and their returns at ``at`` (one minute, pool 1, stack 1: one
+    rollup row), as the writer hands a written batch to its keeper (the store's ids)."""
+    from instrument._record import RECORD_WIDTH
+
+    flat: list = []  # type: ignore[type-arg]
+    for cid in range(first_cid, first_cid + n):
+        for kind, wait, hold in (("checkout", 0.001, None), ("checkin", None, 0.002)):
+            rec: list = [None] * RECORD_WIDTH  # type: ignore[type-arg]
+            rec[:5] = [at, 1, kind, 1, cid]
+            rec[7], rec[9], rec[10], rec[11], rec[12], rec[14] = 1, 0, 0, 1, wait, hold
+            flat += rec
+    return flat
+
+
+def test_rollups_of_a_failed_keeper_transaction_are_added_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The keeper's transaction fails (the store locked by another connection past the busy
+    timeout): its rollup rows are written with the next batch's, added to them (same
+    minute and call site) and to the stored row, so every checkout is counted once."""
+    store = tmp_path / "locked.db"
+    conn = _store.connect_for_writing(store, busy_timeout_ms=100)
+    keeper = _retention.Keeper(math.inf, math.inf)
+    now = instrument._clock.REAL.wall()
+    at = math.floor(now / 60) * 60 - 120 + 1  # three batches in one minute
+    keeper.start(conn, 1, now)
+    keeper.after_batch(conn, keeper_batch(at, 1, 10), None, None, {}, now, True)
+    other = sqlite3.connect(str(store), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.WARNING, logger="poolscope")
+    keeper.after_batch(conn, keeper_batch(at + 1, 11, 7), None, None, {}, now, True)
+    assert "could not update the rollups" in caplog.text
+    assert query(store, "SELECT sum(checkouts) FROM rollups") == [(10,)]
+    other.execute("ROLLBACK")
+    other.close()
+    keeper.after_batch(conn, keeper_batch(at + 2, 18, 5), None, None, {}, now, True)
+    conn.close()
+    assert query(store, "SELECT count(*), sum(checkouts), sum(returns) FROM rollups") == [
+        (1, 22, 22)
+    ]
+    assert query(store, "SELECT count(*), sum(events) FROM pool_rollups") == [(1, 44)]
