@@ -797,6 +797,37 @@ column_map(PyObject *map, ColumnMap *out)
     return 0;
 }
 
+static void
+free_column_maps(ColumnMap *maps, Py_ssize_t width)
+{
+    for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
+    PyMem_Free(maps);
+}
+
+/* The maps of `remap` (column index -> dict, see column_map) for `width` columns, as an
+   array (NULL ids: no map); entries that name no column are left out. NULL with an error
+   set on failure. Freed with free_column_maps. */
+static ColumnMap *
+column_maps(PyObject *remap, Py_ssize_t width)
+{
+    ColumnMap *maps = PyMem_Calloc((size_t)width, sizeof(ColumnMap));
+    if (maps == NULL) return (ColumnMap *)PyErr_NoMemory();
+    PyObject *key, *map;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(remap, &pos, &key, &map)) {
+        Py_ssize_t column = PyLong_AsSsize_t(key);
+        if (column >= 0 && column < width && PyDict_Check(map) && maps[column].ids == NULL) {
+            if (column_map(map, &maps[column]) < 0) {
+                free_column_maps(maps, width);
+                return NULL;
+            }
+        }
+        else
+            PyErr_Clear();
+    }
+    return maps;
+}
+
 static int
 bind_cell(sqlite3_stmt *stmt, int index, const Cell *cell, const char *text,
           const ColumnMap *map)
@@ -868,42 +899,28 @@ insert(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "rows_per_statement is out of range");
         return NULL;
     }
-    ColumnMap *maps = PyMem_Calloc((size_t)width, sizeof(ColumnMap));
-    if (maps == NULL) return PyErr_NoMemory();
-    PyObject *key, *map;
-    Py_ssize_t pos = 0;
-    int failed = 0;
-    while (!failed && PyDict_Next(remap, &pos, &key, &map)) {
-        Py_ssize_t column = PyLong_AsSsize_t(key);
-        if (column >= 0 && column < width && PyDict_Check(map) && maps[column].ids == NULL)
-            failed = column_map(map, &maps[column]) < 0;
-        else
-            PyErr_Clear();
-    }
+    ColumnMap *maps = column_maps(remap, width);
+    if (maps == NULL) return NULL;
     int rc = SQLITE_OK;
     char error[512] = "";
-    if (!failed) {
-        Py_ssize_t whole = n - n % (width * rows_per_statement);
-        const Cell *cells = events->cells;
-        const char *text = events->text;
-        Py_INCREF(events);
-        Py_BEGIN_ALLOW_THREADS
-        rc = run_script(db, before, error, sizeof error);
-        if (rc == SQLITE_OK && whole)
-            rc = run(db, many_sql, cells, whole, (int)(width * rows_per_statement), text, maps,
-                     width, error, sizeof error);
-        if (rc == SQLITE_OK && whole < n)
-            rc = run(db, one_sql, cells + whole, n - whole, (int)width, text, maps, width,
-                     error, sizeof error);
-        if (rc == SQLITE_OK) rc = run_script(db, after, error, sizeof error);
-        /* Never left open: the next batch's BEGIN would fail, and every batch after. */
-        if (rc != SQLITE_OK && !sq.get_autocommit(db)) sq.exec(db, "ROLLBACK", NULL, NULL, NULL);
-        Py_END_ALLOW_THREADS
-        Py_DECREF(events);
-    }
-    for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
-    PyMem_Free(maps);
-    if (failed) return NULL;
+    Py_ssize_t whole = n - n % (width * rows_per_statement);
+    const Cell *cells = events->cells;
+    const char *text = events->text;
+    Py_INCREF(events);
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_script(db, before, error, sizeof error);
+    if (rc == SQLITE_OK && whole)
+        rc = run(db, many_sql, cells, whole, (int)(width * rows_per_statement), text, maps,
+                 width, error, sizeof error);
+    if (rc == SQLITE_OK && whole < n)
+        rc = run(db, one_sql, cells + whole, n - whole, (int)width, text, maps, width,
+                 error, sizeof error);
+    if (rc == SQLITE_OK) rc = run_script(db, after, error, sizeof error);
+    /* Never left open: the next batch's BEGIN would fail, and every batch after. */
+    if (rc != SQLITE_OK && !sq.get_autocommit(db)) sq.exec(db, "ROLLBACK", NULL, NULL, NULL);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(events);
+    free_column_maps(maps, width);
     if (rc != SQLITE_OK) return sqlite_error(error, rc);
     Py_RETURN_TRUE;
 }
@@ -1016,21 +1033,10 @@ copy_binary(PyObject *self, PyObject *args)
             return NULL;
         }
     }
-    ColumnMap *maps = PyMem_Calloc((size_t)width, sizeof(ColumnMap));
-    if (maps == NULL) return PyErr_NoMemory();
-    PyObject *key, *map, *out = NULL;
-    Py_ssize_t pos = 0;
-    int failed = 0;
-    while (!failed && PyDict_Next(remap, &pos, &key, &map)) {
-        Py_ssize_t column = PyLong_AsSsize_t(key);
-        if (column >= 0 && column < width && PyDict_Check(map) && maps[column].ids == NULL)
-            failed = column_map(map, &maps[column]) < 0;
-        else
-            PyErr_Clear();
-    }
-    if (!failed) out = format_copy(events, types, maps, suffix, suffix_len, suffix_fields);
-    for (Py_ssize_t k = 0; k < width; k++) PyMem_Free(maps[k].ids);
-    PyMem_Free(maps);
+    ColumnMap *maps = column_maps(remap, width);
+    if (maps == NULL) return NULL;
+    PyObject *out = format_copy(events, types, maps, suffix, suffix_len, suffix_fields);
+    free_column_maps(maps, width);
     return out;
 }
 
