@@ -866,11 +866,12 @@ _FORK_WHILE_WRITING = textwrap.dedent(
     """
 )
 
-_FORK_WHILE_LOCKED = textwrap.dedent(
+_ATTACHED = textwrap.dedent(
     """
     import os, sqlite3, sys, threading, time
     import sqlalchemy as sa
     import instrument
+    from instrument import _writer
 
     url, store = sys.argv[1:3]
     engine = sa.create_engine(url)
@@ -878,6 +879,13 @@ _FORK_WHILE_LOCKED = textwrap.dedent(
     with engine.connect() as conn:
         conn.exec_driver_sql("select 1")
     monitor.flush()
+    """
+)
+"""The start of the fork scripts: an engine on ``argv[1]`` attached to the store ``argv[2]``,
+one checkout written."""
+
+_FORK_WHILE_LOCKED = _ATTACHED + textwrap.dedent(
+    """
     other = sqlite3.connect(store, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the store a while
     for _ in range(10):
@@ -903,19 +911,8 @@ _FORK_WHILE_LOCKED = textwrap.dedent(
     """
 )
 
-_CHILD_OUTLIVES_PARENT = textwrap.dedent(
+_CHILD_OUTLIVES_PARENT = _ATTACHED + textwrap.dedent(
     """
-    import os, sys, time
-    import sqlalchemy as sa
-    import instrument
-    from instrument import _writer
-
-    url, store = sys.argv[1:3]
-    engine = sa.create_engine(url)
-    monitor = instrument.attach(engine, store=store, leak_after=60)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("select 1")
-    monitor.flush()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
