@@ -822,17 +822,22 @@ def test_poolscope_run_records_into_a_postgresql_store(
     assert _rows(schema, "SELECT end_reason FROM S.processes") == [("exit",)]
 
 
+def _one_checkout_stored(engine: sa.Engine, store: str, name: str) -> None:
+    """Attach ``engine`` to ``store`` as ``name``, write one checkout, and stop every writer."""
+    monitor = instrument.attach(engine, store=store, name=name)
+    _ops(engine, 1)
+    assert monitor.flush()
+    monitor.close()
+    _writer.shutdown_all()
+
+
 def test_a_newer_schema_is_refused(
     pg_store: str, schema: str, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A store schema written by a newer poolscope is neither read (exit 2) nor written
     (one error logged; the records wait in the queue, as for a store that is away)."""
     engine = sa.create_engine(sqlite_url)
-    monitor = instrument.attach(engine, store=pg_store, name="v")
-    _ops(engine, 1)
-    assert monitor.flush()
-    monitor.close()
-    _writer.shutdown_all()
+    _one_checkout_stored(engine, pg_store, "v")
     with _admin() as conn:
         conn.execute(f"UPDATE \"{schema}\".meta SET value = '99' WHERE key = 'schema_version'")
     result = CliRunner().invoke(cli, ["report", pg_store])
@@ -974,11 +979,7 @@ class TestDiagnoses:
         """A schema-2 store (no diagnoses table) reads as it is, and gets the table, and
         version 3, when a writer opens it next."""
         engine = sa.create_engine(sqlite_url)
-        monitor = instrument.attach(engine, store=pg_store, name="old")
-        _ops(engine, 1)
-        assert monitor.flush()
-        monitor.close()
-        _writer.shutdown_all()
+        _one_checkout_stored(engine, pg_store, "old")
         with _admin() as conn:
             conn.execute(f'DROP TABLE "{schema}".diagnoses')
             conn.execute(f"UPDATE \"{schema}\".meta SET value = '2' WHERE key = 'schema_version'")
