@@ -543,7 +543,8 @@ class Keeper:
             if self._span is not None:
                 first, last = min(first, self._span[0]), max(last, self._span[1])
             self._span = (first, last)
-            rollups.feed(batch)
+            if not rollups.feed_events(flat, pool_ids, stack_ids):
+                rollups.feed(batch)
             limits = leak_after
             if limits:
                 self.max_leak_after = max(self.max_leak_after, max(limits.values()))

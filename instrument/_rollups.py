@@ -66,6 +66,14 @@ _HISTS = ("hold_hist", "wait_hist")
 _POOL_SUMS = ("events", "in_use_s", "invalidations", "disconnects")
 _POOL_MAXES = ("peak_in_use", "peak_overflow", "peak_waiters", "peak_demand")
 
+_C_SITE_FIELDS = ("checkouts", "returns", "gc_returned", "timeouts", "leaks", "hold_sum_s",
+                  "hold_max_s", "wait_sum_s", "wait_max_s", "connect_sum_s", "connects",
+                  "hold_hist", "wait_hist")  # fmt: skip
+"""A site row's values as ``Events.rollup()`` gives them, after the key."""
+
+_C_POOL_FIELDS = ("events", "in_use_s", "invalidations", "disconnects", *_POOL_MAXES)
+"""A pool row's values as ``Events.rollup()`` gives them, after the key."""
+
 _SITE_KINDS = ("checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect")
 """The kinds counted per call site (every kind counts per pool)."""
 
@@ -286,6 +294,43 @@ class Rollups:
             per_site = batch.of(*_SITE_KINDS)
             self._feed_sites(batch.take(per_site), start[per_site])
         self._feed_pools(batch, start)
+
+    def feed_events(
+        self, events: Any, pool_ids: dict[int, int] | None, stack_ids: dict[int, int] | None
+    ) -> bool:
+        """:meth:`feed` the writer's queue ``events`` (the C helper's ``Events``) as it is,
+        in C: one pass over its cells, no numpy, with the GIL held throughout. Numpy gives
+        the GIL up around each operation on a batch's columns, a few hundred of them a
+        batch, and each time the writer takes it back the application's thread pays (it
+        wakes the writer at its own releases, then waits for it). False, having fed
+        nothing, where the helper is not there or leaves the batch to numpy (records of a
+        pool out of time order, an infinite value, thousands of groups): then :meth:`feed`
+        it. ``pool_ids``/``stack_ids`` as :meth:`Batch.from_numbers` takes them."""
+        rollup = getattr(events, "rollup", None)
+        if rollup is None:
+            return False
+        out = rollup(
+            NUMBER_FIELDS, pool_ids, stack_ids, float(self.period_s), self._last, hist.BASE,
+            hist.LOG_G,
+        )  # fmt: skip
+        if out is None:
+            return False
+        sites, pools, carry, n = out
+        self.fed += n
+        rows = self._rows
+        for start, pool, stack, *values in sites:
+            key = (start, pool, stack)
+            delta = dict(zip(_C_SITE_FIELDS, values, strict=True))
+            have = rows.get(key)
+            if have is None:
+                rows[key] = self._new_row(key, delta)
+            else:
+                _merge_into(have, delta, _SUMS, _MAXES, _HISTS)
+        for start, pool, *values in pools:
+            self._add_pool(start, pool, dict(zip(_C_POOL_FIELDS, values, strict=True)))
+        for pool, at, in_use in carry:
+            self._last[pool] = (at, in_use)
+        return True
 
     def _feed_sites(self, b: Batch, start: np.ndarray) -> None:
         group, starts, pools, stacks = self._site_groups(b, start)

@@ -14,6 +14,8 @@
    version), load() is False and the writer binds through sqlite3. */
 #include "_compat.h"
 
+#include <math.h>
+
 #include <stdint.h>
 #include <string.h>
 
@@ -719,6 +721,8 @@ Events_numbers(Events *self, PyObject *args)
     return out;
 }
 
+static PyObject *Events_rollup(Events *self, PyObject *args);  /* below */
+
 static PyMethodDef Events_methods[] = {
     {"extend", (PyCFunction)Events_extend, METH_O,
      "extend(values): append one record of exactly `width` values (None, int, float or "
@@ -731,6 +735,10 @@ static PyMethodDef Events_methods[] = {
      "`keep` records, else keep them for the next take()."},
     {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
      "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
+    {"rollup", (PyCFunction)Events_rollup, METH_VARARGS,
+     "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g) -> (sites, pools, "
+     "carry, records) or None: the rollups of these records in one pass (see "
+     "_rollups.Rollups.feed_events); None where numpy is to compute them."},
     {"numbers", (PyCFunction)Events_numbers, METH_VARARGS,
      "numbers(texts[, fields]) -> bytes: the values of the fields at the indices `fields` "
      "(all by default) as float64, field by field (a column each): numbers as they are, "
@@ -1092,6 +1100,499 @@ format_copy(Events *events, const char *types, const ColumnMap *maps, const char
         out = PyBytes_FromStringAndSize(buffer, size);
         PyMem_RawFree(buffer);
     }
+    return out;
+}
+
+/* ---- rollup: the rollups of a batch in one pass ------------------------------------- */
+
+/* Events.rollup() computes what _rollups.Rollups.feed() computes from a Batch, for the
+   common batch, reading the cells once with the GIL held: numpy gives the GIL up around
+   every operation on a batch's columns, and each time the writer takes it back it waits
+   for the application's thread (which wakes it at every release of its own). An unusual
+   batch (a pool's records out of time order, an infinite value, text in a number's
+   field, thousands of groups) is left to numpy: rollup() then returns None. The sums are
+   added in record order, as numpy's bincount adds them, so both give the same bits. */
+
+#define RU_MAX_GROUPS 4096     /* (period, pool, call site) groups, and (period, pool) ones */
+#define RU_TABLE 8192          /* hash slots: twice the groups at most */
+#define RU_MAX_POOLS 1024
+#define RU_MAX_BUCKET 65535
+
+typedef struct {
+    long long *counts;  /* by bucket, 0 .. cap - 1 */
+    Py_ssize_t cap;
+    long long n;
+} RuHist;
+
+typedef struct {
+    double start;
+    long long pool, stack;
+    long long checkouts, checkins, gc_checkins, timeouts, leaks, connects;
+    double hold_sum, hold_max, wait_sum, wait_max, connect_sum;
+    int has_hold_max, has_wait_max;
+    RuHist hold, wait;
+} RuSite;
+
+typedef struct {
+    double start;
+    long long pool;
+    long long events, invalidations, disconnects;
+    double peak[4];  /* in use, overflow, waiters, demand */
+    int has_peak[4];
+    double integral;
+} RuPool;
+
+typedef struct {
+    long long pool;
+    double last_at, last_in_use;  /* the carry: the pool's last event so far */
+    int has_last;
+    double seen_at;  /* this batch's last time of the pool: the order check */
+    int seen;
+} RuPoolState;
+
+typedef struct {
+    long long pool;
+    double start, end, value;
+} RuCrossing;
+
+typedef struct {
+    RuSite *sites;
+    Py_ssize_t nsites;
+    int site_slot[RU_TABLE];
+    RuPool *pools;
+    Py_ssize_t npools;
+    int pool_slot[RU_TABLE];
+    RuPoolState states[RU_MAX_POOLS];
+    Py_ssize_t nstates;
+    RuCrossing *crossings;
+    Py_ssize_t ncrossings, crossings_cap;
+} Rollup;
+
+static unsigned
+ru_hash(double start, long long pool, long long stack)
+{
+    uint64_t bits;
+    memcpy(&bits, &start, sizeof bits);
+    uint64_t h = bits * 0x9E3779B97F4A7C15ull ^ (uint64_t)pool * 0xC2B2AE3D27D4EB4Full ^
+                 (uint64_t)stack * 0x165667B19E3779F9ull;
+    return (unsigned)((h ^ (h >> 29)) & (RU_TABLE - 1));
+}
+
+/* The site group of (start, pool, stack), made if new; NULL past RU_MAX_GROUPS. */
+static RuSite *
+ru_site(Rollup *r, double start, long long pool, long long stack)
+{
+    unsigned h = ru_hash(start, pool, stack);
+    for (;; h = (h + 1) & (RU_TABLE - 1)) {
+        int i = r->site_slot[h];
+        if (i < 0) break;
+        RuSite *s = &r->sites[i];
+        if (s->start == start && s->pool == pool && s->stack == stack) return s;
+    }
+    if (r->nsites >= RU_MAX_GROUPS) return NULL;
+    r->site_slot[h] = (int)r->nsites;
+    RuSite *s = &r->sites[r->nsites++];
+    memset(s, 0, sizeof *s);
+    s->start = start;
+    s->pool = pool;
+    s->stack = stack;
+    return s;
+}
+
+static RuPool *
+ru_pool(Rollup *r, double start, long long pool)
+{
+    unsigned h = ru_hash(start, pool, -1);
+    for (;; h = (h + 1) & (RU_TABLE - 1)) {
+        int i = r->pool_slot[h];
+        if (i < 0) break;
+        RuPool *p = &r->pools[i];
+        if (p->start == start && p->pool == pool) return p;
+    }
+    if (r->npools >= RU_MAX_GROUPS) return NULL;
+    r->pool_slot[h] = (int)r->npools;
+    RuPool *p = &r->pools[r->npools++];
+    memset(p, 0, sizeof *p);
+    p->start = start;
+    p->pool = pool;
+    return p;
+}
+
+/* Count `bucket` once; -1 (MemoryError set) if the counts cannot grow. */
+static int
+ru_count(RuHist *h, long long bucket)
+{
+    if (bucket >= h->cap) {
+        Py_ssize_t cap = h->cap ? h->cap : 256;
+        while (cap <= bucket) cap *= 2;
+        long long *counts = PyMem_Realloc(h->counts, (size_t)cap * sizeof(long long));
+        if (counts == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memset(counts + h->cap, 0, (size_t)(cap - h->cap) * sizeof(long long));
+        h->counts = counts;
+        h->cap = cap;
+    }
+    h->counts[bucket]++;
+    h->n++;
+    return 0;
+}
+
+/* _histogram.buckets_of() of one value that is not NaN; -1: past RU_MAX_BUCKET. */
+static long long
+ru_bucket(double x, double base, double log_g)
+{
+    if (!(x > base)) return 0;
+    double b = ceil(log(x / base) / log_g - 1e-9);
+    if (b < 1) b = 1;
+    return b > RU_MAX_BUCKET ? -1 : (long long)b;
+}
+
+/* np.nan_to_num() of a value already known not to be infinite. */
+static double
+ru_finite(double x)
+{
+    return x != x ? 0.0 : x;
+}
+
+static PyObject *
+ru_hist(RuHist *h)
+{
+    if (!h->n) Py_RETURN_NONE;
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    for (Py_ssize_t b = 0; b < h->cap; b++) {
+        if (!h->counts[b]) continue;
+        PyObject *k = PyLong_FromSsize_t(b), *v = PyLong_FromLongLong(h->counts[b]);
+        int rc = (k && v) ? PyDict_SetItem(d, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+static PyObject *
+ru_max(int has, double x)
+{
+    if (has) return PyFloat_FromDouble(x);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ru_peak(int has, double x)
+{
+    if (has) return PyLong_FromDouble(x);
+    Py_RETURN_NONE;
+}
+
+/* A number cell as a double: 1 (NULL is NaN), 0 for text (not a number: the batch is
+   left to numpy). */
+static int
+ru_number(const Cell *c, double *out)
+{
+    switch (c->type) {
+    case CELL_INT: *out = (double)c->i; return 1;
+    case CELL_FLOAT: *out = c->d; return 1;
+    case CELL_NULL: *out = Py_NAN; return 1;
+    default: return 0;
+    }
+}
+
+/* _rollups._mapped() of one local id (a number, NaN for NULL). */
+static long long
+ru_map(double local, const ColumnMap *map)
+{
+    long long k = local != local ? -1 : (long long)local;
+    if (map == NULL) return k > 0 ? k : 0;
+    if (k < 0 || k >= map->n || map->ids[k] == NO_MAP) return 0;
+    return map->ids[k];
+}
+
+static RuPoolState *
+ru_state(Rollup *r, long long pool, PyObject *carry)
+{
+    for (Py_ssize_t i = r->nstates - 1; i >= 0; i--)
+        if (r->states[i].pool == pool) return &r->states[i];
+    if (r->nstates >= RU_MAX_POOLS) return NULL;
+    RuPoolState *s = &r->states[r->nstates++];
+    memset(s, 0, sizeof *s);
+    s->pool = pool;
+    PyObject *key = PyLong_FromLongLong(pool);
+    if (key == NULL) return NULL;
+    PyObject *last = PyDict_GetItemWithError(carry, key);
+    Py_DECREF(key);
+    if (last == NULL && PyErr_Occurred()) return NULL;
+    if (last != NULL) {
+        if (!PyTuple_Check(last) || PyTuple_GET_SIZE(last) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a carry is a (time, in use) tuple");
+            return NULL;
+        }
+        s->last_at = PyFloat_AsDouble(PyTuple_GET_ITEM(last, 0));
+        s->last_in_use = PyFloat_AsDouble(PyTuple_GET_ITEM(last, 1));
+        if (PyErr_Occurred()) return NULL;
+        s->has_last = 1;
+    }
+    return s;
+}
+
+enum { RU_AT, RU_POOL, RU_KIND, RU_CHECKOUT_ID, RU_IN_USE, RU_OVERFLOW, RU_WAITERS, RU_STACK,
+       RU_WAIT_S, RU_CONNECT_S, RU_HOLD_S, RU_COUNT, RU_NFIELDS };
+enum { K_CHECKOUT, K_CHECKIN, K_GC_CHECKIN, K_TIMEOUT, K_LEAK, K_CONNECT, K_INVALIDATE,
+       K_OTHER };
+
+static const char *ru_kind_names[K_OTHER] = {
+    "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect", "invalidate",
+};
+
+/* The kind of a cell: one of the K_ codes (K_OTHER for any other kind, or none). */
+static int
+ru_kind(const Events *self, const Cell *c)
+{
+    if (c->type != CELL_TEXT) return K_OTHER;
+    const char *s = self->text + c->off;
+    for (int k = 0; k < K_OTHER; k++) {
+        size_t n = strlen(ru_kind_names[k]);
+        if ((size_t)c->len == n && memcmp(s, ru_kind_names[k], n) == 0) return k;
+    }
+    return K_OTHER;
+}
+
+/* One pass over the records; 1 done, 0 left to numpy, -1 error set. */
+static int
+ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const ColumnMap *pools,
+        const ColumnMap *stacks, double p, PyObject *carry, double base, double log_g)
+{
+    Py_ssize_t width = self->width;
+    RuSite *site = NULL;
+    for (Py_ssize_t i = 0; i < self->nrecords; i++) {
+        const Cell *rec = self->cells + i * width;
+        double v[RU_NFIELDS];
+        for (int f = 0; f < RU_NFIELDS; f++) {
+            if (f == RU_KIND) continue;
+            if (!ru_number(&rec[fields[f]], &v[f]) || isinf(v[f])) return 0;
+        }
+        double at = v[RU_AT];
+        if (at != at) return 0;
+        int kind = ru_kind(self, &rec[fields[RU_KIND]]);
+        long long pool = ru_map(v[RU_POOL], pools);
+        double start = floor(at / p) * p;
+        RuPoolState *state = ru_state(r, pool, carry);
+        if (state == NULL) return PyErr_Occurred() ? -1 : 0;
+        if (state->seen && at < state->seen_at) return 0;  /* out of order: numpy sorts */
+        state->seen = 1;
+        state->seen_at = at;
+        /* The integral of in use: the pool's previous count held from its event to this one. */
+        if (state->has_last) {
+            double t0 = state->last_at, end = at > t0 ? at : t0;
+            double value = ru_finite(state->last_in_use), s0 = floor(t0 / p) * p;
+            if (end < s0 + p) {
+                RuPool *agg = ru_pool(r, s0, pool);
+                if (agg == NULL) return 0;
+                volatile double w = (end - t0) * value;  /* rounded, never fused */
+                agg->integral += w;
+            }
+            else {
+                if (r->ncrossings == r->crossings_cap) {
+                    Py_ssize_t cap = r->crossings_cap ? r->crossings_cap * 2 : 64;
+                    RuCrossing *c = PyMem_Realloc(r->crossings, (size_t)cap * sizeof *c);
+                    if (c == NULL) {
+                        PyErr_NoMemory();
+                        return -1;
+                    }
+                    r->crossings = c;
+                    r->crossings_cap = cap;
+                }
+                r->crossings[r->ncrossings++] = (RuCrossing){pool, t0, end, value};
+            }
+        }
+        state->has_last = 1;
+        state->last_at = at;
+        state->last_in_use = v[RU_IN_USE];
+        /* The pool's period: its events, invalidations and peaks. */
+        RuPool *agg = ru_pool(r, start, pool);
+        if (agg == NULL) return 0;
+        agg->events++;
+        if (kind == K_INVALIDATE) {
+            agg->invalidations++;
+            if (v[RU_COUNT] == 1.0) agg->disconnects++;
+        }
+        double peaks[4] = {v[RU_IN_USE], v[RU_OVERFLOW], v[RU_WAITERS],
+                           v[RU_IN_USE] + ru_finite(v[RU_WAITERS])};
+        for (int k = 0; k < 4; k++) {
+            if (peaks[k] != peaks[k]) continue;
+            if (!agg->has_peak[k] || peaks[k] > agg->peak[k]) agg->peak[k] = peaks[k];
+            agg->has_peak[k] = 1;
+        }
+        if (kind > K_CONNECT) continue;  /* the call sites count the site kinds only */
+        long long stack = ru_map(v[RU_STACK], stacks);
+        if (site == NULL || site->start != start || site->pool != pool || site->stack != stack) {
+            site = ru_site(r, start, pool, stack);
+            if (site == NULL) return 0;
+        }
+        double x;
+        long long bucket;
+        switch (kind) {
+        case K_CHECKOUT:
+            site->checkouts++;
+            x = v[RU_WAIT_S];
+            site->wait_sum += ru_finite(x);
+            if (x == x) {
+                if (!site->has_wait_max || x > site->wait_max) site->wait_max = x;
+                site->has_wait_max = 1;
+                if ((bucket = ru_bucket(x, base, log_g)) < 0) return 0;
+                if (ru_count(&site->wait, bucket) < 0) return -1;
+            }
+            break;
+        case K_CHECKIN:
+        case K_GC_CHECKIN:
+            if (kind == K_CHECKIN) site->checkins++;
+            else site->gc_checkins++;
+            x = v[RU_HOLD_S];
+            site->hold_sum += ru_finite(x);
+            if (x == x) {
+                if (!site->has_hold_max || x > site->hold_max) site->hold_max = x;
+                site->has_hold_max = 1;
+                if ((bucket = ru_bucket(x, base, log_g)) < 0) return 0;
+                if (ru_count(&site->hold, bucket) < 0) return -1;
+            }
+            break;
+        case K_TIMEOUT: site->timeouts++; break;
+        case K_LEAK: site->leaks++; break;
+        case K_CONNECT:
+            site->connects++;
+            site->connect_sum += ru_finite(v[RU_CONNECT_S]);
+            break;
+        }
+    }
+    /* Intervals across periods, after the others, as numpy adds them: split at each period. */
+    for (Py_ssize_t c = 0; c < r->ncrossings; c++) {
+        RuCrossing *x = &r->crossings[c];
+        double t = x->start;
+        while (t < x->end) {
+            double period = floor(t / p) * p, upto = period + p < x->end ? period + p : x->end;
+            RuPool *agg = ru_pool(r, period, x->pool);
+            if (agg == NULL) return 0;
+            volatile double w = (upto - t) * x->value;
+            agg->integral += w;
+            t = upto;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+ru_result(Events *self, Rollup *r)
+{
+    PyObject *sites = PyList_New(r->nsites), *pools = PyList_New(r->npools);
+    PyObject *carry = PyList_New(r->nstates), *out = NULL;
+    if (sites == NULL || pools == NULL || carry == NULL) goto done;
+    for (Py_ssize_t i = 0; i < r->nsites; i++) {
+        RuSite *s = &r->sites[i];
+        PyObject *t = Py_BuildValue(
+            "(dLLLLLLLdNdNdLNN)", s->start, s->pool, s->stack, s->checkouts,
+            s->checkins + s->gc_checkins, s->gc_checkins, s->timeouts, s->leaks, s->hold_sum,
+            ru_max(s->has_hold_max, s->hold_max), s->wait_sum,
+            ru_max(s->has_wait_max, s->wait_max), s->connect_sum, s->connects,
+            ru_hist(&s->hold), ru_hist(&s->wait));
+        if (t == NULL) goto done;
+        PyList_SET_ITEM(sites, i, t);
+    }
+    for (Py_ssize_t i = 0; i < r->npools; i++) {
+        RuPool *p = &r->pools[i];
+        PyObject *t = Py_BuildValue(
+            "(dLLdLLNNNN)", p->start, p->pool, p->events, p->integral, p->invalidations,
+            p->disconnects, ru_peak(p->has_peak[0], p->peak[0]),
+            ru_peak(p->has_peak[1], p->peak[1]), ru_peak(p->has_peak[2], p->peak[2]),
+            ru_peak(p->has_peak[3], p->peak[3]));
+        if (t == NULL) goto done;
+        PyList_SET_ITEM(pools, i, t);
+    }
+    for (Py_ssize_t i = 0; i < r->nstates; i++) {
+        RuPoolState *s = &r->states[i];
+        PyObject *t = Py_BuildValue("(Ldd)", s->pool, s->last_at, ru_finite(s->last_in_use));
+        if (t == NULL) goto done;
+        PyList_SET_ITEM(carry, i, t);
+    }
+    out = Py_BuildValue("(OOOn)", sites, pools, carry, self->nrecords);
+done:
+    Py_XDECREF(sites);
+    Py_XDECREF(pools);
+    Py_XDECREF(carry);
+    return out;
+}
+
+/* rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g): see Rollups.feed_events. */
+static PyObject *
+Events_rollup(Events *self, PyObject *args)
+{
+    PyObject *wanted, *pool_ids, *stack_ids, *carry;
+    double p, base, log_g;
+    if (!PyArg_ParseTuple(args, "O!OOdO!dd", &PyTuple_Type, &wanted, &pool_ids, &stack_ids, &p,
+                          &PyDict_Type, &carry, &base, &log_g))
+        return NULL;
+    if (PyTuple_GET_SIZE(wanted) != RU_NFIELDS || !(p > 0)) {
+        PyErr_SetString(PyExc_ValueError, "rollup() takes 12 fields and a positive period");
+        return NULL;
+    }
+    Py_ssize_t fields[RU_NFIELDS];
+    for (int f = 0; f < RU_NFIELDS; f++) {
+        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, f));
+        if (fields[f] == -1 && PyErr_Occurred()) return NULL;
+        if (fields[f] < 0 || fields[f] >= self->width) {
+            PyErr_SetString(PyExc_ValueError, "a field index is out of range");
+            return NULL;
+        }
+    }
+    ColumnMap maps[2] = {{NULL, 0}, {NULL, 0}};
+    PyObject *given[2] = {pool_ids, stack_ids};
+    for (int m = 0; m < 2; m++) {
+        if (given[m] == Py_None) continue;
+        if (!PyDict_Check(given[m])) {
+            PyErr_SetString(PyExc_TypeError, "id maps are dicts or None");
+            PyMem_Free(maps[0].ids);
+            return NULL;
+        }
+        if (column_map(given[m], &maps[m]) < 0) {
+            PyMem_Free(maps[0].ids);
+            return NULL;
+        }
+    }
+    PyObject *out = NULL;
+    Rollup *r = PyMem_Calloc(1, sizeof *r);
+    if (r == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    r->sites = PyMem_Malloc(RU_MAX_GROUPS * sizeof(RuSite));
+    r->pools = PyMem_Malloc(RU_MAX_GROUPS * sizeof(RuPool));
+    if (r->sites == NULL || r->pools == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memset(r->site_slot, -1, sizeof r->site_slot);
+    memset(r->pool_slot, -1, sizeof r->pool_slot);
+    int rc = ru_pass(self, r, fields, pool_ids == Py_None ? NULL : &maps[0],
+                     stack_ids == Py_None ? NULL : &maps[1], p, carry, base, log_g);
+    if (rc > 0) out = ru_result(self, r);
+    else if (rc == 0) out = Py_NewRef(Py_None);
+done:
+    if (r != NULL) {
+        for (Py_ssize_t i = 0; r->sites != NULL && i < r->nsites; i++) {
+            PyMem_Free(r->sites[i].hold.counts);
+            PyMem_Free(r->sites[i].wait.counts);
+        }
+        PyMem_Free(r->sites);
+        PyMem_Free(r->pools);
+        PyMem_Free(r->crossings);
+        PyMem_Free(r);
+    }
+    PyMem_Free(maps[0].ids);
+    PyMem_Free(maps[1].ids);
     return out;
 }
 

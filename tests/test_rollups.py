@@ -374,3 +374,82 @@ def test_batch_from_the_c_queue_equals_the_batch_from_the_list() -> None:
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype, name
             np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def _records_of(b: Batch) -> list[tuple[Any, ...]]:
+    """Batch ``b`` as the queue's records (kinds as text, NaN as NULL, other fields NULL)."""
+    fields = dict(zip(_rollups.NUMBER_FIELDS, Batch.COLUMNS, strict=True))
+    out = []
+    for i in range(len(b)):
+        values: list[Any] = [_writer.NULL] * RECORD_WIDTH
+        for field, column in fields.items():
+            x = getattr(b, column)[i].item()
+            if column == "kind":
+                x = KINDS[x] if x >= 0 else "something_else"
+            elif isinstance(x, float) and math.isnan(x):
+                x = None if i % 2 else _writer.NULL
+            values[field] = x
+        out.append(tuple(values))
+    return out
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("shape", ["near", "many", "far"])
+def test_rollups_from_the_c_queue_equal_the_rollups_from_numpy(shape: str, mapped: bool) -> None:
+    """``Rollups.feed_events`` rolls the C queue's records up in C, in one pass: the very
+    rows ``Rollups.feed`` makes of the same batches (sums to the bit, the in-use integral
+    carried from batch to batch), or it declines (a pool's records out of order) and the
+    batch goes to numpy as the writer's keeper sends it."""
+    if _writer.sqlite_rows is None:
+        pytest.skip("POOLSCOPE_NO_CEXT is set, or the C inserter is not built")
+    in_c, accepted = Rollups(1, P), 0
+    in_numpy = Rollups(1, P)
+    rng = np.random.default_rng(21)
+    ids: tuple[Any, Any] = (None, None)
+    if mapped:  # local keys to store ids; unknown ones and NULL become 0
+        ids = ({1: 11, 2: 12, 3: 13, 1 << 21: 5}, {0: 100, 6: 106, 7: None, 9: 109, 40: 140})
+    t = T0
+    for step in range(60):
+        b = _random_batch(rng, t, shape)
+        t += float(rng.choice([0.5, 20.0, 200.0]))
+        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+        for record in _records_of(b):
+            events.extend(record)
+        if in_c.feed_events(events, *ids):
+            accepted += 1
+        else:
+            in_c.feed(Batch.from_flat(events, *ids))
+        in_numpy.feed(Batch.from_flat(events, *ids))
+        if step % 3 == 2:
+            (rows_c, pools_c), (rows_n, pools_n) = in_c.flush_rows(), in_numpy.flush_rows()
+            assert {k: _plain(r) for k, r in _keyed(rows_c, _rollups.ROLLUP_KEY).items()} == {
+                k: _plain(r) for k, r in _keyed(rows_n, _rollups.ROLLUP_KEY).items()
+            }
+            assert _keyed(pools_c, _rollups.POOL_ROLLUP_KEY) == _keyed(
+                pools_n, _rollups.POOL_ROLLUP_KEY
+            )
+            assert in_c._last == in_numpy._last
+    assert in_c.fed == in_numpy.fed
+    assert 15 < accepted < 60  # about half the batches have records out of order
+
+
+def test_the_c_rollups_leave_unusual_batches_to_numpy() -> None:
+    """Records of a pool out of time order, an infinite value or text where a number goes:
+    ``feed_events`` declines and feeds nothing."""
+    if _writer.sqlite_rows is None:
+        pytest.skip("POOLSCOPE_NO_CEXT is set, or the C inserter is not built")
+    base = _records_of(_random_batch(np.random.default_rng(5), T0, "near"))
+    at, in_use = _rollups.NUMBER_FIELDS[0], RECORD_FIELDS.index("in_use")
+    late = list(base[0])
+    late[at] = T0 - 5.0
+    infinite = list(base[0])
+    infinite[in_use] = math.inf
+    text = list(base[0])
+    text[in_use] = "three"
+    for odd in (late, infinite, text):
+        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+        for record in [*base, tuple(odd)]:
+            events.extend(record)
+        rollups = Rollups(1, P)
+        assert not rollups.feed_events(events, None, None)
+        assert rollups.fed == 0 and not rollups.pending() and not rollups._last
