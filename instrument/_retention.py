@@ -36,7 +36,8 @@ import numpy as np
 
 from . import _rollups
 from ._clock import REAL
-from ._rollups import Batch, Rollups
+from ._record import AT, CHECKOUT_ID, HOLD_S, KIND, POOL, RECORD_WIDTH
+from ._rollups import KINDS, Batch, Rollups
 
 logger = logging.getLogger("poolscope")
 
@@ -190,6 +191,38 @@ class Notable:
         for k in keys.tolist():
             self.open.pop((k >> 40, k & ((1 << 40) - 1)), None)
         return out
+
+
+def _span_of(b: Batch) -> tuple[float, float]:
+    return float(b.at.min()), float(b.at.max())
+
+
+def _survey(
+    flat: Any, pool_ids: dict[int, int] | None, stack_ids: dict[int, int] | None,
+    leak_after: dict[int, float],
+) -> tuple[list[int], float, float, Batch] | None:  # fmt: skip
+    """What the keeper needs of the C queue's batch ``flat`` besides its rollups, read in
+    C (``Events.survey``) with the GIL held: the records of each kind (by code, as
+    :meth:`Batch.kind_counts`), the first and last time, and a :class:`Batch` of only the
+    records :meth:`Notable.marks` finds anything in (the leak kinds, returns held past the
+    lowest ``leak_after`` or whose checkout is not in the batch, checkouts not returned in
+    it), so that its marks and open checkouts are those of the whole batch; the whole batch
+    where it holds a timeout (whose holders are any checkout open at its time). ``None``
+    where the helper is not there or leaves the batch to numpy."""
+    survey = getattr(flat, "survey", None)
+    if survey is None:
+        return None
+    lowest = min((float(v) for v in leak_after.values()), default=math.inf)
+    got = survey(
+        KINDS, ("checkout",), RETURN_KINDS, LEAK_MARK_KINDS, ("timeout",),
+        (AT, POOL, KIND, CHECKOUT_ID, HOLD_S), pool_ids, lowest if lowest == lowest else math.inf,
+    )  # fmt: skip
+    if got is None:
+        return None
+    counts, first, last, rows = got
+    values = flat.numbers(KINDS, _rollups.NUMBER_FIELDS, rows)
+    notable = Batch.from_numbers(np.frombuffer(values, dtype=np.float64), pool_ids, stack_ids)
+    return counts, first, last, notable
 
 
 def _limits(pools: np.ndarray, leak_after: dict[int, float]) -> np.ndarray:
@@ -538,23 +571,30 @@ class Keeper:
         marks: list[tuple[int, int, str]] = []
         protected = 0
         if len(flat):
-            batch = Batch.from_flat(flat, pool_ids, stack_ids)
-            first, last = float(batch.at.min()), float(batch.at.max())
+            limits = leak_after
+            if limits:
+                self.max_leak_after = max(self.max_leak_after, max(limits.values()))
+            # From the C queue, in C where it can: the rollups, then the few records the
+            # notable checkouts are found in; else (or with late checkouts to look for)
+            # the whole batch in numpy.
+            survey = None if self._late else _survey(flat, pool_ids, stack_ids, limits)
+            batch = Batch.from_flat(flat, pool_ids, stack_ids) if survey is None else None
+            if batch is not None:
+                counts, first, last, notable = batch.kind_counts(), *_span_of(batch), batch
+            else:
+                counts, first, last, notable = survey  # type: ignore[misc]
             if self._span is not None:
                 first, last = min(first, self._span[0]), max(last, self._span[1])
             self._span = (first, last)
             if not rollups.feed_events(flat, pool_ids, stack_ids):
-                rollups.feed(batch)
-            limits = leak_after
-            if limits:
-                self.max_leak_after = max(self.max_leak_after, max(limits.values()))
-            marks = self.notable.marks(batch, limits)
-            if self._late:
+                rollups.feed(batch or Batch.from_flat(flat, pool_ids, stack_ids))
+            marks = self.notable.marks(notable, limits)
+            if batch is not None and self._late:
                 self._find_returned(batch)
-            protected = int(batch.kind_counts()[_rollups.kind_codes(*PROTECTED_KINDS)].sum())
+            protected = int(sum(counts[code] for code in _rollups.kind_codes(*PROTECTED_KINDS)))
             if not raw_written:
-                self._counts["raw_skipped"] += len(batch)
-                self._raw_since = max(self._raw_since, float(batch.at.max()) + 1e-6)
+                self._counts["raw_skipped"] += len(flat) // RECORD_WIDTH
+                self._raw_since = max(self._raw_since, last + 1e-6)
         rows, pool_rows = rollups.flush_rows()
         rows, pool_rows = self._unwritten[0] + rows, self._unwritten[1] + pool_rows
         self._unwritten = (rows, pool_rows)

@@ -632,19 +632,21 @@ Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
     return list;
 }
 
-/* numbers(texts[, fields]) -> bytes: every value of the `fields` (a tuple of field
-   indices; all by default) as a float64, field by field (all the records' first field,
-   then all their second, ...: len(fields) columns of len/width values): an int or float
-   as its value, NULL as NaN, text as its index in the tuple of str `texts` (-1 where it
-   is none of them). For the writer's rollups: the batch as numpy columns, without a
-   Python object per value. Read with the GIL released, as insert() reads: nothing else
-   may append to these Events meanwhile (the writer calls it on the batch it took). */
+/* numbers(texts[, fields[, rows]]) -> bytes: every value of the `fields` (a tuple of
+   field indices; all by default) of the records at `rows` (a list of indices; all by
+   default) as a float64, field by field (all the records' first field, then all their
+   second, ...: len(fields) columns of one value per record): an int or float as its
+   value, NULL as NaN, text as its index in the tuple of str `texts` (-1 where it is none
+   of them). For the writer's rollups: the batch as numpy columns, without a Python object
+   per value. Many records are read with the GIL released, as insert() reads: nothing
+   else may append to these Events meanwhile (the writer calls it on the batch it took);
+   a few are read with it held (taking it back would cost the application more). */
 static PyObject *
 Events_numbers(Events *self, PyObject *args)
 {
     enum { MAX_TEXTS = 64, MAX_FIELDS = 1024, LONG = 32 };
-    PyObject *texts, *wanted = Py_None;
-    if (!PyArg_ParseTuple(args, "O|O", &texts, &wanted)) return NULL;
+    PyObject *texts, *wanted = Py_None, *only = Py_None;
+    if (!PyArg_ParseTuple(args, "O|OO", &texts, &wanted, &only)) return NULL;
     const char *names[MAX_TEXTS];
     Py_ssize_t lens[MAX_TEXTS];
     if (!PyTuple_Check(texts) || PyTuple_GET_SIZE(texts) > MAX_TEXTS) {
@@ -685,16 +687,42 @@ Events_numbers(Events *self, PyObject *args)
         next[k] = first[l];
         first[l] = k;
     }
+    Py_ssize_t *rows = NULL;  /* the records to read (`only`), else all of them */
+    if (only != Py_None) {
+        if (!PyList_Check(only)) {
+            PyErr_SetString(PyExc_TypeError, "numbers() takes a list of record indices");
+            return NULL;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(only);
+        rows = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
+        if (rows == NULL) return PyErr_NoMemory();
+        for (Py_ssize_t i = 0; i < n; i++) {
+            rows[i] = PyLong_AsSsize_t(PyList_GET_ITEM(only, i));
+            if (rows[i] == -1 && PyErr_Occurred()) {
+                PyMem_Free(rows);
+                return NULL;
+            }
+            if (rows[i] < 0 || rows[i] >= nrecords) {
+                PyMem_Free(rows);
+                PyErr_SetString(PyExc_IndexError, "a record index is out of range");
+                return NULL;
+            }
+        }
+        nrecords = n;
+    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, nfields * nrecords * (Py_ssize_t)sizeof(double));
-    if (out == NULL) return NULL;
+    if (out == NULL) {
+        PyMem_Free(rows);
+        return NULL;
+    }
     double *d = (double *)PyBytes_AS_STRING(out);
     const Cell *cells = self->cells;
     const char *text = self->text;
     Py_INCREF(self);
     Py_INCREF(texts);  /* names[] point into its str */
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *released = nrecords > 4096 ? PyEval_SaveThread() : NULL;
     for (Py_ssize_t r = 0; r < nrecords; r++) {  /* the records in order, into the columns */
-        const Cell *record = cells + r * width;
+        const Cell *record = cells + (rows != NULL ? rows[r] : r) * width;
         double *value = d + r;
         for (Py_ssize_t j = 0; j < nfields; j++, value += nrecords) {
             const Cell *c = record + fields[j];
@@ -715,13 +743,15 @@ Events_numbers(Events *self, PyObject *args)
             }
         }
     }
-    Py_END_ALLOW_THREADS
+    if (released != NULL) PyEval_RestoreThread(released);
+    PyMem_Free(rows);
     Py_DECREF(texts);
     Py_DECREF(self);
     return out;
 }
 
 static PyObject *Events_rollup(Events *self, PyObject *args);  /* below */
+static PyObject *Events_survey(Events *self, PyObject *args);
 
 static PyMethodDef Events_methods[] = {
     {"extend", (PyCFunction)Events_extend, METH_O,
@@ -739,9 +769,15 @@ static PyMethodDef Events_methods[] = {
      "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g) -> (sites, pools, "
      "carry, records) or None: the rollups of these records in one pass (see "
      "_rollups.Rollups.feed_events); None where numpy is to compute them."},
+    {"survey", (PyCFunction)Events_survey, METH_VARARGS,
+     "survey(kinds, checkouts, ends, marks, whole, fields, pool_ids, lowest) -> (counts, "
+     "first, last, rows) or None: the records of each kind, the first and last time, and "
+     "the records the keeper's notable checkouts are found in (see "
+     "_retention._survey); None where numpy is to read the batch."},
     {"numbers", (PyCFunction)Events_numbers, METH_VARARGS,
-     "numbers(texts[, fields]) -> bytes: the values of the fields at the indices `fields` "
-     "(all by default) as float64, field by field (a column each): numbers as they are, "
+     "numbers(texts[, fields[, rows]]) -> bytes: the values of the fields at the indices "
+     "`fields` (all by default; None: all) of the records at the indices `rows` (a list; "
+     "all by default) as float64, field by field (a column each): numbers as they are, "
      "NULL as NaN, text as its index in the tuple `texts` (-1 if not in it)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1594,6 +1630,208 @@ done:
     PyMem_Free(maps[0].ids);
     PyMem_Free(maps[1].ids);
     return out;
+}
+
+/* ---- survey: what the keeper needs of a batch besides its rollups ------------------- */
+
+typedef struct {
+    long long *pool, *id;
+    unsigned char *used;
+    size_t mask;
+} KeySet;
+
+static int
+keyset_init(KeySet *k, Py_ssize_t n)
+{
+    size_t cap = 64;
+    while (cap < (size_t)n * 2) cap *= 2;
+    k->pool = PyMem_Malloc(cap * sizeof(long long));
+    k->id = PyMem_Malloc(cap * sizeof(long long));
+    k->used = PyMem_Calloc(cap, 1);
+    k->mask = cap - 1;
+    if (k->pool == NULL || k->id == NULL || k->used == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void
+keyset_free(KeySet *k)
+{
+    PyMem_Free(k->pool);
+    PyMem_Free(k->id);
+    PyMem_Free(k->used);
+}
+
+/* Whether (pool, id) is in the set; `add`: put it in (it has room: at most half full). */
+static int
+keyset_has(KeySet *k, long long pool, long long id, int add)
+{
+    uint64_t h = (uint64_t)pool * 0x9E3779B97F4A7C15ull ^ (uint64_t)id * 0xC2B2AE3D27D4EB4Full;
+    for (size_t i = (size_t)(h ^ (h >> 31)) & k->mask;; i = (i + 1) & k->mask) {
+        if (!k->used[i]) {
+            if (add) {
+                k->used[i] = 1;
+                k->pool[i] = pool;
+                k->id[i] = id;
+            }
+            return 0;
+        }
+        if (k->pool[i] == pool && k->id[i] == id) return 1;
+    }
+}
+
+/* The index of a kind's text in `names` (n of them), else n. */
+static Py_ssize_t
+survey_kind(const Events *self, const Cell *c, const char **names, const Py_ssize_t *lens,
+            Py_ssize_t n)
+{
+    if (c->type != CELL_TEXT) return n;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (lens[k] == c->len && memcmp(names[k], self->text + c->off, (size_t)c->len) == 0)
+            return k;
+    return n;
+}
+
+/* Whether the tuple of str `roles` names kind `name`. */
+static int
+survey_role(PyObject *roles, PyObject *name)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(roles); i++) {
+        int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(roles, i), name, Py_EQ);
+        if (eq != 0) return eq;
+    }
+    return 0;
+}
+
+enum { SV_AT, SV_POOL, SV_KIND, SV_CHECKOUT_ID, SV_HOLD_S, SV_NFIELDS };
+enum { ROLE_CHECKOUT = 1, ROLE_END = 2, ROLE_MARK = 4, ROLE_WHOLE = 8 };
+
+/* survey(kinds, checkouts, ends, marks, whole, fields, pool_ids, lowest): see
+   _retention._survey. One pass (three where records are picked), the GIL held. */
+static PyObject *
+Events_survey(Events *self, PyObject *args)
+{
+    enum { MAX_KINDS = 64 };
+    PyObject *kinds, *roles[4], *wanted, *pool_ids;
+    double lowest;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!Od", &PyTuple_Type, &kinds, &PyTuple_Type,
+                          &roles[0], &PyTuple_Type, &roles[1], &PyTuple_Type, &roles[2],
+                          &PyTuple_Type, &roles[3], &PyTuple_Type, &wanted, &pool_ids, &lowest))
+        return NULL;
+    Py_ssize_t nkinds = PyTuple_GET_SIZE(kinds);
+    if (nkinds > MAX_KINDS || PyTuple_GET_SIZE(wanted) != SV_NFIELDS) {
+        PyErr_SetString(PyExc_ValueError, "survey() takes at most 64 kinds and 5 fields");
+        return NULL;
+    }
+    const char *names[MAX_KINDS];
+    Py_ssize_t lens[MAX_KINDS];
+    int role[MAX_KINDS + 1] = {0};
+    for (Py_ssize_t k = 0; k < nkinds; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kinds, k);
+        names[k] = PyUnicode_AsUTF8AndSize(name, &lens[k]);
+        if (names[k] == NULL) return NULL;
+        for (int r = 0; r < 4; r++) {
+            int has = survey_role(roles[r], name);
+            if (has < 0) return NULL;
+            if (has) role[k] |= 1 << r;
+        }
+    }
+    Py_ssize_t fields[SV_NFIELDS];
+    for (int f = 0; f < SV_NFIELDS; f++) {
+        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, f));
+        if (fields[f] == -1 && PyErr_Occurred()) return NULL;
+        if (fields[f] < 0 || fields[f] >= self->width) {
+            PyErr_SetString(PyExc_ValueError, "a field index is out of range");
+            return NULL;
+        }
+    }
+    ColumnMap map = {NULL, 0};
+    if (pool_ids != Py_None) {
+        if (!PyDict_Check(pool_ids)) {
+            PyErr_SetString(PyExc_TypeError, "pool_ids is a dict or None");
+            return NULL;
+        }
+        if (column_map(pool_ids, &map) < 0) return NULL;
+    }
+    Py_ssize_t n = self->nrecords, width = self->width;
+    long long counts[MAX_KINDS + 1] = {0};
+    double first = Py_HUGE_VAL, last = -Py_HUGE_VAL;
+    int whole = 0, plain = 1;
+    /* The checkouts' keys, the returns', and those of returns picked with their checkout
+       in the batch: that checkout is picked too, so that neither looks unmatched. */
+    KeySet out = {0}, back = {0}, pair = {0};
+    PyObject *result = NULL, *rows = NULL;
+    if (keyset_init(&out, n) < 0 || keyset_init(&back, n) < 0 || keyset_init(&pair, n) < 0)
+        goto done;
+    for (int pass = 0; pass < 3 && plain; pass++) {
+        if (pass == 1 && whole) break;
+        if (pass == 2 && (rows = PyList_New(0)) == NULL) goto done;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const Cell *rec = self->cells + i * width;
+            Py_ssize_t kind = survey_kind(self, &rec[fields[SV_KIND]], names, lens, nkinds);
+            int is = role[kind];
+            double at, pool, cid, hold;
+            if (!ru_number(&rec[fields[SV_AT]], &at) || !ru_number(&rec[fields[SV_POOL]], &pool) ||
+                !ru_number(&rec[fields[SV_CHECKOUT_ID]], &cid) ||
+                !ru_number(&rec[fields[SV_HOLD_S]], &hold) || at != at || isinf(at) ||
+                isinf(cid) || !(cid != cid || fabs(cid) < 9e18)) {
+                plain = 0;  /* numpy reads this one */
+                break;
+            }
+            int has_id = cid == cid;
+            long long p = ru_map(pool, pool_ids == Py_None ? NULL : &map), id = (long long)cid;
+            if (pass == 0) {
+                counts[kind]++;
+                if (at < first) first = at;
+                if (at > last) last = at;
+                if (is & ROLE_WHOLE) whole = 1;
+                if (has_id && (is & ROLE_CHECKOUT)) keyset_has(&out, p, id, 1);
+                if (has_id && (is & ROLE_END)) keyset_has(&back, p, id, 1);
+                continue;
+            }
+            int kept_return = has_id && (is & ROLE_END) && ((is & ROLE_MARK) || hold > lowest);
+            if (pass == 1) {
+                if (kept_return && keyset_has(&out, p, id, 0)) keyset_has(&pair, p, id, 1);
+                continue;
+            }
+            int pick = (is & ROLE_MARK) || kept_return ||
+                       (has_id && (is & ROLE_END) && !keyset_has(&out, p, id, 0)) ||
+                       (has_id && (is & ROLE_CHECKOUT) &&
+                        (!keyset_has(&back, p, id, 0) || keyset_has(&pair, p, id, 0)));
+            if (pick) {
+                PyObject *index = PyLong_FromSsize_t(i);
+                if (index == NULL || PyList_Append(rows, index) < 0) {
+                    Py_XDECREF(index);
+                    goto done;
+                }
+                Py_DECREF(index);
+            }
+        }
+    }
+    if (!plain) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *tally = PyList_New(nkinds + 1);
+    if (tally == NULL) goto done;
+    for (Py_ssize_t k = 0; k <= nkinds; k++) {
+        PyObject *c = PyLong_FromLongLong(counts[k]);
+        if (c == NULL) {
+            Py_DECREF(tally);
+            goto done;
+        }
+        PyList_SET_ITEM(tally, k, c);
+    }
+    result = Py_BuildValue("(NddO)", tally, first, last, whole || rows == NULL ? Py_None : rows);
+done:
+    Py_XDECREF(rows);
+    keyset_free(&out);
+    keyset_free(&back);
+    keyset_free(&pair);
+    PyMem_Free(map.ids);
+    return result;
 }
 
 static PyMethodDef methods[] = {

@@ -453,3 +453,41 @@ def test_the_c_rollups_leave_unusual_batches_to_numpy() -> None:
         rollups = Rollups(1, P)
         assert not rollups.feed_events(events, None, None)
         assert rollups.fed == 0 and not rollups.pending() and not rollups._last
+
+
+@pytest.mark.parametrize("shape", ["near", "many", "far"])
+def test_notable_checkouts_from_the_c_survey_equal_those_of_the_whole_batch(shape: str) -> None:
+    """The keeper reads the C queue's batch in C (``_retention._survey``) and hands
+    ``Notable.marks`` only the records it finds anything in: the same marks and open
+    checkouts as the whole batch gives, batch after batch, the same kind counts and span;
+    a batch with a timeout is read whole."""
+    if _writer.sqlite_rows is None:
+        pytest.skip("POOLSCOPE_NO_CEXT is set, or the C inserter is not built")
+    from instrument import _retention
+
+    rng = np.random.default_rng(33)
+    whole, reduced = Notable(), Notable()
+    leak_after = {1: 0.05, 2: 1.0, 7: 0.5, 12: 0.2}
+    ids = ({1: 1, 2: 2, 3: 12, 1 << 21: 7}, None)
+    t, picked, total, timeouts = T0, 0, 0, 0
+    for _ in range(80):
+        b = _random_batch(rng, t, shape)
+        t += float(rng.choice([0.5, 20.0, 200.0]))
+        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+        for record in _records_of(b):
+            events.extend(record)
+        full = Batch.from_flat(events, *ids)
+        survey = _retention._survey(events, *ids, leak_after)
+        assert survey is not None
+        counts, first, last, notable = survey
+        assert counts == full.kind_counts().tolist()
+        assert (first, last) == (float(full.at.min()), float(full.at.max()))
+        if full.has("timeout"):
+            timeouts += 1
+            assert len(notable) == len(full)
+        else:
+            picked += len(notable)
+            total += len(full)
+        assert reduced.marks(notable, leak_after) == whole.marks(full, leak_after)
+        assert reduced.open == whole.open
+    assert timeouts and 0 < picked < total / 2  # both ways were taken
