@@ -10,6 +10,10 @@ and per checkout: CPU time on this thread only, which machine load barely moves.
 keeper's call is what the writer thread runs after each batch it writes, holding the
 GIL for most of it: time the application's threads wait.
 
+``--numpy`` rolls the batch up and finds its notable records in numpy, as the keeper
+does where the C helpers are not built or leave a batch to it (``Events.rollup`` and
+``Events.survey`` declined): the two ways on the same machine.
+
 ``--save FILE`` keeps the recorded batch (pickled) and ``--load FILE`` times a saved one,
 so that two versions of the code time the very same batch. ``--profile`` prints a
 cProfile of the keeper calls too (the top functions by own time). ``--same-batch`` hands
@@ -17,7 +21,7 @@ the keeper one copy of the batch every time, made once: under valgrind, two runs
 ``--repeat`` 2 and 7 differ by five keeper calls' instructions, and nothing else.
 
     python bench/keeper.py [--checkouts 14000] [--pools 3] [--sites 5] [--repeat 30]
-                           [--save FILE | --load FILE] [--profile] [--same-batch]
+                           [--save FILE | --load FILE] [--profile] [--same-batch] [--numpy]
 """
 
 from __future__ import annotations
@@ -151,7 +155,13 @@ def main() -> int:
     parser.add_argument("--load", type=Path)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--same-batch", action="store_true")
+    parser.add_argument("--numpy", action="store_true", help="roll up in numpy, not in C")
     args = parser.parse_args()
+    if args.numpy:
+        from instrument import _retention, _rollups
+
+        _rollups.Rollups.feed_events = lambda self, *args: False  # type: ignore[method-assign]
+        _retention._survey = lambda *args: None
     with tempfile.TemporaryDirectory() as tmp:
         if args.load is not None:
             batch = pickle.loads(args.load.read_bytes())
