@@ -1285,6 +1285,21 @@ ru_bucket(double x, double base, double log_g)
     return b > RU_MAX_BUCKET ? -1 : (long long)b;
 }
 
+/* One wait or hold `x` into a group's sum, maximum and histogram (NaN: into none of
+   them; added to the sum as 0, as numpy adds it). 1, 0 past the buckets, -1 error set. */
+static int
+ru_duration(double x, double *sum, double *max, int *has_max, RuHist *h, double base,
+            double log_g)
+{
+    *sum += x != x ? 0.0 : x;
+    if (x != x) return 1;
+    if (!*has_max || x > *max) *max = x;
+    *has_max = 1;
+    long long bucket = ru_bucket(x, base, log_g);
+    if (bucket < 0) return 0;
+    return ru_count(h, bucket) < 0 ? -1 : 1;
+}
+
 /* np.nan_to_num() of a value already known not to be infinite. */
 static double
 ru_finite(double x)
@@ -1398,6 +1413,22 @@ ru_kind(const Events *self, const Cell *c)
     return K_OTHER;
 }
 
+/* The tuple of field indices `wanted` into `fields` (as many as it holds), each checked
+   against the records' `width`. 0, or -1 with an error set. */
+static int
+field_indices(PyObject *wanted, Py_ssize_t width, Py_ssize_t *fields)
+{
+    for (Py_ssize_t f = 0; f < PyTuple_GET_SIZE(wanted); f++) {
+        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, f));
+        if (fields[f] == -1 && PyErr_Occurred()) return -1;
+        if (fields[f] < 0 || fields[f] >= width) {
+            PyErr_SetString(PyExc_ValueError, "a field index is out of range");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* One pass over the records; 1 done, 0 left to numpy, -1 error set. */
 static int
 ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const ColumnMap *pools,
@@ -1470,32 +1501,21 @@ ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const ColumnMap *pool
             site = ru_site(r, start, pool, stack);
             if (site == NULL) return 0;
         }
-        double x;
-        long long bucket;
+        int rc;
         switch (kind) {
         case K_CHECKOUT:
             site->checkouts++;
-            x = v[RU_WAIT_S];
-            site->wait_sum += ru_finite(x);
-            if (x == x) {
-                if (!site->has_wait_max || x > site->wait_max) site->wait_max = x;
-                site->has_wait_max = 1;
-                if ((bucket = ru_bucket(x, base, log_g)) < 0) return 0;
-                if (ru_count(&site->wait, bucket) < 0) return -1;
-            }
+            rc = ru_duration(v[RU_WAIT_S], &site->wait_sum, &site->wait_max,
+                             &site->has_wait_max, &site->wait, base, log_g);
+            if (rc <= 0) return rc;
             break;
         case K_CHECKIN:
         case K_GC_CHECKIN:
             if (kind == K_CHECKIN) site->checkins++;
             else site->gc_checkins++;
-            x = v[RU_HOLD_S];
-            site->hold_sum += ru_finite(x);
-            if (x == x) {
-                if (!site->has_hold_max || x > site->hold_max) site->hold_max = x;
-                site->has_hold_max = 1;
-                if ((bucket = ru_bucket(x, base, log_g)) < 0) return 0;
-                if (ru_count(&site->hold, bucket) < 0) return -1;
-            }
+            rc = ru_duration(v[RU_HOLD_S], &site->hold_sum, &site->hold_max,
+                             &site->has_hold_max, &site->hold, base, log_g);
+            if (rc <= 0) return rc;
             break;
         case K_TIMEOUT: site->timeouts++; break;
         case K_LEAK: site->leaks++; break;
@@ -1576,14 +1596,7 @@ Events_rollup(Events *self, PyObject *args)
         return NULL;
     }
     Py_ssize_t fields[RU_NFIELDS];
-    for (int f = 0; f < RU_NFIELDS; f++) {
-        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, f));
-        if (fields[f] == -1 && PyErr_Occurred()) return NULL;
-        if (fields[f] < 0 || fields[f] >= self->width) {
-            PyErr_SetString(PyExc_ValueError, "a field index is out of range");
-            return NULL;
-        }
-    }
+    if (field_indices(wanted, self->width, fields) < 0) return NULL;
     ColumnMap maps[2] = {{NULL, 0}, {NULL, 0}};
     PyObject *given[2] = {pool_ids, stack_ids};
     for (int m = 0; m < 2; m++) {
@@ -1739,14 +1752,7 @@ Events_survey(Events *self, PyObject *args)
         }
     }
     Py_ssize_t fields[SV_NFIELDS];
-    for (int f = 0; f < SV_NFIELDS; f++) {
-        fields[f] = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, f));
-        if (fields[f] == -1 && PyErr_Occurred()) return NULL;
-        if (fields[f] < 0 || fields[f] >= self->width) {
-            PyErr_SetString(PyExc_ValueError, "a field index is out of range");
-            return NULL;
-        }
-    }
+    if (field_indices(wanted, self->width, fields) < 0) return NULL;
     ColumnMap map = {NULL, 0};
     if (pool_ids != Py_None) {
         if (!PyDict_Check(pool_ids)) {

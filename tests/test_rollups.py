@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -393,6 +394,18 @@ def _records_of(b: Batch) -> list[tuple[Any, ...]]:
     return out
 
 
+def _random_queues(rng: np.random.Generator, shape: str, n: int) -> Iterator[tuple[Batch, Any]]:
+    """``n`` random batches, one after the other in time, each with the C queue of it."""
+    t = T0
+    for _ in range(n):
+        b = _random_batch(rng, t, shape)
+        t += float(rng.choice([0.5, 20.0, 200.0]))
+        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+        for record in _records_of(b):
+            events.extend(record)
+        yield b, events
+
+
 @pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("shape", ["near", "many", "far"])
 def test_rollups_from_the_c_queue_equal_the_rollups_from_numpy(shape: str, mapped: bool) -> None:
@@ -408,13 +421,7 @@ def test_rollups_from_the_c_queue_equal_the_rollups_from_numpy(shape: str, mappe
     ids: tuple[Any, Any] = (None, None)
     if mapped:  # local keys to store ids; unknown ones and NULL become 0
         ids = ({1: 11, 2: 12, 3: 13, 1 << 21: 5}, {0: 100, 6: 106, 7: None, 9: 109, 40: 140})
-    t = T0
-    for step in range(60):
-        b = _random_batch(rng, t, shape)
-        t += float(rng.choice([0.5, 20.0, 200.0]))
-        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
-        for record in _records_of(b):
-            events.extend(record)
+    for step, (_, events) in enumerate(_random_queues(rng, shape, 60)):
         if in_c.feed_events(events, *ids):
             accepted += 1
         else:
@@ -469,13 +476,8 @@ def test_notable_checkouts_from_the_c_survey_equal_those_of_the_whole_batch(shap
     whole, reduced = Notable(), Notable()
     leak_after = {1: 0.05, 2: 1.0, 7: 0.5, 12: 0.2}
     ids = ({1: 1, 2: 2, 3: 12, 1 << 21: 7}, None)
-    t, picked, total, timeouts = T0, 0, 0, 0
-    for _ in range(80):
-        b = _random_batch(rng, t, shape)
-        t += float(rng.choice([0.5, 20.0, 200.0]))
-        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
-        for record in _records_of(b):
-            events.extend(record)
+    picked, total, timeouts = 0, 0, 0
+    for _, events in _random_queues(rng, shape, 80):
         full = Batch.from_flat(events, *ids)
         survey = _retention._survey(events, *ids, leak_after)
         assert survey is not None
