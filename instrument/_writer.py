@@ -638,8 +638,15 @@ class Writer:
             )
 
     def _watch(self) -> None:
-        for owner, (every_batch, _) in list(self.ticking.items()):
-            every_batch(owner, REAL.wall())
+        """Call each live owner's ``every_batch``, holding one owner at a time: a list of
+        them all would keep every dropped engine's monitor (and so its engine and pool)
+        alive for as long as the calls take, GIL waits included."""
+        for ref in self.ticking.keyrefs():
+            owner = ref()
+            entry = self.ticking.get(owner) if owner is not None else None
+            if entry is not None:
+                entry[0](owner, REAL.wall())
+            del owner, entry
 
     def _record_end(self, reason: str) -> None:
         conn = self._conn
