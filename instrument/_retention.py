@@ -503,6 +503,9 @@ class Keeper:
         self.rollups: Rollups | None = None
         self.notable = Notable()
         self._unwritten: tuple[list[Any], list[Any]] = ([], [])
+        # Marks and kept events of batches whose transaction failed: written with the next.
+        self._unmarked: list[tuple[int, int, str]] = []
+        self._unprotected = 0
         self._late: dict[int, tuple[int, float]] = {}
         self._due: list[tuple[int, float]] = []
         self._cursor = 0
@@ -535,6 +538,7 @@ class Keeper:
         self.rollups = Rollups(process_id)
         self.notable = Notable()
         self._unwritten = ([], [])
+        self._unmarked, self._unprotected = [], 0
         self._late, self._due = {}, []
         self._cursor = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         self._raw_since = 0.0
@@ -618,14 +622,24 @@ class Keeper:
         rows, pool_rows = rollups.flush_rows()
         rows, pool_rows = self._unwritten[0] + rows, self._unwritten[1] + pool_rows
         self._unwritten = (rows, pool_rows)
+        marks, protected = self._unmarked + marks, self._unprotected + protected
         if rows or pool_rows or marks or protected or self._due or any(self._counts.values()):
+            # What the transaction changes in this keeper is put back if it fails: its marks
+            # and counters then go with the next batch's, each once.
+            saved = (dict(self._counts), self._notable_count, self._cap_id, self._raw_since)
+            self._unmarked, self._unprotected = marks, protected
             conn.execute("BEGIN IMMEDIATE")
-            self._upsert(conn, rows, pool_rows)
-            self._mark(conn, marks, protected)
-            self._delete_returned(conn)
-            self._write_counts(conn)
-            self._write_span(conn)
-            conn.execute("COMMIT")
+            try:
+                self._upsert(conn, rows, pool_rows)
+                self._mark(conn, marks, protected)
+                self._delete_returned(conn)
+                self._write_counts(conn)
+                self._write_span(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._counts, self._notable_count, self._cap_id, self._raw_since = saved
+                raise
+            self._unmarked, self._unprotected = [], 0
         self._unwritten = ([], [])
         self._due = []
         if now >= self._next_size_check:

@@ -709,7 +709,8 @@ class TestRetention:
     ) -> None:
         """As on a SQLite store: the keeper's session is terminated (pg_terminate_backend),
         so its transaction fails; its rollup rows go out with the next batch's on the new
-        session, added to them and to the stored row: every checkout is counted once."""
+        session, added to them and to the stored row: every checkout is counted once, and
+        its notable checkouts are marked then, counted once."""
         from test_retention import keeper_batch
 
         from instrument import _pg_store
@@ -733,8 +734,9 @@ class TestRetention:
         with _admin() as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (first.info.backend_pid,))
         caplog.set_level(logging.WARNING, logger="poolscope")
-        keeper.after_batch(_SqliteLike(first), keeper_batch(at + 1, 11, 7), None, None, {}, now,
-                           True)  # fmt: skip
+        long_holds = {1: 0.0015}  # the batch's holds are 2 ms: seven notable checkouts
+        keeper.after_batch(_SqliteLike(first), keeper_batch(at + 1, 11, 7), None, None,
+                           long_holds, now, True)  # fmt: skip
         assert "could not update the rollups" in caplog.text
         assert _rows(schema, "SELECT sum(checkouts) FROM S.rollups") == [(10,)]
         second = session()
@@ -748,6 +750,8 @@ class TestRetention:
             (1, 22, 22)
         ]
         assert _rows(schema, "SELECT count(*), sum(events) FROM S.pool_rollups") == [(1, 44)]
+        assert _rows(schema, "SELECT count(*), min(checkout_id) FROM S.notable") == [(7, 11)]
+        assert _rows(schema, "SELECT notable FROM S.retention") == [(7,)]
 
 
 def _index_entries(schema: str, index: str) -> int:

@@ -528,7 +528,8 @@ def keeper_batch(at: float, first_cid: int, n: int) -> list:  # type: ignore[typ
 def test_rollups_of_a_failed_keeper_transaction_are_added_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     """The keeper's transaction fails (the store locked by another connection past the busy
     timeout): its rollup rows are written with the next batch's, added to them (same
-    minute and call site) and to the stored row, so every checkout is counted once."""
+    minute and call site) and to the stored row, so every checkout is counted once; its
+    notable checkouts (here: seven long holds) are marked then, and counted once."""
     store = tmp_path / "locked.db"
     conn = _store.connect_for_writing(store, busy_timeout_ms=100)
     keeper = _retention.Keeper(math.inf, math.inf)
@@ -539,7 +540,8 @@ def test_rollups_of_a_failed_keeper_transaction_are_added_once(tmp_path: Path, c
     other = sqlite3.connect(str(store), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     caplog.set_level(logging.WARNING, logger="poolscope")
-    keeper.after_batch(conn, keeper_batch(at + 1, 11, 7), None, None, {}, now, True)
+    long_holds = {1: 0.0015}  # the batch's holds are 2 ms
+    keeper.after_batch(conn, keeper_batch(at + 1, 11, 7), None, None, long_holds, now, True)
     assert "could not update the rollups" in caplog.text
     assert query(store, "SELECT sum(checkouts) FROM rollups") == [(10,)]
     other.execute("ROLLBACK")
@@ -550,3 +552,7 @@ def test_rollups_of_a_failed_keeper_transaction_are_added_once(tmp_path: Path, c
         (1, 22, 22)
     ]
     assert query(store, "SELECT count(*), sum(events) FROM pool_rollups") == [(1, 44)]
+    assert query(store, "SELECT checkout_id, reason FROM notable ORDER BY checkout_id") == [
+        (cid, "long_hold") for cid in range(11, 18)
+    ]
+    assert query(store, "SELECT notable, notable_dropped FROM retention") == [(7, 0)]
