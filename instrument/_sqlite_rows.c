@@ -1153,11 +1153,13 @@ format_copy(Events *events, const char *types, const ColumnMap *maps, const char
 #define RU_TABLE 8192          /* hash slots: twice the groups at most */
 #define RU_MAX_POOLS 1024
 #define RU_MAX_BUCKET 65535
+#define RU_MAX_HIST_BYTES (16 << 20)  /* the histograms' counts of one batch, at most */
 
 typedef struct {
     long long *counts;  /* by bucket, 0 .. cap - 1 */
     Py_ssize_t cap;
     long long n;
+    size_t *budget;  /* bytes the batch's histograms may still take */
 } RuHist;
 
 typedef struct {
@@ -1202,6 +1204,7 @@ typedef struct {
     Py_ssize_t nstates;
     RuCrossing *crossings;
     Py_ssize_t ncrossings, crossings_cap;
+    size_t hist_budget;
 } Rollup;
 
 static unsigned
@@ -1232,6 +1235,7 @@ ru_site(Rollup *r, double start, long long pool, long long stack)
     s->start = start;
     s->pool = pool;
     s->stack = stack;
+    s->hold.budget = s->wait.budget = &r->hist_budget;
     return s;
 }
 
@@ -1254,13 +1258,17 @@ ru_pool(Rollup *r, double start, long long pool)
     return p;
 }
 
-/* Count `bucket` once; -1 (MemoryError set) if the counts cannot grow. */
+/* Count `bucket` once: 1; 0 past the batch's budget (numpy rolls it up); -1
+   (MemoryError set) if the counts cannot grow. */
 static int
 ru_count(RuHist *h, long long bucket)
 {
     if (bucket >= h->cap) {
         Py_ssize_t cap = h->cap ? h->cap : 256;
         while (cap <= bucket) cap *= 2;
+        size_t more = (size_t)(cap - h->cap) * sizeof(long long);
+        if (more > *h->budget) return 0;
+        *h->budget -= more;
         long long *counts = PyMem_Realloc(h->counts, (size_t)cap * sizeof(long long));
         if (counts == NULL) {
             PyErr_NoMemory();
@@ -1272,7 +1280,7 @@ ru_count(RuHist *h, long long bucket)
     }
     h->counts[bucket]++;
     h->n++;
-    return 0;
+    return 1;
 }
 
 /* _histogram.buckets_of() of one value that is not NaN; -1: past RU_MAX_BUCKET. */
@@ -1286,7 +1294,8 @@ ru_bucket(double x, double base, double log_g)
 }
 
 /* One wait or hold `x` into a group's sum, maximum and histogram (NaN: into none of
-   them; added to the sum as 0, as numpy adds it). 1, 0 past the buckets, -1 error set. */
+   them; added to the sum as 0, as numpy adds it). 1; 0 past the buckets or the budget
+   (numpy rolls the batch up); -1 with an error set. */
 static int
 ru_duration(double x, double *sum, double *max, int *has_max, RuHist *h, double base,
             double log_g)
@@ -1296,8 +1305,7 @@ ru_duration(double x, double *sum, double *max, int *has_max, RuHist *h, double 
     if (!*has_max || x > *max) *max = x;
     *has_max = 1;
     long long bucket = ru_bucket(x, base, log_g);
-    if (bucket < 0) return 0;
-    return ru_count(h, bucket) < 0 ? -1 : 1;
+    return bucket < 0 ? 0 : ru_count(h, bucket);
 }
 
 /* np.nan_to_num() of a value already known not to be infinite. */
@@ -1358,7 +1366,8 @@ ru_number(const Cell *c, double *out)
 static long long
 ru_map(double local, const ColumnMap *map)
 {
-    long long k = local != local ? -1 : (long long)local;
+    /* NaN, and numbers past int64 (numpy makes those INT64_MIN), are no key. */
+    long long k = local > -9.2e18 && local < 9.2e18 ? (long long)local : -1;
     if (map == NULL) return k > 0 ? k : 0;
     if (k < 0 || k >= map->n || map->ids[k] == NO_MAP) return 0;
     return map->ids[k];
@@ -1623,6 +1632,7 @@ Events_rollup(Events *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
+    r->hist_budget = RU_MAX_HIST_BYTES;
     memset(r->site_slot, -1, sizeof r->site_slot);
     memset(r->pool_slot, -1, sizeof r->pool_slot);
     int rc = ru_pass(self, r, fields, pool_ids == Py_None ? NULL : &maps[0],

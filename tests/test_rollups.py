@@ -493,3 +493,42 @@ def test_notable_checkouts_from_the_c_survey_equal_those_of_the_whole_batch(shap
         assert reduced.marks(notable, leak_after) == whole.marks(full, leak_after)
         assert reduced.open == whole.open
     assert timeouts and 0 < picked < total / 2  # both ways were taken
+
+
+def _queue_of(records: list[tuple[Any, ...]]) -> Any:
+    events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+    for record in records:
+        events.extend(record)
+    return events
+
+
+def _day_long_holds(sites: int, pool: Any = 1) -> list[tuple[Any, ...]]:
+    """A return held about a day at each of ``sites`` call sites, in time order."""
+    out = []
+    for stack in range(sites):
+        values: list[Any] = [_writer.NULL] * RECORD_WIDTH
+        for field, value in (("at", T0 + stack * 1e-3), ("pool", pool), ("kind", "checkin"),
+                             ("checkout_id", stack), ("in_use", 1), ("stack", stack),
+                             ("hold_s", 86_400.0 + stack)):  # fmt: skip
+            values[RECORD_FIELDS.index(field)] = value
+        out.append(tuple(values))
+    return out
+
+
+def test_the_c_rollups_keep_their_histograms_within_a_budget() -> None:
+    """Thousands of call sites each with a day-long hold would take the C pass's
+    histograms past 16 MB: that batch goes to numpy; a hundred of them stay in C, and
+    give numpy's rows. A pool key past int64 is no key, as numpy reads it."""
+    if _writer.sqlite_rows is None:
+        pytest.skip("POOLSCOPE_NO_CEXT is set, or the C inserter is not built")
+    assert not Rollups(1, P).feed_events(_queue_of(_day_long_holds(3000)), None, None)
+    for pool in (1, 1e30):
+        events = _queue_of(_day_long_holds(100, pool))
+        in_c, in_numpy = Rollups(1, P), Rollups(1, P)
+        assert in_c.feed_events(events, {1: 7}, None)
+        with np.errstate(invalid="ignore"):  # numpy's cast of 1e30 says so
+            in_numpy.feed(Batch.from_flat(events, {1: 7}, None))
+        (rows_c, pools_c), (rows_n, pools_n) = in_c.flush_rows(), in_numpy.flush_rows()
+        assert [_plain(r) for r in rows_c] == [_plain(r) for r in rows_n]
+        assert pools_c == pools_n
+        assert {r["pool_id"] for r in pools_c} == {7 if pool == 1 else 0}
