@@ -606,7 +606,9 @@ class TestRetention:
         from instrument import _rollups
 
         file = tmp_path / "rollups.db"
-        t0 = time.time() - 600
+        # Half a minute past a minute's start: the 300 s of records span six minutes (from
+        # just past a minute's start, they ended before the sixth, one run in 700).
+        t0 = math.floor(time.time() / 60) * 60 - 600 + 30
         for store in (str(file), pg_store):
             engine = sa.create_engine(sqlite_url)
             monitor = instrument.attach(
