@@ -257,8 +257,8 @@ class PostgresWriter(Writer):
         stacks = None if mapped else self._stack_ids
         leak_after = {
             self._pool_ids[key]: info["leak_after_s"]
-            # A copy: attach() adds pools from the application's threads meanwhile.
-            for key, info in list(self.pools.items())
+            # A copy (see _write_pools): attach() adds pools from other threads.
+            for key, info in self.pools.copy().items()
             if key in self._pool_ids
         }
         self.keeper.after_batch(
@@ -390,7 +390,7 @@ class PostgresWriter(Writer):
             self._stack_ids[local] = row[0]
 
     def _write_pools_pg(self, conn: Any, written: list[int]) -> None:
-        for pool_key, info in list(self.pools.items()):
+        for pool_key, info in self.pools.copy().items():
             if pool_key in self._pool_ids:
                 continue
             info = {k: _text(v) if isinstance(v, str) else v for k, v in info.items()}

@@ -406,8 +406,8 @@ class Writer:
             pools, stacks = self._pool_ids, self._stack_ids
         leak_after = {
             self._pool_ids[key]: info["leak_after_s"]
-            # A copy: attach() adds pools from the application's threads meanwhile.
-            for key, info in list(self.pools.items())
+            # A copy (see _write_pools): attach() adds pools from other threads.
+            for key, info in self.pools.copy().items()
             if key in self._pool_ids
         }
         self.keeper.after_batch(
@@ -563,7 +563,11 @@ class Writer:
             )
 
     def _write_pools(self, run: _Run, written: list[int]) -> None:
-        for pool_key, info in list(self.pools.items()):
+        # A copy made at once: attach() adds pools from the application's threads, and
+        # list(self.pools.items()) could be cut short by a garbage collection whose
+        # callbacks (a dropped engine's) run Python, and so let those threads in: the dict
+        # then "changed size during iteration" and the batch was dropped.
+        for pool_key, info in self.pools.copy().items():
             if pool_key in self._pool_ids:
                 continue
             # A name or URL may hold a lone surrogate (from a file name), which SQLite's
