@@ -193,10 +193,6 @@ class Notable:
         return out
 
 
-def _span_of(b: Batch) -> tuple[float, float]:
-    return float(b.at.min()), float(b.at.max())
-
-
 def _survey(
     flat: Any, pool_ids: dict[int, int] | None, stack_ids: dict[int, int] | None,
     leak_after: dict[int, float],
@@ -212,10 +208,11 @@ def _survey(
     survey = getattr(flat, "survey", None)
     if survey is None:
         return None
-    lowest = min((float(v) for v in leak_after.values()), default=math.inf)
+    # The lowest threshold, NaN passed over (as Notable.marks takes it, with np.fmin).
+    lowest = min((v for v in map(float, leak_after.values()) if v == v), default=math.inf)
     got = survey(
         KINDS, ("checkout",), RETURN_KINDS, LEAK_MARK_KINDS, ("timeout",),
-        (AT, POOL, KIND, CHECKOUT_ID, HOLD_S), pool_ids, lowest if lowest == lowest else math.inf,
+        (AT, POOL, KIND, CHECKOUT_ID, HOLD_S), pool_ids, lowest,
     )  # fmt: skip
     if got is None:
         return None
@@ -604,17 +601,20 @@ class Keeper:
             survey = None if self._late else _survey(flat, pool_ids, stack_ids, limits)
             batch = Batch.from_flat(flat, pool_ids, stack_ids) if survey is None else None
             if batch is not None:
-                counts, first, last, notable = batch.kind_counts(), *_span_of(batch), batch
+                counts, notable = batch.kind_counts(), batch
+                first, last = float(batch.at.min()), float(batch.at.max())
             else:
                 counts, first, last, notable = survey  # type: ignore[misc]
             if self._span is not None:
                 first, last = min(first, self._span[0]), max(last, self._span[1])
             self._span = (first, last)
             if not rollups.feed_events(flat, pool_ids, stack_ids):
-                rollups.feed(batch or Batch.from_flat(flat, pool_ids, stack_ids))
+                rollups.feed(
+                    batch if batch is not None else Batch.from_flat(flat, pool_ids, stack_ids)
+                )
             marks = self.notable.marks(notable, limits)
-            if batch is not None and self._late:
-                self._find_returned(batch)
+            if self._late:  # then the batch was read whole
+                self._find_returned(batch)  # type: ignore[arg-type]
             protected = int(sum(counts[code] for code in _rollups.kind_codes(*PROTECTED_KINDS)))
             if not raw_written:
                 self._counts["raw_skipped"] += len(flat) // RECORD_WIDTH
