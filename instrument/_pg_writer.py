@@ -186,8 +186,10 @@ class PostgresWriter(Writer):
         # While the server is away the records wait in the queue (bounded: the listeners
         # drop and count past it), and the diagnoses in theirs (bounded likewise, see
         # _diagnose.MAX_PENDING); a flush() does not wait for them meanwhile. At shutdown
-        # they are written if the store can be reached, else counted as dropped.
+        # they are written if the store can be reached, else counted as dropped. The
+        # consumers read the records as they come all the same: the metrics go on.
         if self._connection() is None and not self._stopping:
+            self.consume_queued()
             markers = self._markers[:]
             del self._markers[: len(markers)]
             for marker in markers:

@@ -615,14 +615,23 @@ cell_value(Events *self, const Cell *cell)
     }
 }
 
+/* tolist([start]) -> list: the values of the records from the index `start` (0 by
+   default; past the last: none) to the last, flat. */
 static PyObject *
-Events_tolist(Events *self, PyObject *Py_UNUSED(ignored))
+Events_tolist(Events *self, PyObject *args)
 {
-    Py_ssize_t n = Events_length(self);
+    Py_ssize_t start = 0;
+    if (!PyArg_ParseTuple(args, "|n", &start)) return NULL;
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "tolist() takes a record index of 0 or more");
+        return NULL;
+    }
+    if (start > self->nrecords) start = self->nrecords;
+    Py_ssize_t first = start * self->width, n = Events_length(self) - first;
     PyObject *list = PyList_New(n);
     if (list == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = cell_value(self, &self->cells[i]);
+        PyObject *v = cell_value(self, &self->cells[first + i]);
         if (v == NULL) {
             Py_DECREF(list);
             return NULL;
@@ -763,8 +772,9 @@ static PyMethodDef Events_methods[] = {
     {"clear", (PyCFunction)Events_clear, METH_VARARGS,
      "clear([keep]): forget every record; free the buffers if they hold more than "
      "`keep` records, else keep them for the next take()."},
-    {"tolist", (PyCFunction)Events_tolist, METH_NOARGS,
-     "tolist() -> list: the values, flat, as Python objects (text as str, NULL as None)."},
+    {"tolist", (PyCFunction)Events_tolist, METH_VARARGS,
+     "tolist([start]) -> list: the values of the records from the index `start` (0: all) "
+     "on, flat, as Python objects (text as str, NULL as None)."},
     {"rollup", (PyCFunction)Events_rollup, METH_VARARGS,
      "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g) -> (sites, pools, "
      "carry, records) or None: the rollups of these records in one pass (see "

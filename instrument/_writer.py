@@ -164,6 +164,9 @@ class Writer:
         # Who reads every batch as it is taken, before it is written (see _consume).
         self.consumers: list[Callable[[Any], None]] = []
         self._reported_consumer = False
+        # Records at the queue's head the consumers have read already, the queue left as
+        # it was (see consume_queued): the batch that takes them hands over only the rest.
+        self._fed = 0
         # Pool rows to write, by pool key; kept after a monitor is gone, since its
         # queued events still need their pool row.
         self.pools: dict[int, dict[str, Any]] = {}
@@ -312,11 +315,12 @@ class Writer:
         else:
             flat = queue[:n]
             del queue[:n]
+        fed, self._fed = self._fed, 0
         ndrops = len(self.drops)
         if ndrops:
             del self.drops[:ndrops]
         try:
-            self._consume(flat)
+            self._consume(flat, fed)
             self._write(flat, ndrops)
         finally:
             for marker in markers:
@@ -326,12 +330,17 @@ class Writer:
                 flat.clear(SPARE_CAPACITY_RECORDS)
                 self._spare = flat
 
-    def _consume(self, flat: Any) -> None:
+    def _consume(self, flat: Any, skip: int = 0) -> None:
         """Hand the batch ``flat`` (a flat list, or an ``Events``) to each of ``consumers``,
         in the writer thread, before it is written: so they see every record the queue
         took, whether or not the store can be written. A consumer must not change it. One
-        that raises is logged once; the batch is written all the same.
+        that raises is logged once; the batch is written all the same. The first ``skip``
+        records, which they read while queued (see consume_queued), are left out.
         """
+        if skip and self.consumers:
+            flat = flat[skip * RECORD_WIDTH :] if isinstance(flat, list) else flat.tolist(skip)
+            if not flat:
+                return
         for consumer in self.consumers:
             try:
                 consumer(flat)
@@ -339,6 +348,19 @@ class Writer:
                 if not self._reported_consumer:
                     self._reported_consumer = True
                     logger.exception("poolscope: a record consumer failed; continuing")
+
+    def consume_queued(self) -> None:
+        """Hand the records queued since the consumers last read to them, leaving the queue
+        as it is: while a store that is away keeps its records queued, the consumers (the
+        OpenTelemetry metrics) still read each record once, as it comes. Writer thread."""
+        if not self.consumers:
+            return
+        queue, fed = self.queue, self._fed
+        tail = queue[fed * RECORD_WIDTH :] if isinstance(queue, list) else queue.tolist(fed)
+        del tail[len(tail) - len(tail) % RECORD_WIDTH :]  # a list queue's whole records
+        if tail:
+            self._fed = fed + len(tail) // RECORD_WIDTH
+            self._consume(tail)
 
     def _write(self, flat: Any, ndrops: int) -> None:
         nrecords = len(flat) // RECORD_WIDTH
@@ -691,6 +713,7 @@ class Writer:
         self.process_id = None
         # Cleared in place: the listeners hold these very objects.
         self.queue.clear()
+        self._fed = 0
         self.drops.clear()
         self.diagnoses.clear()  # the parent's, of the parent's checkouts
         if self._rows is not None:  # a batch the fork copied mid-write is not ours either

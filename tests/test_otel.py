@@ -298,6 +298,62 @@ class TestInstruments:
             with psycopg.connect(conninfo, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
+    @pytest.mark.postgres
+    def test_a_postgresql_store_away_metrics_go_on(
+        self, sqlite_url: str, reader, recorder_impl: str
+    ) -> None:
+        """While a PostgreSQL store is away its records wait in the queue, and the metrics
+        read them meanwhile all the same: each once, before and after the store is back."""
+        require_postgres()
+        psycopg = pytest.importorskip("psycopg")
+        database = f"ps_otel_down_{uuid.uuid4().hex[:10]}"
+        store = f"{PG_URL.split('?', 1)[0].rsplit('/', 1)[0]}/{database}"
+        admin = PG_URL.split("?", 1)[0].replace("postgresql+psycopg://", "postgresql://", 1)
+        engine = sa.create_engine(sqlite_url)
+        try:
+            monitor = instrument.attach(
+                engine, store=store, name=NAME, meter_provider=reader.provider
+            )
+            short_checkouts(engine, 5)
+            assert not monitor.flush(timeout=5)  # the store is not there: nothing written
+            found = collect(reader)
+            assert histogram(found, "db.client.connection.use_time").count == 5
+            assert histogram(found, "db.client.connection.wait_time").count == 5
+            short_checkouts(engine, 2)
+            assert not monitor.flush(timeout=5)
+            assert histogram(collect(reader), "db.client.connection.use_time").count == 7
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{database}"')
+            stored_conninfo = store.replace("postgresql+psycopg://", "postgresql://", 1)
+
+            def stored() -> tuple[int, float]:
+                try:
+                    with psycopg.connect(stored_conninfo) as conn:
+                        return conn.execute(
+                            "SELECT COUNT(hold_s), COALESCE(SUM(hold_s), 0) FROM "
+                            "poolscope.events WHERE kind IN ('checkin', 'gc_checkin')"
+                        ).fetchone()
+                except psycopg.Error:
+                    return 0, 0.0
+
+            deadline = time.monotonic() + 20
+            while not (monitor.flush(timeout=5) and stored()[0] == 7):
+                assert time.monotonic() < deadline, stored()
+                time.sleep(0.1)
+            short_checkouts(engine, 3)
+            assert monitor.flush(timeout=10)
+            n, total = stored()
+            use = histogram(collect(reader), "db.client.connection.use_time")
+            assert use.count == n == 10
+            assert math.isclose(use.sum, total, rel_tol=1e-9, abs_tol=1e-12)
+            assert histogram(collect(reader), "db.client.connection.wait_time").count == 10
+            assert monitor.dropped == 0
+        finally:
+            _writer.shutdown_all(timeout=5)
+            engine.dispose()
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
     def test_the_store_unwritable_metrics_go_on(
         self, sqlite_url: str, tmp_path: Path, reader
     ) -> None:
