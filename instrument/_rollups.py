@@ -75,6 +75,9 @@ _C_POOL_FIELDS = ("events", "in_use_s", "invalidations", "disconnects", *_POOL_M
 """A pool row's values as ``Events.rollup()`` gives them, after the key."""
 
 _SITE_KINDS = ("checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect")
+_C_KINDS = (*_SITE_KINDS, "invalidate")
+"""The kinds ``Events.rollup()`` tells apart, in the order of its codes (any other is
+neither a call site's nor an invalidation)."""
 """The kinds counted per call site (every kind counts per pool)."""
 
 RETURN_KINDS = ("checkin", "gc_checkin")
@@ -311,7 +314,7 @@ class Rollups:
             return False
         out = rollup(
             NUMBER_FIELDS, pool_ids, stack_ids, float(self.period_s), self._last, hist.BASE,
-            hist.LOG_G,
+            hist.LOG_G, _C_KINDS,
         )  # fmt: skip
         if out is None:
             return False

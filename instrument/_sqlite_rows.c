@@ -776,7 +776,8 @@ static PyMethodDef Events_methods[] = {
      "tolist([start]) -> list: the values of the records from the index `start` (0: all) "
      "on, flat, as Python objects (text as str, NULL as None)."},
     {"rollup", (PyCFunction)Events_rollup, METH_VARARGS,
-     "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g) -> (sites, pools, "
+     "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g, kinds) -> (sites, "
+     "pools, "
      "carry, records) or None: the rollups of these records in one pass (see "
      "_rollups.Rollups.feed_events); None where numpy is to compute them."},
     {"survey", (PyCFunction)Events_survey, METH_VARARGS,
@@ -1415,19 +1416,20 @@ enum { RU_AT, RU_POOL, RU_KIND, RU_CHECKOUT_ID, RU_IN_USE, RU_OVERFLOW, RU_WAITE
 enum { K_CHECKOUT, K_CHECKIN, K_GC_CHECKIN, K_TIMEOUT, K_LEAK, K_CONNECT, K_INVALIDATE,
        K_OTHER };
 
-static const char *ru_kind_names[K_OTHER] = {
-    "checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect", "invalidate",
-};
+/* The names of the K_ kinds, in their order, as the caller gives them (Python's own). */
+typedef struct {
+    const char *name[K_OTHER];
+    Py_ssize_t len[K_OTHER];
+} RuKinds;
 
 /* The kind of a cell: one of the K_ codes (K_OTHER for any other kind, or none). */
 static int
-ru_kind(const Events *self, const Cell *c)
+ru_kind(const Events *self, const RuKinds *kinds, const Cell *c)
 {
     if (c->type != CELL_TEXT) return K_OTHER;
     const char *s = self->text + c->off;
     for (int k = 0; k < K_OTHER; k++) {
-        size_t n = strlen(ru_kind_names[k]);
-        if ((size_t)c->len == n && memcmp(s, ru_kind_names[k], n) == 0) return k;
+        if (c->len == kinds->len[k] && memcmp(s, kinds->name[k], (size_t)c->len) == 0) return k;
     }
     return K_OTHER;
 }
@@ -1450,8 +1452,9 @@ field_indices(PyObject *wanted, Py_ssize_t width, Py_ssize_t *fields)
 
 /* One pass over the records; 1 done, 0 left to numpy, -1 error set. */
 static int
-ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const ColumnMap *pools,
-        const ColumnMap *stacks, double p, PyObject *carry, double base, double log_g)
+ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const RuKinds *kinds,
+        const ColumnMap *pools, const ColumnMap *stacks, double p, PyObject *carry,
+        double base, double log_g)
 {
     Py_ssize_t width = self->width;
     RuSite *site = NULL;
@@ -1464,7 +1467,7 @@ ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const ColumnMap *pool
         }
         double at = v[RU_AT];
         if (at != at) return 0;
-        int kind = ru_kind(self, &rec[fields[RU_KIND]]);
+        int kind = ru_kind(self, kinds, &rec[fields[RU_KIND]]);
         long long pool = ru_map(v[RU_POOL], pools);
         double start = floor(at / p) * p;
         RuPoolState *state = ru_state(r, pool, carry);
@@ -1605,17 +1608,24 @@ done:
 static PyObject *
 Events_rollup(Events *self, PyObject *args)
 {
-    PyObject *wanted, *pool_ids, *stack_ids, *carry;
+    PyObject *wanted, *pool_ids, *stack_ids, *carry, *names;
     double p, base, log_g;
-    if (!PyArg_ParseTuple(args, "O!OOdO!dd", &PyTuple_Type, &wanted, &pool_ids, &stack_ids, &p,
-                          &PyDict_Type, &carry, &base, &log_g))
+    if (!PyArg_ParseTuple(args, "O!OOdO!ddO!", &PyTuple_Type, &wanted, &pool_ids, &stack_ids, &p,
+                          &PyDict_Type, &carry, &base, &log_g, &PyTuple_Type, &names))
         return NULL;
-    if (PyTuple_GET_SIZE(wanted) != RU_NFIELDS || !(p > 0)) {
-        PyErr_SetString(PyExc_ValueError, "rollup() takes 12 fields and a positive period");
+    if (PyTuple_GET_SIZE(wanted) != RU_NFIELDS || !(p > 0)
+        || PyTuple_GET_SIZE(names) != K_OTHER) {
+        PyErr_SetString(PyExc_ValueError,
+                        "rollup() takes 12 fields, a positive period and 7 kind names");
         return NULL;
     }
     Py_ssize_t fields[RU_NFIELDS];
     if (field_indices(wanted, self->width, fields) < 0) return NULL;
+    RuKinds kinds;  /* borrowed from the str in `names`, which the call's arguments hold */
+    for (int k = 0; k < K_OTHER; k++) {
+        kinds.name[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, k), &kinds.len[k]);
+        if (kinds.name[k] == NULL) return NULL;
+    }
     ColumnMap maps[2] = {{NULL, 0}, {NULL, 0}};
     PyObject *given[2] = {pool_ids, stack_ids};
     for (int m = 0; m < 2; m++) {
@@ -1645,7 +1655,7 @@ Events_rollup(Events *self, PyObject *args)
     r->hist_budget = RU_MAX_HIST_BYTES;
     memset(r->site_slot, -1, sizeof r->site_slot);
     memset(r->pool_slot, -1, sizeof r->pool_slot);
-    int rc = ru_pass(self, r, fields, pool_ids == Py_None ? NULL : &maps[0],
+    int rc = ru_pass(self, r, fields, &kinds, pool_ids == Py_None ? NULL : &maps[0],
                      stack_ids == Py_None ? NULL : &maps[1], p, carry, base, log_g);
     if (rc > 0) out = ru_result(self, r);
     else if (rc == 0) out = Py_NewRef(Py_None);
