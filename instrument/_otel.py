@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -63,10 +63,11 @@ about a hundred microseconds."""
 RETURNS = frozenset(("checkin", "gc_checkin", "detach"))
 """The record kinds that end a checkout, with its hold time: ``use_time``."""
 
-_NO_CONTEXT = Context()
+_NO_CONTEXT = trace.set_span_in_context(trace.INVALID_SPAN, Context())
 """Passed with every measurement where the API takes a context: the writer thread's context
-is no request's, so a measurement carries no span (and the SDK does not look one up each
-time)."""
+is no request's, so a measurement carries no span (an exemplar filter finds none). Not an
+empty ``Context``: the SDK takes an empty one (it is falsy) as none given, and reads the
+thread's current context instead."""
 
 
 def meter_provider_of(meter_provider: Any) -> Any:
