@@ -75,10 +75,11 @@ _C_POOL_FIELDS = ("events", "in_use_s", "invalidations", "disconnects", *_POOL_M
 """A pool row's values as ``Events.rollup()`` gives them, after the key."""
 
 _SITE_KINDS = ("checkout", "checkin", "gc_checkin", "timeout", "leak_suspected", "connect")
+"""The kinds counted per call site (every kind counts per pool)."""
+
 _C_KINDS = (*_SITE_KINDS, "invalidate")
 """The kinds ``Events.rollup()`` tells apart, in the order of its codes (any other is
 neither a call site's nor an invalidation)."""
-"""The kinds counted per call site (every kind counts per pool)."""
 
 RETURN_KINDS = ("checkin", "gc_checkin")
 """The kinds the rollups count as returns (``detach`` and ``unwatched`` end a watch but are

@@ -777,8 +777,7 @@ static PyMethodDef Events_methods[] = {
      "on, flat, as Python objects (text as str, NULL as None)."},
     {"rollup", (PyCFunction)Events_rollup, METH_VARARGS,
      "rollup(fields, pool_ids, stack_ids, period_s, carry, base, log_g, kinds) -> (sites, "
-     "pools, "
-     "carry, records) or None: the rollups of these records in one pass (see "
+     "pools, carry, records) or None: the rollups of these records in one pass (see "
      "_rollups.Rollups.feed_events); None where numpy is to compute them."},
     {"survey", (PyCFunction)Events_survey, METH_VARARGS,
      "survey(kinds, checkouts, ends, marks, whole, fields, pool_ids, lowest) -> (counts, "
