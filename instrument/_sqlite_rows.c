@@ -641,6 +641,31 @@ Events_tolist(Events *self, PyObject *args)
     return list;
 }
 
+/* The UTF-8 text and length of each str in the tuple `texts` into `names` and `lens`
+   (borrowed: they live as long as the tuple). 0, or -1 with an error set. */
+static int
+text_names(PyObject *texts, const char **names, Py_ssize_t *lens)
+{
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(texts); k++) {
+        names[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(texts, k), &lens[k]);
+        if (names[k] == NULL) return -1;
+    }
+    return 0;
+}
+
+/* The index of a text cell's value in `names` (n of them, with their `lens`), else n
+   (also for a cell that is not text). */
+static Py_ssize_t
+text_index(const Events *self, const Cell *c, const char **names, const Py_ssize_t *lens,
+           Py_ssize_t n)
+{
+    if (c->type != CELL_TEXT) return n;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (lens[k] == c->len && memcmp(names[k], self->text + c->off, (size_t)c->len) == 0)
+            return k;
+    return n;
+}
+
 /* numbers(texts[, fields[, rows]]) -> bytes: every value of the `fields` (a tuple of
    field indices; all by default) of the records at `rows` (a list of indices; all by
    default) as a float64, field by field (all the records' first field, then all their
@@ -663,10 +688,7 @@ Events_numbers(Events *self, PyObject *args)
         return NULL;
     }
     Py_ssize_t ntexts = PyTuple_GET_SIZE(texts);
-    for (Py_ssize_t k = 0; k < ntexts; k++) {
-        names[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(texts, k), &lens[k]);
-        if (names[k] == NULL) return NULL;
-    }
+    if (text_names(texts, names, lens) < 0) return NULL;
     Py_ssize_t width = self->width, nrecords = self->nrecords;
     Py_ssize_t fields[MAX_FIELDS], nfields = width;
     if (wanted == Py_None) {
@@ -1303,6 +1325,13 @@ ru_bucket(double x, double base, double log_g)
     return b > RU_MAX_BUCKET ? -1 : (long long)b;
 }
 
+/* np.nan_to_num() of a value already known not to be infinite. */
+static double
+ru_finite(double x)
+{
+    return x != x ? 0.0 : x;
+}
+
 /* One wait or hold `x` into a group's sum, maximum and histogram (NaN: into none of
    them; added to the sum as 0, as numpy adds it). 1; 0 past the buckets or the budget
    (numpy rolls the batch up); -1 with an error set. */
@@ -1310,19 +1339,12 @@ static int
 ru_duration(double x, double *sum, double *max, int *has_max, RuHist *h, double base,
             double log_g)
 {
-    *sum += x != x ? 0.0 : x;
+    *sum += ru_finite(x);
     if (x != x) return 1;
     if (!*has_max || x > *max) *max = x;
     *has_max = 1;
     long long bucket = ru_bucket(x, base, log_g);
     return bucket < 0 ? 0 : ru_count(h, bucket);
-}
-
-/* np.nan_to_num() of a value already known not to be infinite. */
-static double
-ru_finite(double x)
-{
-    return x != x ? 0.0 : x;
 }
 
 static PyObject *
@@ -1415,24 +1437,6 @@ enum { RU_AT, RU_POOL, RU_KIND, RU_CHECKOUT_ID, RU_IN_USE, RU_OVERFLOW, RU_WAITE
 enum { K_CHECKOUT, K_CHECKIN, K_GC_CHECKIN, K_TIMEOUT, K_LEAK, K_CONNECT, K_INVALIDATE,
        K_OTHER };
 
-/* The names of the K_ kinds, in their order, as the caller gives them (Python's own). */
-typedef struct {
-    const char *name[K_OTHER];
-    Py_ssize_t len[K_OTHER];
-} RuKinds;
-
-/* The kind of a cell: one of the K_ codes (K_OTHER for any other kind, or none). */
-static int
-ru_kind(const Events *self, const RuKinds *kinds, const Cell *c)
-{
-    if (c->type != CELL_TEXT) return K_OTHER;
-    const char *s = self->text + c->off;
-    for (int k = 0; k < K_OTHER; k++) {
-        if (c->len == kinds->len[k] && memcmp(s, kinds->name[k], (size_t)c->len) == 0) return k;
-    }
-    return K_OTHER;
-}
-
 /* The tuple of field indices `wanted` into `fields` (as many as it holds), each checked
    against the records' `width`. 0, or -1 with an error set. */
 static int
@@ -1451,8 +1455,8 @@ field_indices(PyObject *wanted, Py_ssize_t width, Py_ssize_t *fields)
 
 /* One pass over the records; 1 done, 0 left to numpy, -1 error set. */
 static int
-ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const RuKinds *kinds,
-        const ColumnMap *pools, const ColumnMap *stacks, double p, PyObject *carry,
+ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const char **kinds,
+        const Py_ssize_t *kind_lens, const ColumnMap *pools, const ColumnMap *stacks, double p, PyObject *carry,
         double base, double log_g)
 {
     Py_ssize_t width = self->width;
@@ -1466,7 +1470,8 @@ ru_pass(Events *self, Rollup *r, const Py_ssize_t *fields, const RuKinds *kinds,
         }
         double at = v[RU_AT];
         if (at != at) return 0;
-        int kind = ru_kind(self, kinds, &rec[fields[RU_KIND]]);
+        /* One of the K_ codes: K_OTHER for any other kind, or none. */
+        int kind = (int)text_index(self, &rec[fields[RU_KIND]], kinds, kind_lens, K_OTHER);
         long long pool = ru_map(v[RU_POOL], pools);
         double start = floor(at / p) * p;
         RuPoolState *state = ru_state(r, pool, carry);
@@ -1620,11 +1625,9 @@ Events_rollup(Events *self, PyObject *args)
     }
     Py_ssize_t fields[RU_NFIELDS];
     if (field_indices(wanted, self->width, fields) < 0) return NULL;
-    RuKinds kinds;  /* borrowed from the str in `names`, which the call's arguments hold */
-    for (int k = 0; k < K_OTHER; k++) {
-        kinds.name[k] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, k), &kinds.len[k]);
-        if (kinds.name[k] == NULL) return NULL;
-    }
+    const char *kinds[K_OTHER];  /* the K_ kinds' names, in their order: Python's */
+    Py_ssize_t kind_lens[K_OTHER];
+    if (text_names(names, kinds, kind_lens) < 0) return NULL;
     ColumnMap maps[2] = {{NULL, 0}, {NULL, 0}};
     PyObject *given[2] = {pool_ids, stack_ids};
     for (int m = 0; m < 2; m++) {
@@ -1654,7 +1657,7 @@ Events_rollup(Events *self, PyObject *args)
     r->hist_budget = RU_MAX_HIST_BYTES;
     memset(r->site_slot, -1, sizeof r->site_slot);
     memset(r->pool_slot, -1, sizeof r->pool_slot);
-    int rc = ru_pass(self, r, fields, &kinds, pool_ids == Py_None ? NULL : &maps[0],
+    int rc = ru_pass(self, r, fields, kinds, kind_lens, pool_ids == Py_None ? NULL : &maps[0],
                      stack_ids == Py_None ? NULL : &maps[1], p, carry, base, log_g);
     if (rc > 0) out = ru_result(self, r);
     else if (rc == 0) out = Py_NewRef(Py_None);
@@ -1724,18 +1727,6 @@ keyset_has(KeySet *k, long long pool, long long id, int add)
     }
 }
 
-/* The index of a kind's text in `names` (n of them), else n. */
-static Py_ssize_t
-survey_kind(const Events *self, const Cell *c, const char **names, const Py_ssize_t *lens,
-            Py_ssize_t n)
-{
-    if (c->type != CELL_TEXT) return n;
-    for (Py_ssize_t k = 0; k < n; k++)
-        if (lens[k] == c->len && memcmp(names[k], self->text + c->off, (size_t)c->len) == 0)
-            return k;
-    return n;
-}
-
 /* Whether the tuple of str `roles` names kind `name`. */
 static int
 survey_role(PyObject *roles, PyObject *name)
@@ -1770,12 +1761,10 @@ Events_survey(Events *self, PyObject *args)
     const char *names[MAX_KINDS];
     Py_ssize_t lens[MAX_KINDS];
     int role[MAX_KINDS + 1] = {0};
+    if (text_names(kinds, names, lens) < 0) return NULL;
     for (Py_ssize_t k = 0; k < nkinds; k++) {
-        PyObject *name = PyTuple_GET_ITEM(kinds, k);
-        names[k] = PyUnicode_AsUTF8AndSize(name, &lens[k]);
-        if (names[k] == NULL) return NULL;
         for (int r = 0; r < 4; r++) {
-            int has = survey_role(roles[r], name);
+            int has = survey_role(roles[r], PyTuple_GET_ITEM(kinds, k));
             if (has < 0) return NULL;
             if (has) role[k] |= 1 << r;
         }
@@ -1805,7 +1794,7 @@ Events_survey(Events *self, PyObject *args)
         if (pass == 2 && (rows = PyList_New(0)) == NULL) goto done;
         for (Py_ssize_t i = 0; i < n; i++) {
             const Cell *rec = self->cells + i * width;
-            Py_ssize_t kind = survey_kind(self, &rec[fields[SV_KIND]], names, lens, nkinds);
+            Py_ssize_t kind = text_index(self, &rec[fields[SV_KIND]], names, lens, nkinds);
             int is = role[kind];
             double at, pool, cid, hold;
             if (!ru_number(&rec[fields[SV_AT]], &at) || !ru_number(&rec[fields[SV_POOL]], &pool) ||

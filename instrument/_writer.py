@@ -338,7 +338,7 @@ class Writer:
         records, which they read while queued (see consume_queued), are left out.
         """
         if skip and self.consumers:
-            flat = flat[skip * RECORD_WIDTH :] if isinstance(flat, list) else flat.tolist(skip)
+            flat = _records_from(flat, skip)
             if not flat:
                 return
         for consumer in self.consumers:
@@ -355,8 +355,8 @@ class Writer:
         OpenTelemetry metrics) still read each record once, as it comes. Writer thread."""
         if not self.consumers:
             return
-        queue, fed = self.queue, self._fed
-        tail = queue[fed * RECORD_WIDTH :] if isinstance(queue, list) else queue.tolist(fed)
+        fed = self._fed
+        tail = _records_from(self.queue, fed)
         del tail[len(tail) - len(tail) % RECORD_WIDTH :]  # a list queue's whole records
         if tail:
             self._fed = fed + len(tail) // RECORD_WIDTH
@@ -767,6 +767,12 @@ def pool_row(process_id: int | None, info: dict[str, Any]) -> tuple[Any, ...]:
         *(info[c] for c in POOL_COLUMNS[1:-1]),
         None if pre_ping is None else int(pre_ping),
     )
+
+
+def _records_from(flat: Any, start: int) -> list[Any]:
+    """The values of the records of ``flat`` (a flat list, or an ``Events``) from the
+    index ``start`` on, as a flat list."""
+    return flat[start * RECORD_WIDTH :] if isinstance(flat, list) else flat.tolist(start)
 
 
 def _run(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:

@@ -394,16 +394,21 @@ def _records_of(b: Batch) -> list[tuple[Any, ...]]:
     return out
 
 
+def _queue_of(records: list[tuple[Any, ...]]) -> Any:
+    """The C queue (an ``Events``) holding ``records``."""
+    events = _writer.sqlite_rows.Events(RECORD_WIDTH)
+    for record in records:
+        events.extend(record)
+    return events
+
+
 def _random_queues(rng: np.random.Generator, shape: str, n: int) -> Iterator[tuple[Batch, Any]]:
     """``n`` random batches, one after the other in time, each with the C queue of it."""
     t = T0
     for _ in range(n):
         b = _random_batch(rng, t, shape)
         t += float(rng.choice([0.5, 20.0, 200.0]))
-        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
-        for record in _records_of(b):
-            events.extend(record)
-        yield b, events
+        yield b, _queue_of(_records_of(b))
 
 
 @pytest.mark.parametrize("mapped", [False, True])
@@ -454,11 +459,8 @@ def test_the_c_rollups_leave_unusual_batches_to_numpy() -> None:
     text = list(base[0])
     text[in_use] = "three"
     for odd in (late, infinite, text):
-        events = _writer.sqlite_rows.Events(RECORD_WIDTH)
-        for record in [*base, tuple(odd)]:
-            events.extend(record)
         rollups = Rollups(1, P)
-        assert not rollups.feed_events(events, None, None)
+        assert not rollups.feed_events(_queue_of([*base, tuple(odd)]), None, None)
         assert rollups.fed == 0 and not rollups.pending() and not rollups._last
 
 
@@ -494,13 +496,6 @@ def test_notable_checkouts_from_the_c_survey_equal_those_of_the_whole_batch(shap
         assert reduced.marks(notable, leak_after) == whole.marks(full, leak_after)
         assert reduced.open == whole.open
     assert timeouts and 0 < picked < total / 2  # both ways were taken
-
-
-def _queue_of(records: list[tuple[Any, ...]]) -> Any:
-    events = _writer.sqlite_rows.Events(RECORD_WIDTH)
-    for record in records:
-        events.extend(record)
-    return events
 
 
 def _day_long_holds(sites: int, pool: Any = 1) -> list[tuple[Any, ...]]:
